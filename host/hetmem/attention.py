@@ -1,0 +1,316 @@
+"""Attention over a KV cache: the dense reference, sparse Apply over a selection, and
+the attention-recall metric.
+
+Layout: keys and values [batch, kv_heads, capacity, dim], right padded, with per-row
+`lengths`; queries [batch, q_heads, queries, dim] at absolute `positions` [batch, queries].
+A query at position p sees keys at positions s <= p and s < length (exact causal mask).
+Grouped-query attention: q_heads is a multiple of kv_heads; query head h reads KV head
+h // (q_heads // kv_heads).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .checks import check_dim, check_divides, check_tensor
+from .errors import InputError
+from .selection import Bitmap, Selection, TopK
+
+
+class Growable:
+    """A tensor that grows along one axis by appends, doubling its capacity (amortized O(1))."""
+
+    def __init__(self, initial: torch.Tensor, axis: int, min_capacity: int = 0):
+        self.axis = axis
+        self.length = initial.shape[axis]
+        capacity = max(self.length, min_capacity, 1)
+        shape = list(initial.shape)
+        shape[axis] = capacity
+        self.buffer = initial.new_zeros(shape)
+        self.buffer.narrow(axis, 0, self.length).copy_(initial)
+
+    @property
+    def data(self) -> torch.Tensor:
+        return self.buffer.narrow(self.axis, 0, self.length)
+
+    def reserve(self, length: int) -> None:
+        capacity = self.buffer.shape[self.axis]
+        if length <= capacity:
+            return
+        new_capacity = max(length, 2 * capacity)
+        shape = list(self.buffer.shape)
+        shape[self.axis] = new_capacity
+        grown = self.buffer.new_zeros(shape)
+        grown.narrow(self.axis, 0, self.length).copy_(self.data)
+        self.buffer = grown
+
+    def to(self, device: torch.device) -> Growable:
+        out = object.__new__(Growable)
+        out.axis, out.length, out.buffer = self.axis, self.length, self.buffer.to(device)
+        return out
+
+
+class KVCache:
+    """Per-row KV cache with different lengths per row; grows by appends, never rebuilt."""
+
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+    ):
+        check_tensor("keys", keys, dims=("batch", "kv_heads", "tokens", "dim"), floating=True)
+        check_tensor("values", values, dims=("batch", "kv_heads", "tokens", "dim"), floating=True)
+        if values.shape[:3] != keys.shape[:3]:
+            raise InputError(
+                "values", f"shape {tuple(values.shape)} does not match keys {tuple(keys.shape)}"
+            )
+        batch, _, tokens, _ = keys.shape
+        if lengths is None:
+            lengths = torch.full((batch,), tokens, dtype=torch.long, device=keys.device)
+        check_tensor("lengths", lengths, ndim=1, floating=False)
+        check_dim("lengths", lengths, 0, batch, "batch of keys")
+        if bool((lengths < 0).any()) or bool((lengths > tokens).any()):
+            raise InputError("lengths", f"every length must lie in [0, {tokens}]")
+        self._keys = Growable(keys, axis=2)
+        self._values = Growable(values, axis=2)
+        self.lengths = lengths.to(device=keys.device, dtype=torch.long).clone()
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys.data
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._values.data
+
+    @property
+    def batch(self) -> int:
+        return self._keys.buffer.shape[0]
+
+    @property
+    def kv_heads(self) -> int:
+        return self._keys.buffer.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self._keys.buffer.shape[3]
+
+    @property
+    def capacity(self) -> int:
+        """The padded token axis of `keys`: the largest row length."""
+        return self._keys.length
+
+    @property
+    def device(self) -> torch.device:
+        return self._keys.buffer.device
+
+    @property
+    def nbytes(self) -> int:
+        k = self.keys
+        return 2 * int(self.lengths.sum()) * k.shape[1] * k.shape[3] * k.element_size()
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Append T new tokens to every row at its own length; return their positions [B, T]."""
+        check_tensor("keys", keys, dims=("batch", "kv_heads", "tokens", "dim"), floating=True)
+        check_tensor("values", values, dims=("batch", "kv_heads", "tokens", "dim"), floating=True)
+        expected = (self.batch, self.kv_heads, keys.shape[2], self.dim)
+        for name, t in (("keys", keys), ("values", values)):
+            if tuple(t.shape) != expected:
+                raise InputError(name, f"expected shape {expected}, got {tuple(t.shape)}")
+        new = keys.shape[2]
+        positions = self.lengths[:, None] + torch.arange(new, device=self.device)[None, :]
+        end = int(positions.max()) + 1 if new else self.capacity
+        for store, t in ((self._keys, keys), (self._values, values)):
+            store.reserve(end)
+            if end > store.length:
+                store.buffer.narrow(2, store.length, end - store.length).zero_()
+                store.length = end
+            b = torch.arange(self.batch, device=self.device)[:, None].expand_as(positions)
+            # [B, T, Hkv, D] written at (b, :, pos, :)
+            store.buffer.permute(0, 2, 1, 3)[b, positions] = t.to(store.buffer.dtype).permute(
+                0, 2, 1, 3
+            )
+        self.lengths += new
+        return positions
+
+    def to(self, device: torch.device) -> KVCache:
+        out = object.__new__(KVCache)
+        out._keys, out._values = self._keys.to(device), self._values.to(device)
+        out.lengths = self.lengths.to(device)
+        return out
+
+
+def default_positions(lengths: torch.Tensor, queries: int) -> torch.Tensor:
+    """The last `queries` tokens of each row: positions [B, T]."""
+    return lengths[:, None] - queries + torch.arange(queries, device=lengths.device)[None, :]
+
+
+def check_query(
+    q: torch.Tensor, kv: KVCache, positions: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a query against a cache; return (q, positions)."""
+    check_tensor("query", q, dims=("batch", "q_heads", "queries", "dim"), floating=True, finite=True)
+    check_dim("query", q, 0, kv.batch, "batch of the KV cache")
+    check_dim("query", q, 3, kv.dim, "head dim of the KV cache")
+    check_divides("query", kv.kv_heads, q.shape[1], "q_heads (kv_heads must divide q_heads)")
+    if kv.capacity == 0 or bool((kv.lengths == 0).all()):
+        raise InputError("memory", "is empty: append keys before querying")
+    if positions is None:
+        positions = default_positions(kv.lengths, q.shape[2])
+    check_tensor("positions", positions, dims=("batch", "queries"), floating=False)
+    if tuple(positions.shape) != (q.shape[0], q.shape[2]):
+        raise InputError(
+            "positions", f"expected shape {(q.shape[0], q.shape[2])}, got {tuple(positions.shape)}"
+        )
+    if bool((positions < 0).any()):
+        raise InputError("positions", "must be >= 0")
+    return q, positions.to(q.device)
+
+
+def visible_mask(kv: KVCache, positions: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask of tokens each query may see: [B, T, S] (or the shape of `tokens`)."""
+    if tokens is None:
+        s = torch.arange(kv.capacity, device=kv.device)[None, None, :]
+        return (s <= positions[:, :, None]) & (s < kv.lengths[:, None, None])
+    extra = tokens.dim() - 2
+    pos = positions.view(positions.shape[0], *([1] * (extra - 1)), positions.shape[1], 1)
+    lens = kv.lengths.view(-1, *([1] * (tokens.dim() - 1)))
+    return (tokens <= pos) & (tokens < lens)
+
+
+def dense_attention(
+    q: torch.Tensor,
+    kv: KVCache,
+    positions: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Exact causal attention with torch's scaled_dot_product_attention; [B, Hq, T, D]."""
+    q, positions = check_query(q, kv, positions)
+    mask = visible_mask(kv, positions)[:, None]  # [B, 1, T, S]
+    keys, values = kv.keys.to(q.dtype), kv.values.to(q.dtype)
+    groups = q.shape[1] // kv.kv_heads
+    if groups > 1:
+        keys = keys.repeat_interleave(groups, dim=1)
+        values = values.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    # A query row that sees nothing (only possible for a fully padded row) gives zeros, not NaN.
+    return torch.where(mask.any(-1, keepdim=True), out, torch.zeros_like(out))
+
+
+def expand_units(selection: TopK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn unit indices (blocks, pages) into token indices: [..., k * unit], ascending."""
+    if selection.unit == 1:
+        return selection.indices, selection.valid
+    offs = torch.arange(selection.unit, device=selection.indices.device)
+    tokens = selection.indices[..., :, None] * selection.unit + offs
+    valid = selection.valid[..., :, None].expand_as(tokens)
+    return tokens.flatten(-2), valid.flatten(-2)
+
+
+def _grouped(t: torch.Tensor, kv_heads: int, q_heads: int) -> torch.Tensor:
+    """[B, G, T, k] -> [B, kv_heads, G', T, k] with G' = 1 or q_heads // kv_heads."""
+    g = t.shape[1]
+    if g == 1:
+        return t[:, :, None]
+    if g == kv_heads:
+        return t[:, :, None]
+    if g == q_heads:
+        return t.unflatten(1, (kv_heads, q_heads // kv_heads))
+    raise InputError(
+        "selection", f"group axis {g} must be 1, kv_heads={kv_heads} or q_heads={q_heads}"
+    )
+
+
+def gather_tokens(
+    kv: KVCache, tokens: torch.Tensor, q_heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather keys and values at token indices [B, G, T, n] -> [B, Hkv, G', T, n, D]."""
+    tok = _grouped(tokens, kv.kv_heads, q_heads)
+    b, h = kv.batch, kv.kv_heads
+    cap = kv.capacity
+    base = (torch.arange(b, device=kv.device)[:, None] * h + torch.arange(h, device=kv.device))
+    flat = base.view(b, h, 1, 1, 1) * cap + tok.clamp(0, cap - 1)
+    keys = kv.keys.reshape(-1, kv.dim)[flat]
+    values = kv.values.reshape(-1, kv.dim)[flat]
+    return keys, values
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    kv: KVCache,
+    selection: Selection,
+    positions: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention over the selected tokens only (Apply to Inference); [B, Hq, T, D].
+
+    Selected tokens that are invalid, padding, or in the future of the query are masked,
+    so causality is exact whatever the selection holds.
+    """
+    q, positions = check_query(q, kv, positions)
+    if isinstance(selection, Bitmap):
+        selection = selection.to_topk()
+    tokens, valid = expand_units(selection)
+    if tokens.shape[0] != q.shape[0] or tokens.shape[2] != q.shape[2]:
+        raise InputError(
+            "selection",
+            f"shape {tuple(tokens.shape)} does not match query batch/queries {q.shape[0]}/{q.shape[2]}",
+        )
+    hq, hkv = q.shape[1], kv.kv_heads
+    keys, values = gather_tokens(kv, tokens, hq)  # [B, Hkv, G', T, n, D]
+    mask = _grouped(valid, hkv, hq) & visible_mask(kv, positions, _grouped(tokens, hkv, hq))
+    qg = q.unflatten(1, (hkv, hq // hkv))  # [B, Hkv, R, T, D]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = (qg.unsqueeze(-2) @ keys.to(q.dtype).transpose(-1, -2)).squeeze(-2) * scale
+    logits = logits.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    out = (probs.unsqueeze(-2) @ values.to(q.dtype)).squeeze(-2)  # [B, Hkv, R, T, D]
+    return out.flatten(1, 2)
+
+
+def attention_probs(
+    q: torch.Tensor, kv: KVCache, positions: torch.Tensor | None = None, scale: float | None = None
+) -> torch.Tensor:
+    """Dense softmax attention probabilities [B, Hq, T, S] (exact causal mask)."""
+    q, positions = check_query(q, kv, positions)
+    groups = q.shape[1] // kv.kv_heads
+    keys = kv.keys.to(q.dtype).repeat_interleave(groups, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = (q @ keys.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~visible_mask(kv, positions)[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
+def selection_token_mask(selection: Selection, shape: tuple[int, ...], q_heads: int) -> torch.Tensor:
+    """Dense bool mask [B, Hq, T, S] of the tokens a selection keeps."""
+    if isinstance(selection, Bitmap):
+        selection = selection.to_topk()
+    tokens, valid = expand_units(selection)
+    b, _, t, s = shape
+    g = tokens.shape[1]
+    rep = q_heads // g
+    tokens = tokens.repeat_interleave(rep, dim=1)
+    valid = valid.repeat_interleave(rep, dim=1) & (tokens < s)
+    mask = torch.zeros((b, q_heads, t, s), dtype=torch.bool, device=tokens.device)
+    mask.scatter_(-1, tokens.clamp(0, s - 1), valid)
+    return mask
+
+
+def attention_recall(
+    q: torch.Tensor,
+    kv: KVCache,
+    selection: Selection,
+    positions: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Share of the dense softmax mass held by the selected tokens, per [B, Hq, T].
+
+    1.0 means the selection keeps every token that matters; average it for a summary.
+    """
+    probs = attention_probs(q, kv, positions, scale)
+    keep = selection_token_mask(selection, tuple(probs.shape), q.shape[1])
+    return (probs * keep).sum(-1)

@@ -1,0 +1,138 @@
+"""The per-step profile: device, time, bytes moved and the source of every time.
+
+Times from different sources (measured, simulated, modeled) are never added together
+without saying so: `Profile.totals()` sums per source.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+from .device import synchronize
+
+Source = Literal["measured", "simulated", "modeled"]
+SOURCES: tuple[Source, ...] = ("measured", "simulated", "modeled")
+
+
+@dataclass
+class StepRecord:
+    step: str
+    device: str
+    seconds: float
+    source: Source
+    nbytes: int = 0
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+
+
+@dataclass
+class Profile:
+    records: list[StepRecord] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, record: StepRecord) -> StepRecord:
+        self.records.append(record)
+        return record
+
+    def extend(self, other: Profile) -> None:
+        self.records.extend(other.records)
+        for key, value in other.counters.items():
+            self.counters[key] += value
+
+    @contextmanager
+    def measure(
+        self, step: str, device: torch.device | str, nbytes: int = 0, note: str = ""
+    ) -> Iterator[StepRecord]:
+        """Time a torch step with a wall clock (source `measured`)."""
+        dev = torch.device(device) if isinstance(device, str) else device
+        record = StepRecord(step, _label(dev), 0.0, "measured", nbytes, note)
+        synchronize(dev)
+        start = time.perf_counter()
+        yield record
+        synchronize(dev)
+        record.seconds = time.perf_counter() - start
+        self.add(record)
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per source; sources are never mixed."""
+        out: dict[str, float] = {}
+        for rec in self.records:
+            out[rec.source] = out.get(rec.source, 0.0) + rec.seconds
+        return out
+
+    def by_step(self) -> dict[str, StepRecord]:
+        return {rec.step: rec for rec in self.records}
+
+    def to_dict(self) -> dict:
+        return {
+            "records": [asdict(r) for r in self.records],
+            "totals": self.totals(),
+            "counters": dict(self.counters),
+        }
+
+    def table(self, title: str = "profile"):
+        """A rich Table: one row per step, the source beside each time."""
+        from rich.table import Table
+
+        table = Table(title=title)
+        for col, just in (
+            ("step", "left"),
+            ("device", "left"),
+            ("time", "right"),
+            ("source", "left"),
+            ("bytes", "right"),
+            ("note", "left"),
+        ):
+            table.add_column(col, justify=just)
+        for rec in self.records:
+            table.add_row(
+                rec.step,
+                rec.device,
+                format_seconds(rec.seconds),
+                rec.source,
+                format_bytes(rec.nbytes),
+                rec.note,
+            )
+        for source, secs in self.totals().items():
+            table.add_row(f"total ({source})", "", format_seconds(secs), source, "", "")
+        for key, value in sorted(self.counters.items()):
+            table.add_row(f"counter {key}", "", str(value), "", "", "")
+        return table
+
+
+def _label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "gpu (rocm)" if getattr(torch.version, "hip", None) else "gpu (cuda)"
+    return "gpu (cpu)" if device.type == "cpu" else str(device)
+
+
+def device_label(device: torch.device) -> str:
+    return _label(device)
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.3f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
+def format_bytes(n: int) -> str:
+    if n <= 0:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

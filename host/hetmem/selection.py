@@ -1,0 +1,96 @@
+"""Scores and selections, the values passed between Compute Relevancy, Retrieval and Apply.
+
+A selection picks *units* of a memory: tokens (unit 1), blocks or pages (unit = block size)
+or documents. Selections carry a group axis G: 1 (shared by every head), the number of KV
+heads, or the number of query heads.
+
+Top-k contract (the same on every device): the k largest scores; ties go to the lower
+index; output indices ascending; k larger than the number of candidates is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .checks import check_k, check_tensor
+
+
+@dataclass
+class Scores:
+    """Relevancy scores, [batch, groups, queries, candidates]; -inf marks a masked candidate."""
+
+    values: torch.Tensor
+    unit: int = 1
+
+    @property
+    def candidates(self) -> int:
+        return self.values.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size()
+
+
+@dataclass
+class TopK:
+    """Selected indices [batch, groups, queries, k], ascending, and which of them are valid.
+
+    A selected candidate is invalid when its score was masked (-inf): a row with fewer
+    visible candidates than k still has k slots.
+    """
+
+    indices: torch.Tensor
+    valid: torch.Tensor
+    unit: int = 1
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.indices.numel() * self.indices.element_size() + self.valid.numel()
+
+
+@dataclass
+class Bitmap:
+    """A threshold selection: mask [batch, groups, queries, candidates] of kept units."""
+
+    mask: torch.Tensor
+    unit: int = 1
+
+    @property
+    def nbytes(self) -> int:
+        return (self.mask.numel() + 7) // 8
+
+    def to_topk(self) -> TopK:
+        """Indices of the set bits, ascending, padded to the largest count in any row."""
+        count = int(self.mask.sum(-1).max()) if self.mask.numel() else 0
+        count = max(count, 1)
+        order = torch.sort((~self.mask).to(torch.int8), dim=-1, stable=True).indices
+        indices = order[..., :count].sort(dim=-1).values
+        valid = torch.gather(self.mask, -1, indices)
+        return TopK(indices, valid, self.unit)
+
+
+Selection = TopK | Bitmap
+
+
+def topk_select(scores: torch.Tensor, k: int, *, name: str = "k") -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over the last axis by the contract: returns (indices ascending, valid).
+
+    Ties go to the lower index (a stable descending sort keeps index order among equals).
+    """
+    check_tensor("scores", scores)
+    k = check_k(name, k, scores.shape[-1])
+    if scores.is_floating_point() and bool(torch.isnan(scores).any()):
+        raise ValueError("scores contain NaN")
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    indices = order.sort(dim=-1).values
+    picked = torch.gather(scores, -1, indices)
+    valid = picked > float("-inf") if scores.is_floating_point() else torch.ones_like(
+        indices, dtype=torch.bool
+    )
+    return indices, valid
