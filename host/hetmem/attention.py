@@ -153,7 +153,9 @@ def check_query(
     q: torch.Tensor, kv: KVCache, positions: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate a query against a cache; return (q, positions)."""
-    check_tensor("query", q, dims=("batch", "q_heads", "queries", "dim"), floating=True, finite=True)
+    check_tensor(
+        "query", q, dims=("batch", "q_heads", "queries", "dim"), floating=True, finite=True
+    )
     check_dim("query", q, 0, kv.batch, "batch of the KV cache")
     check_dim("query", q, 3, kv.dim, "head dim of the KV cache")
     check_divides("query", kv.kv_heads, q.shape[1], "q_heads (kv_heads must divide q_heads)")
@@ -171,7 +173,9 @@ def check_query(
     return q, positions.to(q.device)
 
 
-def visible_mask(kv: KVCache, positions: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+def visible_mask(
+    kv: KVCache, positions: torch.Tensor, tokens: torch.Tensor | None = None
+) -> torch.Tensor:
     """Bool mask of tokens each query may see: [B, T, S] (or the shape of `tokens`)."""
     if tokens is None:
         s = torch.arange(kv.capacity, device=kv.device)[None, None, :]
@@ -232,7 +236,7 @@ def gather_tokens(
     tok = _grouped(tokens, kv.kv_heads, q_heads)
     b, h = kv.batch, kv.kv_heads
     cap = kv.capacity
-    base = (torch.arange(b, device=kv.device)[:, None] * h + torch.arange(h, device=kv.device))
+    base = torch.arange(b, device=kv.device)[:, None] * h + torch.arange(h, device=kv.device)
     flat = base.view(b, h, 1, 1, 1) * cap + tok.clamp(0, cap - 1)
     keys = kv.keys.reshape(-1, kv.dim)[flat]
     values = kv.values.reshape(-1, kv.dim)[flat]
@@ -285,7 +289,9 @@ def attention_probs(
     return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
-def selection_token_mask(selection: Selection, shape: tuple[int, ...], q_heads: int) -> torch.Tensor:
+def selection_token_mask(
+    selection: Selection, shape: tuple[int, ...], q_heads: int
+) -> torch.Tensor:
     """Dense bool mask [B, Hq, T, S] of the tokens a selection keeps."""
     if isinstance(selection, Bitmap):
         selection = selection.to_topk()

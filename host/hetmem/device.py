@@ -47,7 +47,9 @@ def torch_device(name: str | torch.device) -> torch.device:
     try:
         return torch.device(name)
     except (RuntimeError, TypeError) as exc:
-        raise PlacementError("device", f"unknown device {name!r}; expected one of {ALL_NAMES}") from exc
+        raise PlacementError(
+            "device", f"unknown device {name!r}; expected one of {ALL_NAMES}"
+        ) from exc
 
 
 def synchronize(device: torch.device) -> None:

@@ -183,7 +183,9 @@ class Pipeline:
 
         self.counters["fpga_fallbacks"] += 1
         profile.counters["fpga_fallbacks"] += 1
-        profile.add(StepRecord("fpga fault", self._label("relevancy"), 0.0, "measured", 0, str(exc)))
+        profile.add(
+            StepRecord("fpga fault", self._label("relevancy"), 0.0, "measured", 0, str(exc))
+        )
         warnings.warn(
             f"hetmem: FPGA step failed ({exc}); rerunning relevancy+retrieval on the GPU path",
             RuntimeWarning,

@@ -78,7 +78,9 @@ class Bitmap:
 Selection = TopK | Bitmap
 
 
-def topk_select(scores: torch.Tensor, k: int, *, name: str = "k") -> tuple[torch.Tensor, torch.Tensor]:
+def topk_select(
+    scores: torch.Tensor, k: int, *, name: str = "k"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k over the last axis by the contract: returns (indices ascending, valid).
 
     Ties go to the lower index (a stable descending sort keeps index order among equals).
@@ -90,7 +92,9 @@ def topk_select(scores: torch.Tensor, k: int, *, name: str = "k") -> tuple[torch
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
     indices = order.sort(dim=-1).values
     picked = torch.gather(scores, -1, indices)
-    valid = picked > float("-inf") if scores.is_floating_point() else torch.ones_like(
-        indices, dtype=torch.bool
+    valid = (
+        picked > float("-inf")
+        if scores.is_floating_point()
+        else torch.ones_like(indices, dtype=torch.bool)
     )
     return indices, valid
