@@ -11,6 +11,7 @@ h // (q_heads // kv_heads).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -301,9 +302,9 @@ def selection_token_mask(
     rep = q_heads // g
     tokens = tokens.repeat_interleave(rep, dim=1)
     valid = valid.repeat_interleave(rep, dim=1) & (tokens < s)
-    mask = torch.zeros((b, q_heads, t, s), dtype=torch.bool, device=tokens.device)
-    mask.scatter_(-1, tokens.clamp(0, s - 1), valid)
-    return mask
+    hits = torch.zeros((b, q_heads, t, s), dtype=torch.int32, device=tokens.device)
+    hits.scatter_add_(-1, tokens.clamp(0, s - 1), valid.to(torch.int32))
+    return hits > 0
 
 
 def attention_recall(
@@ -320,3 +321,51 @@ def attention_recall(
     probs = attention_probs(q, kv, positions, scale)
     keep = selection_token_mask(selection, tuple(probs.shape), q.shape[1])
     return (probs * keep).sum(-1)
+
+
+@dataclass
+class AttentionQuery:
+    """A decode (or chunk) query: q [B, Hq, T, D] at `positions` [B, T] (default: the last
+    T tokens of each row). `features` [B, T, F] feed a learned indexer (DSA); by default
+    the method derives them from q."""
+
+    q: torch.Tensor
+    positions: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> AttentionQuery:
+        return AttentionQuery(
+            *(None if t is None else t.to(device) for t in (self.q, self.positions, self.features))
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.q, self.positions, self.features)
+            if t is not None
+        )
+
+
+@dataclass
+class KVChunk:
+    """New tokens to append: keys/values [B, Hkv, T, D] and optional indexer features [B, T, F]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    features: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> KVChunk:
+        return KVChunk(
+            self.keys.to(device),
+            self.values.to(device),
+            None if self.features is None else self.features.to(device),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.keys, self.values, self.features)
+            if t is not None
+        )

@@ -1,0 +1,170 @@
+"""What the sparse-attention methods share: memory base, query checks, Apply, the dense
+reference, and per-block key summaries (Quest pages, SeerAttention-R blocks)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..attention import (
+    AttentionQuery,
+    KVCache,
+    KVChunk,
+    check_query,
+    dense_attention,
+    expand_units,
+    sparse_attention,
+)
+from ..checks import check_positive_int, check_tensor
+from ..errors import InputError
+from ..selection import Bitmap, Scores, Selection, TopK, topk_select
+from .base import Memory, Method
+
+
+def as_kv(data: Any) -> tuple[KVCache, torch.Tensor | None]:
+    """Prepare input: a KVCache, or a (KVCache, features [B, S, F]) pair."""
+    features = None
+    if isinstance(data, tuple) and len(data) == 2:
+        data, features = data
+    if not isinstance(data, KVCache):
+        raise InputError(
+            "data", f"expected a KVCache (or (KVCache, features)), got {type(data).__name__}"
+        )
+    return data, features
+
+
+def as_chunk(data: Any) -> KVChunk:
+    if isinstance(data, tuple) and len(data) == 2:
+        data = KVChunk(*data)
+    if not isinstance(data, KVChunk):
+        raise InputError("data", f"expected a KVChunk or (keys, values), got {type(data).__name__}")
+    return data
+
+
+class AttentionMemory(Memory):
+    """A method's index over a KV cache, plus the cache itself."""
+
+    kv: KVCache
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv.device
+
+
+class SparseAttentionMethod(Method):
+    """Shared steps of the sparse-attention methods; subclasses supply the index."""
+
+    family = "sparse attention"
+    scale: float | None = None
+
+    def check_query(self, memory: Memory, query: Any) -> None:
+        if not isinstance(query, AttentionQuery):
+            raise InputError("query", f"expected an AttentionQuery, got {type(query).__name__}")
+        assert isinstance(memory, AttentionMemory)
+        check_query(query.q, memory.kv, query.positions)
+
+    def candidates(self, memory: AttentionMemory) -> int:
+        """Units Relevancy scores (tokens, blocks or pages) over the padded cache."""
+        return -(-memory.kv.capacity // self.unit)
+
+    def retrieve(self, scores: Scores, budget: int) -> Selection:
+        """Top-k units under a token budget: k = budget // unit (at least one unit)."""
+        budget = check_positive_int("budget", budget)
+        if budget < self.unit:
+            raise InputError("budget", f"{budget} tokens is less than one {self.unit}-token unit")
+        k = budget // self.unit
+        indices, valid = topk_select(scores.values, k, name="budget")
+        return TopK(indices, valid, self.unit)
+
+    def apply(self, memory: Memory, selection: Selection, query: Any) -> torch.Tensor:
+        assert isinstance(memory, AttentionMemory)
+        return sparse_attention(query.q, memory.kv, selection, query.positions, self.scale)
+
+    def apply_nbytes(self, memory: Memory, selection: Selection) -> int:
+        assert isinstance(memory, AttentionMemory)
+        sel = selection.to_topk() if isinstance(selection, Bitmap) else selection
+        _, valid = expand_units(sel)
+        kv = memory.kv
+        per_token = 2 * kv.dim * kv.keys.element_size()
+        kv_groups = kv.kv_heads if sel.indices.shape[1] == 1 else 1
+        return int(valid.sum()) * per_token * kv_groups
+
+    def reference(self, memory: AttentionMemory, query: AttentionQuery) -> torch.Tensor:
+        """Dense causal attention over the whole cache (what a full budget must equal)."""
+        return dense_attention(query.q, memory.kv, query.positions, self.scale)
+
+    def positions(self, memory: AttentionMemory, query: AttentionQuery) -> torch.Tensor:
+        _, positions = check_query(query.q, memory.kv, query.positions)
+        return positions
+
+    def unit_visible(
+        self, memory: AttentionMemory, positions: torch.Tensor, n: int
+    ) -> torch.Tensor:
+        """[B, T, n] units with at least one token a query may see."""
+        start = torch.arange(n, device=positions.device) * self.unit
+        lens = memory.kv.lengths[:, None, None]
+        return (start[None, None, :] <= positions[:, :, None]) & (start[None, None, :] < lens)
+
+
+class BlockSummary:
+    """Per-block reductions of keys [B, Hkv, S, D] over valid tokens, kept current on append.
+
+    Only the blocks touched by an append are recomputed (the partial last block and the new
+    ones), so the summary grows with the cache and is never rebuilt.
+    """
+
+    def __init__(self, kv: KVCache, block: int, reducers: dict[str, Callable[..., torch.Tensor]]):
+        self.block = check_positive_int("block_size", block)
+        self.reducers = reducers
+        self.values: dict[str, torch.Tensor] = {}
+        self.update(kv, 0)
+
+    @property
+    def blocks(self) -> int:
+        return next(iter(self.values.values())).shape[2]
+
+    def update(self, kv: KVCache, first_token: int) -> None:
+        """Recompute blocks from the one holding `first_token` to the end of the cache."""
+        n_blocks = -(-kv.capacity // self.block)
+        first_block = min(first_token // self.block, n_blocks)
+        start = first_block * self.block
+        keys = kv.keys[:, :, start:]
+        pad = (n_blocks - first_block) * self.block - keys.shape[2]
+        keys = torch.nn.functional.pad(keys, (0, 0, 0, pad))
+        tok = start + torch.arange(keys.shape[2], device=kv.device)
+        valid = (tok[None, :] < kv.lengths[:, None])[:, None, :, None]  # [B,1,S',1]
+        b, h, _, d = keys.shape
+        keys = keys.view(b, h, -1, self.block, d)
+        valid = valid.view(b, 1, -1, self.block, 1)
+        for name, reduce in self.reducers.items():
+            fresh = reduce(keys, valid)  # [B, Hkv, blocks', F]
+            old = self.values.get(name)
+            if old is None or first_block == 0:
+                self.values[name] = fresh
+            else:
+                self.values[name] = torch.cat([old[:, :, :first_block], fresh], dim=2)
+
+
+def block_min(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    out = keys.masked_fill(~valid, float("inf")).amin(dim=3)
+    return torch.where(torch.isinf(out), torch.zeros_like(out), out)
+
+
+def block_max(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    out = keys.masked_fill(~valid, float("-inf")).amax(dim=3)
+    return torch.where(torch.isinf(out), torch.zeros_like(out), out)
+
+
+def block_mean(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    count = valid.sum(dim=3).clamp(min=1)
+    return (keys * valid).sum(dim=3) / count
+
+
+def check_features(name: str, features: torch.Tensor, kv_or_q_batch: int, tokens: int) -> None:
+    check_tensor(name, features, dims=("batch", "tokens", "features"), floating=True, finite=True)
+    if features.shape[0] != kv_or_q_batch or features.shape[1] != tokens:
+        raise InputError(
+            name, f"expected shape [{kv_or_q_batch}, {tokens}, F], got {tuple(features.shape)}"
+        )

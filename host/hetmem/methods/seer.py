@@ -1,0 +1,203 @@
+"""SeerAttention-R: a learned gate (AttnGate) over pooled block keys.
+
+Prepare: per block of `block_size` tokens, keys pooled by max, min and mean (concatenated),
+projected by the gate's key map to Dg dimensions, per KV head.
+Relevancy: gate logits q_g . k_g / sqrt(Dg), where q_g projects the KV group's query heads.
+Retrieval: top-k blocks under a token budget, or (mode="threshold") a bitmap of the blocks
+whose gate probability is at least `threshold` times the largest (logit >= max + ln tau).
+Apply: block-sparse attention over the selected blocks.
+
+The gate weights are inputs here (`GateWeights`); `hetmem calibrate` trains them by
+self-distillation. The untrained default scores blocks by the group's mean query against
+the mean-pooled key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from ..attention import AttentionQuery, KVCache
+from ..checks import check_positive_int, check_tensor
+from ..errors import InputError
+from ..selection import Bitmap, Scores, Selection
+from ._attention import (
+    AttentionMemory,
+    BlockSummary,
+    SparseAttentionMethod,
+    as_chunk,
+    as_kv,
+    block_max,
+    block_mean,
+    block_min,
+)
+
+
+@dataclass
+class GateWeights:
+    """wq [Hkv, R*D, Dg] maps a KV group's R query heads to the gate query; wk [Hkv, 3*D, Dg]
+    maps the block's pooled keys (max, min, mean) to the gate key."""
+
+    wq: torch.Tensor
+    wk: torch.Tensor
+
+    def __post_init__(self) -> None:
+        check_tensor(
+            "wq", self.wq, dims=("kv_heads", "group*dim", "gate_dim"), floating=True, finite=True
+        )
+        check_tensor(
+            "wk", self.wk, dims=("kv_heads", "3*dim", "gate_dim"), floating=True, finite=True
+        )
+        if self.wq.shape[0] != self.wk.shape[0] or self.wq.shape[2] != self.wk.shape[2]:
+            raise InputError(
+                "wk", f"shape {tuple(self.wk.shape)} does not match wq {tuple(self.wq.shape)}"
+            )
+
+    def to(self, device: torch.device) -> GateWeights:
+        return GateWeights(self.wq.to(device), self.wk.to(device))
+
+    @classmethod
+    def mean_pool(cls, q_heads: int, kv_heads: int, head_dim: int) -> GateWeights:
+        """Untrained gate: mean of the group's queries against the mean-pooled block key."""
+        group = q_heads // kv_heads
+        eye = torch.eye(head_dim)
+        wq = (eye.repeat(group, 1) / group).expand(kv_heads, -1, -1).clone()
+        wk = torch.cat([torch.zeros(2 * head_dim, head_dim), eye]).expand(kv_heads, -1, -1).clone()
+        return cls(wq, wk)
+
+
+class SeerMemory(AttentionMemory):
+    def __init__(self, kv: KVCache, blocks: BlockSummary, gate_keys: torch.Tensor):
+        self.kv = kv
+        self.blocks = blocks
+        self.gate_keys = gate_keys  # [B, Hkv, Nb, Dg]
+
+    @property
+    def entries(self) -> int:
+        return self.gate_keys.shape[2]
+
+    @property
+    def index_nbytes(self) -> int:
+        return self.gate_keys.numel() * self.gate_keys.element_size()
+
+    def to(self, device: torch.device) -> SeerMemory:
+        blocks = object.__new__(BlockSummary)
+        blocks.block, blocks.reducers = self.blocks.block, self.blocks.reducers
+        blocks.values = {k: v.to(device) for k, v in self.blocks.values.items()}
+        return SeerMemory(self.kv.to(device), blocks, self.gate_keys.to(device))
+
+
+class SeerAttention(SparseAttentionMethod):
+    """SeerAttention-R block gate: top-k blocks or a threshold bitmap."""
+
+    name = "seer"
+    kernel = "block_gate"
+    describe = {
+        "prepare": "pooled block keys through the AttnGate key map",
+        "relevancy": "gate score q_g . k_g per block",
+        "retrieval": "top-k blocks under a token budget, or a threshold bitmap",
+        "apply": "block-sparse attention",
+    }
+
+    def __init__(
+        self,
+        weights: GateWeights | None = None,
+        *,
+        block_size: int = 64,
+        mode: Literal["topk", "threshold"] = "topk",
+        threshold: float = 0.01,
+        scale: float | None = None,
+    ):
+        self.weights = weights
+        self._default = weights is None
+        self.unit = check_positive_int("block_size", block_size)
+        if mode not in ("topk", "threshold"):
+            raise InputError("mode", f"expected 'topk' or 'threshold', got {mode!r}")
+        if not 0.0 < threshold <= 1.0:
+            raise InputError("threshold", f"expected a value in (0, 1], got {threshold}")
+        self.mode = mode
+        self.threshold = threshold
+        self.scale = scale
+
+    def _weights(self, kv: KVCache, q_heads: int | None = None) -> GateWeights:
+        """The given weights, or the untrained default, built for the query heads once seen
+        (its key map depends only on the KV layout, so gate keys built before stay valid)."""
+        built = None if self.weights is None else self.weights.wq.shape[1] // kv.dim
+        if self.weights is None or (self._default and q_heads and built != q_heads // kv.kv_heads):
+            heads = q_heads or kv.kv_heads
+            self.weights = GateWeights.mean_pool(heads, kv.kv_heads, kv.dim)
+            self._default = True
+        if self.weights.wk.device != kv.device:
+            self.weights = self.weights.to(kv.device)
+        w = self.weights
+        if w.wk.shape[0] != kv.kv_heads or w.wk.shape[1] != 3 * kv.dim:
+            raise InputError(
+                "weights",
+                f"wk {tuple(w.wk.shape)} does not fit kv_heads={kv.kv_heads}, dim={kv.dim}",
+            )
+        return w
+
+    def _gate_keys(
+        self, memory_blocks: BlockSummary, kv: KVCache, first_block: int = 0
+    ) -> torch.Tensor:
+        v = memory_blocks.values
+        pooled = torch.cat([v["max"], v["min"], v["mean"]], dim=-1)[:, :, first_block:]
+        w = self._weights(kv)
+        return pooled.to(w.wk.dtype) @ w.wk[None]  # [B, Hkv, Nb, Dg]
+
+    def prepare(self, data: Any) -> SeerMemory:
+        kv, _ = as_kv(data)
+        blocks = BlockSummary(
+            kv, self.unit, {"max": block_max, "min": block_min, "mean": block_mean}
+        )
+        return SeerMemory(kv, blocks, self._gate_keys(blocks, kv))
+
+    def append(self, memory: Any, data: Any) -> None:
+        assert isinstance(memory, SeerMemory)
+        chunk = as_chunk(data)
+        first = int(memory.kv.lengths.min())
+        memory.kv.append(chunk.keys, chunk.values)
+        memory.blocks.update(memory.kv, first)
+        first_block = first // self.unit
+        fresh = self._gate_keys(memory.blocks, memory.kv, first_block)
+        memory.gate_keys = torch.cat([memory.gate_keys[:, :, :first_block], fresh], dim=2)
+
+    def gate_query(self, memory: SeerMemory, q: torch.Tensor) -> torch.Tensor:
+        """Gate queries [B, Hkv, T, Dg] from q [B, Hq, T, D]."""
+        w = self._weights(memory.kv, q.shape[1])
+        hkv = memory.kv.kv_heads
+        grouped = q.unflatten(1, (hkv, -1)).permute(0, 1, 3, 2, 4).flatten(3)  # [B,Hkv,T,R*D]
+        if grouped.shape[-1] != w.wq.shape[1]:
+            raise InputError(
+                "query", f"group width {grouped.shape[-1]} does not fit wq {tuple(w.wq.shape)}"
+            )
+        return grouped.to(w.wq.dtype) @ w.wq[None]
+
+    def relevancy(self, memory: Any, query: Any) -> Scores:
+        assert isinstance(memory, SeerMemory)
+        positions = self.positions(memory, query)
+        qg = self.gate_query(memory, query.q)
+        logits = qg @ memory.gate_keys.transpose(-1, -2).to(qg.dtype) / math.sqrt(qg.shape[-1])
+        visible = self.unit_visible(memory, positions, logits.shape[-1])[:, None]
+        return Scores(logits.masked_fill(~visible, float("-inf")), unit=self.unit)
+
+    def retrieve(self, scores: Scores, budget: int) -> Selection:
+        if self.mode == "topk":
+            return super().retrieve(scores, budget)
+        logits = scores.values
+        if logits.shape[-1] == 0:
+            raise InputError("memory", "is empty: there is nothing to select from")
+        top = logits.amax(dim=-1, keepdim=True)
+        mask = (logits >= top + math.log(self.threshold)) & torch.isfinite(logits)
+        return Bitmap(mask, unit=self.unit)
+
+    def kernel_memory(self, memory: SeerMemory) -> dict[str, torch.Tensor]:
+        """Float rows of the block_gate kernel per (batch, KV head): keys [B, Hkv, Nb, Dg]."""
+        return {"keys": memory.gate_keys}
+
+    def kernel_query(self, memory: SeerMemory, query: AttentionQuery) -> dict[str, torch.Tensor]:
+        """Gate query per slot: q [B, Hkv, T, Dg] (unscaled; the kernel applies 1/sqrt(Dg))."""
+        return {"q": self.gate_query(memory, query.q)}
