@@ -1,0 +1,526 @@
+"""BM25 retrieval: an inverted index, BM25(k1, b) relevancy, top-k documents, a prompt; and
+a FLARE/DRAGIN-style re-retrieval hook for use during generation.
+
+Scoring is that of the `bm25s` library's default method ("lucene"), which is:
+
+    idf(t)      = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))
+    w(t, d)     = tf(t, d) / (tf(t, d) + k1 * (1 - b + b * dl(d) / avgdl))
+    score(q, d) = sum over the query's tokens t (repeats count) of idf(t) * w(t, d)
+
+with dl the number of tokens of d and avgdl their mean over the N documents. Note
+that the lucene variant has no (k1 + 1) factor in w. Query tokens absent from the
+index contribute nothing.
+
+The memory stores only counts (tf, df, dl); idf and the length normalization are computed
+at query time, so `append` never rescores existing postings, and k1 and b can change
+without touching the index.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+
+from ..attention import Growable
+from ..checks import check_k, check_positive_int
+from ..errors import InputError
+from ..selection import Bitmap, Scores, Selection, TopK, topk_select
+from ..text import DEFAULT_MAX_CHARS, assemble_prompt, best_first, last_words, tokenize
+from .base import Memory, Method
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+
+#: Scores are float64 so the reference's ties are exact (bm25s computes in float32).
+SCORE_DTYPE = torch.float64
+
+
+def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate the index ranges [start, start + length): (positions, which range)."""
+    owner = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    first = torch.cumsum(lengths, 0) - lengths
+    pos = starts[owner] + torch.arange(len(owner), device=lengths.device) - first[owner]
+    return pos, owner
+
+
+@dataclass
+class BM25Memory(Memory):
+    """The BM25 index: counts only, so appends never rescore.
+
+    Inverted index (what Relevancy reads), CSR over term ids: postings of term t are
+    `post_docs[term_ptr[t]:term_ptr[t+1]]` (doc ids ascending) with `post_tfs`.
+    Forward index (what Apply reads to order the k retrieved documents), CSR over doc
+    ids: `fwd_terms`, `fwd_tfs` of document d at `doc_ptr[d]:doc_ptr[d+1]`; it grows
+    by appends only. Plus df per term, dl per document, the vocabulary and the texts.
+    """
+
+    vocab: dict[str, int]
+    term_ptr: torch.Tensor
+    post_docs: torch.Tensor
+    post_tfs: torch.Tensor
+    df: Growable
+    doc_len: Growable
+    doc_ptr: Growable
+    fwd_terms: Growable
+    fwd_tfs: Growable
+    texts: list[str] = field(default_factory=list)
+    total_len: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.post_docs.device
+
+    @property
+    def entries(self) -> int:
+        return self.doc_len.length
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def avgdl(self) -> float:
+        return self.total_len / self.entries if self.entries else 0.0
+
+    @property
+    def index_nbytes(self) -> int:
+        """The inverted index, df and dl: what a BM25 kernel reads."""
+        tensors = (self.term_ptr, self.post_docs, self.post_tfs, self.df.data, self.doc_len.data)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to(self, device: torch.device) -> BM25Memory:
+        return BM25Memory(
+            dict(self.vocab),
+            self.term_ptr.to(device),
+            self.post_docs.to(device),
+            self.post_tfs.to(device),
+            self.df.to(device),
+            self.doc_len.to(device),
+            self.doc_ptr.to(device),
+            self.fwd_terms.to(device),
+            self.fwd_tfs.to(device),
+            list(self.texts),
+            self.total_len,
+        )
+
+
+def _check_texts(name: str, texts: object, *, allow_empty: bool = True) -> list[str]:
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise InputError(name, f"expected a list of strings, got {type(texts).__name__}")
+    if not allow_empty and len(texts) == 0:
+        raise InputError(name, "is empty: expected at least one string")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InputError(name, f"item {i} is {type(t).__name__}, expected str")
+    return list(texts)
+
+
+def _document_texts(data: Any) -> list[str]:
+    """Accept a list of strings or anything with `.texts` (e.g. dense_rag.Documents)."""
+    if hasattr(data, "texts") and not isinstance(data, (str, Sequence)):
+        return _check_texts("documents.texts", data.texts)
+    return _check_texts("documents", data)
+
+
+class BM25RAG(Method):
+    """BM25 retrieval-augmented generation: the float torch reference (scores float64)."""
+
+    name: ClassVar[str] = "bm25_rag"
+    family: ClassVar[str] = "rag"
+    kernel: ClassVar[str | None] = "bm25"
+    describe: ClassVar[dict[str, str]] = {
+        "prepare": "inverted index: postings (doc id, tf) per term as CSR, df, doc lengths",
+        "relevancy": "BM25 (lucene variant, k1, b) of each query's tokens over the postings",
+        "retrieval": "top-k documents (ties to the lower index)",
+        "apply": "prompt assembly: retrieved documents best first, then the question",
+    }
+
+    def __init__(
+        self,
+        k1: float = 1.5,
+        b: float = 0.75,
+        stopwords: Iterable[str] | None = None,
+        max_chars: int | None = DEFAULT_MAX_CHARS,
+        device: torch.device | str = "cpu",
+    ):
+        if isinstance(k1, bool) or not isinstance(k1, (int, float)) or not k1 >= 0:
+            raise InputError("k1", f"expected a number >= 0, got {k1!r}")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b <= 1:
+            raise InputError("b", f"expected a number in [0, 1], got {b!r}")
+        self.k1 = float(k1)
+        self.b = float(b)
+        self.stopwords = frozenset(w.lower() for w in stopwords) if stopwords else frozenset()
+        self.max_chars = max_chars
+        self.device = torch.device(device)
+
+    def tokenize(self, text: str) -> list[str]:
+        return tokenize(text, self.stopwords)
+
+    # -- Prepare -------------------------------------------------------------------------------
+    def prepare(self, data: Sequence[str] | Any) -> BM25Memory:
+        """Build the index. The device is the method's (`device=`); `Pipeline` moves it."""
+        texts = _document_texts(data)
+        dev = self.device
+
+        def empty() -> torch.Tensor:
+            return torch.zeros(0, dtype=torch.long, device=dev)
+
+        memory = BM25Memory(
+            vocab={},
+            term_ptr=torch.zeros(1, dtype=torch.long, device=dev),
+            post_docs=empty(),
+            post_tfs=empty(),
+            df=Growable(empty(), axis=0),
+            doc_len=Growable(empty(), axis=0),
+            doc_ptr=Growable(torch.zeros(1, dtype=torch.long, device=dev), axis=0),
+            fwd_terms=Growable(empty(), axis=0),
+            fwd_tfs=Growable(empty(), axis=0),
+        )
+        self._add(memory, texts)
+        return memory
+
+    def append(self, memory: BM25Memory, data: Sequence[str] | Any) -> None:
+        """Add documents: new postings merge into the CSR, df, N and avgdl update.
+
+        Existing postings are moved into their grown term ranges by one vectorized copy;
+        they are never recounted or rescored (scores depend on N and avgdl only at query time).
+        """
+        self._add(memory, _document_texts(data))
+
+    def _add(self, memory: BM25Memory, texts: list[str]) -> None:
+        dev = memory.device
+        n_old, v_old = memory.entries, memory.vocab_size
+        terms: list[int] = []
+        tfs: list[int] = []
+        lengths: list[int] = []
+        uniques: list[int] = []
+        for text in texts:
+            tokens = self.tokenize(text)
+            counts = Counter(memory.vocab.setdefault(t, len(memory.vocab)) for t in tokens)
+            ids = sorted(counts)
+            terms.extend(ids)
+            tfs.extend(counts[i] for i in ids)
+            lengths.append(len(tokens))
+            uniques.append(len(ids))
+        new_terms = torch.tensor(terms, dtype=torch.long, device=dev)
+        new_tfs = torch.tensor(tfs, dtype=torch.long, device=dev)
+        new_len = torch.tensor(lengths, dtype=torch.long, device=dev)
+        new_docs = n_old + torch.repeat_interleave(
+            torch.arange(len(texts), device=dev),
+            torch.tensor(uniques, dtype=torch.long, device=dev),
+        )
+        # Forward index, df and dl: appends only.
+        _extend(
+            memory.doc_ptr,
+            int(memory.doc_ptr.data[-1])
+            + torch.cumsum(torch.tensor(uniques, dtype=torch.long, device=dev), 0),
+        )
+        _extend(memory.fwd_terms, new_terms)
+        _extend(memory.fwd_tfs, new_tfs)
+        _extend(memory.doc_len, new_len)
+        vocab = memory.vocab_size
+        _extend(memory.df, torch.zeros(vocab - v_old, dtype=torch.long, device=dev))
+        new_df = torch.bincount(new_terms, minlength=vocab)
+        memory.df.data.add_(new_df)
+        memory.total_len += sum(lengths)
+        memory.texts.extend(texts)
+        # Inverted index: merge. Within a term, new docs come after old ones (higher ids).
+        old_count = torch.diff(memory.term_ptr)
+        old_count = torch.cat([old_count, old_count.new_zeros(vocab - v_old)])
+        count = old_count + new_df
+        ptr = torch.zeros(vocab + 1, dtype=torch.long, device=dev)
+        torch.cumsum(count, 0, out=ptr[1:])
+        total = int(ptr[-1])
+        docs = torch.empty(total, dtype=torch.long, device=dev)
+        post_tfs = torch.empty(total, dtype=torch.long, device=dev)
+        # Old posting j of term t keeps its offset within t's range.
+        old_terms = torch.repeat_interleave(torch.arange(v_old, device=dev), old_count[:v_old])
+        old_dst = (
+            ptr[old_terms]
+            + torch.arange(len(old_terms), device=dev)
+            - memory.term_ptr[:-1][old_terms]
+        )
+        docs[old_dst] = memory.post_docs
+        post_tfs[old_dst] = memory.post_tfs
+        # New postings go after the old ones, in doc order (a stable sort by term).
+        order = torch.sort(new_terms, stable=True).indices
+        sorted_terms = new_terms[order]
+        new_first = torch.cumsum(new_df, 0) - new_df
+        rank = torch.arange(len(order), device=dev) - new_first[sorted_terms]
+        new_dst = ptr[sorted_terms] + old_count[sorted_terms] + rank
+        docs[new_dst] = new_docs[order]
+        post_tfs[new_dst] = new_tfs[order]
+        memory.term_ptr, memory.post_docs, memory.post_tfs = ptr, docs, post_tfs
+
+    # -- Relevancy -------------------------------------------------------------------------------
+    def _query_terms(
+        self, memory: BM25Memory, queries: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(batch row, term id, count, slot) of every distinct known query token, rows
+        ascending and term ids ascending within a row; `slot` is the position within the row.
+        Unknown tokens are dropped (they contribute nothing)."""
+        entries: list[tuple[int, int, int, int]] = []
+        for row, text in enumerate(queries):
+            known = Counter(memory.vocab[t] for t in self.tokenize(text) if t in memory.vocab)
+            entries.extend((row, term, known[term], j) for j, term in enumerate(sorted(known)))
+        columns = list(zip(*entries, strict=True)) if entries else [(), (), (), ()]
+        return tuple(  # type: ignore[return-value]
+            torch.tensor(c, dtype=torch.long, device=memory.device) for c in columns
+        )
+
+    def _weights(
+        self, memory: BM25Memory, terms: torch.Tensor, docs: torch.Tensor, tfs: torch.Tensor
+    ) -> torch.Tensor:
+        """idf(t) * tf / (tf + k1 * (1 - b + b * dl / avgdl)) per posting, float64."""
+        n = float(memory.entries)
+        df = memory.df.data[terms].to(SCORE_DTYPE)
+        idf = torch.log1p((n - df + 0.5) / (df + 0.5))
+        tf = tfs.to(SCORE_DTYPE)
+        dl = memory.doc_len.data[docs].to(SCORE_DTYPE)
+        norm = self.k1 * ((1 - self.b) + self.b * dl / memory.avgdl)
+        return idf * tf / (tf + norm)
+
+    def check_query(self, memory: BM25Memory, query: Any) -> None:
+        _check_texts("query", query, allow_empty=False)
+        if memory.entries == 0:
+            raise InputError("memory", "is empty: prepare or append documents before querying")
+
+    def relevancy(self, memory: BM25Memory, query: Sequence[str]) -> Scores:
+        """BM25 of every document for each query string: Scores [B, 1, 1, N], float64.
+
+        Vectorized over the postings of the query terms (no loop over documents).
+        """
+        self.check_query(memory, query)
+        queries = list(query)
+        rows, terms, counts, slots = self._query_terms(memory, queries)
+        pos, owner = _ranges(memory.term_ptr[terms], memory.df.data[terms])
+        docs = memory.post_docs[pos]
+        weights = counts[owner] * self._weights(memory, terms[owner], docs, memory.post_tfs[pos])
+        rows, slots = rows[owner], slots[owner]
+        scores = torch.zeros(len(queries), memory.entries, dtype=SCORE_DTYPE, device=memory.device)
+        # One pass per query-term slot: (row, doc) pairs are unique within a slot, so every
+        # document sums its terms in the same order on any device, and equal documents tie
+        # exactly.
+        for j in range(int(slots.max()) + 1 if len(slots) else 0):
+            m = slots == j
+            scores.index_put_((rows[m], docs[m]), weights[m], accumulate=True)
+        return Scores(scores[:, None, None, :])
+
+    # -- Retrieval and Apply -----------------------------------------------------------------------
+    def retrieve(self, scores: Scores, budget: int) -> TopK:
+        indices, valid = topk_select(scores.values, budget, name="budget")
+        return TopK(indices, valid)
+
+    def selected_scores(
+        self, memory: BM25Memory, selection: Selection, query: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(indices [B, k] ascending, valid [B, k], BM25 scores [B, k]) of the selection.
+
+        Scores only the k selected documents, from the forward index: the cost is their
+        length, not a second pass over the postings.
+        """
+        self.check_query(memory, query)
+        queries = list(query)
+        if isinstance(selection, Bitmap):
+            selection = selection.to_topk()
+        idx = selection.indices[:, 0, 0, :].to(memory.device)
+        valid = selection.valid[:, 0, 0, :].to(memory.device) & (idx < memory.entries)
+        if idx.shape[0] != len(queries):
+            raise InputError("selection", f"has batch {idx.shape[0]}, the query {len(queries)}")
+        batch, k = idx.shape
+        docs = idx.clamp(0, memory.entries - 1).flatten()
+        ptr = memory.doc_ptr.data
+        lengths = ptr[docs + 1] - ptr[docs]
+        pos, slot = _ranges(ptr[docs], lengths)
+        terms, tfs = memory.fwd_terms.data[pos], memory.fwd_tfs.data[pos]
+        # Padded [B*k, longest] so each document sums its terms in one fixed order.
+        # Match (row, term) of the documents' postings against the query's (row, term).
+        q_rows, q_terms, q_counts, _ = self._query_terms(memory, queries)
+        padded = torch.zeros(batch * k, int(lengths.max()), dtype=SCORE_DTYPE, device=idx.device)
+        if len(q_terms):
+            vocab = memory.vocab_size
+            q_keys = q_rows * vocab + q_terms  # ascending: rows, then terms
+            keys = torch.div(slot, k, rounding_mode="floor") * vocab + terms
+            at = torch.searchsorted(q_keys, keys).clamp(max=len(q_keys) - 1)
+            weights = q_counts[at] * self._weights(memory, terms, docs[slot], tfs)
+            column = pos - ptr[docs][slot]  # the posting's place within its document
+            padded[slot, column] = torch.where(q_keys[at] == keys, weights, 0.0)
+        return idx, valid, padded.sum(-1).view(batch, k)
+
+    def ranked(
+        self, memory: BM25Memory, selection: Selection, query: Sequence[str]
+    ) -> list[list[int]]:
+        """The selected document ids per query, best first (ties: lower index first)."""
+        return best_first(*self.selected_scores(memory, selection, query))
+
+    def apply(self, memory: BM25Memory, selection: Selection, query: Sequence[str]) -> list[str]:
+        """One prompt per query: the retrieved documents best first, then the question."""
+        rows = self.ranked(memory, selection, query)
+        return [
+            assemble_prompt([memory.texts[i] for i in row], question, self.max_chars)
+            for row, question in zip(rows, query, strict=True)
+        ]
+
+    def apply_nbytes(self, memory: BM25Memory, selection: Selection) -> int:
+        """Bytes of the selected documents' texts (UTF-8)."""
+        if isinstance(selection, Bitmap):
+            selection = selection.to_topk()
+        ids = selection.indices[selection.valid].tolist()
+        return sum(len(memory.texts[i].encode()) for i in ids if i < memory.entries)
+
+
+def _extend(store: Growable, values: torch.Tensor) -> None:
+    """Append along axis 0 of a Growable (amortized O(1) per element)."""
+    n = values.shape[0]
+    store.reserve(store.length + n)
+    store.buffer.narrow(0, store.length, n).copy_(values)
+    store.length += n
+
+
+# -- Re-retrieval during generation (FLARE / DRAGIN style) ----------------------------------------
+
+Reason = Literal["low_prob", "every"]
+
+
+@dataclass
+class Retrieved:
+    """What one re-retrieval returns: the query it ran and the documents, best first."""
+
+    query: str
+    indices: list[int]
+    texts: list[str]
+
+
+@dataclass
+class Firing:
+    """One entry of the re-retrieval log: when (in generated tokens), why, and what."""
+
+    position: int
+    reasons: tuple[Reason, ...]
+    lowest_prob: float | None
+    query: str
+    indices: list[int]
+
+
+class ReRetriever:
+    """Decides, during generation, when to query the index again, and does it.
+
+    It fires when a token generated since the last call has probability below `min_prob`
+    (FLARE's active retrieval trigger), or when `every` tokens have been generated since
+    it last fired (the fixed schedule of IRCoT-like methods). The query is the original
+    question plus the last `window` words of the generated text. Every firing is logged
+    in `log` with its reasons. Unlike FLARE it does not mask the uncertain tokens out of
+    the query, and unlike DRAGIN it does not weigh tokens by attention.
+
+    `source` is a `Pipeline` over a RAG method (its memory and placement are used), or a
+    RAG method with its `memory`. The method must take queries as a list of strings
+    (BM25RAG; DenseRAG with an encoder) and offer `ranked(memory, selection, queries)`.
+    """
+
+    def __init__(
+        self,
+        source: Pipeline | Method,
+        k: int,
+        *,
+        memory: Memory | None = None,
+        question: str = "",
+        every: int | None = None,
+        min_prob: float | None = None,
+        window: int = 16,
+    ):
+        from ..pipeline import Pipeline
+
+        if isinstance(source, Pipeline):
+            if memory is not None:
+                raise InputError(
+                    "memory", "a Pipeline brings its own memory; pass one or the other"
+                )
+            self.pipeline: Pipeline | None = source
+            self.method = source.method
+        elif isinstance(source, Method):
+            if not isinstance(memory, Memory):
+                raise InputError("memory", "a method needs the memory to search (memory=...)")
+            self.pipeline, self.method = None, source
+        else:
+            raise InputError(
+                "source", f"expected a Pipeline or a Method, got {type(source).__name__}"
+            )
+        if not hasattr(self.method, "ranked"):
+            raise InputError("source", f"method {self.method.name!r} cannot rank documents")
+        self.memory = memory
+        self.k = check_positive_int("k", k)
+        if every is None and min_prob is None:
+            raise InputError("every", "set every=..., min_prob=... or both, or it never fires")
+        self.every = None if every is None else check_positive_int("every", every)
+        if min_prob is not None and (
+            isinstance(min_prob, bool)
+            or not isinstance(min_prob, (int, float))
+            or not 0 < min_prob <= 1
+        ):
+            raise InputError("min_prob", f"expected a probability in (0, 1], got {min_prob!r}")
+        self.min_prob = None if min_prob is None else float(min_prob)
+        self.window = check_positive_int("window", window)
+        self.log: list[Firing] = []
+        self.reset(question)
+
+    def reset(self, question: str = "") -> None:
+        """Start a new generation for `question`: the token count and schedule restart."""
+        if not isinstance(question, str):
+            raise InputError("question", f"expected a str, got {type(question).__name__}")
+        self.question = question
+        self.position = 0
+        self._last_fired = 0
+        self._words = 0
+
+    def __call__(
+        self, generated: str, probs: Sequence[float] | torch.Tensor | None = None
+    ) -> Retrieved | None:
+        """Observe the generation so far; return new documents when it fires, else None.
+
+        `probs`: the probabilities of the tokens generated since the previous call, one per
+        token; they also count the tokens. Without them, tokens are counted as the
+        whitespace-separated words the text gained.
+        """
+        if not isinstance(generated, str):
+            raise InputError("generated", f"expected a str, got {type(generated).__name__}")
+        words = len(generated.split())
+        lowest = None
+        if probs is None:
+            new_tokens = max(words - self._words, 0)
+        else:
+            p = torch.as_tensor(probs, dtype=torch.float64).flatten()
+            if not bool(torch.isfinite(p).all()) or bool(((p < 0) | (p > 1)).any()):
+                raise InputError("probs", "expected probabilities in [0, 1]")
+            new_tokens = p.numel()
+            lowest = float(p.min()) if new_tokens else None
+        self._words = words
+        self.position += new_tokens
+        reasons: list[Reason] = []
+        if self.min_prob is not None and lowest is not None and lowest < self.min_prob:
+            reasons.append("low_prob")
+        if self.every is not None and self.position - self._last_fired >= self.every:
+            reasons.append("every")
+        if not reasons:
+            return None
+        self._last_fired = self.position
+        query = " ".join(s for s in (self.question, last_words(generated, self.window)) if s)
+        found = self.retrieve(query)
+        self.log.append(Firing(self.position, tuple(reasons), lowest, query, found.indices))
+        return found
+
+    def retrieve(self, query: str) -> Retrieved:
+        """Run one query through the pipeline (profiled) or the method; best first."""
+        memory = self.pipeline.memory if self.pipeline is not None else self.memory
+        if memory is None:
+            raise InputError("memory", "is empty: call prepare() on the pipeline first")
+        k = check_k("k", self.k, memory.entries)
+        if self.pipeline is not None:
+            selection = self.pipeline.select([query], k)
+        else:
+            selection = self.method.retrieve(self.method.relevancy(memory, [query]), k)
+        (ids,) = self.method.ranked(memory, selection, [query])  # type: ignore[attr-defined]
+        return Retrieved(query, ids, [memory.texts[i] for i in ids])  # type: ignore[attr-defined]
