@@ -26,6 +26,7 @@ class Growable:
 
     def __init__(self, initial: torch.Tensor, axis: int, min_capacity: int = 0):
         self.axis = axis
+        self.min_capacity = min_capacity
         self.length = initial.shape[axis]
         capacity = max(self.length, min_capacity, 1)
         shape = list(initial.shape)
@@ -42,6 +43,8 @@ class Growable:
         if length <= capacity:
             return
         new_capacity = max(length, 2 * capacity)
+        if self.min_capacity:
+            new_capacity = -(-new_capacity // self.min_capacity) * self.min_capacity
         shape = list(self.buffer.shape)
         shape[self.axis] = new_capacity
         grown = self.buffer.new_zeros(shape)
@@ -51,7 +54,13 @@ class Growable:
     def to(self, device: torch.device) -> Growable:
         out = object.__new__(Growable)
         out.axis, out.length, out.buffer = self.axis, self.length, self.buffer.to(device)
+        out.min_capacity = self.min_capacity
         return out
+
+
+#: KV buffers are allocated in multiples of this many tokens (a multiple of every block size
+#: that divides it), so a block selection gathers contiguous blocks.
+ALIGN = 256
 
 
 class KVCache:
@@ -76,8 +85,10 @@ class KVCache:
         check_dim("lengths", lengths, 0, batch, "batch of keys")
         if bool((lengths < 0).any()) or bool((lengths > tokens).any()):
             raise InputError("lengths", f"every length must lie in [0, {tokens}]")
-        self._keys = Growable(keys, axis=2)
-        self._values = Growable(values, axis=2)
+        # Capacity in multiples of ALIGN tokens, so block methods can gather whole blocks.
+        reserve = -(-tokens // ALIGN) * ALIGN
+        self._keys = Growable(keys, axis=2, min_capacity=reserve)
+        self._values = Growable(values, axis=2, min_capacity=reserve)
         self.lengths = lengths.to(device=keys.device, dtype=torch.long).clone()
 
     @property
@@ -233,14 +244,41 @@ def _grouped(t: torch.Tensor, kv_heads: int, q_heads: int) -> torch.Tensor:
 def gather_tokens(
     kv: KVCache, tokens: torch.Tensor, q_heads: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather keys and values at token indices [B, G, T, n] -> [B, Hkv, G', T, n, D]."""
+    """Gather keys and values at token indices [B, G, T, n] -> [B, Hkv, G', T, n, D].
+
+    One index_select over the flattened cache: reads only the selected rows.
+    """
     tok = _grouped(tokens, kv.kv_heads, q_heads)
     b, h = kv.batch, kv.kv_heads
     cap = kv.capacity
     base = torch.arange(b, device=kv.device)[:, None] * h + torch.arange(h, device=kv.device)
-    flat = base.view(b, h, 1, 1, 1) * cap + tok.clamp(0, cap - 1)
-    keys = kv.keys.reshape(-1, kv.dim)[flat]
-    values = kv.values.reshape(-1, kv.dim)[flat]
+    flat = (base.view(b, h, 1, 1, 1) * cap + tok.clamp(0, cap - 1)).reshape(-1)
+    shape = (b, h, *tok.shape[2:], kv.dim)
+    keys = kv.keys.reshape(-1, kv.dim).index_select(0, flat).view(shape)
+    values = kv.values.reshape(-1, kv.dim).index_select(0, flat).view(shape)
+    return keys, values
+
+
+def gather_blocks(
+    kv: KVCache, blocks: torch.Tensor, unit: int, q_heads: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Gather whole blocks [B, G, T, k] of `unit` tokens -> [B, Hkv, G', T, k*unit, D].
+
+    k index reads of unit*D contiguous elements instead of k*unit row reads; None when the
+    buffer is not laid out in whole blocks of this size.
+    """
+    kbuf, vbuf = kv._keys.buffer, kv._values.buffer
+    cap = kbuf.shape[2]
+    if unit == 1 or cap % unit:
+        return None
+    blk = _grouped(blocks, kv.kv_heads, q_heads)
+    b, h, d = kv.batch, kv.kv_heads, kv.dim
+    per_row = cap // unit
+    base = torch.arange(b, device=kv.device)[:, None] * h + torch.arange(h, device=kv.device)
+    flat = (base.view(b, h, 1, 1, 1) * per_row + blk.clamp(0, per_row - 1)).reshape(-1)
+    shape = (b, h, *blk.shape[2:-1], blk.shape[-1] * unit, d)
+    keys = kbuf.view(-1, unit * d).index_select(0, flat).view(shape)
+    values = vbuf.view(-1, unit * d).index_select(0, flat).view(shape)
     return keys, values
 
 
@@ -254,7 +292,8 @@ def sparse_attention(
     """Attention over the selected tokens only (Apply to Inference); [B, Hq, T, D].
 
     Selected tokens that are invalid, padding, or in the future of the query are masked,
-    so causality is exact whatever the selection holds.
+    so causality is exact whatever the selection holds. A selection shared by a KV group
+    gathers each token once for the whole group (no per-head copies).
     """
     q, positions = check_query(q, kv, positions)
     if isinstance(selection, Bitmap):
@@ -263,17 +302,29 @@ def sparse_attention(
     if tokens.shape[0] != q.shape[0] or tokens.shape[2] != q.shape[2]:
         raise InputError(
             "selection",
-            f"shape {tuple(tokens.shape)} does not match query batch/queries {q.shape[0]}/{q.shape[2]}",
+            f"shape {tuple(tokens.shape)} does not match the query's batch and queries "
+            f"({q.shape[0]}, {q.shape[2]})",
         )
     hq, hkv = q.shape[1], kv.kv_heads
-    keys, values = gather_tokens(kv, tokens, hq)  # [B, Hkv, G', T, n, D]
-    mask = _grouped(valid, hkv, hq) & visible_mask(kv, positions, _grouped(tokens, hkv, hq))
-    qg = q.unflatten(1, (hkv, hq // hkv))  # [B, Hkv, R, T, D]
+    gathered = gather_blocks(kv, selection.indices, selection.unit, hq)
+    keys, values = gathered or gather_tokens(kv, tokens, hq)  # [B, Hkv, G', T, n, D]
+    grouped = _grouped(tokens, hkv, hq)
+    mask = _grouped(valid, hkv, hq) & visible_mask(kv, positions, grouped)  # [B, ., G', T, n]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    logits = (qg.unsqueeze(-2) @ keys.to(q.dtype).transpose(-1, -2)).squeeze(-2) * scale
-    logits = logits.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    out = (probs.unsqueeze(-2) @ values.to(q.dtype)).squeeze(-2)  # [B, Hkv, R, T, D]
+    qg = q.unflatten(1, (hkv, hq // hkv))  # [B, Hkv, R, T, D]
+    keys, values = keys.to(q.dtype), values.to(q.dtype)
+    if grouped.shape[2] == 1:
+        # One selection per KV head: batch over (B, Hkv, T), the R heads share the rows.
+        qt = qg.transpose(2, 3)  # [B, Hkv, T, R, D]
+        logits = qt @ keys[:, :, 0].transpose(-1, -2) * scale  # [B, Hkv, T, R, n]
+        logits = logits.masked_fill(~mask[:, :, 0, :, None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        out = (probs @ values[:, :, 0]).transpose(2, 3)  # [B, Hkv, R, T, D]
+    else:
+        logits = (qg.unsqueeze(-2) @ keys.transpose(-1, -2)).squeeze(-2) * scale  # [B,Hkv,R,T,n]
+        logits = logits.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        out = (probs.unsqueeze(-2) @ values).squeeze(-2)
     return out.flatten(1, 2)
 
 

@@ -1,0 +1,177 @@
+"""Dense attention against each sparse method's Apply step, one decode query.
+
+    python bench/decode_attention.py                  # contexts 4k-64k, budget 2048, batch 1 and 8
+    python bench/decode_attention.py --contexts 4096 8192 --batches 1 --repeat 3
+
+Layout of a Llama-3-8B layer: 32 query heads, 8 KV heads, head dim 128, float32. All times
+are `measured` (wall clock, median of --repeat runs) on this machine's torch device.
+Dense is timed two ways, torch's scaled_dot_product_attention (enable_gqa) and a grouped
+matmul with the same math; the speedup is against the faster of the two. Writes a table and
+JSON (bench/results/decode_attention.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from hetmem.attention import AttentionQuery, KVCache
+from hetmem.device import gpu_backend, synchronize, torch_device
+from hetmem.methods import get
+
+METHODS = {
+    "dsa": lambda: get("dsa"),
+    "quest": lambda: get("quest", page_size=16),
+    "seer": lambda: get("seer", block_size=64),
+}
+
+
+def timed_round_robin(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeat: int
+) -> dict[str, float]:
+    """Median wall time of each function, measured in interleaved rounds so that a noisy
+    neighbour slows every candidate alike and the ratios stay fair."""
+    runs: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            runs[name].append(time.perf_counter() - start)
+    return {name: statistics.median(r) for name, r in runs.items()}
+
+
+def dense_grouped(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    b, hq, t, d = q.shape
+    hkv = keys.shape[1]
+    qg = q.view(b, hkv, hq // hkv * t, d)
+    probs = torch.softmax((qg @ keys.transpose(-1, -2)) / math.sqrt(d), dim=-1)
+    return (probs @ values).view(b, hq, t, d)
+
+
+def bench_case(args: argparse.Namespace, device: torch.device, batch: int, context: int) -> dict:
+    gen = torch.Generator().manual_seed(context + batch)
+    shape = (batch, args.kv_heads, context, args.dim)
+    kv = KVCache(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)).to(device)
+    q = torch.randn(batch, args.q_heads, 1, args.dim, generator=gen).to(device)
+    query = AttentionQuery(q)
+    keys, values = kv.keys, kv.values
+    fns: dict[str, Callable[[], object]] = {
+        "dense_sdpa": partial(F.scaled_dot_product_attention, q, keys, values, enable_gqa=True),
+        "dense_grouped": partial(dense_grouped, q, keys, values),
+    }
+    selected = {}
+    for name, make in METHODS.items():
+        method = make()
+        memory = method.prepare(kv)
+        selection = method.retrieve(method.relevancy(memory, query), args.budget)
+        selected[name] = int(selection.valid.sum()) * selection.unit
+        fns[f"{name}_select"] = partial(_select, method, memory, query, args.budget)
+        fns[f"{name}_apply"] = partial(method.apply, memory, selection, query)
+    times = timed_round_robin(fns, device, args.repeat)
+    row: dict = {"batch": batch, "context": context, "budget": args.budget}
+    row.update({f"{name}_s": t for name, t in times.items()})
+    dense = min(times["dense_sdpa"], times["dense_grouped"])
+    for name in METHODS:
+        row[f"{name}_selected_tokens"] = selected[name]
+        row[f"{name}_speedup"] = dense / times[f"{name}_apply"]
+    return row
+
+
+def _select(method, memory, query, budget):
+    return method.retrieve(method.relevancy(memory, query), budget)
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch_device(args.device)
+    console = Console()
+    rows = []
+    cases = [(b, c) for b in args.batches for c in args.contexts]
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("decode attention", total=len(cases))
+        for batch, context in cases:
+            progress.update(task, description=f"batch {batch}, context {context}")
+            rows.append(bench_case(args, device, batch, context))
+            progress.advance(task)
+    return {
+        "command": " ".join(["python", "bench/decode_attention.py", *sys.argv[1:]]),
+        "source": "measured",
+        "device": f"{device} ({gpu_backend()})",
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "layout": {
+            "q_heads": args.q_heads,
+            "kv_heads": args.kv_heads,
+            "dim": args.dim,
+            "dtype": "float32",
+        },
+        "rows": rows,
+    }
+
+
+def table(result: dict) -> Table:
+    t = Table(title=f"decode attention, one query (measured on {result['device']}, median)")
+    for col in ("batch", "context", "dense sdpa", "dense grouped"):
+        t.add_column(col, justify="right")
+    for name in METHODS:
+        t.add_column(f"{name} apply", justify="right")
+        t.add_column(f"{name} x", justify="right")
+    for r in result["rows"]:
+        cells = [
+            str(r["batch"]),
+            str(r["context"]),
+            f"{r['dense_sdpa_s'] * 1e3:.2f} ms",
+            f"{r['dense_grouped_s'] * 1e3:.2f} ms",
+        ]
+        for name in METHODS:
+            cells += [f"{r[f'{name}_apply_s'] * 1e3:.2f} ms", f"{r[f'{name}_speedup']:.1f}"]
+        t.add_row(*cells)
+    return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536]
+    )
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--q-heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--device", default="gpu")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "decode_attention.json"
+    )
+    args = parser.parse_args(argv)
+    result = run(args)
+    Console().print(table(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
