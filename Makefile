@@ -28,7 +28,7 @@ sim-tools:
 	    else echo "install iverilog and yosys (Debian packages) for the rtl tests"; fi; }
 
 run: setup
-	$(VENV)/bin/hetmem run
+	$(VENV)/bin/hetmem demo
 
 test: setup
 	$(VENV)/bin/ruff check host tests bench
