@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +27,24 @@ PROMPT_QUESTION = "\nQuestion: {question}\nAnswer:"
 DEFAULT_MAX_CHARS = 16_000
 #: Marks a document cut short by the `max_chars` guard.
 TRUNCATION_MARK = " ..."
+
+
+@dataclass
+class Documents:
+    """Raw documents for a RAG method's Prepare Memory.
+
+    `embeddings` [N, D] serve dense retrieval (or its encoder computes them); `device` is
+    where the index is built: `to(device)` sets it, which is how `Pipeline` places Prepare
+    even for text-only documents.
+    """
+
+    texts: list[str]
+    embeddings: torch.Tensor | None = None
+    device: torch.device | None = None
+
+    def to(self, device: torch.device | str) -> Documents:
+        emb = None if self.embeddings is None else self.embeddings.to(device)
+        return Documents(list(self.texts), emb, torch.device(device))
 
 
 def tokenize(text: str, stopwords: Iterable[str] | None = None) -> list[str]:
@@ -61,6 +80,14 @@ def best_first(indices: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor)
     ]
 
 
+def check_max_chars(max_chars: object) -> int | None:
+    if max_chars is None:
+        return None
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars <= 0:
+        raise InputError("max_chars", f"expected a positive int or None, got {max_chars!r}")
+    return max_chars
+
+
 def assemble_prompt(
     documents: Sequence[str], question: str = "", max_chars: int | None = DEFAULT_MAX_CHARS
 ) -> str:
@@ -71,8 +98,7 @@ def assemble_prompt(
     while they fit, the first one that does not is cut (with a mark) and the rest dropped,
     so the best documents survive. An empty question leaves the question lines out.
     """
-    if max_chars is not None and (isinstance(max_chars, bool) or max_chars <= 0):
-        raise InputError("max_chars", f"expected a positive int or None, got {max_chars!r}")
+    check_max_chars(max_chars)
     tail = PROMPT_QUESTION.format(question=question) if question else ""
     room = None if max_chars is None else max_chars - len(PROMPT_HEADER) - len(tail)
     if room is not None and room < 0:

@@ -28,8 +28,17 @@ import torch
 from ..attention import Growable
 from ..checks import check_k, check_positive_int
 from ..errors import InputError
+from ..profile import Profile
 from ..selection import Bitmap, Scores, Selection, TopK, topk_select
-from ..text import DEFAULT_MAX_CHARS, assemble_prompt, best_first, last_words, tokenize
+from ..text import (
+    DEFAULT_MAX_CHARS,
+    Documents,
+    assemble_prompt,
+    best_first,
+    check_max_chars,
+    last_words,
+    tokenize,
+)
 from .base import Memory, Method
 
 if TYPE_CHECKING:
@@ -120,8 +129,8 @@ def _check_texts(name: str, texts: object, *, allow_empty: bool = True) -> list[
 
 
 def _document_texts(data: Any) -> list[str]:
-    """Accept a list of strings or anything with `.texts` (e.g. dense_rag.Documents)."""
-    if hasattr(data, "texts") and not isinstance(data, (str, Sequence)):
+    """Accept a list of strings or `text.Documents` (whose embeddings are ignored)."""
+    if isinstance(data, Documents):
         return _check_texts("documents.texts", data.texts)
     return _check_texts("documents", data)
 
@@ -154,17 +163,21 @@ class BM25RAG(Method):
         self.k1 = float(k1)
         self.b = float(b)
         self.stopwords = frozenset(w.lower() for w in stopwords) if stopwords else frozenset()
-        self.max_chars = max_chars
-        self.device = torch.device(device)
+        self.max_chars = check_max_chars(max_chars)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise InputError("device", f"not a torch device: {device!r}") from exc
 
     def tokenize(self, text: str) -> list[str]:
         return tokenize(text, self.stopwords)
 
     # -- Prepare -------------------------------------------------------------------------------
-    def prepare(self, data: Sequence[str] | Any) -> BM25Memory:
-        """Build the index. The device is the method's (`device=`); `Pipeline` moves it."""
+    def prepare(self, data: Sequence[str] | Documents) -> BM25Memory:
+        """Build the index on `data.device` for `Documents` placed by `to` (as `Pipeline`
+        does), else on the method's `device`."""
         texts = _document_texts(data)
-        dev = self.device
+        dev = data.device if isinstance(data, Documents) and data.device else self.device
 
         def empty() -> torch.Tensor:
             return torch.zeros(0, dtype=torch.long, device=dev)
@@ -183,7 +196,7 @@ class BM25RAG(Method):
         self._add(memory, texts)
         return memory
 
-    def append(self, memory: BM25Memory, data: Sequence[str] | Any) -> None:
+    def append(self, memory: BM25Memory, data: Sequence[str] | Documents) -> None:
         """Add documents: new postings merge into the CSR, df, N and avgdl update.
 
         Existing postings are moved into their grown term ranges by one vectorized copy;
@@ -191,70 +204,48 @@ class BM25RAG(Method):
         """
         self._add(memory, _document_texts(data))
 
-    def _add(self, memory: BM25Memory, texts: list[str]) -> None:
-        dev = memory.device
-        n_old, v_old = memory.entries, memory.vocab_size
-        terms: list[int] = []
-        tfs: list[int] = []
-        lengths: list[int] = []
-        uniques: list[int] = []
+    def _count(self, memory: BM25Memory, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenize new documents, growing the vocabulary. Returns per posting `terms`
+        (distinct and ascending within a document) and `tfs`; per document `lengths` (dl)
+        and `distinct` (its number of postings)."""
+        out: dict[str, list[int]] = {"terms": [], "tfs": [], "lengths": [], "distinct": []}
         for text in texts:
             tokens = self.tokenize(text)
             counts = Counter(memory.vocab.setdefault(t, len(memory.vocab)) for t in tokens)
             ids = sorted(counts)
-            terms.extend(ids)
-            tfs.extend(counts[i] for i in ids)
-            lengths.append(len(tokens))
-            uniques.append(len(ids))
-        new_terms = torch.tensor(terms, dtype=torch.long, device=dev)
-        new_tfs = torch.tensor(tfs, dtype=torch.long, device=dev)
-        new_len = torch.tensor(lengths, dtype=torch.long, device=dev)
-        new_docs = n_old + torch.repeat_interleave(
-            torch.arange(len(texts), device=dev),
-            torch.tensor(uniques, dtype=torch.long, device=dev),
-        )
-        # Forward index, df and dl: appends only.
-        _extend(
-            memory.doc_ptr,
-            int(memory.doc_ptr.data[-1])
-            + torch.cumsum(torch.tensor(uniques, dtype=torch.long, device=dev), 0),
-        )
-        _extend(memory.fwd_terms, new_terms)
-        _extend(memory.fwd_tfs, new_tfs)
-        _extend(memory.doc_len, new_len)
-        vocab = memory.vocab_size
+            out["terms"].extend(ids)
+            out["tfs"].extend(counts[i] for i in ids)
+            out["lengths"].append(len(tokens))
+            out["distinct"].append(len(ids))
+        return {
+            key: torch.tensor(values, dtype=torch.long, device=memory.device)
+            for key, values in out.items()
+        }
+
+    def _add(self, memory: BM25Memory, texts: list[str]) -> None:
+        n_old, v_old = memory.entries, memory.vocab_size
+        new = self._count(memory, texts)
+        dev, vocab = memory.device, memory.vocab_size
+        # Forward index, dl and df: appends only.
+        _extend(memory.doc_ptr, memory.fwd_terms.length + torch.cumsum(new["distinct"], 0))
+        _extend(memory.fwd_terms, new["terms"])
+        _extend(memory.fwd_tfs, new["tfs"])
+        _extend(memory.doc_len, new["lengths"])
         _extend(memory.df, torch.zeros(vocab - v_old, dtype=torch.long, device=dev))
-        new_df = torch.bincount(new_terms, minlength=vocab)
-        memory.df.data.add_(new_df)
-        memory.total_len += sum(lengths)
+        memory.df.data.add_(torch.bincount(new["terms"], minlength=vocab))
+        memory.total_len += int(new["lengths"].sum())
         memory.texts.extend(texts)
-        # Inverted index: merge. Within a term, new docs come after old ones (higher ids).
-        old_count = torch.diff(memory.term_ptr)
-        old_count = torch.cat([old_count, old_count.new_zeros(vocab - v_old)])
-        count = old_count + new_df
-        ptr = torch.zeros(vocab + 1, dtype=torch.long, device=dev)
-        torch.cumsum(count, 0, out=ptr[1:])
-        total = int(ptr[-1])
-        docs = torch.empty(total, dtype=torch.long, device=dev)
-        post_tfs = torch.empty(total, dtype=torch.long, device=dev)
-        # Old posting j of term t keeps its offset within t's range.
-        old_terms = torch.repeat_interleave(torch.arange(v_old, device=dev), old_count[:v_old])
-        old_dst = (
-            ptr[old_terms]
-            + torch.arange(len(old_terms), device=dev)
-            - memory.term_ptr[:-1][old_terms]
+        # Inverted index: merge the new postings in.
+        doc_ids = torch.arange(n_old, n_old + len(texts), device=dev)
+        memory.term_ptr, memory.post_docs, memory.post_tfs = _merge_postings(
+            memory.term_ptr,
+            memory.post_docs,
+            memory.post_tfs,
+            new["terms"],
+            torch.repeat_interleave(doc_ids, new["distinct"]),
+            new["tfs"],
+            vocab,
         )
-        docs[old_dst] = memory.post_docs
-        post_tfs[old_dst] = memory.post_tfs
-        # New postings go after the old ones, in doc order (a stable sort by term).
-        order = torch.sort(new_terms, stable=True).indices
-        sorted_terms = new_terms[order]
-        new_first = torch.cumsum(new_df, 0) - new_df
-        rank = torch.arange(len(order), device=dev) - new_first[sorted_terms]
-        new_dst = ptr[sorted_terms] + old_count[sorted_terms] + rank
-        docs[new_dst] = new_docs[order]
-        post_tfs[new_dst] = new_tfs[order]
-        memory.term_ptr, memory.post_docs, memory.post_tfs = ptr, docs, post_tfs
 
     # -- Relevancy -------------------------------------------------------------------------------
     def _query_terms(
@@ -309,6 +300,36 @@ class BM25RAG(Method):
             m = slots == j
             scores.index_put_((rows[m], docs[m]), weights[m], accumulate=True)
         return Scores(scores[:, None, None, :])
+
+    def kernel_memory(self, memory: BM25Memory) -> dict[str, Any]:
+        """The index in the `bm25` kernel's float semantics (CSR over terms, counts, k1, b)."""
+        return {
+            "term_offsets": memory.term_ptr,
+            "doc_ids": memory.post_docs,
+            "tfs": memory.post_tfs,
+            "doc_lengths": memory.doc_len.data,
+            "k1": self.k1,
+            "b": self.b,
+        }
+
+    def kernel_query(self, memory: BM25Memory, query: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The `bm25` kernel's query: terms int64 [B, T] padded with -1, idf float64 [B, T].
+
+        A token repeated in a query counts once per repeat (as in bm25s): its idf is
+        multiplied by the count, so T is the most distinct known terms of any query.
+        """
+        self.check_query(memory, query)
+        queries = list(query)
+        rows, terms, counts, slots = self._query_terms(memory, queries)
+        width = int(slots.max()) + 1 if len(slots) else 1
+        dev = memory.device
+        out_terms = torch.full((len(queries), width), -1, dtype=torch.long, device=dev)
+        out_idf = torch.zeros(len(queries), width, dtype=SCORE_DTYPE, device=dev)
+        n = float(memory.entries)
+        df = memory.df.data[terms].to(SCORE_DTYPE)
+        out_terms[rows, slots] = terms
+        out_idf[rows, slots] = counts * torch.log1p((n - df + 0.5) / (df + 0.5))
+        return {"terms": out_terms, "idf": out_idf}
 
     # -- Retrieval and Apply -----------------------------------------------------------------------
     def retrieve(self, scores: Scores, budget: int) -> TopK:
@@ -373,6 +394,41 @@ class BM25RAG(Method):
         return sum(len(memory.texts[i].encode()) for i in ids if i < memory.entries)
 
 
+def _merge_postings(
+    term_ptr: torch.Tensor,
+    docs: torch.Tensor,
+    tfs: torch.Tensor,
+    new_terms: torch.Tensor,
+    new_docs: torch.Tensor,
+    new_tfs: torch.Tensor,
+    vocab: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge postings of new documents into a CSR over terms: (term_ptr, docs, tfs).
+
+    The new documents' ids are above every old one, so within each term the old postings
+    keep their order and offset and the new ones follow in doc order: one scatter of the
+    old postings, one stable sort of the new ones, no re-sort of the old.
+    """
+    dev = term_ptr.device
+    v_old = term_ptr.numel() - 1
+    old_count = torch.zeros(vocab, dtype=torch.long, device=dev)
+    old_count[:v_old] = torch.diff(term_ptr)
+    new_count = torch.bincount(new_terms, minlength=vocab)
+    ptr = torch.zeros(vocab + 1, dtype=torch.long, device=dev)
+    ptr[1:] = torch.cumsum(old_count + new_count, 0)
+    out_docs = torch.empty(int(ptr[-1]), dtype=torch.long, device=dev)
+    out_tfs = torch.empty_like(out_docs)
+    old_pos, old_term = _ranges(term_ptr[:-1], old_count[:v_old])
+    old_dst = ptr[old_term] + old_pos - term_ptr[old_term]
+    out_docs[old_dst], out_tfs[old_dst] = docs, tfs
+    order = torch.sort(new_terms, stable=True).indices
+    term = new_terms[order]
+    rank = torch.arange(len(order), device=dev) - (torch.cumsum(new_count, 0) - new_count)[term]
+    new_dst = ptr[term] + old_count[term] + rank
+    out_docs[new_dst], out_tfs[new_dst] = new_docs[order], new_tfs[order]
+    return ptr, out_docs, out_tfs
+
+
 def _extend(store: Growable, values: torch.Tensor) -> None:
     """Append along axis 0 of a Growable (amortized O(1) per element)."""
     n = values.shape[0]
@@ -393,6 +449,8 @@ class Retrieved:
     query: str
     indices: list[int]
     texts: list[str]
+    #: Relevancy and Retrieval timings when run through a Pipeline.
+    profile: Profile | None = None
 
 
 @dataclass
@@ -404,6 +462,7 @@ class Firing:
     lowest_prob: float | None
     query: str
     indices: list[int]
+    profile: Profile | None = None
 
 
 class ReRetriever:
@@ -509,7 +568,9 @@ class ReRetriever:
         self._last_fired = self.position
         query = " ".join(s for s in (self.question, last_words(generated, self.window)) if s)
         found = self.retrieve(query)
-        self.log.append(Firing(self.position, tuple(reasons), lowest, query, found.indices))
+        self.log.append(
+            Firing(self.position, tuple(reasons), lowest, query, found.indices, found.profile)
+        )
         return found
 
     def retrieve(self, query: str) -> Retrieved:
@@ -518,9 +579,12 @@ class ReRetriever:
         if memory is None:
             raise InputError("memory", "is empty: call prepare() on the pipeline first")
         k = check_k("k", self.k, memory.entries)
+        profile = None
         if self.pipeline is not None:
-            selection = self.pipeline.select([query], k)
+            profile = Profile()
+            selection = self.pipeline.select([query], k, profile)
         else:
             selection = self.method.retrieve(self.method.relevancy(memory, [query]), k)
         (ids,) = self.method.ranked(memory, selection, [query])  # type: ignore[attr-defined]
-        return Retrieved(query, ids, [memory.texts[i] for i in ids])  # type: ignore[attr-defined]
+        texts = [memory.texts[i] for i in ids]  # type: ignore[attr-defined]
+        return Retrieved(query, ids, texts, profile)

@@ -20,23 +20,18 @@ from ..attention import Growable
 from ..checks import check_dim, check_tensor
 from ..errors import InputError
 from ..selection import Bitmap, Scores, Selection, TopK, topk_select
-from ..text import DEFAULT_MAX_CHARS, assemble_prompt, best_first
+from ..text import (
+    DEFAULT_MAX_CHARS,
+    Documents,
+    assemble_prompt,
+    best_first,
+    check_max_chars,
+)
 from .base import Memory, Method
 
 Encoder = Callable[[list[str]], torch.Tensor]
 
-
-@dataclass
-class Documents:
-    """Raw documents for Prepare Memory: texts, with their embeddings [N, D] unless the
-    method has an encoder to compute them."""
-
-    texts: list[str]
-    embeddings: torch.Tensor | None = None
-
-    def to(self, device: torch.device) -> Documents:
-        emb = None if self.embeddings is None else self.embeddings.to(device)
-        return Documents(list(self.texts), emb)
+__all__ = ["DenseMemory", "DenseQuery", "DenseRAG", "Documents", "Encoder"]
 
 
 @dataclass
@@ -113,7 +108,7 @@ class DenseRAG(Method):
         if encoder is not None and not callable(encoder):
             raise InputError("encoder", f"expected a callable, got {type(encoder).__name__}")
         self.encoder = encoder
-        self.max_chars = max_chars
+        self.max_chars = check_max_chars(max_chars)
         self._query_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     # -- inputs ----------------------------------------------------------------------------
@@ -131,6 +126,7 @@ class DenseRAG(Method):
         texts = _check_texts("documents.texts", data.texts)
         if data.embeddings is None:
             emb = self._encode("documents", texts)
+            emb = emb if data.device is None else emb.to(data.device)
         else:
             emb = check_tensor(
                 "documents.embeddings", data.embeddings, dims=("documents", "dim"), floating=True
@@ -211,6 +207,15 @@ class DenseRAG(Method):
         dtype = torch.promote_types(torch.promote_types(q.dtype, index.dtype), torch.float32)
         scores = q.to(dtype) @ index.to(dtype).T
         return Scores(scores[:, None, None, :])
+
+    def kernel_memory(self, memory: DenseMemory) -> dict[str, torch.Tensor]:
+        """The `vector_search` kernel's float memory: keys [N, D]."""
+        return {"keys": memory.embeddings}
+
+    def kernel_query(self, memory: DenseMemory, query: Any) -> dict[str, torch.Tensor]:
+        """The `vector_search` kernel's float query: q [B, D]."""
+        q, _ = self._query(memory, query)
+        return {"q": q}
 
     def retrieve(self, scores: Scores, budget: int) -> TopK:
         indices, valid = topk_select(scores.values, budget, name="budget")
