@@ -18,17 +18,19 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from .methods.base import STEPS
     from .pipeline import DEFAULT_PLACEMENT
 
-    table = Table(title="hetmem methods")
+    table = Table(title="hetmem methods: four steps each, with the default device")
     table.add_column("method")
-    table.add_column("family")
-    for step in STEPS:
-        table.add_column(step)
-    table.add_column("FPGA kernel")
+    table.add_column("step")
+    table.add_column("what it does")
+    table.add_column("device")
     for name in REGISTRY:
         cls = method_class(name)
-        cells = [f"{cls.describe[s]}\n[dim]device: {DEFAULT_PLACEMENT[s]}[/dim]" for s in STEPS]
-        kernel = f"{cls.kernel}\n[dim]relevancy+retrieval -> fpga[/dim]" if cls.kernel else "-"
-        table.add_row(name, cls.family, *cells, kernel)
+        for i, step in enumerate(STEPS):
+            device = DEFAULT_PLACEMENT[step]
+            if cls.kernel and step in ("relevancy", "retrieval"):
+                device += f" or fpga (kernel {cls.kernel})"
+            head = f"[bold]{name}[/bold]\n[dim]{cls.family}[/dim]" if i == 0 else ""
+            table.add_row(head, step, cls.describe[step], device)
     console.print(table)
     return 0
 
@@ -54,6 +56,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             on_result=show,
         )
     return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    console.print(f"[yellow]warning:[/yellow] {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import HetmemError
 
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except HetmemError as exc:
