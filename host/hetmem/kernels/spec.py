@@ -10,15 +10,32 @@ ap_idle, bit 3 ap_ready), 0x04 global interrupt enable, 0x08 IP interrupt enable
 interrupt status, then the arguments from 0x10 in order: a 32-bit scalar takes one 32-bit
 register, a 64-bit buffer address two (low word first); each argument starts on the next
 free 32-bit word, with the Vitis gap of one word after each argument.
+
+Quantization, the same shape for every kernel: `fit(memory floats) -> state` once (scales,
+with headroom, since the memory grows by appends), `quantize_memory(floats, state)` on the
+whole memory or on any slice of appended rows, `quantize_query(floats, state, k=...)` per
+call, then `bind` joins the resident memory and the query into `KernelInputs` and `golden`
+runs the integer model. `emulate` does the four in one call. The dot-product kernels store
+int8 rows in block floating point: per-channel scales, folded into the int8 query so the
+integer dot is proportional to the float one, and a power-of-two exponent per row (a
+`shifts` byte) whose negative range is the headroom for appended rows.
+
+Cycle model: every engine streams its memory from HBM one 512-bit beat per port per cycle,
+feeds `lanes` dot-product units, then selects. `engine_cycles` is the one formula; the
+constants of every kernel live in `ENGINES`, which the RTL bench calibrates.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+
+from ..errors import InputError
+from . import topk as _topk
 
 CTRL = 0x00
 GIE = 0x04
@@ -31,6 +48,12 @@ AP_START, AP_DONE, AP_IDLE, AP_READY = 0x1, 0x2, 0x4, 0x8
 BEAT_BYTES = 64
 #: The kernel clock the U55C build targets; a card's measured clock overrides it.
 DEFAULT_CLOCK_HZ = 300e6
+#: HBM pseudo-channels of the U55C.
+HBM_BANKS = 32
+
+#: Values of the `mode` scalar.
+MODE_TOPK = 0
+MODE_THRESHOLD = 1
 
 Direction = Literal["in", "out", "scalar"]
 
@@ -75,6 +98,264 @@ class KernelOutputs:
     cycles: int = 0
 
 
+# -- cycle model -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineParams:
+    """Constants of one kernel's RTL engine; the RTL bench calibrates them (see `ENGINES`).
+
+    lanes: dot-product units working in parallel; each takes one beat (`beat_bytes` int8
+        elements of a memory row) against one query vector per cycle (bm25: posting updates
+        per cycle).
+    ports: 512-bit HBM ports of the memory, one per memory buffer (each in its own
+        pseudo-channel), each reading one beat per cycle.
+    pipeline_latency: cycles from the first beat read to the first score.
+    drain_per_k: cycles per selected index written out.
+    scan_bits: candidates per cycle of the index-ascending bitmap scan that emits the
+        selection (one 32-bit word per cycle).
+    control_overhead: ap_start to first read plus last write to ap_done (descriptor set-up,
+        query load, AXI write response).
+    """
+
+    lanes: int
+    ports: int
+    beat_bytes: int = BEAT_BYTES
+    clock_hz: float = DEFAULT_CLOCK_HZ
+    pipeline_latency: int = 32
+    drain_per_k: int = 1
+    scan_bits: int = 32
+    control_overhead: int = 160
+
+    def with_(self, **changes: Any) -> EngineParams:
+        """A copy with some constants changed (calibration)."""
+        return replace(self, **changes)
+
+
+#: Every kernel's engine constants, in one place.
+ENGINES: dict[str, EngineParams] = {
+    "token_indexer": EngineParams(lanes=32, ports=2),
+    "page_indexer": EngineParams(lanes=16, ports=2),
+    "block_gate": EngineParams(lanes=8, ports=2),
+    "vector_search": EngineParams(lanes=8, ports=2),
+    "bm25": EngineParams(lanes=2, ports=3),
+}
+
+
+def engine_cycles(
+    params: EngineParams,
+    *,
+    port_bytes: Sequence[int],
+    lane_ops: int,
+    n: int,
+    k: int,
+    queries: int,
+    bitmap: bool = False,
+) -> int:
+    """The cycle model shared by every engine:
+
+        control_overhead
+        + max(max over ports of ceil(port_bytes / beat_bytes), ceil(lane_ops / lanes))
+        + pipeline_latency
+        + queries * (ceil(n / scan_bits) + (0 if bitmap else drain_per_k * k))
+
+    Each memory port streams one beat per cycle (with balanced ports that is
+    ceil(bytes / (beat_bytes * ports))) unless the lanes are the bottleneck; the selection
+    of each query is an index-ascending scan of an n-bit bitmap plus, in top-k mode, one
+    cycle per index written.
+    """
+    if len(port_bytes) > params.ports:
+        raise InputError("port_bytes", f"{len(port_bytes)} streams on {params.ports} ports")
+    stream = max((-(-int(b) // params.beat_bytes) for b in port_bytes), default=0)
+    compute = -(-int(lane_ops) // params.lanes)
+    scan = -(-int(n) // params.scan_bits)
+    drain = 0 if bitmap else params.drain_per_k * int(k)
+    return int(
+        params.control_overhead
+        + max(stream, compute)
+        + params.pipeline_latency
+        + int(queries) * (scan + drain)
+    )
+
+
+def seconds(cycles: int, clock_hz: float = DEFAULT_CLOCK_HZ) -> float:
+    """Modeled or simulated time of `cycles` at `clock_hz`."""
+    if clock_hz <= 0:
+        raise InputError("clock_hz", f"expected a positive clock, got {clock_hz}")
+    return float(cycles) / float(clock_hz)
+
+
+# -- formats ---------------------------------------------------------------------------------
+
+INT8_MAX = 127
+INT16_MAX = 32767
+UINT16_MAX = 65535
+#: Row exponents of the dot-product kernels' memory rows (block floating point): row r is
+#: stored as int8 K_r = rint(k_r / s * 2**x_r), s the per-channel scales, x_r the largest
+#: exponent in [ROW_EXP_MIN, ROW_EXP_MAX] that keeps |K_r| <= 127; the card gets
+#: shift_r = ROW_EXP_MAX - x_r in [0, MAX_SHIFT] (uint8) and computes (Q . K_r) << shift_r.
+#: ROW_EXP_MIN < 0 is the headroom for appends: a row up to 2**-ROW_EXP_MIN = 4x beyond the
+#: fitted channel range still quantizes without saturating; beyond that it saturates.
+ROW_EXP_MIN = -2
+ROW_EXP_MAX = 5
+MAX_SHIFT = ROW_EXP_MAX - ROW_EXP_MIN
+#: Widest row the dot accumulators hold exactly (127 * 127 * dim << MAX_SHIFT < 2**63).
+MAX_DIM = 65536
+#: Candidates per chunk of the golden models (bounds their temporary memory).
+CHUNK = 16384
+
+
+def as_float64(name: str, value: Any, ndim: int | None = None) -> np.ndarray:
+    """A float64 numpy copy of an array or a (CPU or GPU) torch tensor; NaN/Inf rejected."""
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch here
+        value = value.detach().to("cpu").double().numpy()
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(name, f"expected a float array, got {type(value).__name__}") from exc
+    if ndim is not None and arr.ndim != ndim:
+        raise InputError(name, f"expected {ndim} dimensions, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise InputError(name, "contains NaN or Inf")
+    return arr
+
+
+def as_int_array(name: str, value: Any, ndim: int | None = None) -> np.ndarray:
+    """An int64 numpy copy of an integer array or tensor."""
+    if hasattr(value, "detach"):
+        value = value.detach().to("cpu").numpy()
+    arr = np.asarray(value)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(name, f"expected an integer array, got dtype {arr.dtype}")
+    if ndim is not None and arr.ndim != ndim:
+        raise InputError(name, f"expected {ndim} dimensions, got shape {arr.shape}")
+    return arr.astype(np.int64)
+
+
+def check_dim(name: str, arr: np.ndarray, axis: int, expected: int, what: str) -> None:
+    if arr.shape[axis] != expected:
+        raise InputError(
+            name, f"axis {axis} has length {arr.shape[axis]}, expected {expected} ({what})"
+        )
+
+
+def check_rows(name: str, arr: np.ndarray, n: int, what: str) -> None:
+    """A memory buffer holds at least the `n` rows the call scans."""
+    if arr.shape[0] < n:
+        raise InputError(name, f"holds {arr.shape[0]} {what}, fewer than n={n}")
+
+
+@dataclass(frozen=True)
+class ChannelState:
+    """Fitted state of the dot-product kernels: per-channel scales `scale` [D], float
+    value ~= scale * int value * 2**-row exponent."""
+
+    scale: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        return int(self.scale.shape[0])
+
+
+def fit_channels(
+    *named: tuple[str, Any], qmax: int = INT8_MAX, headroom: float = 1.0
+) -> ChannelState:
+    """Per-channel scales headroom * max |x| / qmax over float arrays [N, D] of one memory.
+
+    A channel that is all zero takes the largest channel scale (headroom / qmax when
+    everything is zero), so appended values in it still quantize.
+    """
+    arrays = [as_float64(name, value, ndim=2) for name, value in named]
+    for (name, _), arr in zip(named[1:], arrays[1:], strict=True):
+        check_dim(name, arr, 1, arrays[0].shape[1], f"channels of {named[0][0]}")
+    d = arrays[0].shape[1]
+    absmax = np.zeros(d)
+    for arr in arrays:
+        if arr.size:
+            absmax = np.maximum(absmax, np.abs(arr).max(axis=0))
+    fallback = absmax.max() if d and absmax.max() > 0 else 1.0
+    return ChannelState(np.where(absmax > 0, absmax, fallback) * headroom / qmax)
+
+
+def quantize_rows(
+    state: ChannelState,
+    named: Sequence[tuple[str, Any]],
+    roundings: Sequence[Any] | None = None,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Float rows [N, D] (one or more arrays sharing each row's exponent, e.g. a page's
+    mins and maxs) -> (int8 arrays, shift uint8 [N]). `roundings`: np.rint (default),
+    np.floor or np.ceil per array; clipping to +-127 (beyond 4x the fitted range) is
+    monotone, so floor/ceil bounds survive it."""
+    normalized: list[np.ndarray] = []
+    for name, value in named:
+        arr = as_float64(name, value, ndim=2)
+        check_dim(name, arr, 1, state.dim, "channels of the fitted memory")
+        if normalized:
+            check_dim(name, arr, 0, normalized[0].shape[0], f"rows of {named[0][0]}")
+        normalized.append(arr / state.scale)
+    peak = np.zeros(normalized[0].shape[0])
+    for arr in normalized:
+        if arr.size:
+            peak = np.maximum(peak, np.abs(arr).max(axis=1))
+    with np.errstate(divide="ignore"):
+        exp = np.floor(np.log2(INT8_MAX / np.where(peak > 0, peak, 1.0)))
+    exp = np.where(peak > 0, exp, ROW_EXP_MAX)
+    exp = np.where(peak * np.exp2(exp) > INT8_MAX, exp - 1, exp)  # guard log2 rounding
+    exp = np.clip(exp, ROW_EXP_MIN, ROW_EXP_MAX)
+    roundings = roundings or [np.rint] * len(normalized)
+    ints = [
+        np.clip(rnd(arr * np.exp2(exp)[:, None]), -INT8_MAX, INT8_MAX).astype(np.int8)
+        for rnd, arr in zip(roundings, normalized, strict=True)
+    ]
+    return ints, (ROW_EXP_MAX - exp).astype(np.uint8)
+
+
+def fold_query(
+    name: str, q: Any, state: ChannelState, ndim: int, axes: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold the channel scales into a float query (q'_c = q_c * s_c) and quantize it to int8
+    with one absmax scale t per query over `axes`.
+
+    Returns (int8 query, t with 0 for an all-zero query, shaped to broadcast): for a memory
+    row, float q . k ~= t * 2**-ROW_EXP_MAX * ((Q . K) << shift).
+    """
+    q = as_float64(name, q, ndim=ndim)
+    check_dim(name, q, -1, state.dim, "channels of the fitted memory")
+    folded = q * state.scale
+    t = np.abs(folded).max(axis=axes, keepdims=True) / INT8_MAX if folded.size else folded
+    safe = np.where(t > 0, t, 1.0)
+    ints = np.clip(np.rint(folded / safe), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return ints, t
+
+
+def int_dot(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Exact integer dot products: int8 queries [..., D] x int8 or int16 keys [n, D] ->
+    int64 [..., n]. Accumulates in int32 where that is exact (int8 keys, D <= MAX_DIM),
+    as the card does, else in int64."""
+    dim = keys.shape[-1]
+    if dim > MAX_DIM:
+        raise InputError("dim", f"expected at most {MAX_DIM} channels, got {dim}")
+    acc = np.int32 if keys.dtype.itemsize == 1 else np.int64
+    q = queries.astype(acc)
+    out = np.empty((*queries.shape[:-1], keys.shape[0]), dtype=np.int64)
+    for start in range(0, keys.shape[0], CHUNK):
+        block = keys[start : start + CHUNK].astype(acc)
+        out[..., start : start + CHUNK] = np.einsum("...d,nd->...n", q, block)
+    return out
+
+
+def check_shifts(shifts: np.ndarray, n: int) -> np.ndarray:
+    """The first n row shifts, as int64, each in [0, MAX_SHIFT]."""
+    check_rows("shifts", shifts, n, "rows")
+    out = shifts[:n].astype(np.int64)
+    if out.size and out.max() > MAX_SHIFT:
+        raise InputError("shifts", f"expected row shifts in [0, {MAX_SHIFT}]")
+    return out
+
+
+# -- the spec --------------------------------------------------------------------------------
+
+
 class KernelSpec(ABC):
     """Base class of a kernel spec. Subclasses fill the class attributes and the methods."""
 
@@ -100,10 +381,118 @@ class KernelSpec(ABC):
                 return a
         raise KeyError(f"{cls.name} has no argument {name!r}")
 
+    @classmethod
+    def query_args(cls) -> tuple[str, ...]:
+        """Input buffers sent per call (everything read that is not resident memory)."""
+        return tuple(
+            a.name for a in cls.args if a.direction == "in" and a.name not in cls.memory_args
+        )
+
+    @classmethod
+    def output_args(cls) -> tuple[str, ...]:
+        return tuple(a.name for a in cls.args if a.direction == "out")
+
+    @classmethod
+    def scalar_args(cls) -> tuple[str, ...]:
+        return tuple(a.name for a in cls.args if a.direction == "scalar")
+
+    @property
+    def engine(self) -> EngineParams:
+        """This kernel's default engine constants (from `ENGINES`)."""
+        return ENGINES[self.name]
+
+    # -- quantization ----------------------------------------------------------------------
     @abstractmethod
+    def fit(self, memory: Mapping[str, Any], **params: Any) -> Any:
+        """Fit the integer formats (scales) to a float memory; returns the state."""
+
+    @abstractmethod
+    def quantize_memory(self, memory: Mapping[str, Any], state: Any) -> dict[str, np.ndarray]:
+        """Float memory (all of it, or appended rows only) -> the memory buffers' arrays."""
+
+    @abstractmethod
+    def quantize_query(self, query: Mapping[str, Any], state: Any, **params: Any) -> KernelInputs:
+        """Float query -> the query buffers' arrays and the per-call scalars (k, mode, ...)."""
+
+    @abstractmethod
+    def candidates(self, memory: Mapping[str, Any]) -> int:
+        """Candidates in a memory (float or quantized): rows, pages, blocks or documents."""
+
+    def bind(
+        self, memory: Mapping[str, np.ndarray], query: KernelInputs, n: int | None = None
+    ) -> KernelInputs:
+        """Join resident memory arrays and a quantized query into one call's inputs; `n`
+        (candidates to scan) defaults to the memory's candidates."""
+        arrays = {name: memory[name] for name in self.memory_args}
+        arrays.update(query.arrays)
+        scalars = dict(query.scalars)
+        scalars["n"] = self.candidates(memory) if n is None else int(n)
+        return KernelInputs(arrays, scalars)
+
+    def emulate(
+        self,
+        memory: Mapping[str, Any],
+        query: Mapping[str, Any],
+        state: Any = None,
+        **params: Any,
+    ) -> KernelOutputs:
+        """Fit (unless `state` is given), quantize memory and query, and run `golden`."""
+        state = self.fit(memory) if state is None else state
+        ints = self.quantize_memory(memory, state)
+        query_ints = self.quantize_query(query, state, **params)
+        return self.golden(self.bind(ints, query_ints, n=self.candidates(memory)))
+
+    # -- the integer model -----------------------------------------------------------------
+    def check_inputs(self, inputs: KernelInputs) -> None:
+        """Every input buffer present with its declared dtype; every scalar present and a
+        32-bit unsigned register value."""
+        for arg in self.args:
+            if arg.direction == "in":
+                value = inputs.arrays.get(arg.name)
+                if not isinstance(value, np.ndarray):
+                    raise InputError(arg.name, f"missing input buffer of {self.name}")
+                if value.dtype != np.dtype(arg.dtype):
+                    raise InputError(arg.name, f"expected dtype {arg.dtype}, got {value.dtype}")
+            elif arg.direction == "scalar":
+                if arg.name not in inputs.scalars:
+                    raise InputError(arg.name, f"missing scalar of {self.name}")
+                value = inputs.scalars[arg.name]
+                if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                    raise InputError(arg.name, f"expected an int, got {type(value).__name__}")
+                if not 0 <= int(value) < 2**32:
+                    raise InputError(arg.name, f"expected a 32-bit unsigned value, got {value}")
+
+    @abstractmethod
+    def scores(self, inputs: KernelInputs) -> np.ndarray:
+        """The integer scores the engine computes, int64 [queries, n]; never leave the card."""
+
+    @abstractmethod
+    def shape(self, inputs: KernelInputs) -> dict[str, Any]:
+        """The keyword arguments of `cycles` for these inputs."""
+
     def golden(self, inputs: KernelInputs) -> KernelOutputs:
         """The bit-exact model: vectorized numpy, integer arithmetic only."""
+        self.check_inputs(inputs)
+        mode = int(inputs.scalars.get("mode", MODE_TOPK))
+        if mode == MODE_THRESHOLD and "mode" in self.scalar_args():
+            scores = self.scores(inputs)
+            bitmap = _topk.threshold_bitmap(scores, self.thresholds(scores, inputs))
+            return KernelOutputs(bitmap=bitmap, cycles=self.cycles(**self.shape(inputs)))
+        if mode != MODE_TOPK:
+            raise InputError("mode", f"{self.name} does not support mode {mode}")
+        _topk.check_k(inputs.scalars["k"], int(inputs.scalars["n"]))  # before any work
+        indices = _topk.topk(self.scores(inputs), inputs.scalars["k"])
+        return KernelOutputs(indices=indices, cycles=self.cycles(**self.shape(inputs)))
+
+    def thresholds(self, scores: np.ndarray, inputs: KernelInputs) -> np.ndarray:
+        """Per-query integer thresholds of threshold mode (kernels that have one)."""
+        raise InputError("mode", f"{self.name} has no threshold mode")
 
     @abstractmethod
     def cycles(self, **shape: Any) -> int:
         """Cycles from ap_start to ap_done for a shape at the default engine parameters."""
+
+    def seconds(self, **shape: Any) -> float:
+        """Modeled seconds of a call: `cycles` at the engine's clock."""
+        params = shape.get("params") or self.engine
+        return seconds(self.cycles(**shape), params.clock_hz)

@@ -1,0 +1,296 @@
+"""hetmem.models.wrap on tiny random-weight transformers causal LMs (no download)."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import (  # noqa: E402
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from hetmem.errors import InputError  # noqa: E402
+from hetmem.models import HetmemCache, is_wrapped, new_cache, unwrap, wrap  # noqa: E402
+from hetmem.models.layout import compact, key_validity  # noqa: E402
+from hetmem.selection import TopK  # noqa: E402
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+    "mistral": (MistralConfig, MistralForCausalLM, {}),
+}
+#: Small pages and blocks so that tiny contexts span several of them.
+METHODS = {"dsa": {}, "quest": {"page_size": 8}, "seer": {"block_size": 8}}
+PAD = 0
+NEW = 6
+
+
+def tiny(family="llama", heads=4, kv_heads=2, **extra):
+    config_cls, model_cls, family_extra = FAMILIES[family]
+    config = config_cls(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=128,
+        max_position_embeddings=256,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.2,  # peaked attention and distinct logits: greedy is stable
+        **family_extra,
+        **extra,
+    )
+    torch.manual_seed(0)
+    return model_cls(config).eval()
+
+
+def prompts(*lengths, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (n,), generator=gen) for n in lengths]
+
+
+def left_pad(rows, pad=PAD):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def generate(model, ids, mask=None, new=NEW, **kwargs):
+    mask = torch.ones_like(ids) if mask is None else mask
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        do_sample=False,
+        pad_token_id=PAD,
+        eos_token_id=None,
+        return_dict_in_generate=True,
+        output_scores=True,
+        **kwargs,
+    )
+
+
+# -- (a) a budget covering the context: exactly the dense model --------------------------
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("method", list(METHODS))
+def test_full_budget_generates_the_dense_tokens(family, method):
+    model = tiny(family)
+    ids, mask = left_pad(prompts(21, 13))
+    dense = generate(model, ids, mask)
+    wrap(model, method, budget=64, method_options=METHODS[method])
+    out = generate(model, ids, mask)
+    assert isinstance(out.past_key_values, HetmemCache)
+    stats = out.past_key_values.stats()
+    assert stats["sparse_steps"] == 2 * (NEW - 1)  # every decode step, every layer
+    assert stats["dense_steps"] == 2  # prefill only
+    assert torch.equal(out.sequences, dense.sequences)
+    for got, want in zip(out.scores, dense.scores, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+# -- (b) grouped-query attention ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_gqa_with_four_query_heads_per_kv_head(method):
+    model = tiny("qwen3", heads=8, kv_heads=2)
+    assert model.model.layers[0].self_attn.num_key_value_groups == 4
+    ids, mask = left_pad(prompts(30))
+    dense = generate(model, ids, mask)
+    wrap(model, method, budget=64, method_options=METHODS[method])
+    out = generate(model, ids, mask)
+    assert out.past_key_values.stats()["sparse_steps"] > 0
+    assert torch.equal(out.sequences, dense.sequences)
+
+
+# -- (c) left padding: a batch gives each prompt's own tokens ----------------------------
+
+
+def alone_and_batched(model, rows):
+    ids, mask = left_pad(rows)
+    batched = generate(model, ids, mask).sequences[:, ids.shape[1] :]
+    alone = [generate(model, row[None]).sequences[0, len(row) :] for row in rows]
+    return batched, torch.stack(alone)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("budget", [64, 8])  # covering the context, and sparse
+def test_left_padded_batch_equals_each_prompt_alone(method, budget):
+    model = tiny("llama")
+    rows = prompts(27, 9, 16)
+    batched, alone = alone_and_batched(model, rows)
+    assert torch.equal(batched, alone)  # the dense model itself
+    wrap(model, method, budget=budget, method_options=METHODS[method])
+    batched, alone = alone_and_batched(model, rows)
+    assert torch.equal(batched, alone)
+
+
+def test_padding_is_never_attended():
+    """Whatever the padding holds, the generated tokens do not change."""
+    model = wrap(tiny("mistral"), "dsa", budget=8)
+    rows = prompts(25, 7)
+    ids, mask = left_pad(rows, pad=PAD)
+    garbage = ids.clone()
+    garbage[mask == 0] = torch.randint(3, 128, (int((mask == 0).sum()),))
+    first = generate(model, ids, mask)
+    second = generate(model, garbage, mask)
+    assert torch.equal(first.sequences[:, ids.shape[1] :], second.sequences[:, ids.shape[1] :])
+    memory = first.past_key_values.layers[1].memory
+    assert memory.kv.lengths.tolist() == [25 + NEW - 1, 7 + NEW - 1]  # no padding inside
+
+
+def test_compact_moves_each_rows_real_tokens_to_the_front():
+    keys = torch.arange(2 * 1 * 5 * 1, dtype=torch.float32).view(2, 1, 5, 1)
+    keys[1, 0, 0] = float("nan")  # padding may carry NaN
+    valid = torch.tensor([[True] * 5, [False, False, True, True, True]])
+    kv = compact(keys, keys.clone(), valid)
+    assert kv.lengths.tolist() == [5, 3]
+    assert kv.keys[1, 0, :, 0].tolist() == [7.0, 8.0, 9.0, 0.0, 0.0]
+    mask4d = valid[:, None, None, :].expand(2, 1, 3, 5)
+    assert torch.equal(key_validity(mask4d, 5), valid)
+    assert key_validity(None, 5) is None
+
+
+# -- (d) a budget smaller than the context: decode runs sparse ---------------------------
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_small_budget_decodes_sparse_within_the_budget(method):
+    model = tiny("qwen2")
+    budget = 16
+    ids, mask = left_pad(prompts(40, 33))
+    wrap(model, method, budget=budget, method_options=METHODS[method])
+    out = generate(model, ids, mask)
+    assert out.sequences.shape == (2, ids.shape[1] + NEW)
+    assert len(out.scores) == NEW and out.scores[0].shape == (2, 128)
+    cache = out.past_key_values
+    assert cache.stats()["sparse_steps"] == 2 * (NEW - 1)
+    for layer in cache.layers:
+        assert layer.memory.kv.capacity > budget
+        selection = layer.pipeline.last_selection
+        assert isinstance(selection, TopK)
+        assert selection.k * selection.unit <= budget
+        selected_tokens = selection.valid.sum(-1) * selection.unit
+        assert (selected_tokens == budget).all()  # every row, every group: a full budget
+        assert layer.pipeline.profile.by_step().keys() >= {"relevancy", "retrieval", "apply"}
+
+
+def test_beam_search_rebuilds_the_memory_after_reordering():
+    model = tiny("llama")
+    ids, mask = left_pad(prompts(20, 12))
+    dense = generate(model, ids, mask, num_beams=2)
+    wrap(model, "quest", budget=64, method_options=METHODS["quest"])
+    out = generate(model, ids, mask, num_beams=2)
+    assert torch.equal(out.sequences, dense.sequences)
+
+
+def test_new_cache_drives_a_manual_decode_loop():
+    model = wrap(tiny("llama"), "dsa", budget=8)
+    (ids,) = prompts(20)
+    cache = new_cache(model)
+    with torch.no_grad():
+        logits = model(ids[None], past_key_values=cache, use_cache=True).logits
+        step = logits[:, -1:].argmax(-1)
+        model(step, past_key_values=cache, use_cache=True)
+    assert cache.stats() == {"sparse_steps": 2, "dense_steps": 2}
+
+
+# -- (e) unwrap restores the model -------------------------------------------------------
+
+
+def test_unwrap_restores_the_model_exactly():
+    model = tiny("mistral")
+    ids, mask = left_pad(prompts(24, 10))
+    before = generate(model, ids, mask)
+    attn = model.config._attn_implementation
+    assert wrap(model, "seer", budget=8, method_options=METHODS["seer"]) is model
+    assert is_wrapped(model) and model.config._attn_implementation == "hetmem"
+    assert not torch.equal(generate(model, ids, mask).sequences, before.sequences)
+    assert unwrap(model) is model
+    assert model.config._attn_implementation == attn
+    assert not is_wrapped(model)
+    assert "_prepare_cache_for_generation" not in model.__dict__
+    after = generate(model, ids, mask)
+    assert type(after.past_key_values) is not HetmemCache
+    assert torch.equal(after.sequences, before.sequences)
+
+
+def test_a_deep_copy_is_wrapped_on_its_own():
+    model = wrap(tiny("llama"), "dsa", budget=8)
+    twin = unwrap(copy.deepcopy(model))
+    assert is_wrapped(model) and not is_wrapped(twin)
+    ids, mask = left_pad(prompts(20))
+    assert isinstance(generate(model, ids, mask).past_key_values, HetmemCache)
+    assert type(generate(twin, ids, mask).past_key_values) is DynamicCache
+
+
+def test_a_cache_the_caller_passes_is_left_alone():
+    model = wrap(tiny("llama"), "dsa", budget=8)
+    ids, mask = left_pad(prompts(20))
+    out = generate(model, ids, mask, past_key_values=DynamicCache())
+    assert type(out.past_key_values) is DynamicCache
+
+
+# -- (f) bad input -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"method": "nope"}, "method"),
+        ({"method": "bm25_rag"}, "method"),
+        ({"method": 3}, "method"),
+        ({"budget": 0}, "budget"),
+        ({"budget": -5}, "budget"),
+        ({"budget": 8.0}, "budget"),
+        ({"method": "seer", "budget": 32}, "budget"),  # less than one 64-token block
+        ({"method": "quest", "method_options": {"pages": 4}}, "method_options"),
+        ({"placement": {"relevancy": "tpu"}}, "placement"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, argument):
+    model = tiny("llama")
+    kwargs = {"method": "dsa", "budget": 64, **kwargs}
+    with pytest.raises(InputError) as info:
+        wrap(model, **kwargs)
+    assert info.value.argument == argument
+    assert not is_wrapped(model) and model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "model", [LlamaModel(tiny("llama").config), torch.nn.Linear(2, 2), "llama"]
+)
+def test_a_model_that_is_not_a_causal_lm_is_refused(model):
+    with pytest.raises(InputError) as info:
+        wrap(model, "dsa", budget=64)
+    assert info.value.argument == "model"
+
+
+def test_wrapping_twice_or_unwrapping_a_plain_model_is_refused():
+    model = tiny("llama")
+    with pytest.raises(InputError, match="not wrapped"):
+        unwrap(model)
+    wrap(model, "dsa", budget=64)
+    with pytest.raises(InputError, match="already wrapped") as info:
+        wrap(model, "quest", budget=64)
+    assert info.value.argument == "model"
