@@ -214,3 +214,30 @@ def test_sparse_attention_of_one_token_returns_its_value():
     kv.values[0, 0, 2] = torch.tensor([7.0, -3.0])
     out = sparse_attention(q, kv, select([2]))
     torch.testing.assert_close(out[0, 0, 0], torch.tensor([7.0, -3.0]))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_nan_in_padding_slots_does_not_leak(name):
+    """A model may leave NaN in padded slots (a fully masked row); outputs stay finite and
+    equal those of a cache whose padding is zero."""
+    method = METHODS[name]()
+    keys = torch.randn(3, 2, 100, 16)
+    values = torch.randn(3, 2, 100, 16)
+    lengths = torch.tensor([100, 61, 7])
+    poisoned_k, poisoned_v = keys.clone(), values.clone()
+    for row, n in enumerate(lengths.tolist()):
+        poisoned_k[row, :, n:] = float("nan")
+        poisoned_v[row, :, n:] = float("nan")
+    clean = KVCache(keys, values, lengths)
+    dirty = KVCache(poisoned_k, poisoned_v, lengths)
+    q = torch.randn(3, 8, 1, 16)
+    query = AttentionQuery(q, lengths[:, None] - 1)
+    outs = []
+    for kv in (clean, dirty):
+        memory = method.prepare(kv)
+        budget = full_budget(method, kv)
+        sel = method.retrieve(method.relevancy(memory, query), budget)
+        outs.append(method.apply(memory, sel, query))
+        assert torch.isfinite(dense_attention(q, kv, lengths[:, None] - 1)).all()
+    assert torch.isfinite(outs[1]).all()
+    torch.testing.assert_close(outs[1], outs[0])

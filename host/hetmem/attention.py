@@ -90,6 +90,16 @@ class KVCache:
         self._keys = Growable(keys, axis=2, min_capacity=reserve)
         self._values = Growable(values, axis=2, min_capacity=reserve)
         self.lengths = lengths.to(device=keys.device, dtype=torch.long).clone()
+        self._zero_padding()
+
+    def _zero_padding(self) -> None:
+        """Zero the slots past each row's length: padding may hold NaN (a fully masked row of
+        a model), and a masked-out NaN value still poisons the probs @ values product."""
+        if bool((self.lengths < self.capacity).any()):
+            pad = torch.arange(self.capacity, device=self.device)[None, :] >= self.lengths[:, None]
+            pad = pad[:, None, :, None]
+            for store in (self._keys, self._values):
+                store.data.masked_fill_(pad, 0.0)
 
     @property
     def keys(self) -> torch.Tensor:
@@ -250,36 +260,78 @@ def gather_tokens(
     """
     tok = _grouped(tokens, kv.kv_heads, q_heads)
     b, h = kv.batch, kv.kv_heads
-    cap = kv.capacity
-    base = torch.arange(b, device=kv.device)[:, None] * h + torch.arange(h, device=kv.device)
-    flat = (base.view(b, h, 1, 1, 1) * cap + tok.clamp(0, cap - 1)).reshape(-1)
-    shape = (b, h, *tok.shape[2:], kv.dim)
-    keys = kv.keys.reshape(-1, kv.dim).index_select(0, flat).view(shape)
-    values = kv.values.reshape(-1, kv.dim).index_select(0, flat).view(shape)
-    return keys, values
-
-
-def gather_blocks(
-    kv: KVCache, blocks: torch.Tensor, unit: int, q_heads: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Gather whole blocks [B, G, T, k] of `unit` tokens -> [B, Hkv, G', T, k*unit, D].
-
-    k index reads of unit*D contiguous elements instead of k*unit row reads; None when the
-    buffer is not laid out in whole blocks of this size.
-    """
-    kbuf, vbuf = kv._keys.buffer, kv._values.buffer
+    kbuf, vbuf = kv._keys.buffer, kv._values.buffer  # contiguous; the `keys` view may not be
     cap = kbuf.shape[2]
-    if unit == 1 or cap % unit:
-        return None
-    blk = _grouped(blocks, kv.kv_heads, q_heads)
-    b, h, d = kv.batch, kv.kv_heads, kv.dim
-    per_row = cap // unit
     base = torch.arange(b, device=kv.device)[:, None] * h + torch.arange(h, device=kv.device)
-    flat = (base.view(b, h, 1, 1, 1) * per_row + blk.clamp(0, per_row - 1)).reshape(-1)
-    shape = (b, h, *blk.shape[2:-1], blk.shape[-1] * unit, d)
-    keys = kbuf.view(-1, unit * d).index_select(0, flat).view(shape)
-    values = vbuf.view(-1, unit * d).index_select(0, flat).view(shape)
+    flat = (base.view(b, h, 1, 1, 1) * cap + tok.clamp(0, kv.capacity - 1)).reshape(-1)
+    shape = (b, h, *tok.shape[2:], kv.dim)
+    keys = kbuf.view(-1, kv.dim).index_select(0, flat).view(shape)
+    values = vbuf.view(-1, kv.dim).index_select(0, flat).view(shape)
     return keys, values
+
+
+#: Selected rows gathered per tile of the shared-selection path: a tile of keys (or values)
+#: for every (batch, KV head, query) stays in cache between its gather and its matmul, so the
+#: selected rows cross DRAM once instead of being written out and read back.
+TILE = 512
+
+
+def _row_index(kv: KVCache, rows: torch.Tensor, unit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat row numbers into the cache buffers viewed as [rows, unit * D], for selections
+    [B, Hkv|1, T, m] of `unit`-token rows; returns (index [B*Hkv*T, m], the buffer view pair)."""
+    b, h = kv.batch, kv.kv_heads
+    # The whole buffers (contiguous), not the `keys` view: reshaping a narrowed view copies.
+    kbuf, vbuf = kv._keys.buffer, kv._values.buffer
+    per_row = kbuf.shape[2] // unit
+    base = torch.arange(b * h, device=kv.device).view(b, h, 1, 1) * per_row
+    flat = (base + rows.clamp(0, per_row - 1)).reshape(-1, rows.shape[-1])
+    width = unit * kv.dim
+    return flat, (kbuf.reshape(-1, width), vbuf.reshape(-1, width))
+
+
+def _tiled_attention(
+    q: torch.Tensor,
+    index: torch.Tensor,
+    buffers: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor,
+    unit: int,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of q [N, R, D] over rows gathered at index [N, m] (each `unit` tokens) with
+    mask [N, m * unit]: logits tile by tile, one softmax, then values tile by tile."""
+    n_batch, r, d = q.shape
+    m = index.shape[1]
+    keys, values = buffers
+    step = max(1, TILE // unit)
+    tile = torch.empty(n_batch * min(step, m) * unit * d, dtype=keys.dtype, device=q.device)
+    logits = torch.empty(n_batch, r, m * unit, dtype=q.dtype, device=q.device)
+    for s in range(0, m, step):
+        e = min(m, s + step)
+        rows = torch.index_select(
+            keys,
+            0,
+            index[:, s:e].reshape(-1),
+            out=tile[: n_batch * (e - s) * unit * d].view(-1, unit * d),
+        )
+        kt = rows.view(n_batch, (e - s) * unit, d).to(q.dtype)
+        logits[:, :, s * unit : e * unit] = torch.bmm(q, kt.transpose(1, 2))
+    logits.mul_(scale).masked_fill_(~mask[:, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    # A query that sees none of its selection (a fully padded row) gives zeros, not NaN.
+    probs = torch.where(mask.any(-1)[:, None, None], probs, torch.zeros_like(probs))
+    out = torch.zeros(n_batch, r, d, dtype=q.dtype, device=q.device)
+    for s in range(0, m, step):
+        e = min(m, s + step)
+        rows = torch.index_select(
+            values,
+            0,
+            index[:, s:e].reshape(-1),
+            out=tile[: n_batch * (e - s) * unit * d].view(-1, unit * d),
+        )
+        out.baddbmm_(
+            probs[:, :, s * unit : e * unit], rows.view(n_batch, (e - s) * unit, d).to(q.dtype)
+        )
+    return out
 
 
 def sparse_attention(
@@ -293,7 +345,7 @@ def sparse_attention(
 
     Selected tokens that are invalid, padding, or in the future of the query are masked,
     so causality is exact whatever the selection holds. A selection shared by a KV group
-    gathers each token once for the whole group (no per-head copies).
+    gathers each token once for the whole group (no per-head copies), tile by tile.
     """
     q, positions = check_query(q, kv, positions)
     if isinstance(selection, Bitmap):
@@ -306,25 +358,29 @@ def sparse_attention(
             f"({q.shape[0]}, {q.shape[2]})",
         )
     hq, hkv = q.shape[1], kv.kv_heads
-    gathered = gather_blocks(kv, selection.indices, selection.unit, hq)
-    keys, values = gathered or gather_tokens(kv, tokens, hq)  # [B, Hkv, G', T, n, D]
     grouped = _grouped(tokens, hkv, hq)
     mask = _grouped(valid, hkv, hq) & visible_mask(kv, positions, grouped)  # [B, ., G', T, n]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     qg = q.unflatten(1, (hkv, hq // hkv))  # [B, Hkv, R, T, D]
-    keys, values = keys.to(q.dtype), values.to(q.dtype)
+    b, t, r, n = q.shape[0], q.shape[2], hq // hkv, tokens.shape[-1]
     if grouped.shape[2] == 1:
-        # One selection per KV head: batch over (B, Hkv, T), the R heads share the rows.
-        qt = qg.transpose(2, 3)  # [B, Hkv, T, R, D]
-        logits = qt @ keys[:, :, 0].transpose(-1, -2) * scale  # [B, Hkv, T, R, n]
-        logits = logits.masked_fill(~mask[:, :, 0, :, None, :], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-        out = (probs @ values[:, :, 0]).transpose(2, 3)  # [B, Hkv, R, T, D]
-    else:
-        logits = (qg.unsqueeze(-2) @ keys.transpose(-1, -2)).squeeze(-2) * scale  # [B,Hkv,R,T,n]
-        logits = logits.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-        out = (probs.unsqueeze(-2) @ values).squeeze(-2)
+        # One selection per KV head (or per batch row): the R heads of a group share the rows.
+        unit = selection.unit
+        if unit > 1 and kv._keys.buffer.shape[2] % unit:
+            unit = 1  # the buffer is not laid out in whole blocks of this size
+        rows = selection.indices if unit > 1 else tokens
+        rows = rows.expand(b, hkv, *rows.shape[2:]) if rows.shape[1] == 1 else rows
+        index, buffers = _row_index(kv, rows, unit)
+        m = mask[:, :, 0].expand(b, hkv, t, n).reshape(b * hkv * t, n)
+        qt = qg.transpose(2, 3).reshape(b * hkv * t, r, -1)  # [B*Hkv*T, R, D]
+        out = _tiled_attention(qt, index, buffers, m, unit, scale)
+        return out.view(b, hkv, t, r, -1).transpose(2, 3).flatten(1, 2)
+    keys, values = gather_tokens(kv, tokens, hq)  # [B, Hkv, G', T, n, D]
+    keys, values = keys.to(q.dtype), values.to(q.dtype)
+    logits = (qg.unsqueeze(-2) @ keys.transpose(-1, -2)).squeeze(-2) * scale  # [B,Hkv,R,T,n]
+    logits = logits.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    out = (probs.unsqueeze(-2) @ values).squeeze(-2)
     return out.flatten(1, 2)
 
 

@@ -159,7 +159,8 @@ def block_max(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def block_mean(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     count = valid.sum(dim=3).clamp(min=1)
-    return (keys * valid).sum(dim=3) / count
+    # where, not a product: a padding slot may hold NaN, and NaN * 0 is NaN.
+    return torch.where(valid, keys, torch.zeros_like(keys)).sum(dim=3) / count
 
 
 def check_features(name: str, features: torch.Tensor, kv_or_q_batch: int, tokens: int) -> None:
