@@ -298,7 +298,8 @@ def _tiled_attention(
     scale: float,
 ) -> torch.Tensor:
     """Attention of q [N, R, D] over rows gathered at index [N, m] (each `unit` tokens) with
-    mask [N, m * unit]: logits tile by tile, one softmax, then values tile by tile."""
+    mask [N, m * unit]: logits tile by tile (a gathered tile stays in cache for its matmul),
+    one softmax, then the values in one fused gather-and-sum."""
     n_batch, r, d = q.shape
     m = index.shape[1]
     keys, values = buffers
@@ -319,19 +320,23 @@ def _tiled_attention(
     probs = torch.softmax(logits, dim=-1)
     # A query that sees none of its selection (a fully padded row) gives zeros, not NaN.
     probs = torch.where(mask.any(-1)[:, None, None], probs, torch.zeros_like(probs))
-    out = torch.zeros(n_batch, r, d, dtype=q.dtype, device=q.device)
-    for s in range(0, m, step):
-        e = min(m, s + step)
-        rows = torch.index_select(
-            values,
-            0,
-            index[:, s:e].reshape(-1),
-            out=tile[: n_batch * (e - s) * unit * d].view(-1, unit * d),
-        )
-        out.baddbmm_(
-            probs[:, :, s * unit : e * unit], rows.view(n_batch, (e - s) * unit, d).to(q.dtype)
-        )
-    return out
+    # Values: one fused gather-and-weighted-sum (embedding_bag, mode sum) per (row, head): no
+    # gathered copy is written, and the R heads of a group read the same rows back to back.
+    tokens = index if unit == 1 else (index[:, :, None] * unit + _offsets(unit, index)).flatten(1)
+    bags = tokens[:, None, :].expand(n_batch, r, m * unit).reshape(-1)
+    offsets = torch.arange(0, bags.numel(), m * unit, device=q.device)
+    out = F.embedding_bag(
+        bags,
+        values.view(-1, d),
+        offsets,
+        mode="sum",
+        per_sample_weights=probs.to(values.dtype).reshape(-1),
+    )
+    return out.view(n_batch, r, d).to(q.dtype)
+
+
+def _offsets(unit: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.arange(unit, device=like.device, dtype=like.dtype)
 
 
 def sparse_attention(
