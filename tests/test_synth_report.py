@@ -1,0 +1,40 @@
+"""The yosys resource report: cell counting and the U55C table."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("fpga_synth", ROOT / "fpga" / "synth.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cells_map_to_resources():
+    synth = load()
+    res = synth.count(
+        {
+            "LUT6": 10,
+            "LUT2": 5,
+            "RAM64M": 2,
+            "FDRE": 30,
+            "FDSE": 2,
+            "DSP48E2": 4,
+            "RAMB36E2": 3,
+            "RAMB18E2": 2,
+            "URAM288": 1,
+            "CARRY8": 7,
+        }
+    )
+    assert res == {"LUT": 23, "FF": 32, "DSP": 4, "BRAM36": 4, "URAM": 1}
+
+
+def test_table_shows_device_and_slr_shares():
+    synth = load()
+    text = synth.table({"engine": {"LUT": 43456, "FF": 0, "DSP": 3008, "BRAM36": 0, "URAM": 0}})
+    row = text.splitlines()[-1]
+    assert row.startswith("| engine |")
+    assert "3,008 (33.33% / 100.00%)" in row  # a third of the device is one whole SLR
