@@ -31,14 +31,14 @@ run: setup
 	$(VENV)/bin/hetmem demo
 
 test: setup
-	$(VENV)/bin/ruff check host tests bench
+	$(VENV)/bin/ruff check host tests bench fpga
 	PATH="$(VLTBIN):$$PATH" $(PY) -m pytest -q
 
 bench: setup
 	$(PY) bench/decode_attention.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check host tests bench
+	$(VENV)/bin/ruff check host tests bench fpga
 
 clean:
 	rm -rf $(VENV) build *.egg-info host/*.egg-info .pytest_cache
