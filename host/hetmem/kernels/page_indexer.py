@@ -43,6 +43,7 @@ import numpy as np
 
 from ..errors import InputError
 from .spec import (
+    CAPACITY,
     INT16_MAX,
     Arg,
     ChannelState,
@@ -53,9 +54,9 @@ from .spec import (
     check_dim,
     check_rows,
     engine_cycles,
+    exact_dot,
     fit_channels,
     fold_query,
-    int_dot,
 )
 from .topk import as_k
 
@@ -83,6 +84,11 @@ class PageIndexer(KernelSpec):
         Arg("dim", "uint32", "scalar", "scalar", None, "head dim D"),
     )
     memory_args: ClassVar[tuple[str, ...]] = ("mins", "maxs")
+    dims: ClassVar[dict[str, tuple[str, ...]]] = {
+        "mins": (CAPACITY, "dim"),
+        "maxs": (CAPACITY, "dim"),
+        "q": ("queries", "heads", "dim"),
+    }
 
     def fit(self, memory: Mapping[str, Any]) -> ChannelState:
         named = (("mins", memory["mins"]), ("maxs", memory["maxs"]))
@@ -120,10 +126,10 @@ class PageIndexer(KernelSpec):
         check_dim("q", q, 0, int(s["queries"]), "queries")
         check_dim("q", q, 1, int(s["heads"]), "heads")
         check_dim("q", q, 2, dim, "dim")
-        pos = np.maximum(q, 0)  # Q_ri >= 0 picks MAX, Q_ri < 0 picks MIN
-        neg = np.minimum(q, 0)
-        per_head = int_dot(pos, maxs[:n]) + int_dot(neg, mins[:n])  # [Q, R, n]
-        return per_head.max(axis=1)
+        # Q_ri >= 0 picks MAX, Q_ri < 0 picks MIN: one dot of [pos | neg] with [MAX | MIN].
+        signed = np.concatenate([np.maximum(q, 0), np.minimum(q, 0)], axis=-1)
+        per_head = exact_dot(signed, maxs[:n], mins[:n])  # [Q, R, n], exact integers
+        return per_head.max(axis=1).astype(np.int64)
 
     def shape(self, inputs: KernelInputs) -> dict[str, Any]:
         s = inputs.scalars

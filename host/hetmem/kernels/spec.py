@@ -51,6 +51,9 @@ DEFAULT_CLOCK_HZ = 300e6
 #: HBM pseudo-channels of the U55C.
 HBM_BANKS = 32
 
+#: The row-capacity dimension of a memory buffer in `KernelSpec.dims`.
+CAPACITY = "capacity"
+
 #: Values of the `mode` scalar.
 MODE_TOPK = 0
 MODE_THRESHOLD = 1
@@ -328,20 +331,77 @@ def fold_query(
     return ints, t
 
 
+#: Bytes of one block of rows converted to float for a matmul: small enough to stay in cache
+#: between its conversion and its use.
+DOT_BLOCK_BYTES = 1 << 21
+
+
+def magnitude(dtype: Any) -> int:
+    """The largest |value| of an integer dtype (128 for int8: -128 is representable)."""
+    info = np.iinfo(dtype)
+    return max(-int(info.min), int(info.max))
+
+
+def exact_float(bound: int) -> type | None:
+    """The narrowest float type in which integer arithmetic up to `bound` is exact.
+
+    Every integer of magnitude <= 2**24 (float32) or 2**53 (float64) is representable. A dot
+    product of integers whose |products| sum to at most `bound` has every product and every
+    partial sum, in any order and blocking a BLAS picks, with or without FMA, an integer of
+    magnitude <= bound: each rounding is then the identity and the float result is the
+    integer one. None when neither type is exact.
+    """
+    if bound <= 2**24:
+        return np.float32
+    if bound <= 2**53:
+        return np.float64
+    return None
+
+
+def exact_dot(queries: np.ndarray, *keys: np.ndarray) -> np.ndarray:
+    """Integer dot products of int queries [..., D] with int rows [n, D], through a float
+    BLAS matmul where `exact_float` proves it exact (as int32 on the card); returns the
+    float array of exact integers, or int64 where no float type is exact.
+
+    Several key arrays [n, D_i] act as one [n, sum D_i] (channels concatenated, no copy of
+    the whole memory); `queries` then has sum D_i channels.
+    """
+    dim = sum(k.shape[-1] for k in keys)
+    if queries.shape[-1] != dim:
+        raise InputError("q", f"has {queries.shape[-1]} channels, the rows {dim}")
+    n = keys[0].shape[0]
+    bound = magnitude(queries.dtype) * max(magnitude(k.dtype) for k in keys) * dim
+    if bound >= 2**63:
+        raise InputError("dim", f"{dim} channels overflow an int64 accumulator")
+    ftype = exact_float(bound)
+    if ftype is None:  # wider than float64's exact range: integer einsum, chunked
+        q = queries.astype(np.int64)
+        out = np.empty((*queries.shape[:-1], n), dtype=np.int64)
+        for start in range(0, n, CHUNK):
+            block = np.concatenate([k[start : start + CHUNK] for k in keys], axis=-1)
+            out[..., start : start + CHUNK] = np.einsum("...d,nd->...n", q, block.astype(np.int64))
+        return out
+    q = queries.reshape(-1, dim).astype(ftype)
+    out = np.empty((q.shape[0], n), dtype=ftype)
+    rows = max(1, DOT_BLOCK_BYTES // (dim * np.dtype(ftype).itemsize))
+    block = np.empty((min(rows, n), dim), dtype=ftype)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        view = block[: stop - start]
+        col = 0
+        for k in keys:  # convert in place: one pass over the integer rows
+            view[:, col : col + k.shape[-1]] = k[start:stop]
+            col += k.shape[-1]
+        np.matmul(q, view.T, out=out[:, start:stop])
+    return out.reshape(*queries.shape[:-1], n)
+
+
 def int_dot(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Exact integer dot products: int8 queries [..., D] x int8 or int16 keys [n, D] ->
-    int64 [..., n]. Accumulates in int32 where that is exact (int8 keys, D <= MAX_DIM),
-    as the card does, else in int64."""
-    dim = keys.shape[-1]
-    if dim > MAX_DIM:
-        raise InputError("dim", f"expected at most {MAX_DIM} channels, got {dim}")
-    acc = np.int32 if keys.dtype.itemsize == 1 else np.int64
-    q = queries.astype(acc)
-    out = np.empty((*queries.shape[:-1], keys.shape[0]), dtype=np.int64)
-    for start in range(0, keys.shape[0], CHUNK):
-        block = keys[start : start + CHUNK].astype(acc)
-        out[..., start : start + CHUNK] = np.einsum("...d,nd->...n", q, block)
-    return out
+    int64 [..., n] (the card's int32 accumulation; `exact_dot` says why floats are exact)."""
+    if keys.shape[-1] > MAX_DIM:
+        raise InputError("dim", f"expected at most {MAX_DIM} channels, got {keys.shape[-1]}")
+    return exact_dot(queries, keys).astype(np.int64)
 
 
 def check_shifts(shifts: np.ndarray, n: int) -> np.ndarray:
@@ -363,6 +423,9 @@ class KernelSpec(ABC):
     args: ClassVar[tuple[Arg, ...]]
     #: Which args are the resident memory (appended; stay on the card across calls).
     memory_args: ClassVar[tuple[str, ...]]
+    #: Dimensions of each input buffer, for viewing its raw bytes (`buffer_shape`): a
+    #: scalar's name, that name + "+1", or CAPACITY (rows the buffer's bytes hold).
+    dims: ClassVar[dict[str, tuple[str, ...]]]
 
     @classmethod
     def registers(cls) -> dict[str, int]:
@@ -395,6 +458,60 @@ class KernelSpec(ABC):
     @classmethod
     def scalar_args(cls) -> tuple[str, ...]:
         return tuple(a.name for a in cls.args if a.direction == "scalar")
+
+    @classmethod
+    def _buffer_dims(cls, arg: str, scalars: Mapping[str, int]) -> list[int | None]:
+        """Dimensions of buffer `arg` from the scalars; None for the CAPACITY one."""
+        spec_arg = cls.arg(arg)
+        if not spec_arg.is_buffer:
+            raise InputError("arg", f"{cls.name}.{arg} is a scalar, not a buffer")
+
+        def scalar(name: str) -> int:
+            if name not in scalars:
+                raise InputError(name, f"missing scalar of {cls.name} (shape of {arg})")
+            return int(scalars[name])
+
+        if spec_arg.direction == "out":
+            if int(scalars.get("mode", MODE_TOPK)) == MODE_THRESHOLD:
+                return [scalar("queries"), -(-scalar("n") // 32)]
+            return [scalar("queries"), scalar("k")]
+        dims: list[int | None] = []
+        for dim in cls.dims[arg]:
+            if dim == CAPACITY:
+                dims.append(None)
+            elif dim.endswith("+1"):
+                dims.append(scalar(dim[:-2]) + 1)
+            else:
+                dims.append(scalar(dim))
+        return dims
+
+    @classmethod
+    def buffer_shape(cls, arg: str, scalars: Mapping[str, int], nbytes: int) -> tuple[int, ...]:
+        """The numpy shape of buffer `arg` for one call with these scalars, so a device can
+        view raw bytes as the arrays `golden` takes. A memory buffer has a row capacity
+        beyond the rows in use (CAPACITY: as many rows as `nbytes` holds; the scalar `n`
+        says how many are scanned); other buffers use only their first bytes. `out` is
+        [queries, k], or [queries, ceil(n/32)] in threshold mode."""
+        dims = cls._buffer_dims(arg, scalars)
+        if None in dims:
+            row = int(np.prod([d for d in dims if d is not None]))
+            row *= np.dtype(cls.arg(arg).dtype).itemsize
+            rows = max(int(nbytes), 0) // row if row else 0
+            dims = [rows if d is None else d for d in dims]
+        return tuple(int(d) for d in dims)  # type: ignore[arg-type]
+
+    @classmethod
+    def buffer_nbytes(
+        cls, arg: str, scalars: Mapping[str, int], capacity: int | None = None
+    ) -> int:
+        """Bytes buffer `arg` takes for a call with these scalars; a memory buffer needs its
+        row `capacity` (rows, pages, blocks or postings it can hold)."""
+        dims = cls._buffer_dims(arg, scalars)
+        if None in dims:
+            if capacity is None or int(capacity) < 0:
+                raise InputError("capacity", f"give the row capacity of {cls.name}.{arg}")
+            dims = [int(capacity) if d is None else d for d in dims]
+        return int(np.prod(dims)) * np.dtype(cls.arg(arg).dtype).itemsize
 
     @property
     def engine(self) -> EngineParams:

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .spec import (
+    CAPACITY,
     CHUNK,
     INT16_MAX,
     Arg,
@@ -45,9 +46,11 @@ from .spec import (
     check_rows,
     check_shifts,
     engine_cycles,
+    exact_dot,
+    exact_float,
     fit_channels,
     fold_query,
-    int_dot,
+    magnitude,
     quantize_rows,
 )
 from .topk import as_k
@@ -68,6 +71,12 @@ class TokenIndexer(KernelSpec):
         Arg("dim", "uint32", "scalar", "scalar", None, "indexer head dim Di"),
     )
     memory_args: ClassVar[tuple[str, ...]] = ("keys", "shifts")
+    dims: ClassVar[dict[str, tuple[str, ...]]] = {
+        "keys": (CAPACITY, "dim"),
+        "shifts": (CAPACITY,),
+        "q": ("queries", "heads", "dim"),
+        "w": ("queries", "heads"),
+    }
 
     def fit(self, memory: Mapping[str, Any]) -> ChannelState:
         return fit_channels(("keys", memory["keys"]))
@@ -104,12 +113,16 @@ class TokenIndexer(KernelSpec):
         check_dim("w", w, 0, q.shape[0], "queries")
         check_dim("w", w, 1, q.shape[1], "heads")
         shifts = check_shifts(inputs.arrays["shifts"], n)
-        w64 = w.astype(np.int64)
+        # The head sum in float64 where exact: |W| * max |dot| * H within 2**53.
+        bound = magnitude(w.dtype) * magnitude(q.dtype) * magnitude(keys.dtype) * dim
+        wtype = exact_float(bound * q.shape[1]) or np.int64
+        wq = w.astype(wtype)[:, None, :]  # [Q, 1, H]
         out = np.empty((q.shape[0], n), dtype=np.int64)
         for start in range(0, n, CHUNK):
-            dots = int_dot(q, keys[start : min(n, start + CHUNK)])  # [Q, H, c]
+            dots = exact_dot(q, keys[start : min(n, start + CHUNK)])  # [Q, H, c], exact
             np.maximum(dots, 0, out=dots)
-            out[:, start : start + dots.shape[-1]] = np.einsum("qh,qhn->qn", w64, dots)
+            summed = np.matmul(wq, dots.astype(wtype, copy=False))[:, 0]
+            out[:, start : start + dots.shape[-1]] = summed.astype(np.int64)
         return out << shifts
 
     def shape(self, inputs: KernelInputs) -> dict[str, Any]:
