@@ -58,6 +58,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .models.calibrate import calibrate_dir
+
+    directory = args.model
+    if directory is None:
+        from .models.bundled import path
+
+        directory = path()
+    calibrate_dir(
+        directory,
+        sequences=args.sequences,
+        tokens=args.tokens,
+        queries=args.queries,
+        steps=args.steps,
+        block_size=args.block_size,
+        indexer_dim=args.indexer_dim,
+        indexer_heads=args.indexer_heads,
+        seed=args.seed,
+        out=args.out,
+        console=console,
+    )
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .fpga import list_devices
+    from .fpga.manifest import Manifest, search_paths
+
+    table = Table(title="FPGA targets on this machine")
+    for column in ("target", "available", "device", "detail"):
+        table.add_column(column)
+    for info in list_devices():
+        mark = "[green]yes[/green]" if info.available else "[dim]no[/dim]"
+        table.add_row(info.target, mark, info.name, info.detail)
+    console.print(table)
+    manifest = Manifest.load(args.manifest)
+    where = ", ".join(str(p) for p in search_paths())
+    table = Table(title=f"xclbins of {manifest.path} (searched in {where})")
+    for column in ("xclbin", "platform", "kernels", "file", "checksum"):
+        table.add_column(column)
+    labels = {"match": "[green]matches[/green]", "mismatch": "[red]MISMATCH[/red]"}
+    for row in manifest.status():
+        entry, path, check = row["entry"], row["path"], row["checksum"]
+        found = f"[green]present[/green] {path}" if path else "[yellow]missing[/yellow]"
+        checksum = labels.get(check, "not recorded" if check else "-")
+        table.add_row(entry.name, entry.platform, ", ".join(entry.kernels), found, checksum)
+    console.print(table)
+    return 0
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     console.print(f"[yellow]warning:[/yellow] {message}")
 
@@ -82,6 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=5, help="documents retrieved by the RAG methods")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "calibrate", help="train the DSA indexer and Seer AttnGate of a model (model frozen)"
+    )
+    p.add_argument("--model", default=None, help="local model directory (default: bundled)")
+    p.add_argument("--sequences", type=int, default=24, help="calibration sequences")
+    p.add_argument("--tokens", type=int, default=1024, help="tokens per sequence")
+    p.add_argument("--queries", type=int, default=64, help="query positions per sequence")
+    p.add_argument("--steps", type=int, default=150, help="training steps per selector per layer")
+    p.add_argument("--block-size", type=int, default=64, help="Seer block size")
+    p.add_argument("--indexer-dim", type=int, default=64, help="DSA indexer head dim")
+    p.add_argument("--indexer-heads", type=int, default=None, help="DSA indexer heads (default: Hq)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output file (default: beside the model)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser(
+        "devices", help="FPGA targets and cards found, and which xclbins are present"
+    )
+    p.add_argument("--manifest", default=None, help="bitstream manifest (default: bitstreams/)")
+    p.set_defaults(func=cmd_devices)
     return parser
 
 

@@ -57,7 +57,8 @@ def wrap(
 
     method: "dsa", "quest" or "seer" (built with `method_options`, e.g. {"page_size": 32}),
         a `Method` (copied per layer), or a callable `layer_idx -> Method` (per-layer
-        trained weights).
+        trained weights). "dsa" and "seer" use the weights `hetmem calibrate` saved beside
+        the model's directory when there are some (and `method_options` names no weights).
     budget: tokens each decode query attends, per layer (rounded down to whole pages or
         blocks). A context that fits the budget selects everything: decode equals dense.
     placement: step -> device for each layer's `Pipeline` (default: every step on the
@@ -70,7 +71,12 @@ def wrap(
         raise InputError("model", "is already wrapped by hetmem; unwrap it first")
     budget = check_positive_int("budget", budget)
     layers = _attention_layers(model.config.get_text_config(decoder=True))
-    methods = [_build_method(method, method_options, i) for i in range(layers)]
+    from .calibrate import trained_spec
+
+    # "dsa" / "seer" by name: the trained selectors beside the model's directory, if any.
+    spec = trained_spec(model, method, method_options)
+    options = None if spec is not method else method_options
+    methods = [_build_method(spec, options, i) for i in range(layers)]
     unit = max(m.unit for m in methods)
     if budget < unit:
         raise InputError(

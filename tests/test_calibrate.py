@@ -1,0 +1,188 @@
+"""hetmem calibrate: the learned selectors train on a frozen model's own attention."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from hetmem.attention import AttentionQuery, KVCache  # noqa: E402
+from hetmem.cli import main  # noqa: E402
+from hetmem.errors import InputError  # noqa: E402
+from hetmem.methods.dsa import DSA  # noqa: E402
+from hetmem.methods.seer import SeerAttention  # noqa: E402
+from hetmem.models import calibrate as cal  # noqa: E402
+from hetmem.models import unwrap, wrap  # noqa: E402
+from tiny_lm import make_tiny_lm  # noqa: E402
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def acts(tiny_model):
+    ids = torch.randint(3, 128, (12, 192), generator=torch.Generator().manual_seed(0))
+    return cal.capture(tiny_model, ids, queries=24)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+def test_capture_shapes_and_model_restored(tiny_model, acts):
+    assert len(acts) == 2
+    a = acts[0]
+    assert a.q.shape == (12, 4, 24, 16) and a.k.shape == (12, 2, 192, 16)
+    assert a.scale == pytest.approx(16**-0.5)
+    assert bool((a.positions[:, -1] == 191).all())
+    assert bool((a.positions.diff(dim=1) > 0).all())
+    # Attention goes back to what it was, and the captured probabilities are distributions.
+    assert tiny_model.config._attn_implementation != cal.CAPTURE
+    probs = a.attention()
+    assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:-1]), atol=1e-5)
+    assert bool((probs[0, :, 0, 1 + int(a.positions[0, 0]) :] == 0).all())
+
+
+def test_training_objective_scores_what_the_methods_score(acts):
+    """The scores the students train are exactly the methods' Relevancy at decode time."""
+    a = acts[1]
+    dsa_w, _ = cal.train_indexer(a, dim=8, config=cal.TrainConfig(steps=5))
+    gate_w, _ = cal.train_gate(a, block_size=BLOCK, config=cal.TrainConfig(steps=5))
+    pools = cal.block_pools(a, BLOCK)
+    dsa_all = cal.indexer_scores(dsa_w, a)
+    gate_all = cal.gate_logits(gate_w, a, pools, BLOCK)
+    for n, t in ((0, 0), (3, 7), (5, 23)):
+        p = int(a.positions[n, t])
+        kv = KVCache(a.k[n : n + 1, :, : p + 1], a.k[n : n + 1, :, : p + 1])
+        query = AttentionQuery(a.q[n : n + 1, :, t : t + 1])
+        dsa = DSA(dsa_w)
+        got = dsa.relevancy(dsa.prepare(kv), query).values[0, 0, 0]
+        torch.testing.assert_close(got, dsa_all[n, t, : p + 1], atol=1e-5, rtol=1e-5)
+        seer = SeerAttention(gate_w, block_size=BLOCK)
+        got = seer.relevancy(seer.prepare(kv), query).values[0, :, 0]
+        torch.testing.assert_close(got, gate_all[n, :, t, : p // BLOCK + 1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("selector", ["dsa", "seer"])
+def test_loss_falls(acts, selector):
+    config = cal.TrainConfig(steps=80, lr=3e-3)
+    if selector == "dsa":
+        _, log = cal.train_indexer(acts[0], dim=16, config=config)
+        assert log.choice in ("learned head weights", "equal head weights")
+    else:
+        _, log = cal.train_gate(acts[0], block_size=BLOCK, config=config)
+    first, last = sum(log.losses[:10]) / 10, sum(log.losses[-10:]) / 10
+    assert last < 0.85 * first, (first, last)
+    # The weights kept are never worse on held-out queries than the untrained default.
+    assert log.held_out <= log.untrained + 1e-6
+
+
+def test_kl_is_zero_only_at_the_target():
+    target = torch.tensor([[0.5, 0.5, 0.0]])
+    same = torch.log(torch.tensor([[0.5, 0.5, 1e-12]]))
+    assert float(cal.kl_divergence(target, same)) == pytest.approx(0.0, abs=1e-6)
+    other = torch.tensor([[0.0, 1.0, float("-inf")]])
+    assert float(cal.kl_divergence(target, other)) > 0.1
+
+
+def test_calibrate_saves_and_wrap_picks_trained_weights(model_dir, capsys):
+    rc = main(
+        [
+            "calibrate",
+            "--model",
+            str(model_dir),
+            "--sequences",
+            "6",
+            "--tokens",
+            "160",
+            "--queries",
+            "8",
+            "--steps",
+            "6",
+            "--block-size",
+            "16",
+            "--indexer-dim",
+            "8",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Seer AttnGate" in out and "DSA indexer" in out and "saved" in out
+    path = model_dir / cal.SELECTORS_FILE
+    assert path.is_file()
+    selectors = cal.load_selectors(path)
+    assert selectors.layers == 2 and selectors.block_size == 16
+    assert selectors.meta["tokens"] == 160
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    wrap(model, method="dsa", budget=32)
+    methods = model._hetmem_wrap.settings.methods
+    assert torch.equal(methods[1].weights.wq, selectors.indexers[1].wq)
+    assert torch.equal(methods[0].weights.wk, selectors.indexers[0].wk)
+    ids = torch.randint(3, 300, (1, 80), generator=torch.Generator().manual_seed(1))
+    out_ids = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert out_ids.shape == (1, 84)
+    unwrap(model)
+
+    wrap(model, method="seer", budget=32)
+    methods = model._hetmem_wrap.settings.methods
+    assert torch.equal(methods[0].weights.wq, selectors.gates[0].wq)
+    assert methods[0].unit == 16  # the block size it was trained with
+    unwrap(model)
+
+    # Weights named in the options win; quest has none to train.
+    wrap(model, method="dsa", budget=32, method_options={"weights": None})
+    assert model._hetmem_wrap.settings.methods[0].weights is None
+    unwrap(model)
+    wrap(model, method="quest", budget=32, method_options={"page_size": 16})
+    unwrap(model)
+
+
+def test_bad_input(tmp_path, tiny_model, acts):
+    with pytest.raises(InputError, match="path"):
+        cal.load_selectors(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="path"):
+        cal.load_selectors(tmp_path / "junk.safetensors")
+    with pytest.raises(InputError, match="steps"):
+        cal.TrainConfig(steps=0)
+    with pytest.raises(InputError, match="lr"):
+        cal.TrainConfig(lr=-1.0)
+    with pytest.raises(InputError, match="input_ids"):
+        cal.capture(tiny_model, torch.zeros(2, 8))
+    with pytest.raises(InputError, match="block_size"):
+        cal.train_gate(acts[0], block_size=0)
+    with pytest.raises(InputError, match="model"):
+        cal.load_local(tmp_path)
+    # Selectors for another number of layers are refused, naming the model.
+    selectors = cal.Selectors(
+        [cal.IndexerWeights.from_attention(4, 2, 16, 8)] * 3,
+        [cal.GateWeights.mean_pool(4, 2, 16)] * 3,
+    )
+    directory = tmp_path / "m"
+    directory.mkdir()
+    cal.save_selectors(selectors, directory / cal.SELECTORS_FILE)
+    tiny_model.name_or_path = str(directory)
+    try:
+        with pytest.raises(InputError, match="model"):
+            cal.selectors_for(tiny_model)
+    finally:
+        tiny_model.name_or_path = ""
