@@ -81,6 +81,7 @@ class BlockGate(VectorSearch):
         Arg("mode", "uint32", "scalar", "scalar", None, "0 top-k, 1 threshold bitmap"),
     )
     memory_args: ClassVar[tuple[str, ...]] = ("keys", "shifts")
+    dims: ClassVar[dict[str, tuple[str, ...]]] = {**VectorSearch.dims, "delta": ("queries",)}
 
     def quantize_query(
         self,

@@ -42,6 +42,7 @@ import numpy as np
 
 from ..errors import InputError
 from .spec import (
+    CAPACITY,
     UINT16_MAX,
     Arg,
     EngineParams,
@@ -99,6 +100,13 @@ class BM25(KernelSpec):
         Arg("vocab", "uint32", "scalar", "scalar", None, "terms in the index"),
     )
     memory_args: ClassVar[tuple[str, ...]] = ("term_offsets", "doc_ids", "impacts")
+    dims: ClassVar[dict[str, tuple[str, ...]]] = {
+        "term_offsets": ("vocab+1",),
+        "doc_ids": (CAPACITY,),
+        "impacts": (CAPACITY,),
+        "terms": ("queries", "terms_per_query"),
+        "idf": ("queries", "terms_per_query"),
+    }
 
     def fit(
         self, memory: Mapping[str, Any], k1: float | None = None, b: float | None = None

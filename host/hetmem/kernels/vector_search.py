@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .spec import (
+    CAPACITY,
     Arg,
     ChannelState,
     EngineParams,
@@ -63,6 +64,11 @@ class VectorSearch(KernelSpec):
         Arg("dim", "uint32", "scalar", "scalar", None, "channels per row"),
     )
     memory_args: ClassVar[tuple[str, ...]] = ("keys", "shifts")
+    dims: ClassVar[dict[str, tuple[str, ...]]] = {
+        "keys": (CAPACITY, "dim"),
+        "shifts": (CAPACITY,),
+        "q": ("queries", "dim"),
+    }
 
     def fit(self, memory: Mapping[str, Any]) -> ChannelState:
         return fit_channels(("keys", memory["keys"]))

@@ -1,0 +1,128 @@
+"""`emu`: the FPGA target without a card. Kernels run as their golden models (bit-exact with
+the card by the spec contract); kernel time is the spec's cycle model at the clock, and
+transfers follow the PCIe model (`pcie.py`): every figure is `modeled`.
+
+`execute` is the emu executor: it views raw buffer bytes as the arrays a spec's golden
+model takes (`KernelSpec.buffer_shape`) and runs it. `xrt_emu` runs its kernels through
+it too, so xrt-over-xrt_emu and emu compute the same way. A cosim target can subclass
+`EmuDevice` and override `_execute` (and `timing_source`) to run the RTL instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..errors import AllocationError, FpgaTimeout, InputError
+from ..kernels import KernelInputs, KernelSpec
+from ..kernels.spec import DEFAULT_CLOCK_HZ, HBM_BANKS, Arg
+from .device import Buffer, FpgaDevice, Timing, as_count
+from .pcie import GEN3_X16, PcieLink
+
+#: The U55C's 16 GiB of HBM2 in 32 pseudo-channels of 512 MiB.
+BANK_BYTES = (16 << 30) // HBM_BANKS
+#: The platform the emulator models (the manifest's xclbins target it).
+PLATFORM = "xilinx_u55c_gen3x16_xdma_3_202210_1"
+
+
+def view_inputs(
+    spec: KernelSpec, raw: Mapping[str, np.ndarray], scalars: Mapping[str, int]
+) -> KernelInputs:
+    """The input buffers' raw uint8 bytes viewed as the golden model's arrays."""
+    arrays: dict[str, np.ndarray] = {}
+    for arg in spec.args:
+        if arg.direction != "in":
+            continue
+        data = raw[arg.name]
+        shape = spec.buffer_shape(arg.name, scalars, data.nbytes)
+        dtype = np.dtype(arg.dtype)
+        need = int(np.prod(shape)) * dtype.itemsize
+        arrays[arg.name] = data[:need].view(dtype).reshape(shape)
+    return KernelInputs(arrays, {k: int(v) for k, v in scalars.items()})
+
+
+def execute(
+    spec: KernelSpec, raw: Mapping[str, np.ndarray], scalars: Mapping[str, int]
+) -> tuple[np.ndarray, int]:
+    """Run the golden model over raw buffer bytes: (out uint32 array, modeled cycles)."""
+    outputs = spec.golden(view_inputs(spec, raw, scalars))
+    out = outputs.indices if outputs.indices is not None else outputs.bitmap
+    return np.ascontiguousarray(out, dtype=np.uint32), int(outputs.cycles)
+
+
+class EmuDevice(FpgaDevice):
+    """The golden models on a modeled U55C: 32 banks of `bank_bytes`, PCIe `link`,
+    kernels at `clock_hz`."""
+
+    target = "emu"
+    transfer_source = "modeled"
+    #: Source of kernel run times (a cosim subclass says "simulated").
+    timing_source = "modeled"
+
+    def __init__(
+        self,
+        clock_hz: float | None = None,
+        link: PcieLink = GEN3_X16,
+        bank_bytes: int = BANK_BYTES,
+        platform: str = PLATFORM,
+    ) -> None:
+        super().__init__()
+        self.clock_hz = float(clock_hz) if clock_hz is not None else DEFAULT_CLOCK_HZ
+        if not self.clock_hz > 0:
+            raise InputError("clock_hz", f"expected a positive clock, got {clock_hz}")
+        self.link = link
+        self.bank_bytes = as_count("bank_bytes", bank_bytes, minimum=1)
+        self.name = f"emu (modeled {platform})"
+        self.used = [0] * HBM_BANKS
+
+    def _alloc(self, spec: KernelSpec, arg: Arg, nbytes: int) -> Buffer:
+        bank = int(arg.bank)  # type: ignore[arg-type]
+        free = self.bank_bytes - self.used[bank]
+        if nbytes > free:
+            raise AllocationError(
+                f"{spec.name}.{arg.name}: {nbytes} bytes do not fit in HBM bank {bank} "
+                f"({free} of {self.bank_bytes} bytes free)"
+            )
+        self.used[bank] += nbytes
+        return Buffer(spec.name, arg.name, bank, nbytes, np.zeros(nbytes, dtype=np.uint8))
+
+    def _write(self, buf: Buffer, raw: np.ndarray, offset: int) -> Timing:
+        buf.handle[offset : offset + raw.nbytes] = raw
+        return Timing(self.link.seconds(raw.nbytes), self.transfer_source, raw.nbytes)
+
+    def _read(self, buf: Buffer, nbytes: int, offset: int) -> tuple[np.ndarray, Timing]:
+        data = buf.handle[offset : offset + nbytes].copy()
+        return data, Timing(self.link.seconds(nbytes), self.transfer_source, nbytes)
+
+    def _execute(
+        self, spec: KernelSpec, raw: Mapping[str, np.ndarray], scalars: Mapping[str, int]
+    ) -> tuple[np.ndarray, int]:
+        """What executes the kernel: the golden model (cosim overrides with the RTL)."""
+        return execute(spec, raw, scalars)
+
+    def _run(
+        self,
+        spec: KernelSpec,
+        buffers: dict[str, Buffer],
+        scalars: dict[str, int],
+        timeout_s: float,
+    ) -> Timing:
+        raw = {name: buf.handle for name, buf in buffers.items()}
+        out, cycles = self._execute(spec, raw, scalars)
+        seconds = cycles / self.clock_hz
+        if seconds > timeout_s:  # the card would still be running when the host gives up
+            raise FpgaTimeout(
+                f"{spec.name}: no ap_done within {timeout_s} s (the run takes {cycles} cycles, "
+                f"{seconds:.3g} s at {self.clock_hz / 1e6:g} MHz, {self.timing_source})"
+            )
+        flat = out.reshape(-1).view(np.uint8)
+        buffers["out"].handle[: flat.nbytes] = flat
+        return Timing(seconds, self.timing_source, 0, cycles)
+
+    def _free(self, buf: Buffer) -> None:
+        self.used[buf.bank] -= buf.nbytes
+        buf.handle = None
+
+    def _close(self) -> None:
+        self.used = [0] * HBM_BANKS

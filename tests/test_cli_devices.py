@@ -1,0 +1,62 @@
+"""`hetmem devices`: the targets found and which xclbins of the manifest are present."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from hetmem import cli
+from hetmem.fpga.manifest import Manifest, expected_entry, sha256_file
+
+
+@pytest.fixture
+def run(capsys, monkeypatch):
+    monkeypatch.setattr(cli.console, "width", 240)
+
+    def _run(*argv):
+        code = cli.main(list(argv))
+        return code, capsys.readouterr().out
+
+    return _run
+
+
+def row(out, first):
+    return next(line for line in out.splitlines() if line.strip("│┃ ").startswith(first))
+
+
+def test_devices_lists_targets_and_the_missing_xclbin(run, monkeypatch, tmp_path):
+    monkeypatch.setenv("HETMEM_XCLBIN_PATH", str(tmp_path))
+    code, out = run("devices")
+    assert code == 0
+    assert "yes" in row(out, "emu ") and "yes" in row(out, "xrt_emu")
+    assert "xilinx_u55c_gen3x16_xdma_base_3" in row(out, "xrt_emu")
+    if importlib.util.find_spec("pyxrt") is None:
+        assert "no" in row(out, "xrt ") and "pyxrt does not import" in row(out, "xrt ")
+    line = row(out, "hetmem_hw.xclbin")
+    assert "xilinx_u55c_gen3x16_xdma_3_202210_1" in line and "missing" in line
+    assert "token_indexer" in line and "bm25" in line
+
+
+def test_devices_shows_a_present_xclbin_and_its_checksum(run, monkeypatch, tmp_path):
+    builds = tmp_path / "builds"
+    builds.mkdir()
+    xclbin = builds / "hetmem_hw.xclbin"
+    xclbin.write_bytes(b"built")
+    monkeypatch.setenv("HETMEM_XCLBIN_PATH", str(builds))
+    manifest = tmp_path / "manifest.json"
+    Manifest({"hetmem_hw.xclbin": expected_entry()}).save(manifest)
+    code, out = run("devices", "--manifest", str(manifest))
+    assert code == 0
+    line = row(out, "hetmem_hw.xclbin")
+    assert "present" in line and "not recorded" in line
+    entry = expected_entry()
+    Manifest({entry.name: entry}).with_checksum(entry.name, sha256_file(xclbin)).save(manifest)
+    assert "matches" in row(run("devices", "--manifest", str(manifest))[1], "hetmem_hw")
+    xclbin.write_bytes(b"rebuilt")
+    assert "MISMATCH" in row(run("devices", "--manifest", str(manifest))[1], "hetmem_hw")
+
+
+def test_devices_with_a_missing_manifest_is_an_error(run, tmp_path):
+    code, out = run("devices", "--manifest", str(tmp_path / "nope.json"))
+    assert code == 2 and "no bitstream manifest" in out
