@@ -13,6 +13,7 @@ neither does. Each change of device between steps is recorded as a transfer step
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -27,6 +28,8 @@ from .selection import Bitmap, Selection, TopK
 Policy = Literal["fallback", "raise"]
 
 DEFAULT_PLACEMENT = {step: "gpu" for step in STEPS}
+#: Profiles kept in `Pipeline.history` (a long generation must not grow it without bound).
+HISTORY = 1024
 
 
 def normalize_placement(placement: Mapping[str, str] | str | None) -> dict[str, str]:
@@ -87,13 +90,14 @@ class Pipeline:
             raise PlacementError("placement", f"method {method.name!r} has no FPGA kernel")
         self.fpga_stage = None
         if self.uses_fpga:
-            from .fpga.offload import FpgaStage
+            from .offload import FpgaStage
 
             self.fpga_stage = FpgaStage(method, fpga)
         self.memory: Memory | None = None
         self.profile = Profile()
-        self.history: list[Profile] = []
+        self.history: deque[Profile] = deque(maxlen=HISTORY)
         self.counters: dict[str, int] = {"fpga_fallbacks": 0}
+        self.last_selection: Selection | None = None
 
     # -- devices -------------------------------------------------------------------------
     def device(self, step: str) -> torch.device:
@@ -126,7 +130,10 @@ class Pipeline:
             self.memory = self.method.prepare(data)
             rec.note = f"{self.memory.entries} entries"
         if self.fpga_stage is not None:
-            profile.extend(self.fpga_stage.load(self.memory))
+            try:
+                profile.extend(self.fpga_stage.load(self.memory))
+            except FpgaError as exc:  # the next select reloads the card from the host copy
+                self._fault(profile, exc, "loading the memory")
         self._finish(profile)
         return self.memory
 
@@ -140,7 +147,10 @@ class Pipeline:
             self.method.append(memory, data)
             rec.note = f"{memory.entries} entries"
         if self.fpga_stage is not None:
-            profile.extend(self.fpga_stage.sync(memory))
+            try:
+                profile.extend(self.fpga_stage.sync(memory))
+            except FpgaError as exc:  # the host memory has every entry; the card reloads
+                self._fault(profile, exc, "sending the appended entries")
         self._finish(profile)
 
     def select(self, query: Any, budget: int, profile: Profile | None = None) -> Selection:
@@ -151,12 +161,11 @@ class Pipeline:
         if self.fpga_stage is not None:
             try:
                 selection, fpga_profile = self.fpga_stage.select(memory, query, budget)
-                profile.extend(fpga_profile)
-                return _to(selection, self.device("apply"))
             except FpgaError as exc:
-                if self.on_fpga_error == "raise":
-                    raise
-                self._fallback(profile, exc)
+                self._fault(profile, exc, "relevancy+retrieval; rerunning it on the GPU path")
+            else:
+                profile.extend(fpga_profile)
+                return self._move_selection(profile, selection)
         query_r = _to(query, self.device("relevancy"))
         with profile.measure("relevancy", self.device("relevancy"), memory.index_nbytes):
             scores = self.method.relevancy(memory, query_r)
@@ -177,22 +186,42 @@ class Pipeline:
         self._finish(profile)
         return out
 
+    def _move_selection(self, profile: Profile, selection: Selection) -> Selection:
+        """The FPGA's selection arrives on the host; Apply may need it on a GPU."""
+        dev = self.device("apply")
+        if dev.type == "cpu":
+            return selection
+        with profile.measure("transfer selection -> gpu", dev, _nbytes(selection), "host -> gpu"):
+            return _to(selection, dev)
+
     # -- bookkeeping ---------------------------------------------------------------------
-    def _fallback(self, profile: Profile, exc: FpgaError) -> None:
+    def _fault(self, profile: Profile, exc: FpgaError, what: str) -> None:
+        """An FPGA fault: raise it (on_fpga_error="raise"), or count it, warn, and forget
+        the card's state so that the next FPGA step rebuilds it from the host's memory."""
         import warnings
 
+        if self.fpga_stage is not None:
+            self.fpga_stage.invalidate()
+        if self.on_fpga_error == "raise":
+            raise exc
         self.counters["fpga_fallbacks"] += 1
         profile.counters["fpga_fallbacks"] += 1
         profile.add(
-            StepRecord("fpga fault", self._label("relevancy"), 0.0, "measured", 0, str(exc))
+            StepRecord(
+                "fpga fault",
+                self._label("relevancy"),
+                0.0,
+                "measured",
+                0,
+                f"{type(exc).__name__}: {exc}",
+            )
         )
         warnings.warn(
-            f"hetmem: FPGA step failed ({exc}); rerunning relevancy+retrieval on the GPU path",
+            f"hetmem: FPGA fault while {what} ({type(exc).__name__}: {exc}); the card's memory "
+            "will be rebuilt from the host copy",
             RuntimeWarning,
             stacklevel=3,
         )
-        if self.fpga_stage is not None:
-            self.fpga_stage.invalidate()
 
     def _finish(self, profile: Profile) -> None:
         self.profile = profile
