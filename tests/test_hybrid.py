@@ -436,3 +436,22 @@ def test_stage_on_an_open_device_leaves_it_open():
             pipe.fpga_stage.close()
             assert sum(device.used) == 0  # every buffer given back
             assert device.alloc("block_gate", "q", 64).nbytes == 64  # still open
+
+
+def test_bm25_append_rewrites_the_index_and_refits_past_the_avgdl_tolerance():
+    from hetmem.corpus import pydoc_paragraphs
+
+    docs = list(pydoc_paragraphs())
+    pipe = Pipeline(get("bm25_rag"), HYBRID, fpga="emu")
+    pipe.prepare(docs[:800])
+    state = pipe.fpga_stage.slots[0].state
+    pipe.append(docs[800:810])  # avgdl within 5%: impacts keep the fitted avgdl
+    (quantize,) = [r for r in pipe.profile.records if r.step == "quantize memory"]
+    assert quantize.note == "CSR rewritten" and pipe.fpga_stage.slots[0].state is state
+    pipe.append([" ".join(docs[i] for i in range(40)) for _ in range(20)])  # long documents
+    (quantize,) = [r for r in pipe.profile.records if r.step == "quantize memory"]
+    assert "refitted" in quantize.note
+    assert pipe.fpga_stage.slots[0].state.avgdl > state.avgdl * 1.05
+    queries = ["exception handling with try and finally", "class method decorator"]
+    pipe.step(queries, 16)
+    check_golden_rag(pipe, queries, 16)

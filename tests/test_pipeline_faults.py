@@ -224,3 +224,19 @@ def test_bm25_fault_mid_run_falls_back_and_rebuilds_the_index():
     assert hybrid.profile.by_step()["relevancy+retrieval"].device == "fpga:xrt_emu"
     check_golden_rag(hybrid, queries, 16)
     assert hybrid.fpga_stage.slots[0].entries == 1200
+
+
+def test_a_stage_used_alone_forgets_the_card_after_a_fault():
+    from hetmem.offload import FpgaStage
+
+    kv, query, _ = kv_and_chunks(5, appends=0)
+    method = get("dsa")
+    memory = method.prepare(kv)
+    stage = FpgaStage(method, "xrt_emu")
+    stage.load(memory)
+    with xrt_emu.inject("timeout"), pytest.raises(FpgaTimeout):
+        stage.select(memory, query, 256)
+    assert not stage.loaded and stage.slots == [] and stage.device is None
+    selection, profile = stage.select(memory, query, 256)  # reloads, then selects
+    assert [r.step for r in profile.records][:2] == ["quantize memory", "transfer memory -> fpga"]
+    assert selection.indices.shape == (2, 1, 1, 256)

@@ -143,6 +143,10 @@ class FpgaStage:
     def load(self, memory: Memory) -> Profile:
         """Fit the kernel's formats per slot, allocate buffers with spare capacity and write
         every row that holds entries; replaces whatever the card held for this stage."""
+        with self._on_fault():
+            return self._load(memory)
+
+    def _load(self, memory: Memory) -> Profile:
         profile = Profile()
         self._release()
         device = self._open()
@@ -167,8 +171,12 @@ class FpgaStage:
 
     def sync(self, memory: Memory) -> Profile:
         """After `Method.append`: quantize and write only the rows the append touched."""
+        with self._on_fault():
+            return self._sync(memory)
+
+    def _sync(self, memory: Memory) -> Profile:
         if not self.loaded:
-            return self.load(memory)
+            return self._load(memory)
         profile = Profile()
         device = self._open()
         writes, regrow = _Transfers(), _Transfers()
@@ -217,11 +225,15 @@ class FpgaStage:
     # -- selection ---------------------------------------------------------------------------
     def select(self, memory: Memory, query: Any, budget: int) -> tuple[Selection, Profile]:
         """Relevancy + Retrieval on the card: the method's selection and the profile."""
+        with self._on_fault():
+            return self._select(memory, query, budget)
+
+    def _select(self, memory: Memory, query: Any, budget: int) -> tuple[Selection, Profile]:
         profile = Profile()
         if not self.loaded:
-            profile.extend(self.load(memory))
+            profile.extend(self._load(memory))
         elif self._stale(memory):
-            profile.extend(self.sync(memory))
+            profile.extend(self._sync(memory))
         device = self._open()
         plan = self._plan(memory, query, budget, profile)
         transfers = {"query": _Transfers(), "run": _Transfers(), "out": _Transfers()}
@@ -490,6 +502,16 @@ class FpgaStage:
         out, timing = device.read(out_buf, np.uint32, int(np.prod(shape)))
         transfers["out"].add(timing)
         call.out = out.reshape(shape)
+
+    @contextmanager
+    def _on_fault(self) -> Iterator[None]:
+        """A fault leaves the card's state unknown (a buffer half written, a lost handle):
+        forget it, so that the next call rebuilds it from the host, then re-raise."""
+        try:
+            yield
+        except FpgaError:
+            self.invalidate()
+            raise
 
     @contextmanager
     def _host(self, profile: Profile, step: str) -> Iterator[StepRecord]:

@@ -160,7 +160,8 @@ class Pipeline:
         self.method.check_query(memory, query)
         if self.fpga_stage is not None:
             try:
-                selection, fpga_profile = self.fpga_stage.select(memory, query, budget)
+                query_m = _to(query, memory.device)  # the kernel's query is built beside the memory
+                selection, fpga_profile = self.fpga_stage.select(memory, query_m, budget)
             except FpgaError as exc:
                 self._fault(profile, exc, "relevancy+retrieval; rerunning it on the GPU path")
             else:
