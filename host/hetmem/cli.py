@@ -110,6 +110,25 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("once")
+        result = run(
+            model=args.model,
+            method=args.method,
+            fpga=args.fpga,
+            context=args.context,
+            prompts=args.prompts,
+            budget=args.budget,
+            placement=args.placement,
+            seed=args.seed,
+            console=console,
+        )
+    return 0 if result.answers else 1
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     console.print(f"[yellow]warning:[/yellow] {message}")
 
@@ -145,10 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=150, help="training steps per selector per layer")
     p.add_argument("--block-size", type=int, default=64, help="Seer block size")
     p.add_argument("--indexer-dim", type=int, default=64, help="DSA indexer head dim")
-    p.add_argument("--indexer-heads", type=int, default=None, help="DSA indexer heads (default: Hq)")
+    p.add_argument(
+        "--indexer-heads", type=int, default=None, help="DSA indexer heads (default: Hq)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output file (default: beside the model)")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser(
+        "run", help="the main job: a model answers long-context passkey prompts through hetmem"
+    )
+    p.add_argument("--model", default=None, help="local model directory (default: bundled)")
+    p.add_argument("--method", default="dsa", help="sparse-attention method: dsa, seer, quest")
+    p.add_argument("--fpga", default="auto", help="FPGA target: auto, emu, cosim, xrt, pynq")
+    p.add_argument("--context", type=int, default=None, help="prompt tokens (default: model card)")
+    p.add_argument("--prompts", type=int, default=4, help="passkey prompts")
+    p.add_argument("--budget", type=int, default=None, help="tokens attended (default: 1/8)")
+    p.add_argument("--placement", default="gpu/fpga/fpga/gpu", help="devices of the four steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
         "devices", help="FPGA targets and cards found, and which xclbins are present"

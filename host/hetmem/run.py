@@ -1,0 +1,335 @@
+"""`hetmem run`: the main job, a wrapped model answering long-context retrieval prompts.
+
+The bundled model (or `--model DIR`, any local transformers causal LM) reads passkey
+prompts at a long context. Prefill runs dense and prepares each layer's memory; every
+decode step then runs the method's four steps through a `Pipeline` under the placement
+(default gpu/fpga/fpga/gpu: Compute Relevancy + Retrieval on the FPGA, the `emu` target
+unless a card is present; Prepare and Apply on the GPU, else the CPU). The same prompts
+are decoded dense from the same prefill, so the answers and the accuracy compare with
+dense attention on equal terms. The per-step profile sums every layer's pipeline over the
+run; each figure carries its source (measured, simulated, modeled) and sources are never
+added together.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checks import check_positive_int
+from .errors import InputError
+from .profile import Profile, format_bytes, format_seconds
+
+#: Contexts `hetmem run` may pick from the model card (longest where the model answers).
+CARD_CONTEXTS = (4096, 2048, 1024)
+#: A context is "where the model works" when the card's passkey accuracy reaches this.
+CARD_ACCURACY = 0.8
+#: Tokens decoded per prompt: the answer (space + 5 digits) and a little more.
+NEW_TOKENS = 8
+
+
+@dataclass
+class Answer:
+    """One prompt: what was asked, what hetmem's sparse decode said, what dense said."""
+
+    expected: str
+    depth: float
+    sparse: str
+    dense: str
+    sparse_ok: bool
+    dense_ok: bool
+
+
+@dataclass
+class PhaseTimes:
+    """Wall clock of the model's forward passes (measured), per phase."""
+
+    prefill_s: float = 0.0
+    decode_sparse_s: float = 0.0
+    decode_dense_s: float = 0.0
+
+
+@dataclass
+class RunResult:
+    model: str
+    method: str
+    trained: bool
+    placement: str
+    fpga: str
+    context: int
+    budget: int
+    answers: list[Answer]
+    profile: dict[tuple[str, str, str, str], list[float]]
+    times: PhaseTimes
+    fallbacks: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(a.sparse_ok for a in self.answers) / len(self.answers)
+
+    @property
+    def dense_accuracy(self) -> float:
+        return sum(a.dense_ok for a in self.answers) / len(self.answers)
+
+    @property
+    def agreement(self) -> float:
+        """Share of prompts whose sparse answer text equals dense's."""
+        return sum(a.sparse == a.dense for a in self.answers) / len(self.answers)
+
+
+def default_context(model_dir: Path, model: Any) -> int:
+    """The longest context of `CARD_CONTEXTS` where the model card's passkey accuracy is at
+    least `CARD_ACCURACY`; without a card, 2048 tokens (or the model's positions)."""
+    positions = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    card = model_dir / "eval.json"
+    if card.is_file():
+        from .models.bundled import card_accuracy
+
+        try:
+            figures = card_accuracy("passkey", model_dir)
+        except (InputError, KeyError, ValueError):
+            figures = {}
+        for context in CARD_CONTEXTS:
+            if figures.get(context, {}).get("accuracy", 0.0) >= CARD_ACCURACY:
+                return min(context, positions)
+    return min(2048, positions)
+
+
+def _phase(profile: Profile) -> str:
+    """Prefill: the profile that prepared the memory (and loaded it on the card)."""
+    return "prefill" if any(r.step == "prepare" for r in profile.records) else "decode"
+
+
+def collect_profile(
+    caches: list[Any],
+) -> tuple[dict[tuple[str, str, str, str], list[float]], int]:
+    """Sum every layer's pipeline history: (phase, step, device, source) -> [seconds,
+    calls, bytes]; and the FPGA fallbacks counted."""
+    rows: dict[tuple[str, str, str, str], list[float]] = defaultdict(lambda: [0.0, 0, 0])
+    fallbacks = 0
+    for cache in caches:
+        for pipeline in cache.pipelines:
+            fallbacks += pipeline.counters.get("fpga_fallbacks", 0)
+            for profile in pipeline.history:
+                phase = _phase(profile)
+                for rec in profile.records:
+                    row = rows[(phase, rec.step, rec.device, rec.source)]
+                    row[0] += rec.seconds
+                    row[1] += 1
+                    row[2] += rec.nbytes
+    return dict(rows), fallbacks
+
+
+@contextmanager
+def _timed(times: PhaseTimes, attr: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    setattr(times, attr, getattr(times, attr) + time.perf_counter() - start)
+
+
+@torch.no_grad()
+def _greedy(model: Any, cache: Any, first: torch.Tensor, steps: int, tick: Any) -> torch.Tensor:
+    tokens = [first]
+    for _ in range(steps - 1):
+        out = model(input_ids=tokens[-1][:, None], past_key_values=cache, use_cache=True)
+        tokens.append(out.logits[:, -1].argmax(-1))
+        tick()
+    return torch.cat([t[:, None] for t in tokens], dim=1)
+
+
+def run(
+    model: str | os.PathLike | None = None,
+    method: str = "dsa",
+    fpga: str = "auto",
+    context: int | None = None,
+    prompts: int = 4,
+    budget: int | None = None,
+    placement: str = "gpu/fpga/fpga/gpu",
+    new_tokens: int = NEW_TOKENS,
+    seed: int = 0,
+    console: Any = None,
+) -> RunResult:
+    """The main job; prints progress, the answers, accuracy against dense and the profile."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from transformers import DynamicCache
+
+    from . import tasks
+    from .device import torch_device
+    from .models import new_cache, unwrap, wrap
+    from .models.calibrate import load_local, selectors_for
+
+    console = console or Console()
+    prompts = check_positive_int("prompts", prompts)
+    new_tokens = check_positive_int("new_tokens", new_tokens)
+    if model is None:
+        from .models.bundled import path
+
+        model = path()
+    model_dir = Path(model)
+    device = torch_device("gpu")
+    with console.status(f"loading {model_dir}"):
+        lm, tokenizer = load_local(model_dir, device)
+    if tokenizer is None:
+        raise InputError("model", f"{model_dir} has no tokenizer")
+    context = default_context(model_dir, lm) if context is None else context
+    context = check_positive_int("context", context)
+    budget = max(context // 8, 1) if budget is None else check_positive_int("budget", budget)
+    trained = method in ("dsa", "seer") and selectors_for(lm) is not None
+    options: dict[str, Any] = {}
+    if method in ("seer", "quest") and not trained:
+        # Blocks and pages of 64 tokens: at least one fits any budget of 64+ tokens.
+        options = {"block_size": 64} if method == "seer" else {"page_size": 64}
+    with console.status(f"making {prompts} passkey prompts of {context} tokens"):
+        items = tasks.task_set("passkey", context, prompts, seed, tokenizer)
+    wrap(lm, method=method, budget=budget, placement=placement, fpga=fpga, method_options=options)
+    caches: list[Any] = []
+    answers: list[Answer] = []
+    times = PhaseTimes()
+    try:
+        unit = lm._hetmem_wrap.settings.methods[0].unit
+        console.print(
+            f"[bold]hetmem run[/bold]: {model_dir.name} | method [bold]{method}[/bold]"
+            f"{' (trained selectors)' if trained else ' (untrained default weights)' if method in ('dsa', 'seer') else ''}"
+            f" | budget {budget} of {context} tokens (unit {unit}) | placement {placement}"
+        )
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=console) as progress:
+            bar_prefill = progress.add_task("prefill (dense, memory prepared)", total=len(items))
+            bar_sparse = progress.add_task(
+                f"decode ({method}, sparse)", total=len(items) * (new_tokens - 1)
+            )
+            bar_dense = progress.add_task(
+                "decode (dense reference)", total=len(items) * (new_tokens - 1)
+            )
+            for task in items:
+                ids = tokenizer(task.prompt, return_tensors="pt")["input_ids"].to(device)
+                cache = new_cache(lm)
+                with _timed(times, "prefill_s"), torch.no_grad():
+                    out = lm(input_ids=ids, past_key_values=cache, use_cache=True)
+                first = out.logits[:, -1].argmax(-1)
+                progress.advance(bar_prefill)
+                # Dense reference from the same prefill: a plain cache runs sdpa unchanged.
+                dense_cache = DynamicCache()
+                for i, layer in enumerate(cache.layers):
+                    dense_cache.update(layer.keys.clone(), layer.values.clone(), i)
+                with _timed(times, "decode_sparse_s"):
+                    sparse = _greedy(
+                        lm, cache, first, new_tokens, lambda: progress.advance(bar_sparse)
+                    )
+                with _timed(times, "decode_dense_s"):
+                    dense = _greedy(
+                        lm, dense_cache, first, new_tokens, lambda: progress.advance(bar_dense)
+                    )
+                caches.append(cache)
+                got_sparse = tokenizer.decode(sparse[0], skip_special_tokens=True)
+                got_dense = tokenizer.decode(dense[0], skip_special_tokens=True)
+                answers.append(
+                    Answer(
+                        task.answer,
+                        task.depth,
+                        got_sparse,
+                        got_dense,
+                        tasks.score(task, got_sparse),
+                        tasks.score(task, got_dense),
+                    )
+                )
+        first_pipeline = caches[0].pipelines[0]
+        fpga_label = first_pipeline.fpga_stage.label if first_pipeline.fpga_stage else "none"
+        profile, fallbacks = collect_profile(caches)
+    finally:
+        unwrap(lm)
+    result = RunResult(
+        str(model_dir),
+        method,
+        trained,
+        placement,
+        fpga_label,
+        context,
+        budget,
+        answers,
+        profile,
+        times,
+        fallbacks,
+    )
+    report(result, console)
+    return result
+
+
+def report(result: RunResult, console: Any) -> None:
+    """The answers, the accuracy against dense, and the per-step profile with sources."""
+    from rich.table import Table
+
+    table = Table(title=f"passkey answers @ {result.context} tokens")
+    for col in ("#", "depth", "expected", f"hetmem ({result.method})", "", "dense", ""):
+        table.add_column(col)
+    for i, a in enumerate(result.answers):
+        table.add_row(
+            str(i),
+            f"{a.depth:.2f}",
+            a.expected,
+            repr(a.sparse.strip()[:24]),
+            "[green]ok[/green]" if a.sparse_ok else "[red]x[/red]",
+            repr(a.dense.strip()[:24]),
+            "[green]ok[/green]" if a.dense_ok else "[red]x[/red]",
+        )
+    console.print(table)
+    n = len(result.answers)
+    console.print(
+        f"accuracy: hetmem {result.method} (budget {result.budget}/{result.context}) "
+        f"[bold]{result.accuracy:.0%}[/bold] ({round(result.accuracy * n)}/{n}) | dense "
+        f"[bold]{result.dense_accuracy:.0%}[/bold] ({round(result.dense_accuracy * n)}/{n}) | "
+        f"same answer as dense {result.agreement:.0%}"
+    )
+    prof = Table(
+        title=f"per-step profile: every layer's pipeline summed over the run (fpga: {result.fpga})"
+    )
+    for col, just in (
+        ("phase", "left"),
+        ("step", "left"),
+        ("device", "left"),
+        ("calls", "right"),
+        ("total", "right"),
+        ("per call", "right"),
+        ("source", "left"),
+        ("bytes", "right"),
+    ):
+        prof.add_column(col, justify=just)
+    totals: dict[str, float] = defaultdict(float)
+    for (phase, step, device, source), (seconds, calls, nbytes) in result.profile.items():
+        prof.add_row(
+            phase,
+            step,
+            device,
+            str(int(calls)),
+            format_seconds(seconds),
+            format_seconds(seconds / max(calls, 1)),
+            source,
+            format_bytes(int(nbytes)),
+        )
+        totals[source] += seconds
+    for source, seconds in totals.items():
+        prof.add_row("", f"total ({source})", "", "", format_seconds(seconds), "", source, "")
+    if result.fallbacks:
+        prof.add_row("", "counter fpga_fallbacks", "", str(result.fallbacks), "", "", "", "")
+    console.print(prof)
+    t = result.times
+    console.print(
+        f"wall clock (measured, whole model forward passes, pipeline steps included): "
+        f"prefill {t.prefill_s:.2f} s, decode {t.decode_sparse_s:.2f} s sparse / "
+        f"{t.decode_dense_s:.2f} s dense"
+    )
