@@ -404,7 +404,12 @@ def main(argv: list[str] | None = None) -> int:
         "--skip", nargs="*", default=[], choices=["recall", "minilm", "tasks", "agreement"]
     )
     parser.add_argument("--out", default=str(RESULTS / "accuracy.json"))
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     setup = copy.deepcopy(QUICK if args.quick else FULL)
     if args.contexts:
         setup.contexts = sorted(args.contexts)

@@ -186,3 +186,18 @@ def test_bad_input(tmp_path, tiny_model, acts):
             cal.selectors_for(tiny_model)
     finally:
         tiny_model.name_or_path = ""
+
+
+def test_bidirectional_activations_train():
+    """An encoder's queries see every token, later ones included (e.g. MiniLM)."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(6, 4, 8, 16, generator=g) * 2
+    k = torch.randn(6, 2, 128, 16, generator=g) * 2
+    act = cal.LayerActivations(q, k, torch.full((6, 8), 127), 0.25, causal=False)
+    probs = act.attention()
+    assert bool((probs > 0).all())  # nothing masked
+    _, log = cal.train_gate(act, block_size=BLOCK, config=cal.TrainConfig(steps=30))
+    assert all(torch.isfinite(torch.tensor(log.losses)))
+    assert log.losses[-1] < log.losses[0]
+    _, log = cal.train_indexer(act, dim=8, config=cal.TrainConfig(steps=30))
+    assert all(torch.isfinite(torch.tensor(log.losses)))

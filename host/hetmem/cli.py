@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--queries", type=int, default=64, help="query positions per sequence")
     p.add_argument("--steps", type=int, default=150, help="training steps per selector per layer")
-    p.add_argument("--block-size", type=int, default=64, help="Seer block size")
+    p.add_argument("--block-size", type=int, default=16, help="Seer block size (tokens)")
     p.add_argument("--indexer-dim", type=int, default=64, help="DSA indexer head dim")
     p.add_argument(
         "--indexer-heads", type=int, default=None, help="DSA indexer heads (default: Hq)"

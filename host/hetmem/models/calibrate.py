@@ -301,7 +301,8 @@ def gate_logits(
     block: int,
 ) -> torch.Tensor:
     """The AttnGate's block logits [N, Hkv, T, Nb] (invisible blocks at -inf), as
-    `SeerAttention.relevancy` computes them at each sampled decode position."""
+    `SeerAttention.relevancy` computes them at each sampled decode position (causal), or
+    with the whole sequence in memory (an encoder's bidirectional attention)."""
     full, partial = pools
     n, hkv = act.k.shape[:2]
     grouped = act.q.unflatten(1, (hkv, -1)).permute(0, 1, 3, 2, 4).flatten(3)  # [N,Hkv,T,R*D]
@@ -310,6 +311,8 @@ def gate_logits(
     kg_part = partial @ weights.wk[None]  # [N, Hkv, T, Dg]
     root = math.sqrt(qg.shape[-1])
     logits = qg @ kg_full.transpose(-1, -2) / root
+    if not act.causal:  # every query sees every (complete) block
+        return logits
     own = (qg * kg_part).sum(-1) / root  # [N, Hkv, T]
     blk = (act.positions // block)[:, None, :, None].expand(n, hkv, -1, 1)
     logits = logits.scatter(-1, blk, own[..., None])
@@ -797,7 +800,7 @@ def calibrate(
     lr: float = 3e-3,
     indexer_heads: int | None = None,
     indexer_dim: int = 64,
-    block_size: int = 64,
+    block_size: int = 16,
     seed: int = 0,
     progress: Any = None,
 ) -> tuple[Selectors, CalibrationReport]:
@@ -901,7 +904,7 @@ def calibrate_dir(
     lr: float = 3e-3,
     indexer_heads: int | None = None,
     indexer_dim: int = 64,
-    block_size: int = 64,
+    block_size: int = 16,
     seed: int = 0,
     out: str | os.PathLike | None = None,
     console: Any = None,
