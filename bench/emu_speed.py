@@ -16,6 +16,12 @@ kernel one slot is timed two ways on the same float data:
 Both are `measured` (wall clock, median of --repeat interleaved runs) on this machine's
 CPU. The target is golden/float speed >= 0.5 (golden at most twice the float time).
 Writes a table and JSON (bench/results/emu_speed.json) with the command and the machine.
+
+Threads: numpy's BLAS (the golden models' exact float matmuls) and torch each use every
+core by default. On a machine shared with other work, multithreaded BLAS calls slow down
+far more than single-threaded ones; to compare one core against one core:
+
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python bench/emu_speed.py --threads 1
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -235,20 +242,25 @@ def bench_kernel(name: str, n: int, k: int, repeat: int, seed: int) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    load = [round(x, 2) for x in os.getloadavg()]  # other work on the machine, before ours
     rows = []
     console = Console()
     for name in args.kernels:
         with console.status(f"{name} ..."):
             rows.append(bench_kernel(name, args.n, args.k, args.repeat, args.seed))
     return {
-        "command": " ".join(["python", "bench/emu_speed.py", *sys.argv[1:]]),
+        "command": " ".join([*_thread_env(), "python", "bench/emu_speed.py", *sys.argv[1:]]),
         "source": "measured",
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "system": f"{platform.system()} {platform.release()}",
             "threads": torch.get_num_threads(),
+            "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default (all cores)"),
+            "cores": os.cpu_count(),
+            "load_average_before": load,
             "torch": torch.__version__,
             "numpy": np.__version__,
+            "blas": _blas(),
             "python": platform.python_version(),
         },
         "target": f"golden/float speed >= {TARGET}",
@@ -258,10 +270,25 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def _thread_env() -> list[str]:
+    """The thread settings of the environment, as they prefix the command."""
+    names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    return [f"{name}={os.environ[name]}" for name in names if name in os.environ]
+
+
+def _blas() -> str:
+    try:
+        info = np.__config__.CONFIG["Build Dependencies"]["blas"]  # type: ignore[attr-defined]
+        return f"{info['name']} {info['version']}"
+    except (AttributeError, KeyError, TypeError):
+        return "unknown"
+
+
 def table(result: dict) -> Table:
     t = Table(
         title=f"emu golden model vs float torch reference, {result['candidates']} candidates: "
-        f"ms measured on {result['machine']['cpu']} ({result['machine']['threads']} threads), "
+        f"ms measured on {result['machine']['cpu']} (torch threads "
+        f"{result['machine']['threads']}, BLAS threads {result['machine']['blas_threads']}), "
         f"median of {result['repeat']}; speed = float / golden (target >= {TARGET})"
     )
     for col, just in (
