@@ -8,7 +8,9 @@ import warnings
 
 from rich.console import Console
 
-console = Console()
+#: Piped or captured output (logs, CI) gets 120 columns instead of rich's 80, so that the
+#: profile tables stay one line per step.
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
