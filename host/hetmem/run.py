@@ -32,6 +32,8 @@ from .profile import Profile, format_bytes, format_seconds
 CARD_CONTEXTS = (4096, 2048, 1024)
 #: A context is "where the model works" when the card's passkey accuracy reaches this.
 CARD_ACCURACY = 0.8
+#: Quest page and untrained Seer block, in tokens (trained Seer keeps its trained block).
+UNIT = 16
 #: Tokens decoded per prompt: the answer (space + 5 digits) and a little more.
 NEW_TOKENS = 8
 
@@ -187,8 +189,8 @@ def run(
     trained = method in ("dsa", "seer") and selectors_for(lm) is not None
     options: dict[str, Any] = {}
     if method in ("seer", "quest") and not trained:
-        # Blocks and pages of 64 tokens: at least one fits any budget of 64+ tokens.
-        options = {"block_size": 64} if method == "seer" else {"page_size": 64}
+        # Blocks and pages of 16 tokens, as the accuracy harness measures them.
+        options = {"block_size": UNIT} if method == "seer" else {"page_size": UNIT}
     with console.status(f"making {prompts} passkey prompts of {context} tokens"):
         items = tasks.task_set("passkey", context, prompts, seed, tokenizer)
     wrap(lm, method=method, budget=budget, placement=placement, fpga=fpga, method_options=options)
