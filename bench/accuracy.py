@@ -354,7 +354,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     panels: list[tuple[str, dict[str, dict[str, float]], float | None]] = []
     if result.get("recall", {}).get("decoder"):
         panels.append(
-            ("attention recall: bundled model", result["recall"]["decoder"]["recall"], None)
+            (
+                f"attention recall: {Path(result['model']).name}",
+                result["recall"]["decoder"]["recall"],
+                None,
+            )
         )
     if result.get("recall", {}).get("minilm"):
         panels.append(
@@ -475,9 +479,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if result["recall"].get("decoder"):
         d = result["recall"]["decoder"]
-        title = (
-            f"attention recall, bundled model ({d['sequences']} x {d['tokens']} tokens, all layers)"
-        )
+        title = f"attention recall, {Path(args.model).name} ({d['sequences']} x {d['tokens']} tokens, all layers)"
         console.print(budget_table(title, d["recall"]))
     if result["recall"].get("minilm"):
         m = result["recall"]["minilm"]
