@@ -48,7 +48,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from hetmem import tasks
-from hetmem.attention import AttentionQuery, KVCache, attention_recall
+from hetmem.attention import AttentionQuery, KVCache, attention_probs, attention_recall
 from hetmem.methods import get
 from hetmem.methods.base import Method
 from hetmem.models import calibrate as cal
@@ -63,6 +63,8 @@ METHODS: dict[str, tuple[str, bool]] = {
     "seer (untrained)": ("seer", False),
     "quest": ("quest", False),
 }
+#: The upper bound of the recall rows: each query head's own heaviest tokens, per budget.
+ORACLE = "oracle (per-head top-k)"
 DECODER_UNIT = 16
 ENCODER_UNIT = 8
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -120,7 +122,7 @@ def recall_by_budget(
 ) -> dict[str, dict[str, float]]:
     """Mean attention recall over layers, sequences and sampled queries: label -> {"1/f": r}."""
     labels = labels_for(selectors)
-    sums = {label: dict.fromkeys(fractions, 0.0) for label in labels}
+    sums = {label: dict.fromkeys(fractions, 0.0) for label in [*labels, ORACLE]}
     count = 0
     total = sum(a.q.shape[0] * a.q.shape[2] for a in acts)
     bar = progress.add_task(f"recall: {title}", total=total)
@@ -132,6 +134,11 @@ def recall_by_budget(
                 keys = act.k[n : n + 1, :, : p + 1]
                 kv = KVCache(keys, keys)
                 query = AttentionQuery(act.q[n : n + 1, :, t : t + 1])
+                # The oracle: each query head keeps its own `budget` heaviest tokens.
+                ranked = attention_probs(query.q, kv, scale=act.scale).sort(-1, descending=True)
+                for f in fractions:
+                    k = budget_tokens(p + 1, f, unit)
+                    sums[ORACLE][f] += float(ranked.values[..., :k].sum(-1).mean())
                 for label, method in methods.items():
                     method.scale = act.scale
                     memory = method.prepare(kv)
@@ -381,7 +388,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     xs = list(range(len(FRACTIONS)))
     for ax, (title, lines, dense) in zip(axes.flat, panels, strict=False):
         for label, row in lines.items():
-            style = "--" if "untrained" in label else "-"
+            style = ":" if label == ORACLE else "--" if "untrained" in label else "-"
             ax.plot(xs, [row[f"1/{f}"] for f in FRACTIONS], style, marker="o", label=label)
         if dense is not None:
             ax.axhline(dense, color="black", linewidth=1, linestyle=":", label="dense")
