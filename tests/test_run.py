@@ -94,3 +94,22 @@ def test_bad_input(model_dir, tmp_path, capsys):
     rc = main(["run", "--model", str(model_dir), "--context", str(CONTEXT), "--method", "bm25_rag"])
     assert rc == 2
     assert "method" in capsys.readouterr().out
+
+
+def test_default_context_is_the_longest_the_card_says_works(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from hetmem.run import default_context
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=8192))
+    assert default_context(tmp_path, model) == 2048  # no card
+    card = {"tasks": {"passkey": {"1024": {"accuracy": 1.0}, "2048": {"accuracy": 0.9}}}}
+    card["tasks"]["passkey"]["4096"] = {"accuracy": 0.5}
+    (tmp_path / "eval.json").write_text(json.dumps(card))
+    assert default_context(tmp_path, model) == 2048
+    card["tasks"]["passkey"]["4096"]["accuracy"] = 0.85
+    (tmp_path / "eval.json").write_text(json.dumps(card))
+    assert default_context(tmp_path, model) == 4096
+    small = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=1000))
+    assert default_context(tmp_path, small) == 1000

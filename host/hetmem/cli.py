@@ -65,9 +65,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     directory = args.model
     if directory is None:
-        from .models.bundled import path
+        from .run import bundled_dir
 
-        directory = path()
+        directory = bundled_dir()
     calibrate_dir(
         directory,
         sequences=args.sequences,

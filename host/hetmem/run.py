@@ -13,6 +13,7 @@ added together.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import defaultdict
@@ -89,21 +90,38 @@ class RunResult:
 
 
 def default_context(model_dir: Path, model: Any) -> int:
-    """The longest context of `CARD_CONTEXTS` where the model card's passkey accuracy is at
-    least `CARD_ACCURACY`; without a card, 2048 tokens (or the model's positions)."""
+    """The longest context of `CARD_CONTEXTS` where the model card's passkey accuracy
+    (`eval.json` beside the weights) is at least `CARD_ACCURACY`; without a card, 2048 tokens
+    (or the model's positions)."""
     positions = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     card = model_dir / "eval.json"
+    figures: dict[str, Any] = {}
     if card.is_file():
-        from .models.bundled import card_accuracy
-
         try:
-            figures = card_accuracy("passkey", model_dir)
-        except (InputError, KeyError, ValueError):
+            figures = json.loads(card.read_text())["tasks"]["passkey"]
+        except (KeyError, TypeError, ValueError):
             figures = {}
-        for context in CARD_CONTEXTS:
-            if figures.get(context, {}).get("accuracy", 0.0) >= CARD_ACCURACY:
-                return min(context, positions)
+    for context in CARD_CONTEXTS:
+        entry = figures.get(str(context))
+        if isinstance(entry, dict) and entry.get("accuracy", 0.0) >= CARD_ACCURACY:
+            return min(context, positions)
     return min(2048, positions)
+
+
+def bundled_dir() -> Path:
+    """The bundled model's directory, or an error that says how to run without it."""
+    try:
+        from .models.bundled import path
+    except ImportError as exc:
+        raise InputError("model", "this checkout has no bundled model: pass --model DIR") from exc
+    directory = path()
+    if not (directory / "config.json").is_file():
+        raise InputError(
+            "model",
+            f"the bundled model's weights are not in {directory} "
+            "(python -m hetmem.models.bundled.train makes them): pass --model DIR",
+        )
+    return directory
 
 
 def _phase(profile: Profile) -> str:
@@ -173,11 +191,7 @@ def run(
     console = console or Console()
     prompts = check_positive_int("prompts", prompts)
     new_tokens = check_positive_int("new_tokens", new_tokens)
-    if model is None:
-        from .models.bundled import path
-
-        model = path()
-    model_dir = Path(model)
+    model_dir = bundled_dir() if model is None else Path(model)
     device = torch_device("gpu")
     with console.status(f"loading {model_dir}"):
         lm, tokenizer = load_local(model_dir, device)
