@@ -27,8 +27,11 @@ sim-tools:
 	  { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq iverilog yosys >/dev/null; \
 	    else echo "install iverilog and yosys (Debian packages) for the rtl tests"; fi; }
 
+# The main job (hetmem run) on the bundled model; the demo while its weights are not in the checkout.
+BUNDLED := host/hetmem/models/bundled/hetmem-lm/config.json
 run: setup
-	$(VENV)/bin/hetmem demo
+	@if [ -f $(BUNDLED) ]; then $(VENV)/bin/hetmem run; \
+	else echo "no bundled weights ($(BUNDLED)): running hetmem demo"; $(VENV)/bin/hetmem demo; fi
 
 test: setup
 	$(VENV)/bin/ruff check host tests bench fpga
