@@ -568,7 +568,7 @@ class Selectors:
 
     indexers: list[IndexerWeights]
     gates: list[GateWeights]
-    block_size: int = 64
+    block_size: int = 16
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -600,7 +600,6 @@ class Selectors:
                 )
             return self.method(name, layer_idx, **dict(opts))
 
-        build.trained = True  # type: ignore[attr-defined]
         return build
 
 
@@ -644,8 +643,12 @@ def load_selectors(path: str | os.PathLike) -> Selectors:
         raise InputError("path", f"{path} is not a readable safetensors file: {exc}") from exc
     if meta.get("format") != FORMAT:
         raise InputError("path", f"{path} is not a hetmem selectors file (format {FORMAT})")
-    layers = int(meta["layers"])
-    heads = [int(h) for h in meta["dsa_heads"].split(",")]
+    try:
+        layers = int(meta["layers"])
+        heads = [int(h) for h in meta["dsa_heads"].split(",")]
+        block_size = int(meta["seer_block_size"])
+    except (KeyError, ValueError) as exc:
+        raise InputError("path", f"{path} has malformed metadata: {exc}") from exc
     try:
         indexers = [
             IndexerWeights(
@@ -658,9 +661,7 @@ def load_selectors(path: str | os.PathLike) -> Selectors:
         ]
     except KeyError as exc:
         raise InputError("path", f"{path} lacks tensor {exc}") from exc
-    return Selectors(
-        indexers, gates, int(meta["seer_block_size"]), json.loads(meta.get("info", "{}"))
-    )
+    return Selectors(indexers, gates, block_size, json.loads(meta.get("info", "{}")))
 
 
 @functools.lru_cache(maxsize=8)
