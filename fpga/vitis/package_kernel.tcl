@@ -16,7 +16,8 @@ set work       "build/${kernel}"
 set ip_dir     "${work}/ip"
 
 create_project -force ${kernel}_pack ${work}/project -part $part
-add_files -norecurse [concat [glob ${rtl_dir}/*.v] [glob top/${kernel}.v]]
+add_files -norecurse [concat [glob ${rtl_dir}/*.v] [glob ${rtl_dir}/*.vh] [glob top/${kernel}.v]]
+set_property include_dirs [list [file normalize $rtl_dir]] [current_fileset]
 set_property top $kernel [current_fileset]
 update_compile_order -fileset sources_1
 
