@@ -59,7 +59,9 @@ def card_found() -> bool:
 
 def open_device(target: str | FpgaDevice = "auto", **options: Any) -> FpgaDevice:
     """Open an FPGA device: "auto" (xrt when pyxrt imports and finds a card, else emu),
-    "emu", "cosim", "xrt", "xrt_emu" or "pynq"; an FpgaDevice is returned as it is."""
+    "emu", "cosim", "xrt", "xrt_emu" or "pynq"; an FpgaDevice is returned as it is.
+    "xrt_emu" takes `executor`: "emu" (default) or "cosim" (the RTL runs its kernels; also
+    cosim options, or an open CosimDevice)."""
     if isinstance(target, FpgaDevice):
         if options:
             raise InputError("options", f"{sorted(options)} given with an already-open device")
@@ -72,6 +74,12 @@ def open_device(target: str | FpgaDevice = "auto", **options: Any) -> FpgaDevice
         )
     if target == "auto":
         target = "xrt" if card_found() else "emu"
+    if target == "xrt_emu" and "executor" in options:  # what runs the emulated card's kernels
+        executor = options.pop("executor")
+        if executor is not None and executor != "emu":
+            from .cosim import open_xrt_cosim
+
+            return open_xrt_cosim(executor, **options)
     return _factory(target)(**options)
 
 

@@ -1,8 +1,8 @@
 """`xrt_emu`: the part of pyxrt's API that the xrt driver (`xrt.py`) uses, executed by the
-emu executor, the way Vitis hardware emulation runs unchanged host code against a
-simulated card. `open_device("xrt_emu")` runs the real driver over this module, so the
-driver's buffer sizes and banks, argument order, sync directions, state checks and fault
-handling are tested without XRT or a card.
+emu executor (or cosim's RTL: `device(executor=...)`), the way Vitis hardware emulation
+runs unchanged host code against a simulated card. `open_device("xrt_emu")` runs the real
+driver over this module, so the driver's buffer sizes and banks, argument order, sync
+directions, state checks and fault handling are tested without XRT or a card.
 
 The API, as in pyxrt (a module-level `import pyxrt` can be replaced by this one):
 
@@ -90,7 +90,7 @@ from typing import Any
 import numpy as np
 
 from .. import kernels as _kernels
-from ..errors import HetmemError, InputError
+from ..errors import DeviceLost, FpgaTimeout, HetmemError, InputError
 from . import emu as _emu
 
 EMULATED = True
@@ -367,9 +367,14 @@ class xclbin:
 
 
 class device:
-    """A handle on emulated card `index` (or the card with that BDF): a fresh card."""
+    """A handle on emulated card `index` (or the card with that BDF): a fresh card.
 
-    def __init__(self, index: int | str = 0) -> None:
+    `executor` runs its kernels: a callable (spec, raw buffer bytes by argument, scalars)
+    -> (out, cycles); emu's golden models by default, or a cosim device's `execute` (the
+    RTL in Verilator), as `open_device("xrt_emu", executor="cosim")` sets it.
+    """
+
+    def __init__(self, index: int | str = 0, *, executor: Any = None) -> None:
         if isinstance(index, str):
             found = [i for i, c in enumerate(CARDS) if c.bdf == index]
             if not found:
@@ -383,6 +388,7 @@ class device:
         self.lost: str | None = None
         self.xclbin: xclbin | None = None
         self.sync_log: list[tuple[xclBOSyncDirection, int, int, int]] = []
+        self.executor = _emu.execute if executor is None else executor
 
     def _check(self) -> None:
         """Every call that reaches the card fails once the card is lost."""
@@ -620,7 +626,12 @@ class kernel:
                 )
         spec = _kernels.get(self._name)
         try:
-            out, cycles = _emu.execute(spec, {n: b._card for n, b in buffers.items()}, scalars)
+            out, cycles = dev.executor(spec, {n: b._card for n, b in buffers.items()}, scalars)
+        except FpgaTimeout as exc:  # a simulated card that never raised ap_done
+            return run(ert_cmd_state.ERT_CMD_STATE_TIMEOUT, message=str(exc), dev=dev)
+        except DeviceLost as exc:
+            dev.lost = str(exc)
+            return run(ert_cmd_state.ERT_CMD_STATE_ABORT, message=dev.lost, dev=dev)
         except (HetmemError, IndexError, ValueError) as exc:
             return run(error, message=f"the kernel faulted on its inputs: {exc}", dev=dev)
         flat = out.reshape(-1).view(np.uint8)
