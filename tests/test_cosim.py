@@ -210,9 +210,13 @@ def test_models_are_built_once_and_found_in_the_cache(cosim):
     assert other != first.key
 
 
-def test_bm25_has_no_rtl_and_says_so(cosim):
+def test_bm25_has_no_rtl_and_says_so(cosim, xrt_cosim):
     with pytest.raises(XclbinError, match="bm25 has no RTL"):
         cosim.alloc("bm25", "doc_ids", 1024)
+    # The driver over cosim loads the RTL-only xclbin: bm25 is missing from the card.
+    assert "hetmem_rtl_hw.xclbin" in xrt_cosim.name
+    with pytest.raises(XclbinError, match="no kernel bm25"):
+        xrt_cosim.alloc("bm25", "doc_ids", 1024)
     with pytest.raises(XclbinError, match="no RTL"):
         cosim_mod.build_model("bm25")
 

@@ -61,6 +61,7 @@ from ..kernels import KernelInputs, KernelSpec
 from ..kernels.spec import CAPACITY, Arg
 from .device import Buffer, FpgaDevice, Timing, as_count
 from .emu import BANK_BYTES, EmuDevice
+from .manifest import sha256_file
 from .pcie import GEN3_X16, PcieLink
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -750,10 +751,41 @@ class XrtOnCosim(FpgaDevice):
             self.executor.close()
 
 
+_RTL_XCLBINS: dict[tuple[str, str], tuple[Path, str]] = {}
+
+
+def _rtl_xclbin(options: dict[str, Any]) -> dict[str, Any]:
+    """Without an `xclbin` option: an emulated build of the manifest's first xclbin whose
+    kernels all have RTL (the card cosim stands for), its checksum recorded in a copy of
+    the manifest, as `open_xrt_emu` does for the default xclbin; a kernel without RTL is then
+    missing from the card (XclbinError), not a failing run."""
+    if options.get("xclbin") is not None:
+        return options
+    from . import xrt_emu
+    from .manifest import Manifest
+
+    manifest = Manifest.load(options.get("manifest"))
+    rtl = [e for e in manifest.xclbins.values() if set(e.kernels) <= set(RTL_KERNELS)]
+    entry = rtl[0] if rtl else manifest.default()
+    key = (str(manifest.path), entry.name)
+    if key not in _RTL_XCLBINS or not _RTL_XCLBINS[key][0].is_file():
+        directory = Path(tempfile.mkdtemp(prefix="hetmem-xrt-cosim-"))
+        path = xrt_emu.write_xclbin(
+            directory / entry.name,
+            kernels=entry.kernels,
+            platform=entry.shell or entry.platform,
+            clock_hz=entry.clock_hz,
+        )
+        _RTL_XCLBINS[key] = (path, sha256_file(path))
+    path, digest = _RTL_XCLBINS[key]
+    return {**options, "xclbin": path, "manifest": manifest.with_checksum(entry.name, digest)}
+
+
 def open_xrt_cosim(executor: Any = "cosim", **options: Any) -> XrtOnCosim:
     """`open_device("xrt_emu", executor="cosim")`: the xrt driver over xrt_emu, its kernels
     run by a cosim device (`executor`: "cosim", a mapping of CosimDevice options, or an open
-    CosimDevice, which is shared and not closed here). Other options go to the driver."""
+    CosimDevice, which is shared and not closed here). Other options go to the driver; the
+    xclbin defaults to an emulated build of the manifest's RTL-only xclbin."""
     from .xrt import open_xrt_emu
 
     if isinstance(executor, CosimDevice):
@@ -767,7 +799,7 @@ def open_xrt_cosim(executor: Any = "cosim", **options: Any) -> XrtOnCosim:
             "executor", f"expected 'emu', 'cosim', cosim options or a CosimDevice, got {executor!r}"
         )
     try:
-        inner = open_xrt_emu(**options)
+        inner = open_xrt_emu(**_rtl_xclbin(options))
     except BaseException:
         if owned:
             cosim.close()
