@@ -61,7 +61,7 @@ def tops() -> list[str]:
     listed = RTL / "TOPS"
     if listed.exists():
         return [t.strip() for t in listed.read_text().splitlines() if t.strip()]
-    return ["hetmem_engine"]
+    return ["hm_engine"]
 
 
 def synthesize(top: str, params: dict[str, str]) -> dict[str, float]:
