@@ -88,6 +88,8 @@ def test_vitis_top_elaborates_over_the_rtl(name, tmp_path):
     if shutil.which("iverilog") is None:
         pytest.skip("iverilog is not installed")
     rtl = ROOT / "fpga" / "rtl"
+    if not (rtl / f"hm_{name}.v").exists():
+        pytest.skip(f"the RTL top hm_{name}.v is not in this checkout yet")
     out = tmp_path / "top.vvp"
     cmd = ["iverilog", "-g2012", "-I", str(rtl), "-s", name, "-o", str(out)]
     cmd += [*sorted(str(p) for p in rtl.glob("*.v")), str(VITIS / "top" / f"{name}.v")]
