@@ -29,18 +29,6 @@ needs_sim = pytest.mark.skipif(REASON is not None, reason=f"cosim: {REASON}")
 
 HYBRID = "gpu/fpga/fpga/gpu"
 
-#: A known fault of fpga/rtl/hm_engine.v (not of cosim; Icarus with fpga/cosim/tb_icarus.v
-#: hangs the same way): the row width the query port's row aligner uses (`rq_rb`) holds the
-#: width of w (2 bytes) or delta (4 bytes) only in S_LW_START / S_LD_START and falls back to
-#: `dim` in S_LOADW / S_LOADD, so a load of two or more w rows (token_indexer with queries x
-#: heads >= 2) or delta rows (block_gate threshold with queries >= 2) waits for `dim` bytes
-#: forever. Strict: once the RTL is fixed these pass, and this marker must go.
-RTL_HANGS_ON_W_DELTA_LOADS = pytest.mark.xfail(
-    raises=FpgaTimeout,
-    strict=True,
-    reason="hm_engine: multi-row w/delta loads hang (rq_rb only valid in S_LW/LD_START)",
-)
-
 
 @pytest.fixture(scope="module")
 def cosim():
@@ -133,12 +121,7 @@ CASES = {
 
 @pytest.mark.parametrize(
     "case",
-    [
-        pytest.param(c, marks=RTL_HANGS_ON_W_DELTA_LOADS)
-        if c in ("token_indexer", "block_gate threshold")
-        else c
-        for c in CASES
-    ],
+    list(CASES),
 )
 def test_emu_cosim_and_xrt_over_cosim_return_identical_outputs(case, emu, cosim, xrt_cosim):
     kernel = case.split()[0]
@@ -305,7 +288,7 @@ def test_list_devices_reports_cosim_available():
 @pytest.mark.parametrize(
     "make",
     [
-        pytest.param(lambda get: get("dsa"), id="dsa", marks=RTL_HANGS_ON_W_DELTA_LOADS),
+        pytest.param(lambda get: get("dsa"), id="dsa"),
         pytest.param(lambda get: get("quest", page_size=16), id="quest"),
         pytest.param(lambda get: get("seer", block_size=16), id="seer"),
         pytest.param(

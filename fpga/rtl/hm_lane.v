@@ -21,22 +21,26 @@ module hm_lane #(
     output reg                     out_valid,
     output reg  signed [ACC_W-1:0] out_dot
 );
-    reg signed [ACC_W-1:0] psum;
-    integer i;
-    always @(*) begin
-        psum = {ACC_W{1'b0}};
-        if (quest) begin
-            for (i = 0; i < 32; i = i + 1) begin
-                if (in_q[8*i+7])
-                    psum = psum + $signed(in_q[8*i+:8]) * $signed(in_a[16*i+:16]);
-                else
-                    psum = psum + $signed(in_q[8*i+:8]) * $signed(in_b[16*i+:16]);
+    // the chunk's products, summed (evaluated once per valid chunk, in the clocked block)
+    function signed [ACC_W-1:0] chunk_sum;
+        input q_mode;
+        input [511:0] a;
+        input [511:0] b;
+        input [511:0] q;
+        integer i;
+        begin
+            chunk_sum = {ACC_W{1'b0}};
+            if (q_mode) begin
+                for (i = 0; i < 32; i = i + 1) begin
+                    if (q[8*i+7]) chunk_sum = chunk_sum + $signed(q[8*i+:8]) * $signed(a[16*i+:16]);
+                    else chunk_sum = chunk_sum + $signed(q[8*i+:8]) * $signed(b[16*i+:16]);
+                end
+            end else begin
+                for (i = 0; i < 64; i = i + 1)
+                    chunk_sum = chunk_sum + $signed(q[8*i+:8]) * $signed(a[8*i+:8]);
             end
-        end else begin
-            for (i = 0; i < 64; i = i + 1)
-                psum = psum + $signed(in_q[8*i+:8]) * $signed(in_a[8*i+:8]);
         end
-    end
+    endfunction
 
     reg s1_valid, s1_first, s1_last;
     reg signed [ACC_W-1:0] s1_psum;
@@ -53,7 +57,7 @@ module hm_lane #(
         end
         s1_first <= in_first;
         s1_last  <= in_last;
-        s1_psum  <= psum;
+        if (in_valid) s1_psum <= chunk_sum(quest, in_a, in_b, in_q);
         if (s1_valid) begin
             acc <= total;
             if (s1_last) out_dot <= total;

@@ -51,16 +51,12 @@ module hm_score_store #(
     reg  [    4095:0] bin_valid;
     reg  [    XW:0] coarse    [       0:63];
 
-    // write side: read-modify-write of the stored score and of the histogram bin
-    wire [W*64-1:0] wword_old = scores[widx[XW-1:LW]];
-    wire [    63:0] old = wword_old[{widx[LW-1:0], 6'd0}+:64];
-    wire [    63:0] sum = old + wval;
-    wire [    63:0] val = (wop == 2'd1) ? sum :
-                          (wop == 2'd2) ? (($signed(wval) > $signed(old)) ? wval : old) : wval;
-    wire [    11:0] bin = hm_bin_key(val);
-    wire [    XW:0] bin_count_old = bin_count[bin];
-    wire [  XW-1:0] bin_head_old = bin_head[bin];
-    wire [    XW:0] coarse_old = coarse[bin[11:6]];
+    // write side: read-modify-write of the stored score and of the histogram bin, evaluated
+    // in the clocked block only for a write
+    reg [W*64-1:0] wword_old;
+    reg [63:0] old, val;
+    reg [11:0] bin;
+    reg [XW:0] bin_count_old;
 
     // read side
     wire [W*64-1:0] rword = scores[raddr[XW-1:LW]];
@@ -75,6 +71,15 @@ module hm_score_store #(
     integer g;
     always @(posedge clk) begin
         if (we) begin
+            wword_old = scores[widx[XW-1:LW]];
+            old = wword_old[{widx[LW-1:0], 6'd0}+:64];
+            case (wop)
+                2'd1: val = old + wval;
+                2'd2: val = ($signed(wval) > $signed(old)) ? wval : old;
+                default: val = wval;
+            endcase
+            bin = hm_bin_key(val);
+            bin_count_old = bin_valid[bin] ? bin_count[bin] : {(XW + 1) {1'b0}};
             scores[widx[XW-1:LW]][{widx[LW-1:0], 6'd0}+:64] <= val;
         end
         if (clear) begin
@@ -82,11 +87,11 @@ module hm_score_store #(
             for (g = 0; g < 64; g = g + 1) coarse[g] <= {(XW + 1) {1'b0}};
             sany <= 1'b0;
         end else if (we && wfinal) begin
-            next_row[widx]  <= bin_head_old;
+            next_row[widx]  <= bin_head[bin];
             bin_head[bin]   <= widx;
-            bin_count[bin]  <= (bin_valid[bin] ? bin_count_old : {(XW + 1) {1'b0}}) + 1'b1;
+            bin_count[bin]  <= bin_count_old + 1'b1;
             bin_valid[bin]  <= 1'b1;
-            coarse[bin[11:6]] <= coarse_old + 1'b1;
+            coarse[bin[11:6]] <= coarse[bin[11:6]] + 1'b1;
             if (!sany || $signed(val) > $signed(smax)) smax <= val;
             sany <= 1'b1;
         end

@@ -144,16 +144,23 @@ module hm_topk #(
     wire [W*64-1:0] cb_word = cb[wi[WA-1:0]];
 
     // one counting pass word: candidates >= cmp_t (or > cmp_t when strict)
-    reg  [   W-1:0] hits;
-    integer i;
-    always @(*) begin
-        for (i = 0; i < W; i = i + 1) begin
-            hits[i] = 1'b0;
-            if (({{(XW - WA) {1'b0}}, wi} << LW) + i < {1'b0, c})
-                hits[i] = strict ? (cb_word[64*i+:64] > cmp_t) : (cb_word[64*i+:64] >= cmp_t);
+    function [W-1:0] pass_hits;
+        input [W*64-1:0] word;
+        input [WA:0] wordi;
+        input [XW:0] count;
+        input [63:0] t;
+        input gt;
+        integer p;
+        begin
+            for (p = 0; p < W; p = p + 1) begin
+                pass_hits[p] = 1'b0;
+                if (({{(XW - WA) {1'b0}}, wordi} << LW) + p < {1'b0, count})
+                    pass_hits[p] = gt ? (word[64*p+:64] > t) : (word[64*p+:64] >= t);
+            end
         end
-    end
+    endfunction
 
+    integer i;
     function [XW:0] popcount;
         input [W-1:0] m;
         integer p;
@@ -312,7 +319,7 @@ module hm_topk #(
                     end
                 end
                 S_CNT: begin
-                    hits_r <= hits;
+                    hits_r <= pass_hits(cb_word, wi, c, cmp_t, strict);
                     hits_v <= 1'b1;
                     if (hits_v) cnt <= cnt + popcount(hits_r);
                     wi <= wi + 1'b1;

@@ -28,6 +28,7 @@ VERILATOR_ARGS = [
     "-Wno-PINCONNECTEMPTY",
     "-Wno-SYMRSVDWORD",
     "-Wno-VARHIDDEN",
+    "-Wno-BLKSEQ",
     "-CFLAGS",
     "-O1",
 ]

@@ -50,6 +50,7 @@ from .spec import (
     KernelInputs,
     check_dim,
     engine_cycles,
+    engine_passes,
     fold_query,
 )
 from .topk import as_k
@@ -125,15 +126,17 @@ class BlockGate(VectorSearch):
         mode: int = MODE_TOPK,
         params: EngineParams | None = None,
     ) -> int:
-        """As vector_search; threshold mode writes the bitmap words during its n/32 scan and
-        has no per-index drain."""
+        """As vector_search; threshold mode writes the bitmap words during its scan and has
+        no threshold search or per-index drain."""
         p = params or self.engine
+        passes = engine_passes(p, queries=queries)
         return engine_cycles(
             p,
             port_bytes=(n * dim, n),
-            lane_ops=n * queries * -(-dim // p.beat_bytes),
+            lane_ops=passes * n * max(1, -(-dim // p.beat_bytes)) * p.lanes,
             n=n,
             k=k,
             queries=queries,
             bitmap=mode == MODE_THRESHOLD,
+            passes=passes,
         )

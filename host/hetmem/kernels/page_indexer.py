@@ -54,6 +54,7 @@ from .spec import (
     check_dim,
     check_rows,
     engine_cycles,
+    engine_passes,
     exact_dot,
     fit_channels,
     fold_query,
@@ -145,15 +146,18 @@ class PageIndexer(KernelSpec):
         queries: int = 1,
         params: EngineParams | None = None,
     ) -> int:
-        """Stream 2 * dim bytes of mins and of maxs per page, each on its own port;
-        queries * heads sign-selected dot products per page, one lane-cycle per beat of
-        32 channels; then per query a bitmap scan of n/32 words and k index writes."""
+        """As the RTL does it: passes over the memory, each with up to `lanes` query heads
+        (`engine_passes`), stream 2 * dim bytes of mins and of maxs per page, each on its own
+        port, one cycle per beat of 32 channels; then per query a selection: a scan of the n
+        scores and the k indices written."""
         p = params or self.engine
+        passes = engine_passes(p, queries=queries, heads=heads)
         return engine_cycles(
             p,
             port_bytes=(n * 2 * dim, n * 2 * dim),
-            lane_ops=n * queries * heads * -(-2 * dim // p.beat_bytes),
+            lane_ops=passes * n * max(1, -(-2 * dim // p.beat_bytes)) * p.lanes,
             n=n,
             k=k,
             queries=queries,
+            passes=passes,
         )

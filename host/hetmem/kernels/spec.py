@@ -27,6 +27,7 @@ constants of every kernel live in `ENGINES`, which the RTL bench calibrates.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -114,11 +115,15 @@ class EngineParams:
     ports: 512-bit HBM ports of the memory, one per memory buffer (each in its own
         pseudo-channel), each reading one beat per cycle.
     pipeline_latency: cycles from the first beat read to the first score.
-    drain_per_k: cycles per selected index written out.
-    scan_bits: candidates per cycle of the index-ascending bitmap scan that emits the
-        selection (one 32-bit word per cycle).
+    drain_per_k: cycles per selected index written out (the RTL packs 16 to a beat: 1/16).
+    scan_bits: candidates per cycle of the index-ascending scan that emits the selection.
     control_overhead: ap_start to first read plus last write to ap_done (descriptor set-up,
         query load, AXI write response).
+    slots: queries whose scores the engine keeps at once (0: as many as lanes).
+    pass_overhead: cycles per pass over the memory besides streaming it (query load).
+    select_overhead: cycles per query of a top-k selection besides its scan and drain
+        (histogram scans, walking the k-th bin, the threshold search); data-dependent in
+        the RTL, fitted on the bench's random data.
     """
 
     lanes: int
@@ -126,23 +131,52 @@ class EngineParams:
     beat_bytes: int = BEAT_BYTES
     clock_hz: float = DEFAULT_CLOCK_HZ
     pipeline_latency: int = 32
-    drain_per_k: int = 1
+    drain_per_k: float = 1
     scan_bits: int = 32
     control_overhead: int = 160
+    slots: int = 0
+    pass_overhead: int = 0
+    select_overhead: int = 0
 
     def with_(self, **changes: Any) -> EngineParams:
         """A copy with some constants changed (calibration)."""
         return replace(self, **changes)
 
 
+#: The RTL engine's constants (fpga/rtl/hm_engine.v at its default parameters: 8 lanes, 8
+#: slots, 64 scores per scan cycle, 16 indices per output beat), calibrated against its cycle
+#: counts (tests/rtl/test_cycles.py, bench/results/rtl_cycles.json: within 5%).
+_RTL = {
+    "lanes": 8,
+    "ports": 2,
+    "slots": 8,
+    "scan_bits": 64,
+    "drain_per_k": 1 / 16,
+    "pipeline_latency": 8,
+    "control_overhead": 25,
+    "pass_overhead": 25,
+}
+
 #: Every kernel's engine constants, in one place.
 ENGINES: dict[str, EngineParams] = {
-    "token_indexer": EngineParams(lanes=32, ports=2),
-    "page_indexer": EngineParams(lanes=16, ports=2),
-    "block_gate": EngineParams(lanes=8, ports=2),
-    "vector_search": EngineParams(lanes=8, ports=2),
-    "bm25": EngineParams(lanes=2, ports=3),
+    "token_indexer": EngineParams(**_RTL, select_overhead=120),
+    # Quest scores (max over heads of bounds) crowd the k-th histogram bin: a longer walk
+    "page_indexer": EngineParams(**{**_RTL, "scan_bits": 32}, select_overhead=400),
+    "block_gate": EngineParams(**_RTL, select_overhead=50),
+    "vector_search": EngineParams(**_RTL, select_overhead=50),
+    "bm25": EngineParams(lanes=2, ports=3),  # no RTL: not calibrated
 }
+
+
+def engine_passes(params: EngineParams, *, queries: int, heads: int = 1) -> int:
+    """Passes of the RTL over the memory: each loads up to `lanes` query vectors (query x
+    head), whole queries when heads <= lanes (at most `slots` queries at once), else one
+    query's heads `lanes` at a time."""
+    lanes, heads, queries = params.lanes, max(int(heads), 1), max(int(queries), 1)
+    if heads > lanes:
+        return queries * -(-heads // lanes)
+    per_pass = min(lanes // heads, params.slots or lanes)
+    return -(-queries // per_pass)
 
 
 def engine_cycles(
@@ -154,29 +188,32 @@ def engine_cycles(
     k: int,
     queries: int,
     bitmap: bool = False,
+    passes: int = 1,
 ) -> int:
     """The cycle model shared by every engine:
 
         control_overhead
         + max(max over ports of ceil(port_bytes / beat_bytes), ceil(lane_ops / lanes))
-        + pipeline_latency
-        + queries * (ceil(n / scan_bits) + (0 if bitmap else drain_per_k * k))
+        + pipeline_latency + passes * pass_overhead
+        + queries * (ceil(n / scan_bits)
+                     + (0 if bitmap else select_overhead + ceil(drain_per_k * k)))
 
     Each memory port streams one beat per cycle (with balanced ports that is
-    ceil(bytes / (beat_bytes * ports))) unless the lanes are the bottleneck; the selection
-    of each query is an index-ascending scan of an n-bit bitmap plus, in top-k mode, one
-    cycle per index written.
+    ceil(bytes / (beat_bytes * ports))) unless the lanes are the bottleneck (`lane_ops`:
+    lane-cycles of all passes); the selection of each query is an index-ascending scan of
+    its n scores plus, in top-k mode, finding the threshold and writing the indices.
     """
     if len(port_bytes) > params.ports:
         raise InputError("port_bytes", f"{len(port_bytes)} streams on {params.ports} ports")
     stream = max((-(-int(b) // params.beat_bytes) for b in port_bytes), default=0)
     compute = -(-int(lane_ops) // params.lanes)
     scan = -(-int(n) // params.scan_bits)
-    drain = 0 if bitmap else params.drain_per_k * int(k)
+    drain = 0 if bitmap else params.select_overhead + math.ceil(params.drain_per_k * int(k))
     return int(
         params.control_overhead
         + max(stream, compute)
         + params.pipeline_latency
+        + int(passes) * params.pass_overhead
         + int(queries) * (scan + drain)
     )
 

@@ -46,6 +46,7 @@ from .spec import (
     check_rows,
     check_shifts,
     engine_cycles,
+    engine_passes,
     exact_dot,
     exact_float,
     fit_channels,
@@ -139,16 +140,18 @@ class TokenIndexer(KernelSpec):
         queries: int = 1,
         params: EngineParams | None = None,
     ) -> int:
-        """Stream n * dim key bytes and n shift bytes on their own ports; queries * heads
-        dot products per row, ceil(dim/64)
-        lane-cycles each (the H weight MACs ride in the adder tree); then per query a bitmap
-        scan of n/32 words and k index writes."""
+        """As the RTL does it: passes over the memory, each with up to `lanes` query heads
+        (`engine_passes`), stream n * dim key bytes and n shift bytes on their own ports,
+        ceil(dim/64) cycles per row (the H weight MACs ride in the adder tree); then per
+        query a selection: a scan of the n scores and the k indices written."""
         p = params or self.engine
+        passes = engine_passes(p, queries=queries, heads=heads)
         return engine_cycles(
             p,
             port_bytes=(n * dim, n),
-            lane_ops=n * queries * heads * -(-dim // p.beat_bytes),
+            lane_ops=passes * n * max(1, -(-dim // p.beat_bytes)) * p.lanes,
             n=n,
             k=k,
             queries=queries,
+            passes=passes,
         )

@@ -43,6 +43,7 @@ from .spec import (
     check_rows,
     check_shifts,
     engine_cycles,
+    engine_passes,
     fit_channels,
     fold_query,
     int_dot,
@@ -104,15 +105,18 @@ class VectorSearch(KernelSpec):
     def cycles(
         self, *, n: int, k: int, dim: int, queries: int = 1, params: EngineParams | None = None
     ) -> int:
-        """Stream n * dim key bytes and n shift bytes on their own ports; queries dot
-        products per row, ceil(dim/64) lane-cycles each; then per query a bitmap scan of
-        n/32 words and k index writes."""
+        """As the RTL does it: passes over the memory, each with up to `lanes` queries
+        (`engine_passes`), stream n * dim key bytes and n shift bytes on their own ports,
+        ceil(dim/64) cycles per row; then per query a selection: a scan of the n scores and
+        the k indices written."""
         p = params or self.engine
+        passes = engine_passes(p, queries=queries)
         return engine_cycles(
             p,
             port_bytes=(n * dim, n),
-            lane_ops=n * queries * -(-dim // p.beat_bytes),
+            lane_ops=passes * n * max(1, -(-dim // p.beat_bytes)) * p.lanes,
             n=n,
             k=k,
             queries=queries,
+            passes=passes,
         )

@@ -1,0 +1,571 @@
+"""cocotb bench of the engine's top level (hm_engine, or a kernel wrapper): AxiRam models as
+HBM (one per AXI master), AxiLiteMaster on the control port, random idle cycles and
+backpressure on every channel. Each call's output must equal the golden model of its kernel
+spec (hetmem.kernels), bit for bit; calls run back to back without reset.
+
+Suites (HM_SUITE): "random" (random shapes of every kernel), "edges" (the contract's corner
+cases), "cycles" (no backpressure; cycles from ap_start to ap_done of the shapes in
+HM_SHAPES, written to HM_OUT as JSON). HM_PARAMS holds the engine parameters it was built with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+
+import cocotb
+import numpy as np
+from cocotb.clock import Clock
+from cocotb.triggers import RisingEdge, SimTimeoutError, with_timeout
+from cocotbext.axi import (
+    AxiLiteBus,
+    AxiLiteMaster,
+    AxiRamRead,
+    AxiRamWrite,
+    AxiReadBus,
+    AxiWriteBus,
+)
+from regmap import KERNEL_IDS
+
+from hetmem import kernels
+from hetmem.kernels import KernelInputs
+from hetmem.kernels import spec as kspec
+
+MEM_SIZE = 2**24
+QUERY_SIZE = 2**20
+OUT_SIZE = 2**20
+SENTINEL = 0xA5
+
+
+@dataclass
+class Case:
+    """One call: the kernel, its integer inputs, and a label for messages."""
+
+    kernel: str
+    inputs: KernelInputs
+    label: str
+    extra: dict = field(default_factory=dict)
+
+
+def _keys(rng: np.random.Generator, n: int, dim: int, kind: str) -> np.ndarray:
+    if kind == "ties":
+        return rng.integers(-1, 2, (n, dim)).astype(np.int8)
+    if kind == "equal":
+        return np.repeat(rng.integers(-128, 128, (1, dim)), n, axis=0).astype(np.int8)
+    if kind == "negative":
+        return -rng.integers(1, 128, (n, dim)).astype(np.int8)
+    return rng.integers(-128, 128, (n, dim)).astype(np.int8)
+
+
+def make_case(
+    kernel: str,
+    rng: np.random.Generator,
+    *,
+    n: int,
+    dim: int,
+    queries: int = 1,
+    heads: int = 1,
+    k: int | None = None,
+    mode: int = 0,
+    kind: str = "random",
+    label: str = "",
+) -> Case:
+    """Random integer inputs of `kernel` in its spec's formats (kind: random, ties, equal,
+    negative); k defaults to a random 1..n."""
+    spec = kernels.get(kernel)
+    k = int(rng.integers(1, n + 1)) if k is None else k
+    scalars: dict[str, int] = {"n": n, "k": k, "queries": queries, "dim": dim}
+    arrays: dict[str, np.ndarray] = {}
+    equal_shifts = kind in ("equal",)
+    shifts = (
+        np.full(n, int(rng.integers(0, 8)), dtype=np.uint8)
+        if equal_shifts
+        else rng.integers(0, kspec.MAX_SHIFT + 1, n).astype(np.uint8)
+    )
+    if kernel == "token_indexer":
+        scalars["heads"] = heads
+        arrays["keys"] = _keys(rng, n, dim, kind)
+        arrays["shifts"] = shifts
+        q = rng.integers(-128, 128, (queries, heads, dim)).astype(np.int8)
+        if kind == "negative":  # every head's dot negative: every score ReLU'd to zero
+            q = np.abs(q.astype(np.int16)).clip(1, 127).astype(np.int8)
+        arrays["q"] = q
+        arrays["w"] = rng.integers(-32767, 32768, (queries, heads)).astype(np.int16)
+    elif kernel == "page_indexer":
+        scalars["heads"] = heads
+        a = rng.integers(-32767, 32768, (n, dim))
+        b = rng.integers(-32767, 32768, (n, dim))
+        if kind == "ties":
+            a, b = rng.integers(-2, 1, (n, dim)), rng.integers(0, 3, (n, dim))
+        elif kind == "equal":
+            a, b = np.repeat(a[:1], n, axis=0), np.repeat(b[:1], n, axis=0)
+        elif kind == "negative":
+            a, b = -np.abs(a) - 1, -np.abs(b) - 1
+        arrays["mins"] = np.minimum(a, b).astype(np.int16)
+        arrays["maxs"] = np.maximum(a, b).astype(np.int16)
+        q = rng.integers(-128, 128, (queries, heads, dim)).astype(np.int8)
+        if kind == "negative":
+            q = np.abs(q.astype(np.int16)).clip(1, 127).astype(np.int8)
+        arrays["q"] = q
+    else:
+        arrays["keys"] = _keys(rng, n, dim, kind)
+        arrays["shifts"] = shifts
+        q = rng.integers(-128, 128, (queries, dim)).astype(np.int8)
+        if kind == "negative":
+            q = np.abs(q.astype(np.int16)).clip(1, 127).astype(np.int8)
+        arrays["q"] = q
+        if kernel == "block_gate":
+            scalars["mode"] = mode
+            arrays["delta"] = np.zeros(queries, dtype=np.uint32)
+            if mode == kspec.MODE_THRESHOLD:
+                scalars["k"] = 0
+                scores = spec.scores(KernelInputs(arrays, scalars))
+                spread = (scores.max(axis=1) - scores.min(axis=1)).astype(np.float64)
+                frac = rng.choice([0.0, 0.01, 0.3, 1.0, 2.0], queries)
+                arrays["delta"] = np.clip(spread * frac, 0, 2**32 - 1).astype(np.uint32)
+    name = label or f"{kernel} {kind} n={n} dim={dim} q={queries} h={heads} k={scalars['k']}"
+    return Case(kernel, KernelInputs(arrays, scalars), name)
+
+
+def expected(case: Case) -> np.ndarray:
+    out = kernels.get(case.kernel).golden(case.inputs)
+    return (out.bitmap if out.bitmap is not None else out.indices).reshape(-1).astype(np.uint32)
+
+
+class Engine:
+    """The DUT with its AXI models."""
+
+    def __init__(self, dut, seed: int, backpressure: bool) -> None:
+        self.dut = dut
+        self.rng = random.Random(seed)
+        self.np_rng = np.random.default_rng(seed)
+        self.backpressure = backpressure
+        self.params = json.loads(os.environ.get("HM_PARAMS", "{}"))
+        self.wrapper = os.environ.get("HM_WRAPPER", "")
+        clk, rst = dut.ap_clk, dut.ap_rst_n
+        self.mem = {
+            "a": AxiRamRead(
+                AxiReadBus.from_prefix(dut, "m_axi_mem_a"), clk, rst, False, size=MEM_SIZE
+            ),
+            "b": AxiRamRead(
+                AxiReadBus.from_prefix(dut, "m_axi_mem_b"), clk, rst, False, size=MEM_SIZE
+            ),
+            "q": AxiRamRead(
+                AxiReadBus.from_prefix(dut, "m_axi_query"), clk, rst, False, size=QUERY_SIZE
+            ),
+        }
+        self.out = AxiRamWrite(
+            AxiWriteBus.from_prefix(dut, "m_axi_out"), clk, rst, False, size=OUT_SIZE
+        )
+        self.ctrl = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axi_control"), clk, rst, False)
+        for name in ("m_axi_mem_a", "m_axi_mem_b", "m_axi_query", "m_axi_out", "s_axi_control"):
+            logging.getLogger(f"cocotb.{dut._name}.{name}").setLevel(logging.WARNING)
+        if backpressure:
+            for ram in self.mem.values():
+                ram.ar_channel.set_pause_generator(self._pauses(0.2))
+                ram.r_channel.set_pause_generator(self._pauses(0.3))
+            self.out.aw_channel.set_pause_generator(self._pauses(0.2))
+            self.out.w_channel.set_pause_generator(self._pauses(0.3))
+            self.out.b_channel.set_pause_generator(self._pauses(0.3))
+
+    def _pauses(self, p: float):
+        rng = random.Random(self.rng.random())
+        while True:
+            yield rng.random() < p
+
+    async def reset(self) -> None:
+        dut = self.dut
+        cocotb.start_soon(Clock(dut.ap_clk, 10, unit="ns").start())
+        dut.ap_rst_n.value = 0
+        if hasattr(dut, "kernel") and not self.wrapper:
+            dut.kernel.value = 0
+        for _ in range(4):
+            await RisingEdge(dut.ap_clk)
+        dut.ap_rst_n.value = 1
+        for _ in range(2):
+            await RisingEdge(dut.ap_clk)
+        await self.ctrl.write_dword(kspec.GIE, 1)
+        await self.ctrl.write_dword(kspec.IER, 1)
+
+    def _place(self, ram, data: bytes, align: int, region: list[int]) -> int:
+        """Put `data` at a random address of `ram` after region[0]; returns the address."""
+        start = region[0] + self.rng.randrange(0, 8) * 4096 + self.rng.randrange(0, 64) * 64
+        if align == 1:
+            start += self.rng.randrange(0, 64)
+        region[0] = start + len(data) + 64
+        assert region[0] < ram.size, "test memory too small"
+        ram.write(start, data)
+        return start
+
+    async def call(self, case: Case) -> tuple[np.ndarray, int]:
+        """Run one call; returns (the uint32 words written, cycles from start to done)."""
+        dut = self.dut
+        spec = kernels.get(case.kernel)
+        if hasattr(dut, "kernel") and not self.wrapper:
+            dut.kernel.value = KERNEL_IDS[case.kernel]
+        arrays, scalars = case.inputs.arrays, case.inputs.scalars
+        regions = {"a": [0], "b": [0], "q": [0]}
+        addrs: dict[str, int] = {}
+        for arg in spec.args:
+            if arg.direction != "in":
+                continue
+            port = {"keys": "a", "mins": "a", "shifts": "b", "maxs": "b"}.get(arg.name, "q")
+            data = np.ascontiguousarray(arrays[arg.name]).tobytes()
+            align = 64 if port in ("a", "b") else 1
+            addrs[arg.name] = self._place(self.mem[port], data, align, regions[port])
+        out = spec_out_words(case)
+        out_addr = self.rng.randrange(0, 16) * 4096 + self.rng.randrange(0, 64) * 64
+        self.out.write(out_addr, bytes([SENTINEL]) * (4 * out + 256))
+        addrs["out"] = out_addr
+        regs = spec.registers()
+        for arg in spec.args:
+            off = regs[arg.name]
+            if arg.is_buffer:
+                await self.ctrl.write_dword(off, addrs[arg.name] & 0xFFFFFFFF)
+                await self.ctrl.write_dword(off + 4, addrs[arg.name] >> 32)
+            else:
+                await self.ctrl.write_dword(off, int(scalars[arg.name]))
+        if os.environ.get("HM_TRACE"):
+            cocotb.start_soon(self._trace(os.environ["HM_TRACE"].split(",")))
+        await self.ctrl.write_dword(kspec.CTRL, kspec.AP_START)
+        budget = 20 * spec.cycles(**spec.shape(case.inputs)) + 20000
+        try:
+            await with_timeout(RisingEdge(dut.interrupt), 10 * budget, "ns")
+        except SimTimeoutError as exc:
+            h = self.engine_handle()
+            state = {n: int(getattr(h, n).value) for n in ("state", "rows_done", "q0", "sel_slot")}
+            topk = int(h.u_topk.state.value)
+            if os.environ.get("HM_DEBUG"):
+                for path in os.environ["HM_DEBUG"].split(","):
+                    obj = h
+                    for part in path.split("."):
+                        obj = getattr(obj, part)
+                    dut._log.error("%s = %s", path, obj.value)
+            raise AssertionError(
+                f"{case.label}: no ap_done in {budget} cycles, {state}, topk {topk}"
+            ) from exc
+        ctrl = await self.ctrl.read_dword(kspec.CTRL)
+        assert ctrl & kspec.AP_DONE and ctrl & kspec.AP_IDLE, (
+            f"control reads {ctrl:#x} at interrupt"
+        )
+        again = await self.ctrl.read_dword(kspec.CTRL)
+        assert not again & kspec.AP_DONE, "ap_done is cleared by the read"
+        await self.ctrl.write_dword(kspec.ISR, 1)  # toggle the done status off
+        assert not int(dut.interrupt.value)
+        cycles = int(self.engine_handle().run_cycles.value)
+        raw = self.out.read(out_addr, 4 * out + 256)
+        tail = raw[4 * out :]
+        assert tail == bytes([SENTINEL]) * 256, f"{case.label}: wrote past the output"
+        return np.frombuffer(raw[: 4 * out], dtype="<u4").astype(np.uint32), cycles
+
+    async def _trace(self, paths: list[str]) -> None:
+        """Log `paths` (engine signals) whenever one changes, for 2000 cycles (debugging)."""
+        h = self.engine_handle()
+        last = None
+        for _ in range(2000):
+            await RisingEdge(self.dut.ap_clk)
+            now = []
+            for path in paths:
+                obj = h
+                for part in path.split("."):
+                    obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+                now.append(str(obj.value))
+            if now != last:
+                self.dut._log.warning("trace %s", dict(zip(paths, now, strict=True)))
+                last = now
+
+    def engine_handle(self):
+        return self.dut.u_engine if self.wrapper else self.dut
+
+
+def spec_out_words(case: Case) -> int:
+    s = case.inputs.scalars
+    if int(s.get("mode", 0)) == kspec.MODE_THRESHOLD:
+        return int(s["queries"]) * -(-int(s["n"]) // 32)
+    return int(s["queries"]) * int(s["k"])
+
+
+async def check(engine: Engine, cases: list[Case]) -> None:
+    failures = []
+    for case in cases:
+        got, cycles = await engine.call(case)
+        want = expected(case)
+        if got.shape != want.shape or not np.array_equal(got, want):
+            bad = np.flatnonzero(got != want)[:8] if got.shape == want.shape else "shape"
+            failures.append(f"{case.label}: mismatch at {bad}")
+            engine.dut._log.error(failures[-1])
+        else:
+            engine.dut._log.info("ok %s (%d cycles)", case.label, cycles)
+    assert not failures, failures
+
+
+def random_cases(rng: np.random.Generator, count: int, params: dict, kernel_names) -> list[Case]:
+    lanes, slots = params.get("LANES", 8), params.get("SLOTS", 8)
+    nmax, dmax = params.get("NMAX", 65536), params.get("DMAX", 512)
+    n_hi = min(nmax, int(os.environ.get("HM_RANDOM_N", "600")))
+    dims = [
+        min(int(d), dmax)
+        for d in os.environ.get("HM_RANDOM_DIMS", f"1,7,16,33,64,100,128,130,{dmax}").split(",")
+    ]
+    cases = []
+    for i in range(count):
+        kernel = kernel_names[i % len(kernel_names)]
+        n = int(rng.integers(1, n_hi + 1))
+        dim = int(rng.choice(dims))
+        heads = (
+            int(rng.integers(1, lanes + 3)) if kernel in ("token_indexer", "page_indexer") else 1
+        )
+        queries = int(rng.integers(1, slots + 3))
+        mode = int(rng.integers(0, 2)) if kernel == "block_gate" else 0
+        kind = str(rng.choice(["random", "random", "ties"]))
+        cases.append(
+            make_case(kernel, rng, n=n, dim=dim, queries=queries, heads=heads, mode=mode, kind=kind)
+        )
+    return cases
+
+
+def edge_cases(rng: np.random.Generator, params: dict, kernel_names) -> list[Case]:
+    lanes, slots = params.get("LANES", 8), params.get("SLOTS", 8)
+    nmax, dmax = params.get("NMAX", 65536), params.get("DMAX", 512)
+    n = min(nmax, 300)
+    cases = []
+    for kernel in kernel_names:
+        hv = 3 if kernel in ("token_indexer", "page_indexer") else 1
+        cases += [
+            make_case(kernel, rng, n=n, dim=64, heads=hv, k=1, label=f"{kernel} k = 1"),
+            make_case(kernel, rng, n=n, dim=64, heads=hv, k=n, label=f"{kernel} k = n"),
+            make_case(
+                kernel,
+                rng,
+                n=n,
+                dim=32,
+                heads=hv,
+                queries=2,
+                k=n // 3,
+                kind="ties",
+                label=f"{kernel} ties",
+            ),
+            make_case(
+                kernel,
+                rng,
+                n=n,
+                dim=64,
+                heads=hv,
+                k=n // 2,
+                kind="equal",
+                label=f"{kernel} all scores equal",
+            ),
+            make_case(
+                kernel,
+                rng,
+                n=n,
+                dim=48,
+                heads=hv,
+                k=17,
+                kind="negative",
+                label=f"{kernel} negative scores",
+            ),
+            make_case(
+                kernel,
+                rng,
+                n=lanes * 13 + 5,
+                dim=64,
+                heads=hv,
+                k=9,
+                label=f"{kernel} n not a multiple of LANES",
+            ),
+            make_case(kernel, rng, n=n, dim=dmax, heads=hv, k=20, label=f"{kernel} dim = DMAX"),
+            make_case(kernel, rng, n=n, dim=3, heads=hv, k=20, label=f"{kernel} dim = 3"),
+            make_case(
+                kernel,
+                rng,
+                n=n,
+                dim=64,
+                heads=hv,
+                queries=slots + 3,
+                k=11,
+                label=f"{kernel} queries > SLOTS",
+            ),
+        ]
+        if kernel in ("token_indexer", "page_indexer"):
+            cases.append(
+                make_case(
+                    kernel,
+                    rng,
+                    n=n,
+                    dim=40,
+                    heads=2 * lanes + 3,
+                    queries=2,
+                    k=31,
+                    label=f"{kernel} heads > LANES (passes summed / maxed)",
+                )
+            )
+            cases.append(
+                make_case(
+                    kernel,
+                    rng,
+                    n=n,
+                    dim=40,
+                    heads=lanes,
+                    queries=3,
+                    k=31,
+                    label=f"{kernel} heads = LANES",
+                )
+            )
+        if kernel == "block_gate":
+            for kind in ("random", "ties", "equal", "negative"):
+                cases.append(
+                    make_case(
+                        kernel,
+                        rng,
+                        n=n,
+                        dim=64,
+                        queries=3,
+                        mode=1,
+                        kind=kind,
+                        label=f"block_gate threshold bitmap, {kind}",
+                    )
+                )
+            cases.append(
+                make_case(
+                    kernel,
+                    rng,
+                    n=33,
+                    dim=64,
+                    queries=2,
+                    mode=1,
+                    label="block_gate threshold bitmap, n = 33",
+                )
+            )
+    largest = os.environ.get("HM_LARGEST", "")
+    for kernel in [k for k in kernel_names if k in largest.split(",")]:
+        hv = lanes if kernel in ("token_indexer", "page_indexer") else 1
+        cases.append(
+            make_case(
+                kernel,
+                rng,
+                n=nmax,
+                dim=64,
+                heads=hv,
+                k=min(2048, nmax),
+                label=f"{kernel} largest n = NMAX = {nmax}",
+            )
+        )
+    return cases
+
+
+@cocotb.test()
+async def engine_matches_golden(dut):
+    seed = int(os.environ.get("HM_SEED", "1"))
+    suite = os.environ.get("HM_SUITE", "random")
+    names = os.environ.get("HM_KERNELS", ",".join(KERNEL_IDS)).split(",")
+    engine = Engine(dut, seed, backpressure=os.environ.get("HM_BACKPRESSURE", "1") == "1")
+    await engine.reset()
+    rng = np.random.default_rng(seed)
+    if suite == "random":
+        cases = random_cases(rng, int(os.environ.get("HM_COUNT", "12")), engine.params, names)
+    elif suite == "smoke":  # a kernel's wrapper: its register map, a few small calls
+        cases = [
+            make_case(
+                names[0],
+                rng,
+                n=int(rng.integers(20, 100)),
+                dim=int(dim),
+                queries=2,
+                heads=3,
+                mode=int(mode),
+            )
+            for dim, mode in ((16, 0), (70, 1), (64, 0))
+        ]
+    else:
+        cases = edge_cases(rng, engine.params, names)
+    await check(engine, cases)
+
+
+@cocotb.test()
+async def invalid_scalars_end_the_call(dut):
+    """k > n, k = 0, n = 0, n > NMAX: ap_done at once and nothing written; then a valid call
+    still works."""
+    engine = Engine(dut, 5, backpressure=False)
+    await engine.reset()
+    rng = np.random.default_rng(5)
+    nmax = engine.params.get("NMAX", 65536)
+    kernel = os.environ.get("HM_KERNELS", "vector_search").split(",")[0]
+    base = make_case(kernel, rng, n=50, dim=16, k=5)
+    for change in ({"k": 51}, {"k": 0}, {"n": 0}, {"n": nmax + 1, "k": 1}):
+        scalars = {**base.inputs.scalars, **change}
+        case = Case(kernel, KernelInputs(base.inputs.arrays, scalars), f"{kernel} {change}")
+        cycles = await refused_call(engine, case)
+        assert cycles < 10, f"{case.label}: took {cycles} cycles"
+    await check(engine, [make_case(kernel, rng, n=50, dim=16, k=5)])
+
+
+async def refused_call(engine: Engine, case: Case) -> int:
+    """Run a call whose scalars the engine refuses; returns its cycles."""
+    spec = kernels.get(case.kernel)
+    regs = spec.registers()
+    out_addr = 0x8000
+    engine.out.write(out_addr, bytes([SENTINEL]) * 1024)
+    if hasattr(engine.dut, "kernel") and not engine.wrapper:
+        engine.dut.kernel.value = KERNEL_IDS[case.kernel]
+    for arg in spec.args:
+        if arg.is_buffer:
+            await engine.ctrl.write_dword(regs[arg.name], out_addr if arg.name == "out" else 0)
+            await engine.ctrl.write_dword(regs[arg.name] + 4, 0)
+        else:
+            await engine.ctrl.write_dword(regs[arg.name], int(case.inputs.scalars[arg.name]))
+    await engine.ctrl.write_dword(kspec.CTRL, kspec.AP_START)
+    while not (await engine.ctrl.read_dword(kspec.CTRL)) & kspec.AP_DONE:
+        pass
+    await engine.ctrl.write_dword(kspec.ISR, 1)
+    assert engine.out.read(out_addr, 1024) == bytes([SENTINEL]) * 1024, f"{case.label} wrote"
+    return int(engine.engine_handle().run_cycles.value)
+
+
+@cocotb.test()
+async def cycle_counts(dut):
+    """Cycles from ap_start to ap_done of HM_SHAPES, no backpressure; outputs still checked."""
+    shapes = json.loads(os.environ.get("HM_SHAPES", "[]"))
+    if not shapes:
+        return
+    engine = Engine(dut, 11, backpressure=False)
+    await engine.reset()
+    rng = np.random.default_rng(11)
+    records = []
+    for shape in shapes:
+        case = make_case(
+            shape["kernel"],
+            rng,
+            n=shape["n"],
+            dim=shape["dim"],
+            queries=shape.get("queries", 1),
+            heads=shape.get("heads", 1),
+            k=shape.get("k"),
+            mode=shape.get("mode", 0),
+        )
+        got, cycles = await engine.call(case)
+        assert np.array_equal(got, expected(case)), f"{case.label}: output differs from golden"
+        records.append(
+            {
+                **shape,
+                "k": int(case.inputs.scalars["k"]),
+                "cycles": cycles,
+                **engine_counters(engine),
+            }
+        )
+        dut._log.info("cycles %s: %d", shape, cycles)
+    with open(os.environ["HM_OUT"], "w") as fh:
+        json.dump(records, fh, indent=1)
+
+
+def engine_counters(engine: Engine) -> dict[str, int]:
+    """Phase counters of the last call (stream, select, other)."""
+    h = engine.engine_handle()
+    return {
+        "stream_cycles": int(h.stream_cycles.value),
+        "select_cycles": int(h.select_cycles.value),
+        "score_rows": int(h.score_rows.value),
+    }

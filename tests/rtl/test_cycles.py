@@ -1,0 +1,160 @@
+"""Cycle efficiency of the RTL engine and calibration of the cycle models.
+
+`test_rtl_cycle_counts` runs the engine (Verilator, default parameters, no backpressure) on
+every kernel at n = 4k, 16k and 64k, checks the outputs against the golden models, and writes
+the counts with their breakdown to bench/results/rtl_cycles.json (source: simulated, RTL
+cycles). The efficiency targets (steady state >= 0.95 x LANES lane scores per cycle, drain and
+control under 5% at 64k) are reported there, not asserted: speed targets live in bench/.
+`test_cycle_model_calibrated` checks every spec's `cycles` within 5% of those counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import sim
+
+from hetmem import kernels
+from hetmem.kernels import spec as kspec
+
+pytestmark = pytest.mark.rtl
+
+RESULTS = sim.ROOT / "bench" / "results" / "rtl_cycles.json"
+PARAMS = {"LANES": 8, "SLOTS": 8, "NMAX": 65536, "DMAX": 512, "SCAN": 64}
+SIZES = (4096, 16384, 65536)
+#: Shapes that fill the lanes (dim 64: one beat per row, LANES query vectors per pass); k as
+#: the methods use it (2048 of 64k).
+SHAPES = [
+    {"kernel": "token_indexer", "dim": 64, "heads": 8, "queries": 1, "k": 2048},
+    {"kernel": "token_indexer", "dim": 64, "heads": 16, "queries": 1, "k": 2048},  # 2 passes
+    {"kernel": "page_indexer", "dim": 64, "heads": 8, "queries": 1, "k": 2048},
+    {"kernel": "vector_search", "dim": 64, "queries": 8, "k": 2048},
+    {"kernel": "block_gate", "dim": 64, "queries": 8, "mode": kspec.MODE_THRESHOLD},
+]
+TOLERANCE = 0.05
+TARGET_LANE_RATE = 0.95
+TARGET_OVERHEAD = 0.05
+
+
+def model_shape(record: dict) -> dict:
+    """The keyword arguments of the kernel's `cycles` for one bench record."""
+    shape = {"n": record["n"], "k": record["k"], "queries": record["queries"], "dim": record["dim"]}
+    if record["kernel"] in ("token_indexer", "page_indexer"):
+        shape["heads"] = record["heads"]
+    if record["kernel"] == "block_gate":
+        shape["mode"] = record.get("mode", kspec.MODE_TOPK)
+    return shape
+
+
+def lanes_in_use(record: dict) -> int:
+    vectors = record.get("heads", 1) * record["queries"]
+    return min(vectors, PARAMS["LANES"])
+
+
+def summarize(record: dict) -> dict:
+    """Efficiency figures of one count: lane scores per streaming cycle (one lane score is a
+    dot product of one 64-byte beat), and the share of cycles outside streaming."""
+    chunks = max(
+        1, math.ceil(record["dim"] * (2 if record["kernel"] == "page_indexer" else 1) / 64)
+    )
+    lane_scores = record["score_rows"] * chunks * lanes_in_use(record)
+    model = kernels.get(record["kernel"]).cycles(**model_shape(record))
+    return {
+        **record,
+        "source": "simulated",
+        "lane_scores_per_cycle": round(lane_scores / record["stream_cycles"], 4),
+        "overhead_fraction": round(1 - record["stream_cycles"] / record["cycles"], 4),
+        "model_cycles": model,
+        "model_error": round(model / record["cycles"] - 1, 4),
+    }
+
+
+@pytest.fixture(scope="module")
+def counts(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    reason = sim.missing("verilator")
+    if reason:
+        pytest.skip(f"verilator: {reason}")
+    shapes = [{**s, "n": n} for s in SHAPES for n in SIZES]
+    out = tmp_path_factory.mktemp("cycles") / "counts.json"
+    sim.run(
+        "verilator",
+        "hm_engine",
+        "tb_engine",
+        "cycle_counts",
+        env={"HM_SHAPES": json.dumps(shapes), "HM_OUT": str(out), "HM_PARAMS": json.dumps(PARAMS)},
+    )
+    return [summarize(r) for r in json.loads(out.read_text())]
+
+
+def test_rtl_cycle_counts(counts: list[dict]) -> None:
+    """Every shape ran (outputs checked bit-exact in the bench) and the counts are on record."""
+    assert len(counts) == len(SHAPES) * len(SIZES)
+    for r in counts:
+        assert r["cycles"] > r["stream_cycles"] > 0
+        assert r["score_rows"] == r["n"] * math.ceil(
+            r["queries"] * r.get("heads", 1) / PARAMS["LANES"]
+        )
+    full = [r for r in counts if lanes_in_use(r) == PARAMS["LANES"]]
+    at_64k = [r for r in full if r["n"] == 65536 and r["queries"] == 1]
+    document = {
+        "source": "simulated",
+        "what": "RTL cycles from ap_start to ap_done (Verilator, default parameters, no "
+        "backpressure); seconds = cycles / clock_hz",
+        "clock_hz": kspec.DEFAULT_CLOCK_HZ,
+        "parameters": PARAMS,
+        "targets": {
+            "lane_scores_per_cycle": TARGET_LANE_RATE * PARAMS["LANES"],
+            "overhead_fraction_at_64k": TARGET_OVERHEAD,
+            "model_error": TOLERANCE,
+        },
+        "met": {
+            "lane_scores_per_cycle": all(
+                r["lane_scores_per_cycle"] >= TARGET_LANE_RATE * PARAMS["LANES"] for r in full
+            ),
+            "overhead_fraction_at_64k": all(
+                r["overhead_fraction"] < TARGET_OVERHEAD for r in at_64k
+            ),
+            "model_error": all(abs(r["model_error"]) <= TOLERANCE for r in counts),
+        },
+        "counts": counts,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(document, indent=1) + "\n")
+    print(table(counts))
+
+
+def table(counts: list[dict]) -> str:
+    head = f"{'kernel':<14}{'n':>7}{'q':>3}{'h':>3}{'k':>6}{'cycles':>9}{'stream':>9}{'lane/cyc':>9}{'ovh %':>7}{'model':>9}{'err %':>7}"
+    rows = [head]
+    for r in counts:
+        rows.append(
+            f"{r['kernel']:<14}{r['n']:>7}{r['queries']:>3}{r.get('heads', 1):>3}{r['k']:>6}"
+            f"{r['cycles']:>9}{r['stream_cycles']:>9}{r['lane_scores_per_cycle']:>9.2f}"
+            f"{100 * r['overhead_fraction']:>7.2f}{r['model_cycles']:>9}{100 * r['model_error']:>7.2f}"
+        )
+    return "\n".join(rows)
+
+
+def test_cycle_model_calibrated(counts: list[dict]) -> None:
+    """spec.cycles(...) within 5% of the RTL's count for every bench shape."""
+    off = [
+        f"{r['kernel']} n={r['n']}: model {r['model_cycles']} vs RTL {r['cycles']}"
+        for r in counts
+        if abs(r["model_error"]) > TOLERANCE
+    ]
+    assert not off, off
+
+
+def test_recorded_counts_match_the_model() -> None:
+    """The committed bench/results/rtl_cycles.json agrees with today's cycle models (a model
+    change without re-running the RTL bench fails here, without a simulator)."""
+    if not RESULTS.exists():
+        pytest.skip("bench/results/rtl_cycles.json not written yet (run test_rtl_cycle_counts)")
+    recorded = json.loads(Path(RESULTS).read_text())
+    assert recorded["source"] == "simulated"
+    for r in recorded["counts"]:
+        model = kernels.get(r["kernel"]).cycles(**model_shape(r))
+        assert abs(model / r["cycles"] - 1) <= TOLERANCE, (r["kernel"], r["n"], model, r["cycles"])
