@@ -29,7 +29,8 @@ SIZES = (4096, 16384, 65536)
 #: the methods use it (2048 of 64k).
 SHAPES = [
     {"kernel": "token_indexer", "dim": 64, "heads": 8, "queries": 1, "k": 2048},
-    {"kernel": "token_indexer", "dim": 64, "heads": 16, "queries": 1, "k": 2048},  # 2 passes
+    # 2 passes (heads > LANES), at 4k and 16k: the pass overhead is per pass, not per row
+    {"kernel": "token_indexer", "dim": 64, "heads": 16, "queries": 1, "k": 2048, "max_n": 16384},
     {"kernel": "page_indexer", "dim": 64, "heads": 8, "queries": 1, "k": 2048},
     {"kernel": "vector_search", "dim": 64, "queries": 8, "k": 2048},
     {"kernel": "block_gate", "dim": 64, "queries": 8, "mode": kspec.MODE_THRESHOLD},
@@ -77,7 +78,12 @@ def counts(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     reason = sim.missing("verilator")
     if reason:
         pytest.skip(f"verilator: {reason}")
-    shapes = [{**s, "n": n} for s in SHAPES for n in SIZES]
+    shapes = [
+        {**{k: v for k, v in s.items() if k != "max_n"}, "n": n}
+        for s in SHAPES
+        for n in SIZES
+        if n <= s.get("max_n", n)
+    ]
     out = tmp_path_factory.mktemp("cycles") / "counts.json"
     sim.run(
         "verilator",
@@ -91,7 +97,7 @@ def counts(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 def test_rtl_cycle_counts(counts: list[dict]) -> None:
     """Every shape ran (outputs checked bit-exact in the bench) and the counts are on record."""
-    assert len(counts) == len(SHAPES) * len(SIZES)
+    assert len(counts) == sum(n <= s.get("max_n", n) for s in SHAPES for n in SIZES)
     for r in counts:
         assert r["cycles"] > r["stream_cycles"] > 0
         assert r["score_rows"] == r["n"] * math.ceil(

@@ -30,13 +30,17 @@ def _run(simulator: str, testcase: str, **env: str) -> None:
 @pytest.mark.parametrize("kernel", list(KERNEL_IDS))
 def test_edges(simulator: str, kernel: str) -> None:
     """k = 1, k = n, ties, all equal, negative scores, n not a multiple of LANES, dim = DMAX,
-    queries > SLOTS, heads > LANES, threshold bitmaps, and the largest n the build allows."""
+    queries > SLOTS, heads > LANES, threshold bitmaps, and the largest n the build allows.
+
+    The largest n runs here on Icarus (NMAX = 2048); on Verilator (NMAX = 65536) it is
+    tests/rtl/test_cycles.py's n = 64k call of every kernel, outputs checked the same way,
+    so it is not simulated twice."""
     _run(
         simulator,
         "engine_matches_golden",
         HM_SUITE="edges",
         HM_KERNELS=kernel,
-        HM_LARGEST=kernel,
+        HM_LARGEST=kernel if simulator == "icarus" else "",
         HM_SEED=str(11 + KERNEL_IDS[kernel]),
     )
 
@@ -44,7 +48,7 @@ def test_edges(simulator: str, kernel: str) -> None:
 #: Random shapes per simulator: Icarus interprets the RTL (about 500 cycles/s with the AXI
 #: models), so it gets fewer and smaller calls than Verilator.
 RANDOM = {
-    "verilator": {"HM_COUNT": "32", "HM_RANDOM_N": "2000"},
+    "verilator": {"HM_COUNT": "24", "HM_RANDOM_N": "2000"},
     "icarus": {"HM_COUNT": "12", "HM_RANDOM_N": "200", "HM_RANDOM_DIMS": "1,7,16,33,64,100,130"},
 }
 
