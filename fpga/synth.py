@@ -76,8 +76,18 @@ def synthesize(top: str, params: dict[str, str]) -> dict[str, float]:
         f"read_verilog -defer {' '.join(sources)}",
         f"chparam{chparam} {top}" if params else "",
         f"hierarchy -top {top}",
-        f"synth_xilinx -family xcup -top {top} -flatten -noiopad -noclkbuf",
-        f"tee -q -o {BUILD / (top + '.json')} stat -json",
+        # synth_xilinx in its stages, hierarchy kept (each module is mapped once, however
+        # many instances it has) and `share` left out of the coarse stage: on the top-k
+        # unit's wide compare-and-select muxes its SAT search runs for tens of minutes and
+        # gigabytes for no gain (the datapath has no mutually exclusive operators to merge).
+        f"synth_xilinx -family xcup -top {top} -noiopad -noclkbuf -run begin:coarse",
+        "techmap -map +/cmp2lut.v -map +/cmp2lcu.v -D LUT_WIDTH=6",
+        "alumacc",
+        "opt",
+        "memory -nomap",
+        "opt_clean",
+        f"synth_xilinx -family xcup -top {top} -noiopad -noclkbuf -run map_memory:check",
+        f"tee -q -o {BUILD / (top + '.json')} stat -json -top {top}",
     ]
     log = BUILD / f"{top}.log"
     with log.open("w") as fh:
