@@ -294,3 +294,23 @@ def test_wrapping_twice_or_unwrapping_a_plain_model_is_refused():
     with pytest.raises(InputError, match="already wrapped") as info:
         wrap(model, "quest", budget=64)
     assert info.value.argument == "model"
+
+
+def test_top_level_wrap_is_the_models_wrap():
+    """`hetmem.wrap(model, ...)` as the docs write it: the same function, and it works."""
+    import subprocess
+    import sys
+
+    import hetmem
+
+    assert hetmem.wrap is wrap and hetmem.unwrap is unwrap and hetmem.is_wrapped is is_wrapped
+    model = tiny("llama")
+    assert hetmem.wrap(model, "quest", budget=8, method_options=METHODS["quest"]) is model
+    assert hetmem.is_wrapped(model)
+    assert hetmem.unwrap(model) is model and not hetmem.is_wrapped(model)
+    with pytest.raises(AttributeError, match="no attribute 'wrapp'"):
+        hetmem.wrapp  # noqa: B018
+    # importing hetmem alone does not import transformers
+    code = "import sys, hetmem; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
