@@ -122,10 +122,14 @@ def run(
     testcase: str | list[str] | None = None,
     parameters: dict[str, int] | None = None,
     env: dict[str, str] | None = None,
-) -> None:
-    """Run cocotb tests of `module` (in tests/rtl) on a built `toplevel`; a failing cocotb
-    test fails the calling pytest test."""
+) -> list[str]:
+    """Run cocotb tests of `module` (in tests/rtl) on a built `toplevel`; return the names of
+    the cocotb tests that passed (from the results file). A failing cocotb test fails the
+    calling pytest test inside the runner; callers assert on the names, so a run that
+    executed nothing cannot pass."""
     r = runner(sim, toplevel, parameters)
+    results = Path(r.build_dir) / f"{module}-{testcase or 'all'}.results.xml"
+    results.unlink(missing_ok=True)
     r.test(
         test_module=module,
         hdl_toplevel=toplevel,
@@ -133,5 +137,15 @@ def run(
         test_dir=TB_DIR,
         build_dir=r.build_dir,
         extra_env={"PYTHONPATH": os.pathsep.join(sys.path), **(env or {})},
-        results_xml=str(r.build_dir / f"{module}-{testcase or 'all'}.results.xml"),
+        results_xml=str(results),
     )
+    return passed(results)
+
+
+def passed(results: Path) -> list[str]:
+    """Names of the test cases of a cocotb results file with no failure, error or skip."""
+    import xml.etree.ElementTree as ET
+
+    cases = ET.parse(results).getroot().iter("testcase")
+    bad = ("failure", "error", "skipped")
+    return [c.get("name", "") for c in cases if not any(c.find(b) is not None for b in bad)]

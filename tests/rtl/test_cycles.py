@@ -85,13 +85,14 @@ def counts(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
         if n <= s.get("max_n", n)
     ]
     out = tmp_path_factory.mktemp("cycles") / "counts.json"
-    sim.run(
+    ran = sim.run(
         "verilator",
         "hm_engine",
         "tb_engine",
         "cycle_counts",
         env={"HM_SHAPES": json.dumps(shapes), "HM_OUT": str(out), "HM_PARAMS": json.dumps(PARAMS)},
     )
+    assert ran == ["cycle_counts"]
     return [summarize(r) for r in json.loads(out.read_text())]
 
 

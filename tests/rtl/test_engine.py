@@ -24,7 +24,9 @@ DEFAULTS = {"LANES": 8, "SLOTS": 8, "NMAX": 65536, "DMAX": 512, "SCAN": 64}
 def _run(simulator: str, testcase: str, **env: str) -> None:
     params = PARAMS[simulator]
     env = {"HM_PARAMS": json.dumps({**DEFAULTS, **params}), **env}
-    sim.run(simulator, "hm_engine", "tb_engine", testcase, parameters=params, env=env)
+    assert sim.run(simulator, "hm_engine", "tb_engine", testcase, parameters=params, env=env) == [
+        testcase
+    ]
 
 
 @pytest.mark.parametrize("kernel", list(KERNEL_IDS))

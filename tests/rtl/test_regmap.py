@@ -99,7 +99,7 @@ def test_wrapper_runs_on_icarus(kernel: str) -> None:
     if reason:
         pytest.skip(f"icarus: {reason}")
     params = {"NMAX": 1024}
-    sim.run(
+    ran = sim.run(
         "icarus",
         f"hm_{kernel}",
         "tb_engine",
@@ -113,3 +113,4 @@ def test_wrapper_runs_on_icarus(kernel: str) -> None:
             "HM_SEED": str(31 + KERNEL_IDS[kernel]),
         },
     )
+    assert ran == ["engine_matches_golden"]

@@ -19,4 +19,7 @@ SETS = {"verilator": ("W64",), "icarus": ("W64", "W32")}
 
 def test_topk_unit_matches_golden(simulator: str) -> None:
     for name in SETS[simulator]:
-        sim.run(simulator, "hm_topk", "tb_topk", parameters=PARAMS[name], env={"HM_SEED": "3"})
+        ran = sim.run(
+            simulator, "hm_topk", "tb_topk", parameters=PARAMS[name], env={"HM_SEED": "3"}
+        )
+        assert ran == ["selections_match_golden"], name
