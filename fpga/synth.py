@@ -2,7 +2,7 @@
 Alveo U55C (xcu55c): the whole device and one of its three SLRs.
 
     python fpga/synth.py                       # every top in TOPS, default parameters
-    python fpga/synth.py --top hetmem_engine   # one top
+    python fpga/synth.py --top hm_engine --param NMAX=2048   # one top, a smaller build
     make -C fpga synth                         # the same, through make
 
 Writes fpga/build/synth/<top>.json (yosys `stat -json`) and fpga/build/synth/report.md (the
