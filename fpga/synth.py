@@ -35,7 +35,11 @@ CELLS = {
         r"LUT[1-6]": 1,
         r"RAM32M16|RAM64M8": 8,
         r"RAM32M|RAM64M": 4,
-        r"RAM(32|64|128|256)X1[SD]": 1,
+        # single-bit LUTRAMs: LUTs per cell (UG574): 1 per 64 bits and per port
+        r"RAM(32|64)X1S": 1,
+        r"RAM(32|64)X1D|RAM128X1S": 2,
+        r"RAM128X1D|RAM256X1S": 4,
+        r"RAM256X1D|RAM512X1S": 8,
         r"SRL(16E|C32E)": 1,
     },
     "FF": {r"FD[RSCP]E(_1)?": 1},

@@ -38,3 +38,10 @@ def test_table_shows_device_and_slr_shares():
     row = text.splitlines()[-1]
     assert row.startswith("| engine |")
     assert "3,008 (33.33% / 100.00%)" in row  # a third of the device is one whole SLR
+
+
+def test_lutram_cells_count_their_luts():
+    synth = load()
+    # UG574: a RAM256X1D fills a SLICEM (8 LUTs), a RAM64X1D two LUTs, a RAM64X1S one
+    res = synth.count({"RAM256X1D": 3, "RAM64X1D": 5, "RAM64X1S": 7, "RAM128X1S": 1})
+    assert res["LUT"] == 3 * 8 + 5 * 2 + 7 + 2

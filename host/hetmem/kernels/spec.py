@@ -121,9 +121,12 @@ class EngineParams:
         query load, AXI write response).
     slots: queries whose scores the engine keeps at once (0: as many as lanes).
     pass_overhead: cycles per pass over the memory besides streaming it (query load).
-    select_overhead: cycles per query of a top-k selection besides its scan and drain
-        (histogram scans, walking the k-th bin, the threshold search); data-dependent in
-        the RTL, fitted on the bench's random data.
+    topk_scans: index-order scans of a query's scores in top-k mode (each `n / scan_bits`
+        cycles): the scan that emits the selection, plus in the RTL one that gathers the
+        scores of the histogram bin holding the k-th largest (bitmap mode: one scan).
+    select_overhead: cycles per query of a top-k selection besides its scans and drain
+        (histogram scans, taking the k-th bin's candidates, the threshold search);
+        data-dependent in the RTL, fitted on the bench's random data.
     """
 
     lanes: int
@@ -136,6 +139,7 @@ class EngineParams:
     control_overhead: int = 160
     slots: int = 0
     pass_overhead: int = 0
+    topk_scans: int = 1
     select_overhead: int = 0
 
     def with_(self, **changes: Any) -> EngineParams:
@@ -155,15 +159,18 @@ _RTL = {
     "pipeline_latency": 8,
     "control_overhead": 25,
     "pass_overhead": 25,
+    "topk_scans": 2,
 }
 
 #: Every kernel's engine constants, in one place.
 ENGINES: dict[str, EngineParams] = {
     "token_indexer": EngineParams(**_RTL, select_overhead=120),
-    # Quest scores (max over heads of bounds) crowd the k-th histogram bin: a longer walk
-    "page_indexer": EngineParams(**{**_RTL, "scan_bits": 32}, select_overhead=400),
+    # Quest scores (max over heads of bounds) crowd the k-th histogram bin: taking its
+    # candidates one per cycle costs about one more scan
+    "page_indexer": EngineParams(**{**_RTL, "topk_scans": 3}, select_overhead=200),
     "block_gate": EngineParams(**_RTL, select_overhead=50),
-    "vector_search": EngineParams(**_RTL, select_overhead=50),
+    # k = n / 2 at 4k: the index drain, not the scan, paces the emit scan
+    "vector_search": EngineParams(**_RTL, select_overhead=0),
     "bm25": EngineParams(lanes=2, ports=3),  # no RTL: not calibrated
 }
 
@@ -195,19 +202,20 @@ def engine_cycles(
         control_overhead
         + max(max over ports of ceil(port_bytes / beat_bytes), ceil(lane_ops / lanes))
         + pipeline_latency + passes * pass_overhead
-        + queries * (ceil(n / scan_bits)
+        + queries * (ceil(n / scan_bits) * (1 if bitmap else topk_scans)
                      + (0 if bitmap else select_overhead + ceil(drain_per_k * k)))
 
     Each memory port streams one beat per cycle (with balanced ports that is
     ceil(bytes / (beat_bytes * ports))) unless the lanes are the bottleneck (`lane_ops`:
     lane-cycles of all passes); the selection of each query is an index-ascending scan of
-    its n scores plus, in top-k mode, finding the threshold and writing the indices.
+    its n scores plus, in top-k mode, a second scan that gathers the k-th bin's candidates
+    (`topk_scans`), finding the threshold and writing the indices.
     """
     if len(port_bytes) > params.ports:
         raise InputError("port_bytes", f"{len(port_bytes)} streams on {params.ports} ports")
     stream = max((-(-int(b) // params.beat_bytes) for b in port_bytes), default=0)
     compute = -(-int(lane_ops) // params.lanes)
-    scan = -(-int(n) // params.scan_bits)
+    scan = -(-int(n) // params.scan_bits) * (1 if bitmap else params.topk_scans)
     drain = 0 if bitmap else params.select_overhead + math.ceil(params.drain_per_k * int(k))
     return int(
         params.control_overhead
