@@ -40,26 +40,45 @@ module hm_index_packer #(
 
     wire can_append = !out_valid || out_ready;
 
-    // up to 16 lowest set bits of the pending mask
+    // up to 16 lowest set bits of the pending mask: bit i is item number below[i] (the set
+    // bits under it), so item j is the one set bit whose count below is j (a one-hot select
+    // per item, not a chain of W variable-position writes)
+    localparam LW = $clog2(W);
     reg  [511:0] items;
     reg  [  5:0] count;
     reg  [W-1:0] rest;
-    integer i;
+    reg  [LW:0] below [0:W-1];
+    reg  [LW:0] ones;
+    reg  [LW-1:0] pos;
+    reg         hit;
+    integer i, j;
     always @(*) begin
+        ones = {(LW + 1) {1'b0}};
+        for (i = 0; i < W; i = i + 1) begin
+            below[i] = ones;
+            ones = ones + pend_mask[i];
+        end
         items = 512'd0;
         count = 6'd0;
         rest  = pend_mask;
+        pos   = {LW{1'b0}};
+        hit   = 1'b0;
         if (pend_kind) begin
             items = pend_words;
             count = {1'b0, pend_nwords};
             rest  = {W{1'b0}};
         end else begin
-            for (i = 0; i < W; i = i + 1) begin
-                if (pend_mask[i] && count < 6'd16) begin
-                    items[{count[3:0], 5'd0}+:32] = pend_base + i;
-                    rest[i] = 1'b0;
-                    count = count + 6'd1;
-                end
+            for (i = 0; i < W; i = i + 1) if (below[i] < 16) rest[i] = 1'b0;
+            count = (ones > 16) ? 6'd16 : ones;
+            for (j = 0; j < 16; j = j + 1) begin
+                pos = {LW{1'b0}};
+                hit = 1'b0;
+                for (i = 0; i < W; i = i + 1)
+                    if (pend_mask[i] && below[i] == j) begin
+                        pos = pos | i[LW-1:0];
+                        hit = 1'b1;
+                    end
+                if (hit) items[32*j+:32] = pend_base + pos;
             end
         end
     end
