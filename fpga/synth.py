@@ -100,8 +100,19 @@ def synthesize(top: str, params: dict[str, str]) -> dict[str, float]:
         )
     if proc.returncode:
         raise SystemExit(f"yosys failed on {top}: see {log}")
-    stat = json.loads((BUILD / f"{top}.json").read_text())
+    stat = load_stat(BUILD / f"{top}.json")
     return count(stat["design"]["num_cells_by_type"])
+
+
+def load_stat(path: Path) -> dict:
+    """yosys's `stat -json -top` output. Yosys 0.23 writes the design hierarchy as plain
+    text lines ("<module>  <instances>") into the JSON; they are dropped."""
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        lines = [ln for ln in text.splitlines() if not re.fullmatch(r"\s*[^\s\"{}]+\s+\d+\s*", ln)]
+        return json.loads("\n".join(lines))
 
 
 def table(results: dict[str, dict[str, float]]) -> str:

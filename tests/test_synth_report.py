@@ -45,3 +45,17 @@ def test_lutram_cells_count_their_luts():
     # UG574: a RAM256X1D fills a SLICEM (8 LUTs), a RAM64X1D two LUTs, a RAM64X1S one
     res = synth.count({"RAM256X1D": 3, "RAM64X1D": 5, "RAM64X1S": 7, "RAM128X1S": 1})
     assert res["LUT"] == 3 * 8 + 5 * 2 + 7 + 2
+
+
+def test_stat_json_with_hierarchy_lines(tmp_path):
+    synth = load()
+    # yosys 0.23 interleaves the hierarchy as text rows in `stat -json -top` output
+    path = tmp_path / "top.json"
+    path.write_text(
+        '{\n   "modules": {\n      "a": {"num_cells": 1}\n   },\n'
+        "       $paramod$ab12\\hm_ram     64\n"
+        "       $paramod\\hm_fifo      1\n"
+        '      "design": {"num_cells_by_type": {"URAM288": 128, "LUT6": 3}}\n}\n'
+    )
+    stat = synth.load_stat(path)
+    assert synth.count(stat["design"]["num_cells_by_type"])["URAM"] == 128

@@ -72,7 +72,10 @@ module hm_score_mem #(
     always @(*) begin
         for (s = 0; s < SLOTS; s = s + 1) begin
             ln = idx1[LW-1:0] + s * ST;
-            old = dout[64*ln+:64];
+            // a W-way select written out: yosys lowers dout[64*ln+:64] to a shifter of all
+            // W*64 bits per slot (about 30k LUTs each at the defaults)
+            old = 64'd0;
+            for (p = 0; p < W; p = p + 1) if (ln == p) old = dout[64*p+:64];
             nw = sc1[64*s+:64];
             case (op1)
                 2'd1: up_vals[64*s+:64] = old + nw;

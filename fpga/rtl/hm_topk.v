@@ -174,7 +174,8 @@ module hm_topk #(
     always @(*) begin
         gp = {LW{1'b0}};
         for (q = W - 1; q >= 0; q = q - 1) if (gmask[q]) gp = q[LW-1:0];
-        gval = gword[64*gp+:64] ^ SIGN;
+        gval = SIGN;  // a W-way select written out, not a shifter of the whole word
+        for (q = 0; q < W; q = q + 1) if (gp == q) gval = gword[64*q+:64] ^ SIGN;
     end
     wire gtake = state == S_GATHER && gmask != {W{1'b0}};
     wire [W-1:0] gleft = gmask & (gmask - 1'b1);  // after taking the lowest
