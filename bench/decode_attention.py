@@ -8,6 +8,11 @@ are `measured` (wall clock, median of --repeat runs) on this machine's torch dev
 Dense is timed two ways, torch's scaled_dot_product_attention (enable_gqa) and a grouped
 matmul with the same math; the speedup is against the faster of the two. Writes a table and
 JSON (bench/results/decode_attention.json).
+
+DSA runs with kv_layout="token" unless --dsa-layout says otherwise: its memory keeps a
+token-major copy of the keys (half the KV cache's bytes; the JSON gives both per row) so
+that Apply gathers one contiguous row of keys per selected token. Every method sums the
+values straight from the KV cache.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -34,9 +40,9 @@ from hetmem.device import gpu_backend, synchronize, torch_device
 from hetmem.methods import get
 
 METHODS = {
-    "dsa": lambda: get("dsa"),
-    "quest": lambda: get("quest", page_size=16),
-    "seer": lambda: get("seer", block_size=64),
+    "dsa": lambda args: get("dsa", kv_layout=args.dsa_layout),
+    "quest": lambda args: get("quest", page_size=16),
+    "seer": lambda args: get("seer", block_size=64),
 }
 
 
@@ -78,15 +84,19 @@ def bench_case(args: argparse.Namespace, device: torch.device, batch: int, conte
         "dense_grouped": partial(dense_grouped, q, keys, values),
     }
     selected = {}
+    extra_bytes = {}
     for name, make in METHODS.items():
-        method = make()
+        method = make(args)
         memory = method.prepare(kv)
+        extra_bytes[name] = getattr(memory, "token_copy_nbytes", 0)
         selection = method.retrieve(method.relevancy(memory, query), args.budget)
         selected[name] = int(selection.valid.sum()) * selection.unit
         fns[f"{name}_select"] = partial(_select, method, memory, query, args.budget)
         fns[f"{name}_apply"] = partial(method.apply, memory, selection, query)
     times = timed_round_robin(fns, device, args.repeat)
     row: dict = {"batch": batch, "context": context, "budget": args.budget}
+    row["kv_bytes"] = sum(t.numel() * t.element_size() for t in (keys, values))
+    row["dsa_token_copy_bytes"] = extra_bytes["dsa"]
     row.update({f"{name}_s": t for name, t in times.items()})
     dense = min(times["dense_sdpa"], times["dense_grouped"])
     for name in METHODS:
@@ -111,12 +121,13 @@ def run(args: argparse.Namespace) -> dict:
             rows.append(bench_case(args, device, batch, context))
             progress.advance(task)
     return {
-        "command": " ".join(["python", "bench/decode_attention.py", *sys.argv[1:]]),
+        "command": " ".join([*_thread_env(), "python", "bench/decode_attention.py", *sys.argv[1:]]),
         "source": "measured",
         "device": f"{device} ({gpu_backend()})",
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "dsa_kv_layout": args.dsa_layout,
         "layout": {
             "q_heads": args.q_heads,
             "kv_heads": args.kv_heads,
@@ -125,6 +136,13 @@ def run(args: argparse.Namespace) -> dict:
         },
         "rows": rows,
     }
+
+
+def _thread_env() -> list[str]:
+    """Thread-count variables the run was started with (they change every timing)."""
+    return [
+        f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
+    ]
 
 
 def table(result: dict) -> Table:
@@ -150,6 +168,19 @@ def table(result: dict) -> Table:
     return t
 
 
+def memory_note(result: dict) -> str:
+    """What DSA's kv_layout costs in memory, at the largest case."""
+    if result["dsa_kv_layout"] != "token":
+        return "dsa: kv_layout=head (Apply gathers from the shared KV cache; no copy)"
+    r = max(result["rows"], key=lambda r: r["kv_bytes"])
+    return (
+        f"dsa: kv_layout=token keeps a token-major copy of the keys in its memory: "
+        f"{r['dsa_token_copy_bytes'] / 2**20:.0f} MiB beside the {r['kv_bytes'] / 2**20:.0f} MiB "
+        f"KV cache at B={r['batch']}, context {r['context']} "
+        f"(x{r['dsa_token_copy_bytes'] / r['kv_bytes']:.2f})"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -165,11 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", default="gpu")
     parser.add_argument(
+        "--dsa-layout",
+        choices=["token", "head"],
+        default="token",
+        help="DSA's kv_layout: token (a token-major KV copy in its memory) or head (none)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "decode_attention.json"
     )
     args = parser.parse_args(argv)
     result = run(args)
     Console(width=max(120, Console().width)).print(table(result))
+    print(memory_note(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -19,6 +19,7 @@ from hetmem.selection import Bitmap, TopK
 
 METHODS = {
     "dsa": lambda: get("dsa"),
+    "dsa_token": lambda: get("dsa", kv_layout="token"),
     "quest": lambda: get("quest", page_size=16),
     "quest_per_head": lambda: get("quest", page_size=8, per_query_head=True),
     "seer": lambda: get("seer", block_size=16),

@@ -270,15 +270,65 @@ def gather_tokens(
     return keys, values
 
 
-#: Selected rows gathered per tile of the shared-selection path: a tile of keys (or values)
-#: for every (batch, KV head, query) stays in cache between its gather and its matmul, so the
-#: selected rows cross DRAM once instead of being written out and read back.
-TILE = 512
+#: Bytes of selected keys gathered per chunk of (batch, KV head, query) items: a chunk is
+#: gathered into one reused buffer and multiplied by its query heads while it is still in the
+#: last-level cache, so the selected keys cross DRAM once. Two items of a 2048-token budget
+#: (1 MiB each at D=128, float32), so the chunk's matmul still splits over two cores.
+CHUNK_BYTES = 2 << 20
+
+#: Selected rows per bag of the value sums (`bag_values`): the R query heads of a group read
+#: a piece of this many rows back to back, so all but the first read hit the core's cache.
+PIECE = 128
+
+
+def workspace_buffer(
+    workspace: dict | None, name: str, numel: int, like: torch.Tensor
+) -> torch.Tensor:
+    """A flat buffer of `numel` elements of like's dtype and device, kept in `workspace`
+    across calls when one is given (a fresh multi-MiB buffer per decode step costs its page
+    faults every step)."""
+    if workspace is None:
+        return like.new_empty(numel)
+    key = (name, like.dtype, like.device)
+    buf = workspace.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = workspace[key] = like.new_empty(numel)
+    return buf[:numel]
+
+
+def bag_values(probs: torch.Tensor, rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """sum_j probs[i, r, j] * table[rows[i, j]] for probs [N, R, n] and row numbers [N, n]
+    into table [rows, D]; [N, R, D] in probs' dtype.
+
+    One fused gather-and-weighted-sum (embedding_bag, mode sum): no gathered copy is written.
+    Each item's rows are cut into pieces of about PIECE rows, and the R bags of a piece
+    (one per query head) run back to back, so a piece crosses DRAM once."""
+    n_items, r, n = probs.shape
+    if n == 0:
+        return probs.new_zeros(n_items, r, table.shape[-1])
+    pieces = -(-n // PIECE)
+    length = -(-n // pieces)
+    pad = pieces * length - n
+    if pad:  # row 0 with weight 0
+        rows = F.pad(rows, (0, pad))
+        probs = F.pad(probs, (0, pad))
+    bags = rows.reshape(n_items, pieces, 1, length).expand(n_items, pieces, r, length)
+    weights = probs.to(table.dtype).reshape(n_items, r, pieces, length).transpose(1, 2)
+    offsets = torch.arange(0, bags.numel(), length, device=probs.device)
+    out = F.embedding_bag(
+        bags.reshape(-1),
+        table,
+        offsets,
+        mode="sum",
+        per_sample_weights=weights.reshape(-1),
+    ).view(n_items, pieces, r, -1)
+    out = out.sum(1) if pieces > 1 else out[:, 0]
+    return out.to(probs.dtype)
 
 
 def _row_index(kv: KVCache, rows: torch.Tensor, unit: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat row numbers into the cache buffers viewed as [rows, unit * D], for selections
-    [B, Hkv|1, T, m] of `unit`-token rows; returns (index [B*Hkv*T, m], the buffer view pair)."""
+    [B, Hkv, T, m] of `unit`-token rows; returns (index [B*Hkv*T, m], the buffer view pair)."""
     b, h = kv.batch, kv.kv_heads
     # The whole buffers (contiguous), not the `keys` view: reshaping a narrowed view copies.
     kbuf, vbuf = kv._keys.buffer, kv._values.buffer
@@ -296,43 +346,37 @@ def _tiled_attention(
     mask: torch.Tensor,
     unit: int,
     scale: float,
+    workspace: dict | None = None,
 ) -> torch.Tensor:
     """Attention of q [N, R, D] over rows gathered at index [N, m] (each `unit` tokens) with
-    mask [N, m * unit]: logits tile by tile (a gathered tile stays in cache for its matmul),
-    one softmax, then the values in one fused gather-and-sum."""
+    mask [N, m * unit]: the keys chunk by chunk of items (each chunk gathered whole, with one
+    index_select, into a reused buffer, then one bmm while it is in cache), one softmax, then
+    the values in one fused gather-and-sum (`bag_values`)."""
     n_batch, r, d = q.shape
     m = index.shape[1]
+    n = m * unit
     keys, values = buffers
-    step = max(1, TILE // unit)
-    tile = torch.empty(n_batch * min(step, m) * unit * d, dtype=keys.dtype, device=q.device)
-    logits = torch.empty(n_batch, r, m * unit, dtype=q.dtype, device=q.device)
-    for s in range(0, m, step):
-        e = min(m, s + step)
+    per_item = n * d
+    chunk = max(1, min(n_batch, CHUNK_BYTES // max(1, per_item * keys.element_size())))
+    tile = workspace_buffer(workspace, "keys", chunk * per_item, keys)
+    qs = q * scale
+    logits = torch.empty(n_batch, r, n, dtype=q.dtype, device=q.device)
+    for s in range(0, n_batch, chunk):
+        e = min(n_batch, s + chunk)
         rows = torch.index_select(
-            keys,
-            0,
-            index[:, s:e].reshape(-1),
-            out=tile[: n_batch * (e - s) * unit * d].view(-1, unit * d),
+            keys, 0, index[s:e].reshape(-1), out=tile[: (e - s) * per_item].view(-1, unit * d)
         )
-        kt = rows.view(n_batch, (e - s) * unit, d).to(q.dtype)
-        logits[:, :, s * unit : e * unit] = torch.bmm(q, kt.transpose(1, 2))
-    logits.mul_(scale).masked_fill_(~mask[:, None, :], float("-inf"))
+        kt = rows.view(e - s, n, d).to(q.dtype)
+        torch.bmm(qs[s:e], kt.transpose(1, 2), out=logits[s:e])
+    if not bool(mask.all()):
+        logits.masked_fill_(~mask[:, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    # A query that sees none of its selection (a fully padded row) gives zeros, not NaN.
-    probs = torch.where(mask.any(-1)[:, None, None], probs, torch.zeros_like(probs))
-    # Values: one fused gather-and-weighted-sum (embedding_bag, mode sum) per (row, head): no
-    # gathered copy is written, and the R heads of a group read the same rows back to back.
+    seen = mask.any(-1)
+    if not bool(seen.all()):
+        # A query that sees none of its selection (a fully padded row) gives zeros, not NaN.
+        probs = torch.where(seen[:, None, None], probs, torch.zeros_like(probs))
     tokens = index if unit == 1 else (index[:, :, None] * unit + _offsets(unit, index)).flatten(1)
-    bags = tokens[:, None, :].expand(n_batch, r, m * unit).reshape(-1)
-    offsets = torch.arange(0, bags.numel(), m * unit, device=q.device)
-    out = F.embedding_bag(
-        bags,
-        values.view(-1, d),
-        offsets,
-        mode="sum",
-        per_sample_weights=probs.to(values.dtype).reshape(-1),
-    )
-    return out.view(n_batch, r, d).to(q.dtype)
+    return bag_values(probs, tokens, values.view(-1, d))
 
 
 def _offsets(unit: int, like: torch.Tensor) -> torch.Tensor:
@@ -345,12 +389,15 @@ def sparse_attention(
     selection: Selection,
     positions: torch.Tensor | None = None,
     scale: float | None = None,
+    workspace: dict | None = None,
 ) -> torch.Tensor:
     """Attention over the selected tokens only (Apply to Inference); [B, Hq, T, D].
 
     Selected tokens that are invalid, padding, or in the future of the query are masked,
     so causality is exact whatever the selection holds. A selection shared by a KV group
-    gathers each token once for the whole group (no per-head copies), tile by tile.
+    gathers each token once for the whole group (no per-head copies), chunk by chunk;
+    `workspace` (a dict the caller keeps, e.g. a method's memory) holds the gather buffer
+    across calls.
     """
     q, positions = check_query(q, kv, positions)
     if isinstance(selection, Bitmap):
@@ -378,7 +425,7 @@ def sparse_attention(
         index, buffers = _row_index(kv, rows, unit)
         m = mask[:, :, 0].expand(b, hkv, t, n).reshape(b * hkv * t, n)
         qt = qg.transpose(2, 3).reshape(b * hkv * t, r, -1)  # [B*Hkv*T, R, D]
-        out = _tiled_attention(qt, index, buffers, m, unit, scale)
+        out = _tiled_attention(qt, index, buffers, m, unit, scale, workspace)
         return out.view(b, hkv, t, r, -1).transpose(2, 3).flatten(1, 2)
     keys, values = gather_tokens(kv, tokens, hq)  # [B, Hkv, G', T, n, D]
     keys, values = keys.to(q.dtype), values.to(q.dtype)

@@ -52,6 +52,14 @@ class AttentionMemory(Memory):
     def device(self) -> torch.device:
         return self.kv.device
 
+    @property
+    def workspace(self) -> dict:
+        """Apply's gather buffers, kept across decode steps (see `sparse_attention`)."""
+        ws = self.__dict__.get("_workspace")
+        if ws is None:
+            ws = self.__dict__["_workspace"] = {}
+        return ws
+
 
 class SparseAttentionMethod(Method):
     """Shared steps of the sparse-attention methods; subclasses supply the index."""
@@ -80,7 +88,9 @@ class SparseAttentionMethod(Method):
 
     def apply(self, memory: Memory, selection: Selection, query: Any) -> torch.Tensor:
         assert isinstance(memory, AttentionMemory)
-        return sparse_attention(query.q, memory.kv, selection, query.positions, self.scale)
+        return sparse_attention(
+            query.q, memory.kv, selection, query.positions, self.scale, memory.workspace
+        )
 
     def apply_nbytes(self, memory: Memory, selection: Selection) -> int:
         assert isinstance(memory, AttentionMemory)

@@ -10,6 +10,26 @@ The projections are inputs here (`IndexerWeights`); `hetmem calibrate` trains th
 Without trained weights, `IndexerWeights.from_attention` builds an indexer that scores
 ReLU of the model's own attention logits through a random orthogonal projection, a sane
 untrained baseline.
+
+Apply of a decode query gathers, per batch row, the k selected tokens' keys for every KV
+head, tile by tile, and multiplies each tile by the query heads while it is in cache; the
+values are then summed straight from the KV cache by one fused gather-and-sum
+(`bag_values`, no gathered copy). `kv_layout` says where the keys are gathered from:
+
+- "head" (default): the KV cache itself, head-major [B, Hkv, S, D]. A selected token is
+  Hkv rows of D elements (512 bytes at D=128, float32) far apart, so the key gather makes
+  Hkv*k short random reads, which a CPU serves at a fraction of its streaming bandwidth.
+  No memory beyond the cache.
+- "token": the memory also keeps the keys token-major ([B, S, Hkv*D + one cache line]),
+  built by Prepare and grown by Append, never rebuilt. A selected token's keys are then one
+  contiguous row (4 KiB for Llama-3-8B's 8 KV heads), and the gather makes k long reads.
+  The price: as many bytes again as the keys (half the KV cache, plus 1.6% padding at
+  Hkv*D = 1024), one more strided write of every appended token, and a copy that follows
+  only `append` (a cache changed in place after Prepare is not seen by Apply).
+
+"head" is the default because the memory is what a long context runs out of, and a GPU
+gathers 512-byte rows well; ask for "token" where memory is ample and Apply's gather is the
+bottleneck (CPU decode).
 """
 
 from __future__ import annotations
@@ -20,11 +40,23 @@ from typing import Any
 
 import torch
 
-from ..attention import AttentionQuery, Growable, KVCache
+from ..attention import (
+    AttentionQuery,
+    Growable,
+    KVCache,
+    bag_values,
+    check_query,
+    sparse_attention,
+    workspace_buffer,
+)
 from ..checks import check_tensor
 from ..errors import InputError
-from ..selection import Scores
+from ..selection import Bitmap, Scores, Selection, TopK
 from ._attention import AttentionMemory, SparseAttentionMethod, as_chunk, as_kv, check_features
+
+#: Where Apply gathers the selected keys from (see the module docstring): "head", the shared
+#: head-major KV cache; "token", a token-major copy of the keys kept in the memory.
+KV_LAYOUTS = ("head", "token")
 
 
 @dataclass
@@ -84,9 +116,12 @@ class IndexerWeights:
 
 
 class DSAMemory(AttentionMemory):
-    def __init__(self, kv: KVCache, keys: Growable):
+    def __init__(self, kv: KVCache, keys: Growable, token_keys: Growable | None = None):
         self.kv = kv
         self.keys = keys  # [B, S, Di]
+        # kv_layout="token": the cache's keys again, token-major [B, S, Hkv*D + pad], so that
+        # a selected token's keys are one contiguous row to gather.
+        self.token_keys = token_keys
 
     @property
     def entries(self) -> int:
@@ -97,8 +132,16 @@ class DSAMemory(AttentionMemory):
         k = self.keys.data
         return k.numel() * k.element_size()
 
+    @property
+    def token_copy_nbytes(self) -> int:
+        """Bytes allocated for the token-major copy of the keys (0 for kv_layout="head")."""
+        if self.token_keys is None:
+            return 0
+        return self.token_keys.buffer.numel() * self.token_keys.buffer.element_size()
+
     def to(self, device: torch.device) -> DSAMemory:
-        return DSAMemory(self.kv.to(device), self.keys.to(device))
+        token_keys = None if self.token_keys is None else self.token_keys.to(device)
+        return DSAMemory(self.kv.to(device), self.keys.to(device), token_keys)
 
 
 class DSA(SparseAttentionMethod):
@@ -113,10 +156,19 @@ class DSA(SparseAttentionMethod):
         "apply": "attention over the selected tokens",
     }
 
-    def __init__(self, weights: IndexerWeights | None = None, *, scale: float | None = None):
+    def __init__(
+        self,
+        weights: IndexerWeights | None = None,
+        *,
+        scale: float | None = None,
+        kv_layout: str = "head",
+    ):
+        if kv_layout not in KV_LAYOUTS:
+            raise InputError("kv_layout", f"expected one of {KV_LAYOUTS}, got {kv_layout!r}")
         self.weights = weights
         self._default = weights is None
         self.scale = scale
+        self.kv_layout = kv_layout
         self.unit = 1
 
     def _weights(self, kv: KVCache, q_heads: int | None = None) -> IndexerWeights:
@@ -145,7 +197,9 @@ class DSA(SparseAttentionMethod):
             raise InputError(
                 "features", f"have {feats.shape[-1]} channels, wk expects {weights.wk.shape[0]}"
             )
-        return DSAMemory(kv, Growable(feats.to(weights.wk.dtype) @ weights.wk, axis=1))
+        keys = Growable(feats.to(weights.wk.dtype) @ weights.wk, axis=1)
+        token_keys = token_major(kv) if self.kv_layout == "token" else None
+        return DSAMemory(kv, keys, token_keys)
 
     def append(self, memory: Any, data: Any) -> None:
         assert isinstance(memory, DSAMemory)
@@ -162,6 +216,14 @@ class DSA(SparseAttentionMethod):
         memory.keys.length = kv.capacity
         rows = torch.arange(kv.batch, device=kv.device)[:, None].expand_as(positions)
         memory.keys.buffer[rows, positions] = new_keys
+        store = memory.token_keys
+        if store is not None:
+            store.reserve(kv.capacity)
+            if kv.capacity > store.length:
+                store.buffer.narrow(1, store.length, kv.capacity - store.length).zero_()
+                store.length = kv.capacity
+            new = chunk.keys.transpose(1, 2).flatten(2)  # [B, T, Hkv*D]
+            store.buffer[rows, positions, : new.shape[-1]] = new.to(store.buffer.dtype)
 
     def indexer_query(
         self, memory: DSAMemory, query: AttentionQuery
@@ -198,6 +260,31 @@ class DSA(SparseAttentionMethod):
         scores = scores.masked_fill(~visible, float("-inf"))
         return Scores(scores[:, None], unit=1)
 
+    def apply(self, memory: Any, selection: Selection, query: Any) -> torch.Tensor:
+        """Attention over the selected tokens. A decode query (one per row) with DSA's shared
+        selection takes `shared_decode_attention` (from the token-major copy when the memory
+        keeps one); anything else (several queries per row, per-head or block selections)
+        goes through `sparse_attention` over the KV cache."""
+        assert isinstance(memory, DSAMemory)
+        q, positions = check_query(query.q, memory.kv, query.positions)
+        if isinstance(selection, Bitmap):
+            selection = selection.to_topk()
+        idx = selection.indices
+        if (
+            not isinstance(selection, TopK)
+            or selection.unit != 1
+            or idx.dim() != 4
+            or tuple(idx.shape[:3]) != (q.shape[0], 1, 1)
+            or idx.shape[3] == 0
+            or q.shape[2] != 1
+        ):
+            return sparse_attention(
+                q, memory.kv, selection, positions, self.scale, memory.workspace
+            )
+        return shared_decode_attention(
+            q, memory, idx[:, 0, 0], selection.valid[:, 0, 0], positions, self.scale
+        )
+
     def kernel_memory(self, memory: DSAMemory) -> dict[str, torch.Tensor]:
         """Float rows the token_indexer kernel holds, per slot: {"keys": [B, 1, S, Di]}."""
         return {"keys": memory.keys.data[:, None]}
@@ -206,3 +293,91 @@ class DSA(SparseAttentionMethod):
         """Float query of the token_indexer kernel: q [B, 1, T, H, Di], w [B, 1, T, H]."""
         qi, w = self.indexer_query(memory, query)
         return {"q": qi[:, None] / math.sqrt(qi.shape[-1]), "w": w[:, None]}
+
+
+#: Bytes of padding after each row of the token-major keys: a row of Hkv*D floats is a
+#: multiple of 4 KiB, and the matmuls that read one head's keys from gathered rows at such a
+#: stride thrash a few cache sets; one cache line more spreads them.
+ROW_PAD_BYTES = 64
+
+#: Bytes of selected keys (Hkv*D per token, padding not counted) Apply gathers per tile: a
+#: tile is multiplied while it is still in the cores' caches, so the selected keys cross DRAM
+#: once and the gather buffer stays small (512 tokens for Llama-3-8B's layer).
+TILE_BYTES = 2 << 20
+
+
+def token_major(kv: KVCache) -> Growable:
+    """The cache's keys token-major, [B, S, Hkv*D + padding], row s holding token s for
+    every KV head. Grown like the cache (same capacity steps)."""
+    b, h, s, d = kv.keys.shape
+    pad = -(-ROW_PAD_BYTES // kv.keys.element_size())
+    store = Growable(
+        kv.keys.new_empty(b, 0, h * d + pad), axis=1, min_capacity=kv._keys.min_capacity
+    )
+    store.reserve(s)
+    store.length = s
+    store.data[:, :, : h * d].view(b, s, h, d).copy_(kv.keys.transpose(1, 2))
+    store.data[:, :, h * d :].zero_()
+    return store
+
+
+def shared_decode_attention(
+    q: torch.Tensor,
+    memory: DSAMemory,
+    tokens: torch.Tensor,
+    valid: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float | None,
+) -> torch.Tensor:
+    """One query per row q [B, Hq, 1, D] over its selected tokens [B, k] (shared by every
+    head) with exact causal and padding masks; [B, Hq, 1, D].
+
+    Keys row by row and tile by tile: gather the tile's selected keys into one reused buffer
+    (one index_select: with the token-major copy, one row of Hkv*D per token, else Hkv rows
+    of D) and multiply them by the R = Hq/Hkv query heads of each group (one bmm over the KV
+    heads) while they are in cache. One softmax. Values: one fused gather-and-sum over the
+    head-major KV cache for every row and head (`bag_values`).
+    """
+    kv = memory.kv
+    b, hq, _, d = q.shape
+    hkv = kv.kv_heads
+    r = hq // hkv
+    k = tokens.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    # Masked: invalid slots, padding, and (for a query before the row's end) the future.
+    hidden = ~(valid & (tokens <= positions) & (tokens < kv.lengths[:, None]))  # [B, k]
+    masked = bool(hidden.any())  # (check_query has synchronized already)
+    tokens = tokens.clamp(0, kv.capacity - 1)
+    qs = (q * scale).reshape(b, hkv, r, d)
+    cap = kv._keys.buffer.shape[2]
+    token_major = memory.token_keys is not None
+    # [B, cap, Hkv*D + pad] token-major, else [B, Hkv*cap, D]
+    kbuf = memory.token_keys.buffer if token_major else kv._keys.buffer.flatten(1, 2)
+    step = max(1, min(k, TILE_BYTES // (hkv * d * kbuf.element_size())))
+    per_tile = step * (1 if token_major else hkv) * kbuf.shape[-1]
+    tile = workspace_buffer(memory.workspace, "keys", per_tile, kbuf)
+    head_rows = torch.arange(hkv, device=q.device)[:, None] * cap  # [Hkv, 1]
+    logits = q.new_empty(b, hkv, r, k)
+    for i in range(b):
+        for s in range(0, k, step):
+            n = min(step, k - s)
+            if token_major:
+                got = torch.index_select(
+                    kbuf[i], 0, tokens[i, s : s + n], out=tile[: n * kbuf.shape[-1]].view(n, -1)
+                )
+                heads = got[:, : hkv * d].view(n, hkv, d).transpose(0, 1)
+            else:
+                ix = (head_rows + tokens[i, s : s + n]).reshape(-1)
+                got = torch.index_select(kbuf[i], 0, ix, out=tile[: hkv * n * d].view(-1, d))
+                heads = got.view(hkv, n, d)
+            logits[i, :, :, s : s + n] = torch.bmm(qs[i], heads.to(q.dtype).transpose(1, 2))
+    if masked:
+        logits.masked_fill_(hidden[:, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if masked:  # a row that sees none of its selection (fully padded) gives zeros, not NaN
+        probs.masked_fill_(hidden.all(-1)[:, None, None, None], 0.0)
+    # Values straight from the head-major cache: row (i*Hkv + h)*cap + token.
+    rows = torch.arange(b * hkv, device=q.device).view(b, hkv, 1) * cap + tokens[:, None, :]
+    table = kv._values.buffer.view(-1, d)
+    out = bag_values(probs.view(b * hkv, r, k), rows.view(b * hkv, k), table)
+    return out.view(b, hq, 1, d)
