@@ -449,25 +449,52 @@ module hm_engine #(
     reg [SLOTS*64-1:0] in_scores;
     reg [SLOTS-1:0] slot_mask;
     reg [31:0] rows_done;
-    reg [63:0] lane_val;
+    // Per lane: its value (w * ReLU(dot) for the token indexer, else the dot), or the
+    // reduction's identity where the lane is idle.
+    wire [LANES*64-1:0] lane_val;
+    genvar gv;
+    generate
+        for (gv = 0; gv < LANES; gv = gv + 1) begin : g_val
+            wire signed [47:0] d = lane_dot[48*gv+:48];
+            wire signed [63:0] wv = $signed({1'b0, d[47] ? 47'd0 : d[46:0]}) * w_reg[gv];
+            assign lane_val[64*gv+:64] = !lane_act[gv] ? (is_quest ? MIN64 : 64'd0) :
+                is_tok ? wv : {{16{d[47]}}, d};
+        end
+    endgenerate
+
+    // A query's lanes are contiguous (a slot's lanes, then the next slot's), so one segmented
+    // prefix scan over the lanes (sum, or max for Quest) leaves each slot's total in its last
+    // lane: log2(LANES) levels instead of a reduction per slot over every lane.
+    localparam LL = (LANES > 1) ? $clog2(LANES) : 1;
+    reg [LANES*64-1:0] scan;
+    reg [63:0] sa, sb;
+    reg [LANES-1:0] lane_end;
+    integer lv, ls;
+    always @(*) begin
+        sa = 64'd0;
+        sb = 64'd0;
+        scan = lane_val;
+        for (lv = 0; lv < LL; lv = lv + 1)
+            for (ls = LANES - 1; ls >= (1 << lv); ls = ls - 1)
+                if (lane_slot[ls-(1<<lv)] == lane_slot[ls]) begin
+                    sa = scan[64*ls+:64];
+                    sb = scan[64*(ls-(1<<lv))+:64];
+                    scan[64*ls+:64] = is_quest ? (($signed(sb) > $signed(sa)) ? sb : sa) : sa + sb;
+                end
+        lane_end = {LANES{1'b0}};
+        for (ls = 0; ls < LANES; ls = ls + 1)
+            lane_end[ls] = (ls == LANES - 1) || (lane_slot[(ls+1)%LANES] != lane_slot[ls]);
+    end
+
     reg [63:0] sacc;
-    reg signed [47:0] d;
     integer s2, l2;
     always @(posedge ap_clk) begin
         in_valid <= !rst && state == S_STREAM && lane_valid[0];
         if (lane_valid[0]) begin
             for (s2 = 0; s2 < SLOTS; s2 = s2 + 1) begin
-                sacc = is_quest ? MIN64 : 64'd0;
-                for (l2 = 0; l2 < LANES; l2 = l2 + 1) begin
-                    if (lane_act[l2] && lane_slot[l2] == s2[SW-1:0]) begin
-                        d = lane_dot[48*l2+:48];
-                        if (is_tok)  // w * ReLU(dot)
-                            lane_val = (d[47] ? 64'd0 : {16'd0, d}) * {{48{w_reg[l2][15]}}, w_reg[l2]};
-                        else lane_val = {{16{d[47]}}, d};
-                        if (is_quest) sacc = ($signed(lane_val) > $signed(sacc)) ? lane_val : sacc;
-                        else sacc = sacc + lane_val;
-                    end
-                end
+                sacc = 64'd0;  // a slot's last lane (a slot without lanes is masked off)
+                for (l2 = 0; l2 < LANES; l2 = l2 + 1)
+                    sacc = sacc | (scan[64*l2+:64] & {64{lane_end[l2] && lane_slot[l2] == s2[SW-1:0]}});
                 in_scores[64*s2+:64] <= is_quest ? sacc : (sacc << shift_p2);
             end
         end

@@ -21,26 +21,56 @@ module hm_lane #(
     output reg                     out_valid,
     output reg  signed [ACC_W-1:0] out_dot
 );
-    // the chunk's products, summed (evaluated once per valid chunk, in the clocked block)
-    function signed [ACC_W-1:0] chunk_sum;
-        input q_mode;
-        input [511:0] a;
-        input [511:0] b;
-        input [511:0] q;
-        integer i;
-        begin
-            chunk_sum = {ACC_W{1'b0}};
-            if (q_mode) begin
-                for (i = 0; i < 32; i = i + 1) begin
-                    if (q[8*i+7]) chunk_sum = chunk_sum + $signed(q[8*i+:8]) * $signed(a[16*i+:16]);
-                    else chunk_sum = chunk_sum + $signed(q[8*i+:8]) * $signed(b[16*i+:16]);
+    // One set of 64 signed 8 x 16 multipliers serves both modes: its 16-bit operand is the
+    // int8 key (sign-extended) or, for the first 32 products in Quest mode, the page minimum
+    // or maximum chosen by the sign of q_i (the other 32 are zero there). Each product takes
+    // a DSP48E2; their sum is a balanced tree of narrow adders (24-bit products,
+    // 30-bit sum), each an hm_add.
+    localparam PW = 24;
+    localparam SUMW = PW + 6;
+
+    // Every product and every sum is a net of its own (not a slice of one wide vector): an
+    // event-driven simulator then re-evaluates only the adders whose operands changed.
+    genvar i;
+    generate
+        for (i = 0; i < 64; i = i + 1) begin : g_mul
+            wire signed [7:0] qi = in_q[8*i+:8];
+            wire signed [15:0] xi;
+            if (i < 32) begin : g_both
+                assign xi = quest ? (qi[7] ? in_a[16*i+:16] : in_b[16*i+:16])
+                                  : {{8{in_a[8*i+7]}}, in_a[8*i+:8]};
+            end else begin : g_dot
+                assign xi = quest ? 16'd0 : {{8{in_a[8*i+7]}}, in_a[8*i+:8]};
+            end
+            wire signed [PW-1:0] p = qi * xi;
+        end
+    endgenerate
+
+    // adder tree: level k has 64 >> k sums of PW + k bits (each level one bit wider)
+    genvar k, j;
+    generate
+        for (k = 1; k <= 6; k = k + 1) begin : g_lvl
+            for (j = 0; j < (64 >> k); j = j + 1) begin : g_add
+                wire signed [PW+k-2:0] a, b;
+                wire signed [PW+k-1:0] y;
+                if (k == 1) begin : g_in
+                    assign a = g_mul[2*j].p;
+                    assign b = g_mul[2*j+1].p;
+                end else begin : g_in
+                    assign a = g_lvl[k-1].g_add[2*j].y;
+                    assign b = g_lvl[k-1].g_add[2*j+1].y;
                 end
-            end else begin
-                for (i = 0; i < 64; i = i + 1)
-                    chunk_sum = chunk_sum + $signed(q[8*i+:8]) * $signed(a[8*i+:8]);
+                hm_add #(
+                    .W(PW + k - 1)
+                ) u_add (
+                    .a(a),
+                    .b(b),
+                    .y(y)
+                );
             end
         end
-    endfunction
+    endgenerate
+    wire [SUMW-1:0] chunk = g_lvl[6].g_add[0].y;
 
     reg s1_valid, s1_first, s1_last;
     reg signed [ACC_W-1:0] s1_psum;
@@ -57,7 +87,7 @@ module hm_lane #(
         end
         s1_first <= in_first;
         s1_last  <= in_last;
-        if (in_valid) s1_psum <= chunk_sum(quest, in_a, in_b, in_q);
+        if (in_valid) s1_psum <= {{(ACC_W - SUMW) {chunk[SUMW-1]}}, chunk};
         if (s1_valid) begin
             acc <= total;
             if (s1_last) out_dot <= total;

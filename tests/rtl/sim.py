@@ -16,7 +16,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 RTL_DIR = ROOT / "fpga" / "rtl"
 TB_DIR = Path(__file__).resolve().parent
-BUILD_ROOT = ROOT / "build" / "rtl"
+#: One build tree per pytest-xdist worker: two workers never build one model in one folder.
+BUILD_ROOT = ROOT / "build" / "rtl" / os.environ.get("PYTEST_XDIST_WORKER", "main")
 SIMULATORS = ("verilator", "icarus")
 
 #: Lint classes of Verilator's -Wall that the RTL does not keep clean (width extension of

@@ -4,7 +4,7 @@ backpressure on every channel. Each call's output must equal the golden model of
 spec (hetmem.kernels), bit for bit; calls run back to back without reset.
 
 Suites (HM_SUITE): "random" (random shapes of every kernel), "edges" (the contract's corner
-cases), "cycles" (no backpressure; cycles from ap_start to ap_done of the shapes in
+cases), "largest" (n = NMAX), "cycles" (no backpressure; cycles from ap_start to ap_done of the shapes in
 HM_SHAPES, written to HM_OUT as JSON). HM_PARAMS holds the engine parameters it was built with.
 """
 
@@ -377,7 +377,10 @@ def edge_cases(rng: np.random.Generator, params: dict, kernel_names) -> list[Cas
                 k=9,
                 label=f"{kernel} n not a multiple of LANES",
             ),
-            make_case(kernel, rng, n=n, dim=dmax, heads=hv, k=20, label=f"{kernel} dim = DMAX"),
+            # (the width is the edge here, not the count: 4 x LANES + 3 rows)
+            make_case(
+                kernel, rng, n=lanes * 4 + 3, dim=dmax, heads=hv, k=20, label=f"{kernel} dim = DMAX"
+            ),
             make_case(kernel, rng, n=n, dim=3, heads=hv, k=20, label=f"{kernel} dim = 3"),
             make_case(
                 kernel,
@@ -440,8 +443,14 @@ def edge_cases(rng: np.random.Generator, params: dict, kernel_names) -> list[Cas
                     label="block_gate threshold bitmap, n = 33",
                 )
             )
-    largest = os.environ.get("HM_LARGEST", "")
-    for kernel in [k for k in kernel_names if k in largest.split(",")]:
+    return cases
+
+
+def largest_cases(rng: np.random.Generator, params: dict, kernel_names) -> list[Case]:
+    """One call per kernel at the largest n the build allows (n = NMAX)."""
+    lanes, nmax = params.get("LANES", 8), params.get("NMAX", 65536)
+    cases = []
+    for kernel in kernel_names:
         hv = lanes if kernel in ("token_indexer", "page_indexer") else 1
         cases.append(
             make_case(
@@ -480,6 +489,8 @@ async def engine_matches_golden(dut):
             )
             for dim, mode in ((16, 0), (70, 1), (64, 0))
         ]
+    elif suite == "largest":
+        cases = largest_cases(rng, engine.params, names)
     else:
         cases = edge_cases(rng, engine.params, names)
     await check(engine, cases)
