@@ -4,8 +4,8 @@ backpressure on every channel. Each call's output must equal the golden model of
 spec (hetmem.kernels), bit for bit; calls run back to back without reset.
 
 Suites (HM_SUITE): "random" (random shapes of every kernel), "edges" (the contract's corner
-cases), "largest" (n = NMAX), "cycles" (no backpressure; cycles from ap_start to ap_done of the shapes in
-HM_SHAPES, written to HM_OUT as JSON). HM_PARAMS holds the engine parameters it was built with.
+cases), "largest" (n = NMAX), "cycles" (no backpressure; cycles from ap_start to ap_done of
+the shapes in HM_SHAPES, written to HM_OUT as JSON). HM_PARAMS holds the engine parameters it was built with.
 """
 
 from __future__ import annotations
