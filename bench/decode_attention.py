@@ -4,7 +4,11 @@
     python bench/decode_attention.py --contexts 4096 8192 --batches 1 --repeat 3
 
 Layout of a Llama-3-8B layer: 32 query heads, 8 KV heads, head dim 128, float32. All times
-are `measured` (wall clock, median of --repeat runs) on this machine's torch device.
+are `measured` wall clock on this machine's torch device, in --repeat interleaved rounds:
+each round runs dense once and every sparse step once on each of --queries distinct decode
+queries (each with its own selection, as successive decode steps have), so a sparse figure
+is the median of repeat x queries samples and a dense one of repeat; the JSON keeps the
+quartiles too.
 Dense is timed two ways, torch's scaled_dot_product_attention (enable_gqa) and a grouped
 matmul with the same math; the speedup is against the faster of the two. Writes a table and
 JSON (bench/results/decode_attention.json).
@@ -47,21 +51,32 @@ METHODS = {
 
 
 def timed_round_robin(
-    fns: dict[str, Callable[[], object]], device: torch.device, repeat: int
-) -> dict[str, float]:
-    """Median wall time of each function, measured in interleaved rounds so that a noisy
-    neighbour slows every candidate alike and the ratios stay fair."""
+    fns: dict[str, list[Callable[[], object]]], device: torch.device, repeat: int
+) -> dict[str, list[float]]:
+    """Wall times of each candidate, measured in interleaved rounds so that a noisy neighbour
+    slows every candidate alike and the ratios stay fair. A candidate is a list of calls (one
+    per decode query); each round runs every call of every candidate once, so a candidate
+    with Q calls gets repeat * Q samples."""
     runs: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
+    for calls in fns.values():
+        calls[0]()  # warm-up
     for _ in range(repeat):
-        for name, fn in fns.items():
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            runs[name].append(time.perf_counter() - start)
-    return {name: statistics.median(r) for name, r in runs.items()}
+        for name, calls in fns.items():
+            for fn in calls:
+                synchronize(device)
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+                runs[name].append(time.perf_counter() - start)
+    return runs
+
+
+def quartiles(samples: list[float]) -> tuple[float, float, float]:
+    """(25th percentile, median, 75th percentile)."""
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    q1, q2, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return q1, q2, q3
 
 
 def dense_grouped(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -76,12 +91,17 @@ def bench_case(args: argparse.Namespace, device: torch.device, batch: int, conte
     gen = torch.Generator().manual_seed(context + batch)
     shape = (batch, args.kv_heads, context, args.dim)
     kv = KVCache(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)).to(device)
-    q = torch.randn(batch, args.q_heads, 1, args.dim, generator=gen).to(device)
-    query = AttentionQuery(q)
+    # Distinct decode queries, as successive decode steps bring: each selects its own tokens,
+    # so the sparse steps read rows the previous call did not leave in cache.
+    queries = [
+        AttentionQuery(torch.randn(batch, args.q_heads, 1, args.dim, generator=gen).to(device))
+        for _ in range(args.queries)
+    ]
+    q = queries[0].q
     keys, values = kv.keys, kv.values
-    fns: dict[str, Callable[[], object]] = {
-        "dense_sdpa": partial(F.scaled_dot_product_attention, q, keys, values, enable_gqa=True),
-        "dense_grouped": partial(dense_grouped, q, keys, values),
+    fns: dict[str, list[Callable[[], object]]] = {
+        "dense_sdpa": [partial(F.scaled_dot_product_attention, q, keys, values, enable_gqa=True)],
+        "dense_grouped": [partial(dense_grouped, q, keys, values)],
     }
     selected = {}
     extra_bytes = {}
@@ -89,19 +109,28 @@ def bench_case(args: argparse.Namespace, device: torch.device, batch: int, conte
         method = make(args)
         memory = method.prepare(kv)
         extra_bytes[name] = getattr(memory, "token_copy_nbytes", 0)
-        selection = method.retrieve(method.relevancy(memory, query), args.budget)
-        selected[name] = int(selection.valid.sum()) * selection.unit
-        fns[f"{name}_select"] = partial(_select, method, memory, query, args.budget)
-        fns[f"{name}_apply"] = partial(method.apply, memory, selection, query)
-    times = timed_round_robin(fns, device, args.repeat)
+        selections = [method.retrieve(method.relevancy(memory, qy), args.budget) for qy in queries]
+        selected[name] = int(selections[0].valid.sum()) * selections[0].unit
+        fns[f"{name}_select"] = [
+            partial(_select, method, memory, qy, args.budget) for qy in queries
+        ]
+        fns[f"{name}_apply"] = [
+            partial(method.apply, memory, sel, qy)
+            for sel, qy in zip(selections, queries, strict=True)
+        ]
+    runs = timed_round_robin(fns, device, args.repeat)
     row: dict = {"batch": batch, "context": context, "budget": args.budget}
     row["kv_bytes"] = sum(t.numel() * t.element_size() for t in (keys, values))
     row["dsa_token_copy_bytes"] = extra_bytes["dsa"]
-    row.update({f"{name}_s": t for name, t in times.items()})
-    dense = min(times["dense_sdpa"], times["dense_grouped"])
+    for name, samples in runs.items():
+        q1, med, q3 = quartiles(samples)
+        row[f"{name}_s"] = med
+        row[f"{name}_iqr_s"] = [q1, q3]
+        row[f"{name}_samples"] = len(samples)
+    dense = min(row["dense_sdpa_s"], row["dense_grouped_s"])
     for name in METHODS:
         row[f"{name}_selected_tokens"] = selected[name]
-        row[f"{name}_speedup"] = dense / times[f"{name}_apply"]
+        row[f"{name}_speedup"] = dense / row[f"{name}_apply_s"]
     return row
 
 
@@ -127,6 +156,8 @@ def run(args: argparse.Namespace) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "repeat": args.repeat,
+        "queries": args.queries,
         "dsa_kv_layout": args.dsa_layout,
         "layout": {
             "q_heads": args.q_heads,
@@ -193,7 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds")
+    parser.add_argument(
+        "--queries",
+        type=int,
+        default=8,
+        help="distinct decode queries per case; each round times every sparse step on each",
+    )
     parser.add_argument("--device", default="gpu")
     parser.add_argument(
         "--dsa-layout",
@@ -205,6 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=Path(__file__).parent / "results" / "decode_attention.json"
     )
     args = parser.parse_args(argv)
+    for flag in ("repeat", "queries", "budget", "q_heads", "kv_heads", "dim"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if any(c < 1 for c in args.contexts) or any(b < 1 for b in args.batches):
+        parser.error("--contexts and --batches must be >= 1")
+    if args.budget > min(args.contexts):
+        parser.error(f"--budget {args.budget} exceeds the shortest context {min(args.contexts)}")
     result = run(args)
     Console(width=max(120, Console().width)).print(table(result))
     print(memory_note(result))
