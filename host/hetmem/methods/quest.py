@@ -91,12 +91,17 @@ class Quest(SparseAttentionMethod):
 
     def bounds(self, memory: QuestMemory, q: torch.Tensor) -> torch.Tensor:
         """Upper bounds [B, Hkv, R, T, P] for queries q [B, Hq, T, D]."""
+        b, hq, t, d = q.shape
         hkv = memory.kv.kv_heads
-        qg = q.unflatten(1, (hkv, q.shape[1] // hkv))  # [B, Hkv, R, T, D]
-        mins = memory.mins.to(q.dtype)[:, :, None]  # [B, Hkv, 1, P, D]
-        maxs = memory.maxs.to(q.dtype)[:, :, None]
+        # The group's R query heads and T queries share the M side of one matmul per (row,
+        # KV head): broadcasting the summaries over R instead would copy them R times.
+        qg = q.reshape(b, hkv, hq // hkv * t, d)  # [B, Hkv, R*T, D]
+        mins = memory.mins.to(q.dtype)  # [B, Hkv, P, D]
+        maxs = memory.maxs.to(q.dtype)
         pos, neg = qg.clamp(min=0), qg.clamp(max=0)
-        return pos @ maxs.transpose(-1, -2) + neg @ mins.transpose(-1, -2)
+        bound = torch.matmul(pos, maxs.transpose(-1, -2))
+        bound += torch.matmul(neg, mins.transpose(-1, -2))
+        return bound.view(b, hkv, hq // hkv, t, -1)
 
     def relevancy(self, memory: Any, query: Any) -> Scores:
         assert isinstance(memory, QuestMemory)
