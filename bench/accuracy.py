@@ -53,6 +53,7 @@ from hetmem.methods import get
 from hetmem.methods.base import Method
 from hetmem.models import calibrate as cal
 from hetmem.models import new_cache, unwrap, wrap
+from hetmem.models.wrap import cache_kwarg
 
 FRACTIONS = (4, 8, 16, 32, 64)
 #: label -> (method name, use trained weights)
@@ -200,7 +201,7 @@ def prefill(model: Any, ids: torch.Tensor) -> tuple[Any, torch.Tensor]:
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
     return cache, out.logits[:, -1].argmax(-1)
 
 
@@ -222,10 +223,11 @@ def decode(
         work = new_cache(model)
         for layer, dense in zip(work.layers, cache.layers, strict=True):
             layer.update(dense.keys.clone(), dense.values.clone())
+    name = cache_kwarg(model)
     try:
         tokens = [first]
         for _ in range(steps - 1):
-            out = model(input_ids=tokens[-1][:, None], past_key_values=work, use_cache=True)
+            out = model(input_ids=tokens[-1][:, None], use_cache=True, **{name: work})
             tokens.append(out.logits[:, -1].argmax(-1))
     finally:
         if method is not None:

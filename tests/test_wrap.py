@@ -1,6 +1,8 @@
 """hetmem.models.wrap on tiny random-weight transformers causal LMs (no download)."""
 
 import copy
+import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -18,11 +20,13 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    StaticCache,
 )
 
 from hetmem.errors import InputError  # noqa: E402
 from hetmem.models import HetmemCache, is_wrapped, new_cache, unwrap, wrap  # noqa: E402
 from hetmem.models.layout import compact, key_validity  # noqa: E402
+from hetmem.models.wrap import cache_kwarg  # noqa: E402
 from hetmem.selection import TopK  # noqa: E402
 
 FAMILIES = {
@@ -88,6 +92,11 @@ def generate(model, ids, mask=None, new=NEW, **kwargs):
     )
 
 
+def cache_of(model, out):
+    """The cache a generate() output holds, under the name this transformers gives it."""
+    return getattr(out, cache_kwarg(model))
+
+
 # -- (a) a budget covering the context: exactly the dense model --------------------------
 
 
@@ -99,8 +108,8 @@ def test_full_budget_generates_the_dense_tokens(family, method):
     dense = generate(model, ids, mask)
     wrap(model, method, budget=64, method_options=METHODS[method])
     out = generate(model, ids, mask)
-    assert isinstance(out.past_key_values, HetmemCache)
-    stats = out.past_key_values.stats()
+    assert isinstance(cache_of(model, out), HetmemCache)
+    stats = cache_of(model, out).stats()
     assert stats["sparse_steps"] == 2 * (NEW - 1)  # every decode step, every layer
     assert stats["dense_steps"] == 2  # prefill only
     assert torch.equal(out.sequences, dense.sequences)
@@ -119,7 +128,7 @@ def test_gqa_with_four_query_heads_per_kv_head(method):
     dense = generate(model, ids, mask)
     wrap(model, method, budget=64, method_options=METHODS[method])
     out = generate(model, ids, mask)
-    assert out.past_key_values.stats()["sparse_steps"] > 0
+    assert cache_of(model, out).stats()["sparse_steps"] > 0
     assert torch.equal(out.sequences, dense.sequences)
 
 
@@ -155,7 +164,7 @@ def test_padding_is_never_attended():
     first = generate(model, ids, mask)
     second = generate(model, garbage, mask)
     assert torch.equal(first.sequences[:, ids.shape[1] :], second.sequences[:, ids.shape[1] :])
-    memory = first.past_key_values.layers[1].memory
+    memory = cache_of(model, first).layers[1].memory
     assert memory.kv.lengths.tolist() == [25 + NEW - 1, 7 + NEW - 1]  # no padding inside
 
 
@@ -183,7 +192,7 @@ def test_small_budget_decodes_sparse_within_the_budget(method):
     out = generate(model, ids, mask)
     assert out.sequences.shape == (2, ids.shape[1] + NEW)
     assert len(out.scores) == NEW and out.scores[0].shape == (2, 128)
-    cache = out.past_key_values
+    cache = cache_of(model, out)
     assert cache.stats()["sparse_steps"] == 2 * (NEW - 1)
     for layer in cache.layers:
         assert layer.memory.kv.capacity > budget
@@ -209,9 +218,10 @@ def test_new_cache_drives_a_manual_decode_loop():
     (ids,) = prompts(20)
     cache = new_cache(model)
     with torch.no_grad():
-        logits = model(ids[None], past_key_values=cache, use_cache=True).logits
+        name = cache_kwarg(model)
+        logits = model(ids[None], use_cache=True, **{name: cache}).logits
         step = logits[:, -1:].argmax(-1)
-        model(step, past_key_values=cache, use_cache=True)
+        model(step, use_cache=True, **{name: cache})
     assert cache.stats() == {"sparse_steps": 2, "dense_steps": 2}
 
 
@@ -231,7 +241,7 @@ def test_unwrap_restores_the_model_exactly():
     assert not is_wrapped(model)
     assert "_prepare_cache_for_generation" not in model.__dict__
     after = generate(model, ids, mask)
-    assert type(after.past_key_values) is not HetmemCache
+    assert type(cache_of(model, after)) is DynamicCache
     assert torch.equal(after.sequences, before.sequences)
 
 
@@ -240,15 +250,35 @@ def test_a_deep_copy_is_wrapped_on_its_own():
     twin = unwrap(copy.deepcopy(model))
     assert is_wrapped(model) and not is_wrapped(twin)
     ids, mask = left_pad(prompts(20))
-    assert isinstance(generate(model, ids, mask).past_key_values, HetmemCache)
-    assert type(generate(twin, ids, mask).past_key_values) is DynamicCache
+    assert isinstance(cache_of(model, generate(model, ids, mask)), HetmemCache)
+    assert type(cache_of(twin, generate(twin, ids, mask))) is DynamicCache
 
 
 def test_a_cache_the_caller_passes_is_left_alone():
     model = wrap(tiny("llama"), "dsa", budget=8)
     ids, mask = left_pad(prompts(20))
-    out = generate(model, ids, mask, past_key_values=DynamicCache())
-    assert type(out.past_key_values) is DynamicCache
+    given = DynamicCache()
+    out = generate(model, ids, mask, **{cache_kwarg(model): given})
+    assert cache_of(model, out) is given
+    assert type(given) is DynamicCache and given.get_seq_length() == 20 + NEW - 1
+
+
+def test_a_static_cache_is_left_alone_and_runs_dense():
+    model = tiny("llama")
+    ids, mask = left_pad(prompts(20, 12))
+    dense = generate(model, ids, mask)
+    wrap(model, "dsa", budget=8)
+    out = generate(model, ids, mask, cache_implementation="static")
+    assert type(cache_of(model, out)) is StaticCache
+    assert torch.equal(out.sequences, dense.sequences)
+
+
+def test_cache_kwarg_is_the_name_forward_takes_the_cache_by():
+    """transformers 5.24 renamed `past_key_values` to `cache`: the model says which."""
+    model = tiny("llama")
+    name = cache_kwarg(model)
+    assert name in inspect.signature(model.forward).parameters
+    assert name in {f.name for f in dataclasses.fields(model(torch.ones(1, 3, dtype=torch.long)))}
 
 
 # -- (f) bad input -----------------------------------------------------------------------

@@ -158,9 +158,12 @@ def _timed(times: PhaseTimes, attr: str) -> Iterator[None]:
 
 @torch.no_grad()
 def _greedy(model: Any, cache: Any, first: torch.Tensor, steps: int, tick: Any) -> torch.Tensor:
+    from .models.wrap import cache_kwarg
+
     tokens = [first]
+    name = cache_kwarg(model)
     for _ in range(steps - 1):
-        out = model(input_ids=tokens[-1][:, None], past_key_values=cache, use_cache=True)
+        out = model(input_ids=tokens[-1][:, None], use_cache=True, **{name: cache})
         tokens.append(out.logits[:, -1].argmax(-1))
         tick()
     return torch.cat([t[:, None] for t in tokens], dim=1)
@@ -187,6 +190,7 @@ def run(
     from .device import torch_device
     from .models import new_cache, unwrap, wrap
     from .models.calibrate import load_local, selectors_for
+    from .models.wrap import cache_kwarg
 
     console = console or Console()
     prompts = check_positive_int("prompts", prompts)
@@ -236,7 +240,7 @@ def run(
                 ids = tokenizer(task.prompt, return_tensors="pt")["input_ids"].to(device)
                 cache = new_cache(lm)
                 with _timed(times, "prefill_s"), torch.no_grad():
-                    out = lm(input_ids=ids, past_key_values=cache, use_cache=True)
+                    out = lm(input_ids=ids, use_cache=True, **{cache_kwarg(lm): cache})
                 first = out.logits[:, -1].argmax(-1)
                 progress.advance(bar_prefill)
                 # Dense reference from the same prefill: a plain cache runs sdpa unchanged.

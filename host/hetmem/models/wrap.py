@@ -4,7 +4,8 @@
 - `config._attn_implementation` (and that of its sub-configs) becomes `hetmem`, the
   attention function `attention_fn` registers with transformers' `AttentionInterface`;
 - `generate()` gets a `HetmemCache` instead of a plain `DynamicCache` (an instance-level
-  override of `_prepare_cache_for_generation` that defers to the class's own first);
+  override of `_prepare_cache_for_generation` that defers to the class's own first, then
+  swaps the cache it made under the name the model takes its cache by, `cache_kwarg`);
 - the attribute `_hetmem_wrap` holds the settings and what to restore.
 Model code and weights are never changed.
 """
@@ -12,6 +13,7 @@ Model code and weights are never changed.
 from __future__ import annotations
 
 import copy
+import inspect
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -124,6 +126,17 @@ def unwrap(model: Any) -> Any:
 
 def is_wrapped(model: Any) -> bool:
     return _state(model) is not None
+
+
+def cache_kwarg(model: Any) -> str:
+    """The keyword the model's `forward` (and `generate()`'s model kwargs) takes its cache by.
+
+    transformers 5.24 renamed `past_key_values` to `cache` (the old name is deprecated, and
+    generate() keeps the cache it makes under the new one); the model's own signature says
+    which of the two this installed version uses.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def new_cache(model: Any) -> HetmemCache:
@@ -264,12 +277,13 @@ def _prepare_cache_with_hetmem(
         else state.hook
     )
     result = previous(generation_config, model_kwargs, *args, **kwargs)
-    cache = model_kwargs.get("past_key_values")
+    name = cache_kwarg(self)
+    cache = model_kwargs.get(name)
     if (
         state is not None
         and type(cache) is DynamicCache
         and not getattr(cache, "_is_user_defined", False)
         and not cache.offloading
     ):
-        model_kwargs["past_key_values"] = HetmemCache(state.settings)
+        model_kwargs[name] = HetmemCache(state.settings)
     return result
