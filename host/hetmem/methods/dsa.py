@@ -254,8 +254,14 @@ class DSA(SparseAttentionMethod):
         positions = self.positions(memory, query)
         qi, w = self.indexer_query(memory, query)
         keys = memory.keys.data  # [B, S, Di]
-        logits = torch.einsum("bthd,bsd->btsh", qi, keys.to(qi.dtype)) / math.sqrt(qi.shape[-1])
-        scores = (torch.relu(logits) * w[:, :, None, :]).sum(-1)  # [B, T, S]
+        b, t, h, di = qi.shape
+        # One bmm of every token's key with the T*H indexer queries ([B, S, T*H], S-major as
+        # the keys are), ReLU in place, then the head weights; the 1/sqrt(Di) scale commutes
+        # with ReLU and goes on the [B, T, S] result.
+        logits = torch.bmm(keys.to(qi.dtype), qi.reshape(b, t * h, di).transpose(1, 2))
+        logits.relu_()
+        scores = torch.einsum("bsth,bth->bts", logits.view(b, -1, t, h), w)
+        scores = scores * (1.0 / math.sqrt(di))  # [B, T, S]
         visible = self.unit_visible(memory, positions, scores.shape[-1])
         scores = scores.masked_fill(~visible, float("-inf"))
         return Scores(scores[:, None], unit=1)
