@@ -21,7 +21,9 @@ PARAMS = {
 DEFAULTS = {"LANES": 8, "SLOTS": 8, "NMAX": 65536, "DMAX": 512, "SCAN": 64}
 
 
-def _run(simulator: str, testcase: str, **env: str) -> None:
+def assert_passes(simulator: str, testcase: str, **env: str) -> None:
+    """Run one cocotb test of tb_engine and assert it passed: it fails on any output that
+    differs from the kernel's golden model, and on a protocol error."""
     params = PARAMS[simulator]
     env = {"HM_PARAMS": json.dumps({**DEFAULTS, **params}), **env}
     assert sim.run(simulator, "hm_engine", "tb_engine", testcase, parameters=params, env=env) == [
@@ -33,7 +35,7 @@ def _run(simulator: str, testcase: str, **env: str) -> None:
 def test_edges(simulator: str, kernel: str) -> None:
     """k = 1, k = n, ties, all equal, negative scores, n not a multiple of LANES, dim = DMAX,
     queries > SLOTS, heads > LANES, threshold bitmaps."""
-    _run(
+    assert_passes(
         simulator,
         "engine_matches_golden",
         HM_SUITE="edges",
@@ -51,7 +53,7 @@ def test_largest_n_on_icarus(kernel: str) -> None:
     reason = sim.missing("icarus")
     if reason:
         pytest.skip(f"icarus: {reason}")
-    _run(
+    assert_passes(
         "icarus",
         "engine_matches_golden",
         HM_SUITE="largest",
@@ -69,8 +71,10 @@ RANDOM = {
 
 
 def test_random_shapes(simulator: str) -> None:
-    _run(simulator, "engine_matches_golden", HM_SUITE="random", HM_SEED="21", **RANDOM[simulator])
+    assert_passes(
+        simulator, "engine_matches_golden", HM_SUITE="random", HM_SEED="21", **RANDOM[simulator]
+    )
 
 
 def test_invalid_scalars(simulator: str) -> None:
-    _run(simulator, "invalid_scalars_end_the_call", HM_BACKPRESSURE="0")
+    assert_passes(simulator, "invalid_scalars_end_the_call", HM_BACKPRESSURE="0")

@@ -257,11 +257,11 @@ class DSA(SparseAttentionMethod):
         b, t, h, di = qi.shape
         # One bmm of every token's key with the T*H indexer queries ([B, S, T*H], S-major as
         # the keys are), ReLU in place, then the head weights; the 1/sqrt(Di) scale commutes
-        # with ReLU and goes on the [B, T, S] result.
+        # with ReLU and rides on the [B, T, H] weights.
         logits = torch.bmm(keys.to(qi.dtype), qi.reshape(b, t * h, di).transpose(1, 2))
         logits.relu_()
-        scores = torch.einsum("bsth,bth->bts", logits.view(b, -1, t, h), w)
-        scores = scores * (1.0 / math.sqrt(di))  # [B, T, S]
+        scaled = w / math.sqrt(di)
+        scores = torch.einsum("bsth,bth->bts", logits.view(b, -1, t, h), scaled)  # [B, T, S]
         visible = self.unit_visible(memory, positions, scores.shape[-1])
         scores = scores.masked_fill(~visible, float("-inf"))
         return Scores(scores[:, None], unit=1)
