@@ -22,6 +22,7 @@ from hetmem.errors import (
 from hetmem.fpga import Buffer, FpgaDevice, Timing, list_devices, open_device, pcie
 from hetmem.fpga.emu import BANK_BYTES, EmuDevice
 from hetmem.fpga.manifest import MANIFEST, Manifest, expected_entry, sha256_file, spec_banks
+from hetmem.kernels import spec as kspec
 from hetmem.kernels.spec import HBM_BANKS, MODE_THRESHOLD
 
 NAMES = kernels.names()
@@ -196,7 +197,7 @@ def test_run_matches_golden_and_reports_modeled_cycles(dev):
     inputs = spec.bind(resident, query)
     golden = spec.golden(inputs)
     bufs = {}
-    for name in ("keys", "shifts", "q"):
+    for name in ("keys", "shifts", "q", "segs"):
         bufs[name] = dev.alloc("vector_search", name, inputs.arrays[name].nbytes)
         dev.write(bufs[name], inputs.arrays[name])
     bufs["out"] = dev.alloc("vector_search", "out", spec.buffer_nbytes("out", inputs.scalars))
@@ -235,6 +236,7 @@ def test_resident_memory_grows_by_appends(dev, name):
     for arg, data in query.arrays.items():
         bufs[arg] = dev.alloc(name, arg, data.nbytes)
         dev.write(bufs[arg], data)
+    bufs["segs"] = dev.alloc(name, "segs", 2 * 2 * 4)
     bufs["out"] = dev.alloc(name, "out", spec.buffer_nbytes("out", query.scalars))
     rows = 0
     for upto in (120, 200):  # the first load, then an append of 80 rows
@@ -243,6 +245,7 @@ def test_resident_memory_grows_by_appends(dev, name):
             timing = dev.write(bufs[arg], resident[arg][rows:upto], offset=rows * row_bytes)
             assert timing.nbytes == (upto - rows) * row_bytes
         rows = upto
+        dev.write(bufs["segs"], kspec.whole_segments(2, rows))  # both queries scan [0, rows)
         dev.run(name, bufs, {**query.scalars, "n": rows})
         out, _ = dev.read(bufs["out"], np.uint32, 2 * 5)
         golden = spec.golden(spec.bind({k: v[:rows] for k, v in resident.items()}, query))
@@ -257,7 +260,7 @@ def test_run_past_the_timeout_raises_fpga_timeout(dev):
         dev.call("vector_search", inputs, timeout_s=seconds / 2)
     out, timings = dev.call("vector_search", inputs, timeout_s=seconds * 2)
     assert out.shape == (3, 9)
-    assert [t.source for t in timings] == ["modeled"] * 5
+    assert [t.source for t in timings] == ["modeled"] * 6  # 4 writes, the run, the read
 
 
 def test_call_frees_its_buffers_even_on_failure(dev):
@@ -274,7 +277,8 @@ def _bound(dev):
     spec, _, resident, query = vector_inputs(np.random.default_rng(4))
     inputs = spec.bind(resident, query)
     bufs = {
-        n: dev.alloc("vector_search", n, inputs.arrays[n].nbytes) for n in ("keys", "shifts", "q")
+        n: dev.alloc("vector_search", n, inputs.arrays[n].nbytes)
+        for n in ("keys", "shifts", "q", "segs")
     }
     bufs["out"] = dev.alloc("vector_search", "out", spec.buffer_nbytes("out", inputs.scalars))
     return bufs, dict(inputs.scalars)

@@ -248,6 +248,8 @@ def test_golden_is_integer_only(name):
     spec = kernels.get(name)
     inputs, _ = _inputs(name, np.random.default_rng(0), 50)
     assert np.issubdtype(spec.scores(inputs).dtype, np.integer)
+    if spec.segmented:
+        inputs.arrays["segs"] = kspec.whole_segments(2, 50)
     for arg in spec.args:
         if arg.direction != "in":
             continue
@@ -558,3 +560,155 @@ def test_quest_integer_bound_dominates_every_key(seed, page, pages, dim, heads, 
     exact = np.einsum("qrd,nd->qrn", q_int, flat / state.scale).max(1)
     inside = np.repeat((np.abs(keys) / state.scale <= 32767).all(axis=(1, 2)), page)
     assert (bound[:, inside] >= exact[:, inside] - 1e-6 * (1 + np.abs(exact[:, inside]))).all()
+
+
+# -- segments: one call over many slots of one memory ----------------------------------------
+
+SEGMENTED = ("token_indexer", "page_indexer", "block_gate", "vector_search")
+
+
+def _segmented(name, rng, *, threshold=False):
+    """Random integer inputs of a multi-segment call: a memory of several slots at random
+    bases, each query a random prefix of one (consecutive queries often share a segment),
+    n the largest rows, k at most the smallest."""
+    slots = int(rng.integers(1, 5))
+    lengths = rng.integers(1, 80, slots)
+    bases = np.cumsum(np.concatenate([[0], lengths[:-1]])) + rng.integers(0, 5, slots).cumsum()
+    total = int((bases + lengths).max()) + int(rng.integers(0, 10))
+    queries = int(rng.integers(1, 9))
+    slot = rng.integers(0, slots, queries)
+    if rng.random() < 0.5:
+        slot = np.sort(slot)
+    rows = np.where(rng.random(queries) < 0.5, lengths[slot], rng.integers(1, lengths[slot] + 1))
+    k = int(rng.integers(1, rows.min() + 1))
+    inputs, _ = _inputs(name, rng, total, queries=queries, k=k)
+    inputs.arrays["segs"] = np.stack([bases[slot], rows], axis=1).astype(np.uint32)
+    inputs.scalars["n"] = int(rows.max())
+    if threshold:
+        inputs.scalars.update(mode=kspec.MODE_THRESHOLD, k=0)
+        inputs.arrays["delta"] = rng.integers(0, 2**22, queries).astype(np.uint32)
+    return inputs
+
+
+def _one_segment(spec, inputs, i):
+    """Query i alone, on the memory rows of its segment: today's single-memory call."""
+    base, rows = (int(v) for v in inputs.arrays["segs"][i])
+    arrays = {a: inputs.arrays[a][base : base + rows] for a in spec.memory_args}
+    for a in spec.query_args():
+        if a != "segs":
+            arrays[a] = inputs.arrays[a][i : i + 1]
+    return kernels.KernelInputs(arrays, {**inputs.scalars, "n": rows, "queries": 1})
+
+
+@pytest.mark.parametrize("name", SEGMENTED)
+def test_segments_equal_single_calls_concatenated(name):
+    """A multi-segment call returns, per query, what today's single-memory call over its
+    segment returns (indices relative to the base; bitmap rows ceil(n/32) words, zero past
+    the query's rows): several hundred random calls, top-k and block_gate's threshold."""
+    rng = np.random.default_rng(hash(name) % 2**32)
+    spec = kernels.get(name)
+    modes = (False, True) if name == "block_gate" else (False,)
+    calls = 0
+    for threshold in modes:
+        for _ in range(300 // len(modes)):
+            inputs = _segmented(name, rng, threshold=threshold)
+            out = spec.golden(inputs)
+            words = -(-int(inputs.scalars["n"]) // 32)
+            for i in range(int(inputs.scalars["queries"])):
+                one = spec.golden(_one_segment(spec, inputs, i))
+                if threshold:
+                    row = np.zeros(words, dtype=np.uint32)
+                    row[: one.bitmap.shape[1]] = one.bitmap[0]
+                    np.testing.assert_array_equal(out.bitmap[i], row)
+                else:
+                    np.testing.assert_array_equal(out.indices[i], one.indices[0])
+            assert out.cycles == spec.cycles(**spec.shape(inputs))
+            calls += 1
+    assert calls == 300
+
+
+@pytest.mark.parametrize("name", SEGMENTED)
+def test_bind_fills_single_memory_segments(name):
+    """Without segs, every query scans rows [0, n): bind adds segs = (0, n) per query, and
+    golden treats inputs without segs the same way."""
+    rng = np.random.default_rng(3)
+    spec = kernels.get(name)
+    inputs, _ = _inputs(name, rng, 60, queries=3, k=4)
+    memory = {a: inputs.arrays[a] for a in spec.memory_args}
+    query = kernels.KernelInputs(
+        {a: inputs.arrays[a] for a in spec.query_args() if a in inputs.arrays},
+        {k: v for k, v in inputs.scalars.items() if k != "n"},
+    )
+    bound = spec.bind(memory, query, n=50)
+    np.testing.assert_array_equal(bound.arrays["segs"], [[0, 50]] * 3)
+    assert bound.arrays["segs"].dtype == np.uint32
+    inputs.scalars["n"] = 50
+    np.testing.assert_array_equal(spec.golden(bound).indices, spec.golden(inputs).indices)
+    assert "segs" not in inputs.arrays  # golden leaves the caller's inputs alone
+    assert spec.buffer_shape("segs", bound.scalars, 0) == (3, 2)
+    assert spec.buffer_nbytes("segs", bound.scalars) == 24
+
+
+@pytest.mark.parametrize("name", SEGMENTED)
+@pytest.mark.parametrize(
+    ("segs", "k", "argument"),
+    [
+        ([[0, 40], [10, 0]], 3, "segs"),  # rows 0
+        ([[0, 40], [10, 41]], 3, "segs"),  # rows > n
+        ([[0, 40], [70, 40]], 3, "segs"),  # past the rows the memory holds (100)
+        ([[0, 40], [10, 5]], 6, "k"),  # k > the query's rows (top-k)
+        ([[0, 40]], 3, "segs"),  # one segment for two queries
+    ],
+)
+def test_bad_segments_name_the_argument(name, segs, k, argument):
+    inputs, _ = _inputs(name, np.random.default_rng(0), 100, queries=2, k=k)
+    inputs.scalars["n"] = 40
+    inputs.arrays["segs"] = np.array(segs, dtype=np.uint32)
+    with pytest.raises(InputError) as err:
+        kernels.get(name).golden(inputs)
+    assert err.value.argument == argument
+
+
+def test_segments_in_threshold_mode_need_no_k():
+    inputs, _ = _inputs("block_gate", np.random.default_rng(2), 100, queries=2)
+    inputs.scalars.update(mode=kspec.MODE_THRESHOLD, k=0, n=40)
+    inputs.arrays["segs"] = np.array([[0, 40], [60, 1]], dtype=np.uint32)
+    out = kernels.get("block_gate").golden(inputs)
+    assert out.bitmap.shape == (2, 2)
+    assert out.bitmap[1, 0] == 1 and out.bitmap[1, 1] == 0  # one row: always kept, bit 0
+
+
+def test_quantize_query_takes_segs():
+    spec = kernels.get("vector_search")
+    rng = np.random.default_rng(1)
+    state = spec.fit({"keys": rng.standard_normal((50, 8))})
+    q = {"q": rng.standard_normal((2, 8))}
+    inputs = spec.quantize_query(q, state, k=3, segs=[[0, 10], [10, 20]])
+    np.testing.assert_array_equal(inputs.arrays["segs"], [[0, 10], [10, 20]])
+    assert inputs.arrays["segs"].dtype == np.uint32
+    assert "segs" not in spec.quantize_query(q, state, k=3).arrays
+    for bad in ([[0, 10]], [[0, -1], [0, 1]], [[0.5, 1], [0, 1]]):
+        with pytest.raises(InputError) as err:
+            spec.quantize_query(q, state, k=3, segs=bad)
+        assert err.value.argument == "segs"
+
+
+def test_cycle_model_sums_groups_of_consecutive_queries():
+    """One launch: one control overhead; per group of consecutive queries with the same
+    segment its stream and passes; per query its selection over its own rows."""
+    spec = kernels.get("vector_search")
+    p = spec.engine
+    one = spec.cycles(n=1000, k=8, dim=64, queries=3)
+    whole = kspec.whole_segments(3, 1000)
+    assert spec.cycles(n=1000, k=8, dim=64, queries=3, segs=whole) == one
+    segs = np.array([[0, 1000], [0, 1000], [5000, 300], [0, 1000]])
+    got = spec.cycles(n=1000, k=8, dim=64, queries=4, segs=segs)
+    a = spec.cycles(n=1000, k=8, dim=64, queries=2) - p.control_overhead
+    b = spec.cycles(n=300, k=8, dim=64, queries=1) - p.control_overhead
+    c = spec.cycles(n=1000, k=8, dim=64, queries=1) - p.control_overhead
+    assert got == p.control_overhead + a + b + c  # the last query is a group of its own
+    bg = kernels.get("block_gate")
+    bitmap = bg.cycles(n=1000, dim=64, queries=2, mode=1, segs=[[0, 1000], [0, 10]])
+    # threshold mode scans n bits per query (the bitmap row), whatever its rows
+    assert bitmap > bg.cycles(n=1000, dim=64, queries=1, mode=1)
+    assert kspec.engine_passes(p, queries=np.array([1, 8, 9, 17])).tolist() == [1, 1, 2, 3]

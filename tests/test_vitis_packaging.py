@@ -76,7 +76,7 @@ def test_link_config_reaches_every_buffer_in_its_spec_bank():
 def test_a_spec_change_shows_up_as_drift(monkeypatch):
     gen = load_generator()
     spec = kernels.get("vector_search")
-    moved = tuple(replace(a, bank=31) if a.name == "q" else a for a in spec.args)
+    moved = tuple(replace(a, bank=31) if a.name == "out" else a for a in spec.args)
     monkeypatch.setattr(type(spec), "args", moved)
     assert gen.main(["--check"]) == 1
 

@@ -125,7 +125,7 @@ def _vector_call(dev):
         spec.quantize_query({"q": rng.standard_normal((2, 16))}, state, k=4),
     )
     bufs = {}
-    for name in ("keys", "shifts", "q"):
+    for name in ("keys", "shifts", "q", "segs"):
         bufs[name] = dev.alloc("vector_search", name, inputs.arrays[name].nbytes + 64)
         dev.write(bufs[name], inputs.arrays[name])
     bufs["out"] = dev.alloc("vector_search", "out", 64)
@@ -144,9 +144,11 @@ def test_kernel_arguments_go_in_spec_order(dev, monkeypatch):
     monkeypatch.setattr(xrt_emu.kernel, "__call__", spy)
     dev.run("vector_search", bufs, inputs.scalars)
     (args,) = seen
-    assert [a.name for a in spec.args] == ["keys", "shifts", "q", "out", "n", "k", "queries", "dim"]
+    names = ["keys", "shifts", "q", "out", "n", "k", "queries", "dim", "segs"]
+    assert [a.name for a in spec.args] == names
     assert args[:4] == tuple(bufs[n].handle for n in ("keys", "shifts", "q", "out"))
-    assert args[4:] == tuple(inputs.scalars[n] for n in ("n", "k", "queries", "dim"))
+    assert args[4:8] == tuple(inputs.scalars[n] for n in ("n", "k", "queries", "dim"))
+    assert args[8] is bufs["segs"].handle
 
 
 def test_sync_directions_sizes_and_offsets(dev):
@@ -217,6 +219,7 @@ def test_long_run_times_out_through_the_driver(dev):
         {"keys": keys, "shifts": np.zeros(n, np.uint8), "q": keys[:64].copy()},
         {"n": n, "k": 1, "queries": 64, "dim": dim},
     )
+    inputs = spec.complete(inputs)  # built without bind: segs (0, n) per query
     cycles = spec.cycles(n=n, k=1, dim=dim, queries=64)
     assert cycles / dev.clock_hz > 1e-3
     with pytest.raises(FpgaTimeout, match="ERT_CMD_STATE_TIMEOUT"):
@@ -235,7 +238,7 @@ def test_xrt_emu_kernel_call_checks_types_like_pybind(dev):
     spec, inputs, bufs = _vector_call(dev)
     handle = dev._kernels["vector_search"]
     args = [bufs[a.name].handle if a.is_buffer else inputs.scalars[a.name] for a in spec.args]
-    with pytest.raises(TypeError, match="expected 8 arguments"):
+    with pytest.raises(TypeError, match="expected 9 arguments"):
         handle(*args[:-1])
     with pytest.raises(TypeError, match="must be a bo"):
         handle(5, *args[1:])
@@ -426,7 +429,8 @@ def test_pynq_allocates_in_banks_syncs_in_direction_and_passes_args_in_order(tmp
         q = dev.alloc("vector_search", "q", 64)
         shifts = dev.alloc("vector_search", "shifts", 64)
         out = dev.alloc("vector_search", "out", 64)
-        assert [e[3] for e in log if e[0] == "allocate"] == [14, 16, 15, 17]
+        segs = dev.alloc("vector_search", "segs", 64)
+        assert [e[3] for e in log if e[0] == "allocate"] == [14, 16, 15, 27, 17]
         timing = dev.write(keys, np.arange(32, dtype=np.int8), offset=256)
         assert log[-1] == ("to_device", 14, 256, 32)
         assert timing.source == "measured" and timing.nbytes == 32
@@ -435,13 +439,12 @@ def test_pynq_allocates_in_banks_syncs_in_direction_and_passes_args_in_order(tmp
         assert log[-1] == ("from_device", 14, 256, 32)
         np.testing.assert_array_equal(data, np.arange(32))
         scalars = {"n": 4, "k": 2, "queries": 1, "dim": 16}
-        timing = dev.run(
-            "vector_search", {"keys": keys, "shifts": shifts, "q": q, "out": out}, scalars
-        )
+        bufs = {"keys": keys, "shifts": shifts, "q": q, "out": out, "segs": segs}
+        timing = dev.run("vector_search", bufs, scalars)
         start = [e for e in log if e[0] == "start"][-1]
         assert start[1] == "vector_search"
         assert start[2][:4] == (keys.handle, shifts.handle, q.handle, out.handle)
-        assert start[2][4:] == (4, 2, 1, 16)
+        assert start[2][4:] == (4, 2, 1, 16, segs.handle)
         assert timing.source == "measured" and timing.cycles is not None
     assert log[-1] == ("free",)
 

@@ -2,20 +2,34 @@
 // (hetmem.kernels): token_indexer (DSA), page_indexer (Quest), vector_search (dense RAG) and
 // block_gate (SeerAttention-R), selected by `kernel` (tied in each kernel's wrapper).
 //
+// Segments: query i scans memory rows [base_i, base_i + rows_i) (`segs`, uint32 (base, rows)
+// per query; its selection's indices are relative to base_i), so one call covers every slot
+// of a layer that lives in one memory buffer. segs travels on the query port: it is read
+// where the port is idle anyway (before a pass's query load; never while the memory
+// streams), it is a few bytes per query, and its HBM pseudo-channel sits beside the other
+// query buffers' (one contiguous range for the port). The call first reads every segment
+// once and refuses the call, nothing written, when one is invalid (rows 0 or > n, or k > rows
+// in top-k mode); then each pass reads the segments of its candidate queries again and takes
+// the CONSECUTIVE queries that share the first one's segment (at most as many as today's
+// lanes/slots rule allows).
+//
 // A call runs in passes. A pass loads up to LANES query vectors (query x head, whole queries
-// when heads <= LANES, else one query's heads LANES at a time) into the lanes, then streams the
-// whole memory once from HBM: port A (keys, or page minima) and port B (row shifts, or page
-// maxima) read one 512-bit beat per cycle each, hm_row_aligner cuts rows into 64-byte chunks,
+// when heads <= LANES, else one query's heads LANES at a time) into the lanes, then streams its
+// segment of the memory once from HBM: port A (keys, or page minima) and port B (row shifts, or
+// page maxima) read one 512-bit beat per cycle each from the segment's base row,
+// hm_row_aligner cuts rows into 64-byte chunks,
 // every lane takes every chunk against its own query vector, and the scores are assembled per
 // query slot:
 //   token_indexer  sum over the slot's heads of w_h * ReLU(q_h . k), << shift
 //   page_indexer   max over the slot's heads of sum_i q_i * (q_i < 0 ? min_i : max_i)
 //   vector_search  q . k << shift
 //   block_gate     q . k << shift (top-k, or threshold bitmap s >= max - delta)
-// hm_topk keeps each slot's scores and, after the pass, selects per query (in query order);
+// hm_topk keeps each slot's scores and, after the pass, selects per query (in query order)
+// over the segment's rows; a bitmap row stays ceil(n / 32) words, its bits past rows zero.
 // hm_axi_writer writes the selection contiguously to `out`.
 // Invalid scalars (n = 0 or > NMAX, dim = 0 or > DMAX, no queries or heads, k = 0 or > n in
-// top-k mode, mode > 1) end the call at once without writing anything.
+// top-k mode, mode > 1) end the call at once without writing anything; so do invalid
+// segments, after the segment check.
 `default_nettype none
 
 module hm_engine #(
@@ -116,14 +130,16 @@ module hm_engine #(
     localparam [4:0] S_IDLE = 5'd0, S_SETUP = 5'd1, S_PASS = 5'd2, S_LQ_START = 5'd3,
                      S_LOADQ = 5'd4, S_LW_START = 5'd5, S_LOADW = 5'd6, S_LD_START = 5'd7,
                      S_LOADD = 5'd8, S_STREAM_START = 5'd9, S_STREAM = 5'd10, S_SELECT = 5'd11,
-                     S_SELECT_WAIT = 5'd12, S_NEXT = 5'd13, S_FLUSH = 5'd14, S_DONE = 5'd15;
+                     S_SELECT_WAIT = 5'd12, S_NEXT = 5'd13, S_FLUSH = 5'd14, S_DONE = 5'd15,
+                     S_CHK_START = 5'd16, S_CHECK = 5'd17, S_SEG_START = 5'd18,
+                     S_LOADSEG = 5'd19;
 
     wire rst = !ap_rst_n;
     reg [4:0] state;
 
     // -- control ---------------------------------------------------------------------------
     wire start;
-    wire [6*64-1:0] buffers;
+    wire [7*64-1:0] buffers;
     wire [6*32-1:0] scalars;
 
     hm_axil_ctrl #(
@@ -159,7 +175,7 @@ module hm_engine #(
 
     // arguments, latched at start
     reg [1:0] kern;
-    reg [63:0] a_addr, b_addr, q_addr, w_addr, d_addr, o_addr;
+    reg [63:0] a_addr, b_addr, q_addr, w_addr, d_addr, o_addr, s_addr;
     reg [31:0] n, k, nq, heads, dim, mode;
 
     wire is_tok = kern == 2'd0;
@@ -175,6 +191,13 @@ module hm_engine #(
                (!bitmap && (k == 0 || k > n)) || (is_gate && mode > 32'd1);
 
     reg [31:0] per_pass;  // queries per pass (heads <= LANES)
+    // segments: the pass's candidates (queries q0 .., as loaded), the pass's own
+    reg [31:0] seg_base[0:SLOTS-1];
+    reg [31:0] seg_rows[0:SLOTS-1];
+    reg [31:0] seg_m;  // candidates loaded
+    reg seg_bad;  // the segment check found an invalid segment
+    reg [31:0] cur_base, cur_rows;  // the pass's segment
+    reg [63:0] a_seg, b_seg;  // byte address of the segment's first row, ports A and B
     reg [31:0] q0;  // first query of the pass
     reg [31:0] hc;  // head chunk (heads > LANES)
     reg [31:0] pq;  // queries in this pass
@@ -192,7 +215,20 @@ module hm_engine #(
 
     // pass plan, computed in S_PASS
     wire [31:0] left = nq - q0;
-    wire [31:0] pq_c = split ? 32'd1 : ((per_pass < left) ? per_pass : left);
+    wire [31:0] cand_c = split ? 32'd1 : ((per_pass < left) ? per_pass : left);  // to load
+    reg [31:0] run_c;  // leading candidates with the first one's segment
+    reg run_on;
+    integer r;
+    always @(*) begin
+        run_c = 32'd1;
+        run_on = 1'b1;
+        for (r = 1; r < SLOTS; r = r + 1) begin
+            if (run_on && r < seg_m && seg_base[r] == seg_base[0] && seg_rows[r] == seg_rows[0])
+                run_c = r + 1;
+            else run_on = 1'b0;
+        end
+    end
+    wire [31:0] pq_c = split ? 32'd1 : run_c;
     wire [31:0] hrem = nh - hc * LANES;
     wire [31:0] nl_c = split ? ((hrem < LANES) ? hrem : LANES) : pq_c * nh;
     reg [SW-1:0] slot_c[0:LANES-1];
@@ -231,6 +267,18 @@ module hm_engine #(
                 rq_rb = 16'd4;
                 rq_rows = pq;
             end
+            S_CHK_START, S_CHECK: begin  // every segment of the call
+                rq_addr = s_addr;
+                rq_bytes = {nq[28:0], 3'b0};
+                rq_rb = 16'd8;
+                rq_rows = nq;
+            end
+            S_SEG_START, S_LOADSEG: begin  // the pass's candidates
+                rq_addr = s_addr + {q0, 3'b0};
+                rq_bytes = {cand_c[28:0], 3'b0};
+                rq_rb = 16'd8;
+                rq_rows = cand_c;
+            end
             default: begin
                 rq_addr = q_addr + v0 * dim;
                 rq_bytes = nl * dim;
@@ -239,12 +287,18 @@ module hm_engine #(
             end
         endcase
     end
-    wire        rq_start = state == S_LQ_START || state == S_LW_START || state == S_LD_START;
+    wire        rq_start = state == S_LQ_START || state == S_LW_START || state == S_LD_START ||
+                           state == S_CHK_START || state == S_SEG_START;
     wire [31:0] rq_beats = ({26'd0, rq_addr[5:0]} + rq_bytes + 32'd63) >> 6;
 
     wire [511:0] qr_data, qa_data;
     wire qr_valid, qr_ready, qa_valid, qa_first, qa_last;
-    wire qa_ready = state == S_LOADQ || state == S_LOADW || state == S_LOADD;
+    wire qa_ready = state == S_LOADQ || state == S_LOADW || state == S_LOADD ||
+                    state == S_CHECK || state == S_LOADSEG;
+    // a segment as read: (base, rows), and whether it is invalid for this call
+    wire [31:0] qa_base = qa_data[31:0];
+    wire [31:0] qa_rows = qa_data[63:32];
+    wire qa_seg_bad = qa_rows == 0 || qa_rows > n || (!bitmap && k > qa_rows);
 
     hm_axi_reader #(
         .DEPTH(16),
@@ -302,10 +356,10 @@ module hm_engine #(
 
     // -- memory ports: A (keys / minima) and B (shifts / maxima) -------------------------------
     wire mem_start = state == S_STREAM_START;
-    wire [39:0] bytes_a = n * rb_a;
-    wire [39:0] bytes_b = n * rb_b;
-    wire [31:0] beats_a = ({34'd0, a_addr[5:0]} + bytes_a + 40'd63) >> 6;
-    wire [31:0] beats_b = ({34'd0, b_addr[5:0]} + bytes_b + 40'd63) >> 6;
+    wire [39:0] bytes_a = cur_rows * rb_a;
+    wire [39:0] bytes_b = cur_rows * rb_b;
+    wire [31:0] beats_a = ({34'd0, a_seg[5:0]} + bytes_a + 40'd63) >> 6;
+    wire [31:0] beats_b = ({34'd0, b_seg[5:0]} + bytes_b + 40'd63) >> 6;
 
     wire [511:0] ra_data, rb_data, a_data, b_data;
     wire ra_valid, ra_ready, rbv, rb_ready;
@@ -321,7 +375,7 @@ module hm_engine #(
         .clk(ap_clk),
         .rst(rst),
         .start(mem_start),
-        .addr(a_addr),
+        .addr(a_seg),
         .beats(beats_a),
         .busy(),
         .rerr(),
@@ -347,9 +401,9 @@ module hm_engine #(
         .clk(ap_clk),
         .rst(rst),
         .start(mem_start),
-        .skip(a_addr[5:0]),
+        .skip(a_seg[5:0]),
         .row_bytes(rb_a[15:0]),
-        .rows(n),
+        .rows(cur_rows),
         .done(),
         .in_data(ra_data),
         .in_valid(ra_valid),
@@ -368,7 +422,7 @@ module hm_engine #(
         .clk(ap_clk),
         .rst(rst),
         .start(mem_start),
-        .addr(b_addr),
+        .addr(b_seg),
         .beats(beats_b),
         .busy(),
         .rerr(),
@@ -394,9 +448,9 @@ module hm_engine #(
         .clk(ap_clk),
         .rst(rst),
         .start(mem_start),
-        .skip(b_addr[5:0]),
+        .skip(b_seg[5:0]),
         .row_bytes(rb_b[15:0]),
-        .rows(n),
+        .rows(cur_rows),
         .done(),
         .in_data(rb_data),
         .in_valid(rbv),
@@ -524,7 +578,8 @@ module hm_engine #(
         .cmd_valid(state == S_SELECT && sel_slot < pq),
         .cmd_ready(cmd_ready),
         .cmd_slot(sel_slot[SW-1:0]),
-        .cmd_n(n[XW:0]),
+        .cmd_n(cur_rows[XW:0]),
+        .cmd_nout(n[XW:0]),
         .cmd_k(k[XW:0]),
         .cmd_bitmap(bitmap),
         .cmd_delta(delta_reg[sel_slot[SW-1:0]]),
@@ -592,6 +647,7 @@ module hm_engine #(
                     w_addr <= buffers[3*64+:64];
                     d_addr <= buffers[4*64+:64];
                     o_addr <= buffers[5*64+:64];
+                    s_addr <= buffers[6*64+:64];
                     n <= scalars[0*32+:32];
                     k <= scalars[1*32+:32];
                     nq <= scalars[2*32+:32];
@@ -608,10 +664,35 @@ module hm_engine #(
                     per_pass <= (per_pass_c < SLOTS) ? per_pass_c : SLOTS;
                     q0 <= 0;
                     hc <= 0;
-                    state <= bad ? S_DONE : S_PASS;
+                    ql_row <= 0;
+                    seg_bad <= 1'b0;
+                    state <= bad ? S_DONE : S_CHK_START;
+                end
+                S_CHK_START: state <= S_CHECK;
+                S_CHECK:
+                if (qa_fire) begin
+                    if (qa_seg_bad) seg_bad <= 1'b1;
+                    ql_row <= ql_row + 1;
+                    if (ql_row + 1 == nq) state <= (seg_bad || qa_seg_bad) ? S_DONE : S_SEG_START;
+                end
+                S_SEG_START: begin
+                    ql_row <= 0;
+                    seg_m <= cand_c;
+                    state <= S_LOADSEG;
+                end
+                S_LOADSEG:
+                if (qa_fire) begin
+                    seg_base[ql_row[SW-1:0]] <= qa_base;
+                    seg_rows[ql_row[SW-1:0]] <= qa_rows;
+                    ql_row <= ql_row + 1;
+                    if (ql_row + 1 == seg_m) state <= S_PASS;
                 end
                 S_PASS: begin
                     pq <= pq_c;
+                    cur_base <= seg_base[0];
+                    cur_rows <= seg_rows[0];
+                    a_seg <= a_addr + seg_base[0] * rb_a;
+                    b_seg <= b_addr + seg_base[0] * rb_b;
                     nl <= nl_c;
                     v0 <= q0 * nh + hc * LANES;
                     op <= (split && hc != 0) ? (is_quest ? OP_MAX : OP_ADD) : OP_WRITE;
@@ -667,7 +748,7 @@ module hm_engine #(
                     if (fire) jc <= a_last ? 32'd0 : jc + 1;
                     if (in_valid) begin
                         rows_done <= rows_done + 1;
-                        if (rows_done + 1 == n) begin
+                        if (rows_done + 1 == cur_rows) begin
                             sel_slot <= 0;
                             state <= final_pass ? S_SELECT : S_NEXT;
                         end
@@ -686,14 +767,14 @@ module hm_engine #(
                         if ((hc + 1) * LANES >= nh) begin
                             hc <= 0;
                             q0 <= q0 + 1;
-                            state <= (q0 + 1 < nq) ? S_PASS : S_FLUSH;
+                            state <= (q0 + 1 < nq) ? S_SEG_START : S_FLUSH;
                         end else begin
                             hc <= hc + 1;
-                            state <= S_PASS;
+                            state <= S_PASS;  // the same query: its segment is loaded
                         end
                     end else begin
                         q0 <= q0 + pq;
-                        state <= (q0 + pq < nq) ? S_PASS : S_FLUSH;
+                        state <= (q0 + pq < nq) ? S_SEG_START : S_FLUSH;
                     end
                 end
                 S_FLUSH: if (topk_idle && writer_idle) state <= S_DONE;

@@ -14,6 +14,8 @@
 //     4. an index-ascending scan of the slot's scores, W per cycle, selects s > T, and s == T
 //        while ties are still needed (the lowest indices), so the output is ascending for free.
 //   threshold bitmap: the same scan with s >= max - delta, packed 32 candidates to a word.
+//   A command selects over the slot's first cmd_n scores (its query's rows); a bitmap row is
+//   ceil(cmd_nout / 32) words wide (the call's n), the bits at or past cmd_n zero.
 // Every memory reads synchronously (block RAM / UltraRAM): each scan presents the next word's
 // address a cycle ahead and holds it while the output stalls.
 // Selected indices and bitmap words leave through hm_index_packer as 512-bit beats.
@@ -38,7 +40,8 @@ module hm_topk #(
     input  wire                           cmd_valid,
     output wire                           cmd_ready,
     input  wire [((SLOTS > 1) ? $clog2(SLOTS) : 1)-1:0] cmd_slot,
-    input  wire [          $clog2(NMAX):0] cmd_n,
+    input  wire [          $clog2(NMAX):0] cmd_n,     // scores to select from
+    input  wire [          $clog2(NMAX):0] cmd_nout,  // bitmap mode: bits per row (>= cmd_n)
     input  wire [          $clog2(NMAX):0] cmd_k,
     input  wire                           cmd_bitmap,
     input  wire [                   31:0] cmd_delta,
@@ -67,6 +70,7 @@ module hm_topk #(
     // -- command registers and selection state --------------------------------------------
     reg  [SW-1:0] sel;
     reg  [  XW:0] n_r;
+    reg  [  XW:0] nout_r;
     reg  [  XW:0] k_r;
     reg           bitmap_r;
     reg  [  31:0] delta_r;
@@ -299,8 +303,8 @@ module hm_topk #(
         end
     end
 
-    // bitmap words left: ceil(n / 32) - 32-bit words already emitted
-    wire [XW:0] bm_words = (n_r + 6'd31) >> 5;
+    // bitmap words left: ceil(nout / 32) - 32-bit words already emitted
+    wire [XW:0] bm_words = (nout_r + 6'd31) >> 5;
     localparam [4:0] WPW = W / 32;  // bitmap words per scan word (W <= 512)
     wire [XW+1:0] bm_done = ea * WPW;
     wire [XW+1:0] bm_left = {1'b0, bm_words} - bm_done;
@@ -359,6 +363,7 @@ module hm_topk #(
                 if (cmd_valid && cmd_ready) begin
                     sel      <= cmd_slot;
                     n_r      <= cmd_n;
+                    nout_r   <= cmd_nout;
                     k_r      <= cmd_k;
                     bitmap_r <= cmd_bitmap;
                     delta_r  <= cmd_delta;
@@ -369,7 +374,7 @@ module hm_topk #(
                     g     <= 6'd63;
                     above <= 0;
                     ea    <= 0;
-                    ewords <= (n_r + W - 1) >> LW;
+                    ewords <= ((bitmap_r ? nout_r : n_r) + W - 1) >> LW;
                     state <= bitmap_r ? S_EMIT : S_COARSE;
                 end
                 S_COARSE:

@@ -42,13 +42,15 @@ C_TYPES = {
 
 #: The engine's AXI4 masters, by the engine field an argument is bound to (tests/rtl/regmap.py
 #: FORMATS binds each spec argument to a field): memory rows stream on two ports, the query
-#: side (query vectors, head weights, threshold deltas) shares one, results go out on one.
+#: side (query vectors, head weights, threshold deltas, the per-query segments) shares one,
+#: results go out on one.
 PORT_OF_FIELD = {
     "A": "m_axi_mem_a",
     "B": "m_axi_mem_b",
     "Q": "m_axi_query",
     "W": "m_axi_query",
     "D": "m_axi_query",
+    "S": "m_axi_query",
     "OUT": "m_axi_out",
 }
 

@@ -26,7 +26,7 @@ KERNEL_IDS: dict[str, int] = {
     "block_gate": 3,
 }
 
-#: Engine fields: buffers 0..5 (64-bit addresses), scalars 6..11.
+#: Engine fields: buffers 0..6 (64-bit addresses), scalars 7..12.
 FIELD_IDS: dict[str, int] = {
     "A": 0,
     "B": 1,
@@ -34,12 +34,13 @@ FIELD_IDS: dict[str, int] = {
     "W": 3,
     "D": 4,
     "OUT": 5,
-    "N": 6,
-    "K": 7,
-    "QUERIES": 8,
-    "HEADS": 9,
-    "DIM": 10,
-    "MODE": 11,
+    "S": 6,
+    "N": 7,
+    "K": 8,
+    "QUERIES": 9,
+    "HEADS": 10,
+    "DIM": 11,
+    "MODE": 12,
 }
 
 #: What the engine implements, per kernel: argument -> (engine field, dtype), in spec order.
@@ -55,6 +56,7 @@ FORMATS: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("queries", "QUERIES", "uint32"),
         ("heads", "HEADS", "uint32"),
         ("dim", "DIM", "uint32"),
+        ("segs", "S", "uint32"),
     ),
     "page_indexer": (
         ("mins", "A", "int16"),
@@ -66,6 +68,7 @@ FORMATS: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("queries", "QUERIES", "uint32"),
         ("heads", "HEADS", "uint32"),
         ("dim", "DIM", "uint32"),
+        ("segs", "S", "uint32"),
     ),
     "vector_search": (
         ("keys", "A", "int8"),
@@ -76,6 +79,7 @@ FORMATS: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("k", "K", "uint32"),
         ("queries", "QUERIES", "uint32"),
         ("dim", "DIM", "uint32"),
+        ("segs", "S", "uint32"),
     ),
     "block_gate": (
         ("keys", "A", "int8"),
@@ -88,6 +92,7 @@ FORMATS: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("queries", "QUERIES", "uint32"),
         ("dim", "DIM", "uint32"),
         ("mode", "MODE", "uint32"),
+        ("segs", "S", "uint32"),
     ),
 }
 
@@ -125,8 +130,8 @@ def render_regmap() -> str:
         lines.append(f"localparam [1:0] HM_KERNEL_{name.upper()} = 2'd{kid};")
     lines += [
         "",
-        "// {hit, high word, field}: fields 0-5 buffers A, B, Q, W, D, OUT; 6-11 scalars N, K,",
-        "// QUERIES, HEADS, DIM, MODE.",
+        "// {hit, high word, field}: fields 0-6 buffers A, B, Q, W, D, OUT, S (segs); 7-12",
+        "// scalars N, K, QUERIES, HEADS, DIM, MODE.",
         "function [5:0] hm_reg_decode;",
         "    input [1:0] kernel;",
         "    input [11:0] addr;",

@@ -4,8 +4,10 @@ backpressure on every channel. Each call's output must equal the golden model of
 spec (hetmem.kernels), bit for bit; calls run back to back without reset.
 
 Suites (HM_SUITE): "random" (random shapes of every kernel), "edges" (the contract's corner
-cases), "largest" (n = NMAX), "cycles" (no backpressure; cycles from ap_start to ap_done of
-the shapes in HM_SHAPES, written to HM_OUT as JSON). HM_PARAMS holds the engine parameters it was built with.
+cases), "largest" (n = NMAX), "segments" (multi-segment calls: several slots at different
+bases of one memory, different rows per query, k close to rows, bitmaps of different rows),
+"cycles" (no backpressure; cycles from ap_start to ap_done of the shapes in HM_SHAPES,
+written to HM_OUT as JSON). HM_PARAMS holds the engine parameters it was built with.
 """
 
 from __future__ import annotations
@@ -127,7 +129,89 @@ def make_case(
                 frac = rng.choice([0.0, 0.01, 0.3, 1.0, 2.0], queries)
                 arrays["delta"] = np.clip(spread * frac, 0, 2**32 - 1).astype(np.uint32)
     name = label or f"{kernel} {kind} n={n} dim={dim} q={queries} h={heads} k={scalars['k']}"
+    return Case(kernel, spec.complete(KernelInputs(arrays, scalars)), name)
+
+
+def segmented_case(
+    kernel: str,
+    rng: np.random.Generator,
+    *,
+    slot_rows: list[int],
+    queries: int,
+    dim: int,
+    heads: int = 1,
+    mode: int = 0,
+    kind: str = "random",
+    consecutive: bool = True,
+    tight_k: bool = True,
+    label: str = "",
+) -> Case:
+    """A multi-segment call: slots of `slot_rows` rows at increasing bases of one memory (with
+    gaps), each query scanning a prefix of its slot (most the whole slot, so consecutive
+    queries share segments), n the largest rows, k the smallest rows (or just below)."""
+    bases, end = [], 0
+    for r in slot_rows:
+        end += int(rng.integers(0, 40))  # a gap: bases at any row
+        bases.append(end)
+        end += r
+    slot = rng.integers(0, len(slot_rows), queries)
+    if consecutive:
+        slot = np.sort(slot)
+    full = np.array([slot_rows[s] for s in slot])
+    rows = np.where(rng.random(queries) < 0.6, full, rng.integers(1, full + 1))
+    n = int(rows.max())
+    k = max(1, int(rows.min()) - (0 if tight_k else int(rng.integers(0, 3))))
+    base = make_case(
+        kernel, rng, n=end, dim=dim, queries=queries, heads=heads, k=1, mode=mode, kind=kind
+    )
+    arrays = dict(base.inputs.arrays)
+    arrays["segs"] = np.stack([np.array(bases)[slot], rows], axis=1).astype(np.uint32)
+    scalars = {**base.inputs.scalars, "n": n}
+    if mode != kspec.MODE_THRESHOLD:
+        scalars["k"] = k
+    name = label or (
+        f"{kernel} segments {list(zip(arrays['segs'][:, 0].tolist(), rows.tolist(), strict=True))} "
+        f"dim={dim} h={heads} k={scalars['k']} mode={mode}"
+    )
     return Case(kernel, KernelInputs(arrays, scalars), name)
+
+
+def segment_cases(rng: np.random.Generator, params: dict, kernel_names) -> list[Case]:
+    """Multi-segment calls of every kernel (sizes scaled by HM_SEGMENT_ROWS)."""
+    lanes, slots = params.get("LANES", 8), params.get("SLOTS", 8)
+    nmax, dmax = params.get("NMAX", 65536), params.get("DMAX", 512)
+    top = min(int(os.environ.get("HM_SEGMENT_ROWS", "300")), nmax)
+    cases = []
+    for kernel in kernel_names:
+        hv = 3 if kernel in ("token_indexer", "page_indexer") else 1
+        sizes = [int(r) for r in rng.integers(top // 4, top + 1, 4)]
+        cases += [
+            segmented_case(kernel, rng, slot_rows=sizes, queries=slots + 3, dim=33, heads=hv),
+            segmented_case(
+                kernel, rng, slot_rows=sizes[:3], queries=5, dim=64, heads=hv, consecutive=False
+            ),
+            segmented_case(
+                kernel, rng, slot_rows=[top, 1, top // 2], queries=4, dim=min(100, dmax), heads=hv
+            ),
+        ]
+        if kernel in ("token_indexer", "page_indexer"):
+            cases.append(
+                segmented_case(kernel, rng, slot_rows=sizes[:2], queries=3, dim=40, heads=lanes + 3)
+            )
+        if kernel == "block_gate":
+            for consecutive in (True, False):
+                cases.append(
+                    segmented_case(
+                        kernel,
+                        rng,
+                        slot_rows=sizes,
+                        queries=slots + 1,
+                        dim=48,
+                        mode=kspec.MODE_THRESHOLD,
+                        consecutive=consecutive,
+                    )
+                )
+    return cases
 
 
 def expected(case: Case) -> np.ndarray:
@@ -491,6 +575,8 @@ async def engine_matches_golden(dut):
         ]
     elif suite == "largest":
         cases = largest_cases(rng, engine.params, names)
+    elif suite == "segments":
+        cases = segment_cases(rng, engine.params, names)
     else:
         cases = edge_cases(rng, engine.params, names)
     await check(engine, cases)
@@ -511,20 +597,34 @@ async def invalid_scalars_end_the_call(dut):
         case = Case(kernel, KernelInputs(base.inputs.arrays, scalars), f"{kernel} {change}")
         cycles = await refused_call(engine, case)
         assert cycles < 10, f"{case.label}: took {cycles} cycles"
+    # invalid segments (rows 0, rows > n, k > rows): refused after the segment check
+    for bad in ((0, 0), (3, 51), (10, 4)):
+        segs = np.array([[0, 50], list(bad), [5, 20]], dtype=np.uint32)
+        scalars = {**base.inputs.scalars, "queries": 3}
+        case = Case(kernel, KernelInputs({"segs": segs}, scalars), f"{kernel} segment {bad}")
+        cycles = await refused_call(engine, case)
+        assert cycles < 200, f"{case.label}: took {cycles} cycles"
     await check(engine, [make_case(kernel, rng, n=50, dim=16, k=5)])
 
 
 async def refused_call(engine: Engine, case: Case) -> int:
-    """Run a call whose scalars the engine refuses; returns its cycles."""
+    """Run a call the engine refuses (its scalars or segs); returns its cycles. Every buffer
+    is at address 0 but `out` and `segs` (the case's, or a valid one per query)."""
     spec = kernels.get(case.kernel)
     regs = spec.registers()
-    out_addr = 0x8000
+    out_addr, segs_addr = 0x8000, 0x4000
     engine.out.write(out_addr, bytes([SENTINEL]) * 1024)
+    s = case.inputs.scalars
+    segs = case.inputs.arrays.get("segs")
+    if segs is None:
+        segs = kspec.whole_segments(int(s["queries"]), int(s["n"]))
+    engine.mem["q"].write(segs_addr, np.ascontiguousarray(segs, dtype="<u4").tobytes())
     if hasattr(engine.dut, "kernel") and not engine.wrapper:
         engine.dut.kernel.value = KERNEL_IDS[case.kernel]
     for arg in spec.args:
         if arg.is_buffer:
-            await engine.ctrl.write_dword(regs[arg.name], out_addr if arg.name == "out" else 0)
+            addr = {"out": out_addr, "segs": segs_addr}.get(arg.name, 0)
+            await engine.ctrl.write_dword(regs[arg.name], addr)
             await engine.ctrl.write_dword(regs[arg.name] + 4, 0)
         else:
             await engine.ctrl.write_dword(regs[arg.name], int(case.inputs.scalars[arg.name]))

@@ -146,6 +146,7 @@ class Bench:
         dut.cmd_valid.value = 1
         dut.cmd_slot.value = slot
         dut.cmd_n.value = n
+        dut.cmd_nout.value = n
         dut.cmd_k.value = k
         dut.cmd_bitmap.value = int(bitmap)
         dut.cmd_delta.value = delta

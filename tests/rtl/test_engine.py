@@ -76,5 +76,21 @@ def test_random_shapes(simulator: str) -> None:
     )
 
 
+#: Multi-segment calls: slots of up to this many rows (Icarus gets smaller ones).
+SEGMENT_ROWS = {"verilator": "300", "icarus": "90"}
+
+
+def test_segments(simulator: str) -> None:
+    """Multi-segment calls of every kernel (several slots at different bases of one memory,
+    different rows per query, k close to rows, bitmaps of different rows), bit-exact."""
+    assert_passes(
+        simulator,
+        "engine_matches_golden",
+        HM_SUITE="segments",
+        HM_SEED="41",
+        HM_SEGMENT_ROWS=SEGMENT_ROWS[simulator],
+    )
+
+
 def test_invalid_scalars(simulator: str) -> None:
     assert_passes(simulator, "invalid_scalars_end_the_call", HM_BACKPRESSURE="0")

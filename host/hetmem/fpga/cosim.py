@@ -58,9 +58,9 @@ from ..errors import (
     XclbinError,
 )
 from ..kernels import KernelInputs, KernelSpec
-from ..kernels.spec import CAPACITY, Arg
+from ..kernels.spec import CAPACITY, SEGS, Arg
 from .device import Buffer, FpgaDevice, Timing, as_count
-from .emu import BANK_BYTES, EmuDevice
+from .emu import BANK_BYTES, EmuDevice, view_inputs
 from .manifest import sha256_file
 from .pcie import GEN3_X16, PcieLink
 
@@ -460,6 +460,20 @@ class CosimStats:
         return self.edges / self.wall_s if self.wall_s > 0 else 0.0
 
 
+def _view_segs(
+    spec: KernelSpec, raw: Mapping[str, np.ndarray], scalars: Mapping[str, int]
+) -> np.ndarray | None:
+    """The call's segs [queries, 2] from its raw buffer (None: a kernel without segments)."""
+    if not spec.segmented or SEGS not in raw:
+        return None
+    data = np.ascontiguousarray(raw[SEGS]).reshape(-1).view(np.uint8)
+    shape = spec.buffer_shape(SEGS, scalars, data.nbytes)
+    need = int(np.prod(shape)) * 4
+    if data.nbytes < need:
+        raise InputError(SEGS, f"the call needs {need} bytes, the buffer holds {data.nbytes}")
+    return data[:need].view("<u4").reshape(shape)
+
+
 class CosimDevice(EmuDevice):
     """The RTL of fpga/rtl on a simulated U55C: buffers and transfers as `emu` (32 banks,
     PCIe model), kernels executed by Verilator with `simulated` times.
@@ -596,6 +610,20 @@ class CosimDevice(EmuDevice):
             if name in scalars and int(scalars[name]) == 0:
                 raise InputError(name, f"is 0: the {spec.name} engine needs at least one")
 
+    @staticmethod
+    def _rows_scanned(
+        spec: KernelSpec, raw: Mapping[str, np.ndarray], scalars: Mapping[str, int]
+    ) -> int:
+        """Memory rows the call reaches: n, or with segments the end of the last one. The
+        segments are checked first (`KernelSpec.segments`: InputError naming segs or k),
+        since the RTL refuses an invalid one by writing nothing."""
+        segs = _view_segs(spec, raw, scalars)
+        if segs is None:
+            return int(scalars["n"])
+        arrays = {name: view_inputs(spec, raw, scalars).arrays[name] for name in spec.memory_args}
+        base, rows = spec.segments(KernelInputs({**arrays, SEGS: segs}, dict(scalars)))
+        return int((base + rows).max()) if len(rows) else int(scalars["n"])
+
     def _regions(
         self, spec: KernelSpec, raw: Mapping[str, np.ndarray], scalars: Mapping[str, int]
     ) -> tuple[list[Region], dict[str, int], int]:
@@ -603,7 +631,7 @@ class CosimDevice(EmuDevice):
         from; only the bytes the call uses are sent. Returns (regions, addresses, out bytes)."""
         regions: list[Region] = []
         addrs: dict[str, int] = {}
-        n = int(scalars["n"])
+        rows = self._rows_scanned(spec, raw, scalars)
         memory = list(spec.memory_args)
         out_need = 0
         for arg in spec.args:
@@ -613,7 +641,7 @@ class CosimDevice(EmuDevice):
                 raise InputError(arg.name, f"missing buffer of {spec.name}")
             data = np.ascontiguousarray(raw[arg.name]).reshape(-1).view(np.uint8)
             if arg.direction == "in" and CAPACITY in spec.dims.get(arg.name, ()):
-                need = spec.buffer_nbytes(arg.name, scalars, capacity=n)
+                need = spec.buffer_nbytes(arg.name, scalars, capacity=rows)
             else:
                 need = spec.buffer_nbytes(arg.name, scalars)
             if need > data.nbytes:
@@ -656,7 +684,9 @@ class CosimDevice(EmuDevice):
                 ]
             else:
                 regs.append((offset, int(scalars[arg.name])))
-        modeled = spec.cycles(**spec.shape(KernelInputs({}, dict(scalars))))
+        segs = _view_segs(spec, raw, scalars)
+        shape_inputs = KernelInputs({} if segs is None else {SEGS: segs}, dict(scalars))
+        modeled = spec.cycles(**spec.shape(shape_inputs))
         hang = int(self.hang_factor * modeled) + 100_000
         max_cycles = hang if limit is None else min(limit, hang)
         sim = self._simulator(spec.name)

@@ -44,6 +44,7 @@ from .spec import (
     MODE_THRESHOLD,
     MODE_TOPK,
     ROW_EXP_MAX,
+    SEGS,
     Arg,
     ChannelState,
     EngineParams,
@@ -52,6 +53,8 @@ from .spec import (
     engine_cycles,
     engine_passes,
     fold_query,
+    segment_groups,
+    with_segs,
 )
 from .topk import as_k
 from .vector_search import VectorSearch
@@ -74,12 +77,14 @@ class BlockGate(VectorSearch):
         Arg("shifts", "uint8", "[capacity]", "in", 10, "row exponents: score << shift"),
         Arg("q", "int8", "[queries, dim] row-major", "in", 11, "gate queries, scales folded"),
         Arg("delta", "uint32", "[queries]", "in", 12, "threshold margins (threshold mode)"),
-        Arg("out", "uint32", "[queries, k] or [queries, ceil(n/32)]", "out", 13, "selection"),
+        Arg("out", "uint32", "[queries, k] or [queries, ceil(n/32)]", "out", 26, "selection"),
         Arg("n", "uint32", "scalar", "scalar", None, "blocks to scan"),
         Arg("k", "uint32", "scalar", "scalar", None, "blocks per query (top-k mode)"),
         Arg("queries", "uint32", "scalar", "scalar", None, "rows of q"),
         Arg("dim", "uint32", "scalar", "scalar", None, "channels per row"),
         Arg("mode", "uint32", "scalar", "scalar", None, "0 top-k, 1 threshold bitmap"),
+        # last, so every other argument keeps its register offset
+        Arg(SEGS, "uint32", "[queries, 2] (base, rows)", "in", 13, "memory blocks per query"),
     )
     memory_args: ClassVar[tuple[str, ...]] = ("keys", "shifts")
     dims: ClassVar[dict[str, tuple[str, ...]]] = {**VectorSearch.dims, "delta": ("queries",)}
@@ -91,11 +96,13 @@ class BlockGate(VectorSearch):
         *,
         k: int | None = None,
         tau: float | None = None,
+        slots: Any = None,
+        segs: Any = None,
     ) -> KernelInputs:
         """Top-k with `k`, or threshold mode with `tau` in (0, 1]; exactly one of them."""
         if (k is None) == (tau is None):
             raise InputError("k", "give exactly one of k (top-k) or tau (threshold)")
-        q, t = fold_query("q", query["q"], state, 2, (1,))
+        q, t = fold_query("q", query["q"], state, 2, (1,), slots)
         if tau is None:
             delta = np.zeros(q.shape[0], dtype=np.uint32)
             scalars = {"k": as_k(k), "mode": MODE_TOPK}
@@ -105,7 +112,7 @@ class BlockGate(VectorSearch):
             delta = threshold_delta(float(tau), t, state.dim)
             scalars = {"k": 0, "mode": MODE_THRESHOLD}
         scalars.update(queries=q.shape[0], dim=state.dim)
-        return KernelInputs({"q": q, "delta": delta}, scalars)
+        return KernelInputs(with_segs({"q": q, "delta": delta}, segs, q.shape[0]), scalars)
 
     def thresholds(self, scores: np.ndarray, inputs: KernelInputs) -> np.ndarray:
         """S_max - delta per query (int64)."""
@@ -124,19 +131,23 @@ class BlockGate(VectorSearch):
         dim: int,
         queries: int = 1,
         mode: int = MODE_TOPK,
+        segs: Any = None,
         params: EngineParams | None = None,
     ) -> int:
         """As vector_search; threshold mode writes the bitmap words during its scan and has
-        no threshold search or per-index drain."""
+        no threshold search or per-index drain (its scan covers the n bits of a bitmap row,
+        whatever the query's rows)."""
         p = params or self.engine
-        passes = engine_passes(p, queries=queries)
+        rows, counts = segment_groups(segs, n=n, queries=queries)
+        passes = engine_passes(p, queries=counts)
         return engine_cycles(
             p,
-            port_bytes=(n * dim, n),
-            lane_ops=passes * n * max(1, -(-dim // p.beat_bytes)) * p.lanes,
+            port_bytes=(rows * dim, rows),
+            lane_ops=passes * rows * max(1, -(-dim // p.beat_bytes)) * p.lanes,
             n=n,
             k=k,
-            queries=queries,
+            queries=counts,
             bitmap=mode == MODE_THRESHOLD,
             passes=passes,
+            rows=rows,
         )

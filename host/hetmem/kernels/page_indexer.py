@@ -45,6 +45,7 @@ from ..errors import InputError
 from .spec import (
     CAPACITY,
     INT16_MAX,
+    SEGS,
     Arg,
     ChannelState,
     EngineParams,
@@ -58,6 +59,10 @@ from .spec import (
     exact_dot,
     fit_channels,
     fold_query,
+    segment_groups,
+    shape_segs,
+    slot_scale,
+    with_segs,
 )
 from .topk import as_k
 
@@ -65,10 +70,13 @@ from .topk import as_k
 HEADROOM = 4.0
 
 
-def _to_int16(name: str, value: Any, state: ChannelState, rounding: Any) -> np.ndarray:
+def _to_int16(
+    name: str, value: Any, state: ChannelState, rounding: Any, slots: Any = None
+) -> np.ndarray:
     arr = as_float64(name, value, ndim=2)
     check_dim(name, arr, 1, state.dim, "channels of the fitted memory")
-    return np.clip(rounding(arr / state.scale), -INT16_MAX, INT16_MAX).astype(np.int16)
+    scale = slot_scale(state, slots, arr.shape[0], "page")
+    return np.clip(rounding(arr / scale), -INT16_MAX, INT16_MAX).astype(np.int16)
 
 
 class PageIndexer(KernelSpec):
@@ -77,27 +85,32 @@ class PageIndexer(KernelSpec):
         Arg("mins", "int16", "[capacity, dim] row-major", "in", 5, "per-page channel minima"),
         Arg("maxs", "int16", "[capacity, dim] row-major", "in", 6, "per-page channel maxima"),
         Arg("q", "int8", "[queries, heads, dim] row-major", "in", 7, "query heads of a group"),
-        Arg("out", "uint32", "[queries, k] ascending", "out", 8, "top-k page indices"),
+        Arg("out", "uint32", "[queries, k] ascending", "out", 25, "top-k page indices"),
         Arg("n", "uint32", "scalar", "scalar", None, "pages to scan"),
         Arg("k", "uint32", "scalar", "scalar", None, "pages to select per query"),
         Arg("queries", "uint32", "scalar", "scalar", None, "rows of q"),
         Arg("heads", "uint32", "scalar", "scalar", None, "query heads R per KV group"),
         Arg("dim", "uint32", "scalar", "scalar", None, "head dim D"),
+        # last, so every other argument keeps its register offset
+        Arg(SEGS, "uint32", "[queries, 2] (base, rows)", "in", 8, "memory pages per query"),
     )
     memory_args: ClassVar[tuple[str, ...]] = ("mins", "maxs")
     dims: ClassVar[dict[str, tuple[str, ...]]] = {
         "mins": (CAPACITY, "dim"),
         "maxs": (CAPACITY, "dim"),
         "q": ("queries", "heads", "dim"),
+        SEGS: ("queries", "2"),
     }
 
     def fit(self, memory: Mapping[str, Any]) -> ChannelState:
         named = (("mins", memory["mins"]), ("maxs", memory["maxs"]))
         return fit_channels(*named, qmax=INT16_MAX, headroom=HEADROOM)
 
-    def quantize_memory(self, memory: Mapping[str, Any], state: ChannelState) -> dict:
-        mins = _to_int16("mins", memory["mins"], state, np.floor)
-        maxs = _to_int16("maxs", memory["maxs"], state, np.ceil)
+    def quantize_memory(
+        self, memory: Mapping[str, Any], state: ChannelState, slots: Any = None
+    ) -> dict:
+        mins = _to_int16("mins", memory["mins"], state, np.floor, slots)
+        maxs = _to_int16("maxs", memory["maxs"], state, np.ceil, slots)
         check_dim("maxs", maxs, 0, mins.shape[0], "pages of mins")
         if (mins > maxs).any():
             raise InputError("mins", "exceeds maxs in some page and channel")
@@ -108,11 +121,17 @@ class PageIndexer(KernelSpec):
         return _to_int16("keys", keys, state, np.rint)
 
     def quantize_query(
-        self, query: Mapping[str, Any], state: ChannelState, *, k: int
+        self,
+        query: Mapping[str, Any],
+        state: ChannelState,
+        *,
+        k: int,
+        slots: Any = None,
+        segs: Any = None,
     ) -> KernelInputs:
-        q, _ = fold_query("q", query["q"], state, 3, (1, 2))
+        q, _ = fold_query("q", query["q"], state, 3, (1, 2), slots)
         scalars = {"k": as_k(k), "queries": q.shape[0], "heads": q.shape[1], "dim": state.dim}
-        return KernelInputs({"q": q}, scalars)
+        return KernelInputs(with_segs({"q": q}, segs, q.shape[0]), scalars)
 
     def candidates(self, memory: Mapping[str, Any]) -> int:
         return int(np.shape(memory["mins"])[0])
@@ -134,7 +153,10 @@ class PageIndexer(KernelSpec):
 
     def shape(self, inputs: KernelInputs) -> dict[str, Any]:
         s = inputs.scalars
-        return {a: s[a] for a in ("n", "k", "queries", "heads", "dim")}
+        return {
+            **{a: s[a] for a in ("n", "k", "queries", "heads", "dim")},
+            SEGS: shape_segs(inputs),
+        }
 
     def cycles(
         self,
@@ -144,20 +166,24 @@ class PageIndexer(KernelSpec):
         dim: int,
         heads: int,
         queries: int = 1,
+        segs: Any = None,
         params: EngineParams | None = None,
     ) -> int:
         """As the RTL does it: passes over the memory, each with up to `lanes` query heads
         (`engine_passes`), stream 2 * dim bytes of mins and of maxs per page, each on its own
         port, one cycle per beat of 32 channels; then per query a selection: a scan of the n
-        scores and the k indices written."""
+        scores and the k indices written. With `segs`, per group of consecutive queries
+        sharing a segment, over the segment's pages."""
         p = params or self.engine
-        passes = engine_passes(p, queries=queries, heads=heads)
+        rows, counts = segment_groups(segs, n=n, queries=queries)
+        passes = engine_passes(p, queries=counts, heads=heads)
         return engine_cycles(
             p,
-            port_bytes=(n * 2 * dim, n * 2 * dim),
-            lane_ops=passes * n * max(1, -(-2 * dim // p.beat_bytes)) * p.lanes,
+            port_bytes=(rows * 2 * dim, rows * 2 * dim),
+            lane_ops=passes * rows * max(1, -(-2 * dim // p.beat_bytes)) * p.lanes,
             n=n,
             k=k,
-            queries=queries,
+            queries=counts,
             passes=passes,
+            rows=rows,
         )

@@ -175,55 +175,86 @@ ENGINES: dict[str, EngineParams] = {
 }
 
 
-def engine_passes(params: EngineParams, *, queries: int, heads: int = 1) -> int:
+def engine_passes(params: EngineParams, *, queries: Any, heads: int = 1) -> Any:
     """Passes of the RTL over the memory: each loads up to `lanes` query vectors (query x
     head), whole queries when heads <= lanes (at most `slots` queries at once), else one
-    query's heads `lanes` at a time."""
-    lanes, heads, queries = params.lanes, max(int(heads), 1), max(int(queries), 1)
+    query's heads `lanes` at a time. `queries` may be an int array (one entry per group of
+    queries sharing a segment): the passes of each group."""
+    lanes, heads = params.lanes, max(int(heads), 1)
+    q = np.maximum(np.asarray(queries, dtype=np.int64), 1)
     if heads > lanes:
-        return queries * -(-heads // lanes)
-    per_pass = min(lanes // heads, params.slots or lanes)
-    return -(-queries // per_pass)
+        passes = q * -(-heads // lanes)
+    else:
+        per_pass = min(lanes // heads, params.slots or lanes)
+        passes = -(-q // per_pass)
+    return int(passes) if passes.ndim == 0 else passes
+
+
+def segment_groups(
+    segs: np.ndarray | None, *, n: int, queries: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The groups the engine streams: runs of CONSECUTIVE queries with the same segment
+    (base, rows). Returns (rows of each group, queries in it), int64 arrays; no segs is one
+    group of every query over rows [0, n)."""
+    if segs is None or np.size(segs) == 0:
+        return np.array([int(n)], dtype=np.int64), np.array([max(int(queries), 1)], np.int64)
+    segs = np.asarray(segs).reshape(-1, 2).astype(np.int64)
+    new = np.ones(segs.shape[0], dtype=bool)
+    new[1:] = (segs[1:] != segs[:-1]).any(axis=1)
+    starts = np.flatnonzero(new)
+    counts = np.diff(np.append(starts, segs.shape[0]))
+    return segs[starts, 1], counts
 
 
 def engine_cycles(
     params: EngineParams,
     *,
-    port_bytes: Sequence[int],
-    lane_ops: int,
+    port_bytes: Sequence[Any],
+    lane_ops: Any,
     n: int,
     k: int,
-    queries: int,
+    queries: Any,
     bitmap: bool = False,
-    passes: int = 1,
+    passes: Any = 1,
+    rows: Any = None,
 ) -> int:
-    """The cycle model shared by every engine:
+    """The cycle model shared by every engine, summed over the groups g of consecutive
+    queries that share a segment (one group, rows = n, for a single-memory call):
 
         control_overhead
-        + max(max over ports of ceil(port_bytes / beat_bytes), ceil(lane_ops / lanes))
-        + pipeline_latency + passes * pass_overhead
-        + queries * (ceil(n / scan_bits) * (1 if bitmap else topk_scans)
-                     + (0 if bitmap else select_overhead + ceil(drain_per_k * k)))
+        + sum over g of [ max(max over ports of ceil(port_bytes_g / beat_bytes),
+                              ceil(lane_ops_g / lanes))
+                          + pipeline_latency + passes_g * pass_overhead
+                          + queries_g * (ceil(scanned_g / scan_bits) * (1 if bitmap else topk_scans)
+                                         + (0 if bitmap else select_overhead + ceil(drain_per_k * k))) ]
+
+    scanned_g is the group's rows in top-k mode, and n (the call's largest rows, the width of
+    every bitmap row) in threshold mode. `port_bytes` (one entry per port), `lane_ops`,
+    `queries`, `passes` and `rows` are ints, or int arrays with one entry per group.
 
     Each memory port streams one beat per cycle (with balanced ports that is
     ceil(bytes / (beat_bytes * ports))) unless the lanes are the bottleneck (`lane_ops`:
-    lane-cycles of all passes); the selection of each query is an index-ascending scan of
-    its n scores plus, in top-k mode, a second scan that gathers the k-th bin's candidates
-    (`topk_scans`), finding the threshold and writing the indices.
+    lane-cycles of all the group's passes); the selection of each query is an index-ascending
+    scan of its scores plus, in top-k mode, a second scan that gathers the k-th bin's
+    candidates (`topk_scans`), finding the threshold and writing the indices.
     """
     if len(port_bytes) > params.ports:
         raise InputError("port_bytes", f"{len(port_bytes)} streams on {params.ports} ports")
-    stream = max((-(-int(b) // params.beat_bytes) for b in port_bytes), default=0)
-    compute = -(-int(lane_ops) // params.lanes)
-    scan = -(-int(n) // params.scan_bits) * (1 if bitmap else params.topk_scans)
+    rows = np.asarray(n if rows is None else rows, dtype=np.int64)
+    stream = np.zeros_like(rows)
+    for b in port_bytes:
+        stream = np.maximum(stream, -(-np.asarray(b, dtype=np.int64) // params.beat_bytes))
+    compute = -(-np.asarray(lane_ops, dtype=np.int64) // params.lanes)
+    scanned = np.asarray(int(n), dtype=np.int64) if bitmap else rows
+    scan = -(-scanned // params.scan_bits) * (1 if bitmap else params.topk_scans)
     drain = 0 if bitmap else params.select_overhead + math.ceil(params.drain_per_k * int(k))
-    return int(
-        params.control_overhead
-        + max(stream, compute)
+    groups = (
+        np.maximum(stream, compute)
         + params.pipeline_latency
-        + int(passes) * params.pass_overhead
-        + int(queries) * (scan + drain)
+        + np.asarray(passes, dtype=np.int64) * params.pass_overhead
+        + np.asarray(queries, dtype=np.int64) * (scan + drain)
     )
+    return int(params.control_overhead + np.sum(groups))
 
 
 def seconds(cycles: int, clock_hz: float = DEFAULT_CLOCK_HZ) -> float:
@@ -296,13 +327,49 @@ def check_rows(name: str, arr: np.ndarray, n: int, what: str) -> None:
 @dataclass(frozen=True)
 class ChannelState:
     """Fitted state of the dot-product kernels: per-channel scales `scale` [D], float
-    value ~= scale * int value * 2**-row exponent."""
+    value ~= scale * int value * 2**-row exponent. A stacked state (`stack_channels`) holds
+    the scales of several slots, [S, D]; quantizing with it takes a slot per row."""
 
     scale: np.ndarray
 
     @property
     def dim(self) -> int:
-        return int(self.scale.shape[0])
+        return int(self.scale.shape[-1])
+
+    @property
+    def stacked(self) -> bool:
+        return self.scale.ndim == 2
+
+
+def stack_channels(states: Sequence[ChannelState]) -> ChannelState:
+    """The states of several slots (same channels) as one stacked state, scales [S, D]."""
+    states = list(states)
+    if not states:
+        raise InputError("states", "expected at least one state to stack")
+    for i, st in enumerate(states):
+        if not isinstance(st, ChannelState) or st.stacked:
+            raise InputError("states", f"entry {i} is not a single slot's ChannelState")
+        if st.dim != states[0].dim:
+            raise InputError("states", f"entry {i} has {st.dim} channels, entry 0 {states[0].dim}")
+    return ChannelState(np.stack([st.scale for st in states]))
+
+
+def slot_scale(state: ChannelState, slots: Any, rows: int, what: str) -> np.ndarray:
+    """The channel scales to quantize `rows` rows with: [D] for a single state, [rows, D]
+    (the row's slot's scales, one fancy index, no loop over slots) for a stacked state with
+    `slots` (int [rows], each in [0, S))."""
+    if slots is None:
+        if state.stacked:
+            raise InputError("slots", f"a stacked state needs slots, one per {what}")
+        return state.scale
+    if not state.stacked:
+        raise InputError("slots", "slots need a stacked state (spec.stack_states)")
+    idx = as_int_array("slots", slots, ndim=1)
+    if idx.shape[0] != rows:
+        raise InputError("slots", f"has {idx.shape[0]} entries, expected {rows} (one per {what})")
+    if idx.size and (idx.min() < 0 or idx.max() >= state.scale.shape[0]):
+        raise InputError("slots", f"expected slots in [0, {state.scale.shape[0]})")
+    return state.scale[idx]
 
 
 def fit_channels(
@@ -329,18 +396,23 @@ def quantize_rows(
     state: ChannelState,
     named: Sequence[tuple[str, Any]],
     roundings: Sequence[Any] | None = None,
+    slots: Any = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Float rows [N, D] (one or more arrays sharing each row's exponent, e.g. a page's
     mins and maxs) -> (int8 arrays, shift uint8 [N]). `roundings`: np.rint (default),
     np.floor or np.ceil per array; clipping to +-127 (beyond 4x the fitted range) is
-    monotone, so floor/ceil bounds survive it."""
+    monotone, so floor/ceil bounds survive it. `slots`: with a stacked state, the slot of
+    each row (`slot_scale`)."""
     normalized: list[np.ndarray] = []
+    scale = None
     for name, value in named:
         arr = as_float64(name, value, ndim=2)
         check_dim(name, arr, 1, state.dim, "channels of the fitted memory")
         if normalized:
             check_dim(name, arr, 0, normalized[0].shape[0], f"rows of {named[0][0]}")
-        normalized.append(arr / state.scale)
+        if scale is None:
+            scale = slot_scale(state, slots, arr.shape[0], "memory row")
+        normalized.append(arr / scale)
     peak = np.zeros(normalized[0].shape[0])
     for arr in normalized:
         if arr.size:
@@ -359,17 +431,26 @@ def quantize_rows(
 
 
 def fold_query(
-    name: str, q: Any, state: ChannelState, ndim: int, axes: tuple[int, ...]
+    name: str,
+    q: Any,
+    state: ChannelState,
+    ndim: int,
+    axes: tuple[int, ...],
+    slots: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fold the channel scales into a float query (q'_c = q_c * s_c) and quantize it to int8
-    with one absmax scale t per query over `axes`.
+    with one absmax scale t per query over `axes`. `slots`: with a stacked state, the slot
+    of each query (`slot_scale`).
 
     Returns (int8 query, t with 0 for an all-zero query, shaped to broadcast): for a memory
     row, float q . k ~= t * 2**-ROW_EXP_MAX * ((Q . K) << shift).
     """
     q = as_float64(name, q, ndim=ndim)
     check_dim(name, q, -1, state.dim, "channels of the fitted memory")
-    folded = q * state.scale
+    scale = slot_scale(state, slots, q.shape[0], "query")
+    if scale.ndim == 2:  # [Q, D] -> [Q, 1, ..., D]
+        scale = scale.reshape(scale.shape[0], *([1] * (ndim - 2)), scale.shape[1])
+    folded = q * scale
     t = np.abs(folded).max(axis=axes, keepdims=True) / INT8_MAX if folded.size else folded
     safe = np.where(t > 0, t, 1.0)
     ints = np.clip(np.rint(folded / safe), -INT8_MAX, INT8_MAX).astype(np.int8)
@@ -458,6 +539,43 @@ def check_shifts(shifts: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+# -- segments --------------------------------------------------------------------------------
+
+#: The per-query segment buffer of the kernels with RTL: uint32 [queries, 2], (base, rows).
+SEGS = "segs"
+
+
+def whole_segments(queries: int, n: int) -> np.ndarray:
+    """segs for a single-memory call: every query scans rows [0, n)."""
+    segs = np.zeros((int(queries), 2), dtype=np.uint32)
+    segs[:, 1] = int(n)
+    return segs
+
+
+def as_segs(segs: Any, queries: int) -> np.ndarray:
+    """Per-query (base, rows) as the uint32 [queries, 2] `segs` buffer; values checked
+    against n and the memory by `KernelSpec.segments` at the call."""
+    arr = as_int_array(SEGS, segs, ndim=2)
+    if arr.shape != (int(queries), 2):
+        raise InputError(SEGS, f"expected shape [{queries}, 2] (base, rows), got {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() >= 2**32):
+        raise InputError(SEGS, "expected uint32 values (base, rows)")
+    return arr.astype(np.uint32)
+
+
+def with_segs(arrays: dict[str, np.ndarray], segs: Any, queries: int) -> dict[str, np.ndarray]:
+    """A quantized query's arrays, with the `segs` buffer when segments are given (else
+    `KernelSpec.bind` fills (0, n) per query)."""
+    if segs is not None:
+        arrays[SEGS] = as_segs(segs, queries)
+    return arrays
+
+
+def shape_segs(inputs: KernelInputs) -> np.ndarray | None:
+    """The segs of a call for the cycle model (None: a single-memory call)."""
+    return inputs.arrays.get(SEGS)
+
+
 # -- the spec --------------------------------------------------------------------------------
 
 
@@ -469,7 +587,8 @@ class KernelSpec(ABC):
     #: Which args are the resident memory (appended; stay on the card across calls).
     memory_args: ClassVar[tuple[str, ...]]
     #: Dimensions of each input buffer, for viewing its raw bytes (`buffer_shape`): a
-    #: scalar's name, that name + "+1", or CAPACITY (rows the buffer's bytes hold).
+    #: scalar's name, that name + "+1", a literal size ("2"), or CAPACITY (rows the buffer's
+    #: bytes hold).
     dims: ClassVar[dict[str, tuple[str, ...]]]
 
     @classmethod
@@ -524,6 +643,8 @@ class KernelSpec(ABC):
         for dim in cls.dims[arg]:
             if dim == CAPACITY:
                 dims.append(None)
+            elif dim.isdigit():
+                dims.append(int(dim))
             elif dim.endswith("+1"):
                 dims.append(scalar(dim[:-2]) + 1)
             else:
@@ -580,15 +701,94 @@ class KernelSpec(ABC):
     def candidates(self, memory: Mapping[str, Any]) -> int:
         """Candidates in a memory (float or quantized): rows, pages, blocks or documents."""
 
+    def stack_states(self, states: Sequence[Any]) -> Any:
+        """The fitted states of several slots as one stacked state, for quantizing the rows
+        (queries) of many slots at once with `slots=` (the dot-product kernels)."""
+        return stack_channels(states)
+
+    @property
+    def segmented(self) -> bool:
+        """Whether the kernel takes a `segs` buffer (one memory segment per query)."""
+        return any(a.name == SEGS for a in self.args)
+
     def bind(
         self, memory: Mapping[str, np.ndarray], query: KernelInputs, n: int | None = None
     ) -> KernelInputs:
         """Join resident memory arrays and a quantized query into one call's inputs; `n`
-        (candidates to scan) defaults to the memory's candidates."""
+        (candidates to scan) defaults to the memory's candidates. A query without a `segs`
+        array scans rows [0, n) for every query: segs = (0, n) per query."""
         arrays = {name: memory[name] for name in self.memory_args}
         arrays.update(query.arrays)
         scalars = dict(query.scalars)
         scalars["n"] = self.candidates(memory) if n is None else int(n)
+        if self.segmented and SEGS not in arrays:
+            arrays[SEGS] = whole_segments(int(scalars.get("queries", 0)), scalars["n"])
+        return KernelInputs(arrays, scalars)
+
+    def complete(self, inputs: KernelInputs) -> KernelInputs:
+        """The inputs with `segs` where a segmented kernel's inputs lack it (built without
+        `bind`, as before segments existed): (0, n) per query, as `bind` adds it. A new
+        KernelInputs; the caller's is left alone."""
+        if not self.segmented or SEGS in inputs.arrays:
+            return inputs
+        n, queries = inputs.scalars.get("n"), inputs.scalars.get("queries")
+        if not all(isinstance(v, int | np.integer) and 0 <= v < 2**32 for v in (n, queries)):
+            return inputs  # check_inputs names the bad scalar
+        arrays = {**inputs.arrays, SEGS: whole_segments(int(queries), int(n))}  # type: ignore[arg-type]
+        return KernelInputs(arrays, dict(inputs.scalars))
+
+    def segments(self, inputs: KernelInputs) -> tuple[np.ndarray, np.ndarray] | None:
+        """The checked (base, rows) of every query, int64 [queries] each, or None for a
+        kernel without segments. Query i scans memory rows [base_i, base_i + rows_i):
+        rows_i in [1, n], base_i + rows_i within the rows every memory buffer holds, and in
+        top-k mode k <= rows_i (`InputError` naming segs, or k)."""
+        if not self.segmented:
+            return None
+        segs = inputs.arrays[SEGS]
+        queries, n = int(inputs.scalars["queries"]), int(inputs.scalars["n"])
+        if segs.ndim != 2 or segs.shape != (queries, 2):
+            raise InputError(SEGS, f"expected shape [{queries}, 2] (base, rows), got {segs.shape}")
+        base, rows = segs[:, 0].astype(np.int64), segs[:, 1].astype(np.int64)
+        if queries and (rows.min() < 1 or rows.max() > n):
+            bad = int(np.flatnonzero((rows < 1) | (rows > n))[0])
+            raise InputError(SEGS, f"query {bad} scans {int(rows[bad])} rows, expected 1..n={n}")
+        whole = bool(queries) and base.max() == 0 and rows.min() == n
+        for name in self.memory_args:
+            held = int(inputs.arrays[name].shape[0])
+            end = base + rows
+            if whole:
+                check_rows(name, inputs.arrays[name], n, "rows")
+            elif queries and end.max() > held:
+                bad = int(np.argmax(end))
+                raise InputError(
+                    SEGS,
+                    f"query {bad} scans rows [{int(base[bad])}, {int(end[bad])}) of {name}, "
+                    f"which holds {held}",
+                )
+        mode = int(inputs.scalars.get("mode", MODE_TOPK))
+        if mode == MODE_TOPK and queries:
+            k = int(inputs.scalars["k"])
+            if k > rows.min():
+                bad = int(np.argmin(rows))
+                raise InputError(
+                    "k", f"k={k} exceeds the {int(rows[bad])} rows of query {bad}'s segment"
+                )
+        return base, rows
+
+    def _segment_inputs(
+        self, inputs: KernelInputs, which: np.ndarray | None, base: int, rows: int
+    ) -> KernelInputs:
+        """The single-memory call of the queries `which` over memory rows [base, base+rows)
+        (`which` None: the whole call)."""
+        if which is None:
+            return inputs
+        arrays = dict(inputs.arrays)
+        for name in self.memory_args:
+            arrays[name] = arrays[name][base : base + rows]
+        if len(which) != int(inputs.scalars["queries"]):
+            for name in self.query_args():
+                arrays[name] = arrays[name][which]
+        scalars = {**inputs.scalars, "n": int(rows), "queries": len(which)}
         return KernelInputs(arrays, scalars)
 
     def emulate(
@@ -633,17 +833,50 @@ class KernelSpec(ABC):
         """The keyword arguments of `cycles` for these inputs."""
 
     def golden(self, inputs: KernelInputs) -> KernelOutputs:
-        """The bit-exact model: vectorized numpy, integer arithmetic only."""
+        """The bit-exact model: vectorized numpy, integer arithmetic only. With segments,
+        each distinct (base, rows) is one single-memory call of its queries over its rows;
+        indices are relative to the segment's base, bitmap rows are ceil(n/32) words with
+        the bits at or past the query's rows zero. Inputs without segs scan rows [0, n)
+        (`complete`)."""
+        inputs = self.complete(inputs)
         self.check_inputs(inputs)
         mode = int(inputs.scalars.get("mode", MODE_TOPK))
-        if mode == MODE_THRESHOLD and "mode" in self.scalar_args():
-            scores = self.scores(inputs)
-            bitmap = _topk.threshold_bitmap(scores, self.thresholds(scores, inputs))
-            return KernelOutputs(bitmap=bitmap, cycles=self.cycles(**self.shape(inputs)))
-        if mode != MODE_TOPK:
+        threshold = mode == MODE_THRESHOLD and "mode" in self.scalar_args()
+        if not threshold and mode != MODE_TOPK:
             raise InputError("mode", f"{self.name} does not support mode {mode}")
-        _topk.check_k(inputs.scalars["k"], int(inputs.scalars["n"]))  # before any work
-        indices = _topk.topk(self.scores(inputs), inputs.scalars["k"])
+        if threshold and int(inputs.scalars["n"]) == 0:
+            raise InputError("n", "is 0: there is nothing to select from")
+        if not threshold:
+            _topk.check_k(inputs.scalars["k"], int(inputs.scalars["n"]))  # before any work
+        segs = self.segments(inputs)
+        n, queries = int(inputs.scalars["n"]), int(inputs.scalars["queries"])
+        if segs is None or not queries or (segs[0].max() == 0 and segs[1].min() == n):
+            groups = [(None, 0, n)]  # one single-memory call: the inputs as they are
+        else:
+            pairs = np.stack(segs, axis=1)
+            uniq, inverse = np.unique(pairs, axis=0, return_inverse=True)
+            order = np.argsort(inverse.reshape(-1), kind="stable")
+            splits = np.cumsum(np.bincount(inverse.reshape(-1), minlength=len(uniq)))[:-1]
+            groups = [
+                (which, int(b), int(r))
+                for which, (b, r) in zip(np.split(order, splits), uniq, strict=True)
+            ]
+        if threshold:
+            bitmap = np.zeros((queries, -(-n // 32)), dtype=np.uint32)
+            for which, base, rows in groups:
+                sub = self._segment_inputs(inputs, which, base, rows)
+                scores = self.scores(sub)
+                part = _topk.threshold_bitmap(scores, self.thresholds(scores, sub))
+                bitmap[slice(None) if which is None else which, : part.shape[1]] = part
+            return KernelOutputs(bitmap=bitmap, cycles=self.cycles(**self.shape(inputs)))
+        indices = np.empty((queries, int(inputs.scalars["k"])), dtype=np.uint32)
+        for which, base, rows in groups:
+            sub = self._segment_inputs(inputs, which, base, rows)
+            picked = _topk.topk(self.scores(sub), inputs.scalars["k"])
+            if which is None:
+                indices = picked
+            else:
+                indices[which] = picked
         return KernelOutputs(indices=indices, cycles=self.cycles(**self.shape(inputs)))
 
     def thresholds(self, scores: np.ndarray, inputs: KernelInputs) -> np.ndarray:

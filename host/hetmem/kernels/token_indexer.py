@@ -36,6 +36,7 @@ from .spec import (
     CAPACITY,
     CHUNK,
     INT16_MAX,
+    SEGS,
     Arg,
     ChannelState,
     EngineParams,
@@ -53,6 +54,9 @@ from .spec import (
     fold_query,
     magnitude,
     quantize_rows,
+    segment_groups,
+    shape_segs,
+    with_segs,
 )
 from .topk import as_k
 
@@ -64,12 +68,14 @@ class TokenIndexer(KernelSpec):
         Arg("shifts", "uint8", "[capacity]", "in", 1, "token exponents: score << shift"),
         Arg("q", "int8", "[queries, heads, dim] row-major", "in", 2, "indexer queries"),
         Arg("w", "int16", "[queries, heads]", "in", 3, "head weights, head scales folded"),
-        Arg("out", "uint32", "[queries, k] ascending", "out", 4, "top-k token indices"),
+        Arg("out", "uint32", "[queries, k] ascending", "out", 24, "top-k token indices"),
         Arg("n", "uint32", "scalar", "scalar", None, "tokens to scan"),
         Arg("k", "uint32", "scalar", "scalar", None, "tokens to select per query"),
         Arg("queries", "uint32", "scalar", "scalar", None, "query tokens"),
         Arg("heads", "uint32", "scalar", "scalar", None, "indexer heads H"),
         Arg("dim", "uint32", "scalar", "scalar", None, "indexer head dim Di"),
+        # last, so every other argument keeps its register offset
+        Arg(SEGS, "uint32", "[queries, 2] (base, rows)", "in", 4, "memory rows per query"),
     )
     memory_args: ClassVar[tuple[str, ...]] = ("keys", "shifts")
     dims: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -77,19 +83,28 @@ class TokenIndexer(KernelSpec):
         "shifts": (CAPACITY,),
         "q": ("queries", "heads", "dim"),
         "w": ("queries", "heads"),
+        SEGS: ("queries", "2"),
     }
 
     def fit(self, memory: Mapping[str, Any]) -> ChannelState:
         return fit_channels(("keys", memory["keys"]))
 
-    def quantize_memory(self, memory: Mapping[str, Any], state: ChannelState) -> dict:
-        (keys,), shifts = quantize_rows(state, [("keys", memory["keys"])])
+    def quantize_memory(
+        self, memory: Mapping[str, Any], state: ChannelState, slots: Any = None
+    ) -> dict:
+        (keys,), shifts = quantize_rows(state, [("keys", memory["keys"])], slots=slots)
         return {"keys": keys, "shifts": shifts}
 
     def quantize_query(
-        self, query: Mapping[str, Any], state: ChannelState, *, k: int
+        self,
+        query: Mapping[str, Any],
+        state: ChannelState,
+        *,
+        k: int,
+        slots: Any = None,
+        segs: Any = None,
     ) -> KernelInputs:
-        q, t = fold_query("q", query["q"], state, 3, (2,))  # t: [Q, H, 1]
+        q, t = fold_query("q", query["q"], state, 3, (2,), slots)  # t: [Q, H, 1]
         w = as_float64("w", query["w"], ndim=2)
         check_dim("w", w, 0, q.shape[0], "queries of q")
         check_dim("w", w, 1, q.shape[1], "heads of q")
@@ -97,7 +112,7 @@ class TokenIndexer(KernelSpec):
         u = np.abs(folded).max(axis=1, keepdims=True) / INT16_MAX if folded.size else folded
         w_int = np.rint(folded / np.where(u > 0, u, 1.0)).astype(np.int16)
         scalars = {"k": as_k(k), "queries": q.shape[0], "heads": q.shape[1], "dim": state.dim}
-        return KernelInputs({"q": q, "w": w_int}, scalars)
+        return KernelInputs(with_segs({"q": q, "w": w_int}, segs, q.shape[0]), scalars)
 
     def candidates(self, memory: Mapping[str, Any]) -> int:
         return int(np.shape(memory["keys"])[0])
@@ -128,7 +143,10 @@ class TokenIndexer(KernelSpec):
 
     def shape(self, inputs: KernelInputs) -> dict[str, Any]:
         s = inputs.scalars
-        return {a: s[a] for a in ("n", "k", "queries", "heads", "dim")}
+        return {
+            **{a: s[a] for a in ("n", "k", "queries", "heads", "dim")},
+            SEGS: shape_segs(inputs),
+        }
 
     def cycles(
         self,
@@ -138,20 +156,24 @@ class TokenIndexer(KernelSpec):
         dim: int,
         heads: int,
         queries: int = 1,
+        segs: Any = None,
         params: EngineParams | None = None,
     ) -> int:
         """As the RTL does it: passes over the memory, each with up to `lanes` query heads
         (`engine_passes`), stream n * dim key bytes and n shift bytes on their own ports,
         ceil(dim/64) cycles per row (the H weight MACs ride in the adder tree); then per
-        query a selection: a scan of the n scores and the k indices written."""
+        query a selection: a scan of the n scores and the k indices written. With `segs`, per group of
+        consecutive queries sharing a segment, over the segment's rows."""
         p = params or self.engine
-        passes = engine_passes(p, queries=queries, heads=heads)
+        rows, counts = segment_groups(segs, n=n, queries=queries)
+        passes = engine_passes(p, queries=counts, heads=heads)
         return engine_cycles(
             p,
-            port_bytes=(n * dim, n),
-            lane_ops=passes * n * max(1, -(-dim // p.beat_bytes)) * p.lanes,
+            port_bytes=(rows * dim, rows),
+            lane_ops=passes * rows * max(1, -(-dim // p.beat_bytes)) * p.lanes,
             n=n,
             k=k,
-            queries=queries,
+            queries=counts,
             passes=passes,
+            rows=rows,
         )

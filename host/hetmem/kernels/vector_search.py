@@ -34,6 +34,7 @@ import numpy as np
 
 from .spec import (
     CAPACITY,
+    SEGS,
     Arg,
     ChannelState,
     EngineParams,
@@ -48,6 +49,9 @@ from .spec import (
     fold_query,
     int_dot,
     quantize_rows,
+    segment_groups,
+    shape_segs,
+    with_segs,
 )
 from .topk import as_k
 
@@ -58,32 +62,43 @@ class VectorSearch(KernelSpec):
         Arg("keys", "int8", "[capacity, dim] row-major", "in", 14, "document embeddings"),
         Arg("shifts", "uint8", "[capacity]", "in", 15, "row exponents: score << shift"),
         Arg("q", "int8", "[queries, dim] row-major", "in", 16, "queries, channel scales folded"),
-        Arg("out", "uint32", "[queries, k] ascending", "out", 17, "top-k document indices"),
+        Arg("out", "uint32", "[queries, k] ascending", "out", 27, "top-k document indices"),
         Arg("n", "uint32", "scalar", "scalar", None, "rows of keys to scan"),
         Arg("k", "uint32", "scalar", "scalar", None, "documents to select per query"),
         Arg("queries", "uint32", "scalar", "scalar", None, "rows of q"),
         Arg("dim", "uint32", "scalar", "scalar", None, "channels per row"),
+        # last, so every other argument keeps its register offset
+        Arg(SEGS, "uint32", "[queries, 2] (base, rows)", "in", 17, "memory rows per query"),
     )
     memory_args: ClassVar[tuple[str, ...]] = ("keys", "shifts")
     dims: ClassVar[dict[str, tuple[str, ...]]] = {
         "keys": (CAPACITY, "dim"),
         "shifts": (CAPACITY,),
         "q": ("queries", "dim"),
+        SEGS: ("queries", "2"),
     }
 
     def fit(self, memory: Mapping[str, Any]) -> ChannelState:
         return fit_channels(("keys", memory["keys"]))
 
-    def quantize_memory(self, memory: Mapping[str, Any], state: ChannelState) -> dict:
-        (keys,), shifts = quantize_rows(state, [("keys", memory["keys"])])
+    def quantize_memory(
+        self, memory: Mapping[str, Any], state: ChannelState, slots: Any = None
+    ) -> dict:
+        (keys,), shifts = quantize_rows(state, [("keys", memory["keys"])], slots=slots)
         return {"keys": keys, "shifts": shifts}
 
     def quantize_query(
-        self, query: Mapping[str, Any], state: ChannelState, *, k: int
+        self,
+        query: Mapping[str, Any],
+        state: ChannelState,
+        *,
+        k: int,
+        slots: Any = None,
+        segs: Any = None,
     ) -> KernelInputs:
-        q, _ = fold_query("q", query["q"], state, 2, (1,))
+        q, _ = fold_query("q", query["q"], state, 2, (1,), slots)
         scalars = {"k": as_k(k), "queries": q.shape[0], "dim": state.dim}
-        return KernelInputs({"q": q}, scalars)
+        return KernelInputs(with_segs({"q": q}, segs, q.shape[0]), scalars)
 
     def candidates(self, memory: Mapping[str, Any]) -> int:
         return int(np.shape(memory["keys"])[0])
@@ -100,23 +115,39 @@ class VectorSearch(KernelSpec):
 
     def shape(self, inputs: KernelInputs) -> dict[str, Any]:
         s = inputs.scalars
-        return {"n": s["n"], "k": s["k"], "queries": s["queries"], "dim": s["dim"]}
+        return {
+            "n": s["n"],
+            "k": s["k"],
+            "queries": s["queries"],
+            "dim": s["dim"],
+            SEGS: shape_segs(inputs),
+        }
 
     def cycles(
-        self, *, n: int, k: int, dim: int, queries: int = 1, params: EngineParams | None = None
+        self,
+        *,
+        n: int,
+        k: int,
+        dim: int,
+        queries: int = 1,
+        segs: Any = None,
+        params: EngineParams | None = None,
     ) -> int:
         """As the RTL does it: passes over the memory, each with up to `lanes` queries
         (`engine_passes`), stream n * dim key bytes and n shift bytes on their own ports,
         ceil(dim/64) cycles per row; then per query a selection: a scan of the n scores and
-        the k indices written."""
+        the k indices written. With `segs`, per group of consecutive queries sharing a
+        segment, over the segment's rows."""
         p = params or self.engine
-        passes = engine_passes(p, queries=queries)
+        rows, counts = segment_groups(segs, n=n, queries=queries)
+        passes = engine_passes(p, queries=counts)
         return engine_cycles(
             p,
-            port_bytes=(n * dim, n),
-            lane_ops=passes * n * max(1, -(-dim // p.beat_bytes)) * p.lanes,
+            port_bytes=(rows * dim, rows),
+            lane_ops=passes * rows * max(1, -(-dim // p.beat_bytes)) * p.lanes,
             n=n,
             k=k,
-            queries=queries,
+            queries=counts,
             passes=passes,
+            rows=rows,
         )
