@@ -99,7 +99,45 @@ def tie_case(kernel: str, rng: np.random.Generator, n: int, k: int) -> KernelInp
     if kernel == "block_gate":
         arrays["delta"] = np.zeros(queries, dtype=np.uint32)
         scalars["mode"] = kernels.spec.MODE_TOPK
-    return KernelInputs(arrays, scalars)
+    return kernels.get(kernel).complete(KernelInputs(arrays, scalars))
+
+
+def segment_case(kernel: str, rng: np.random.Generator, rows: list[int], **kw) -> KernelInputs:
+    """A multi-segment call: one memory holding a slot per entry of `rows` (each fitted and
+    quantized with its own state, through a stacked state), queries spread over the slots
+    (consecutive ones share a slot), each scanning its slot or a prefix of it."""
+    spec = kernels.get(kernel)
+    queries, dim, heads = kw.get("queries", 6), kw.get("dim", 48), kw.get("heads", 3)
+    floats = []
+    for r in rows:
+        if kernel == "page_indexer":
+            centre = _student(rng, r, dim)
+            spread = np.abs(rng.standard_normal((r, dim)))
+            floats.append({"mins": centre - spread, "maxs": centre + spread})
+        else:
+            floats.append({"keys": _student(rng, r, dim) * rng.uniform(0.2, 5)})
+    states = [spec.fit(f) for f in floats]
+    stacked = spec.stack_states(states)
+    memory = {a: np.concatenate([f[a] for f in floats]) for a in floats[0]}
+    row_slot = np.repeat(np.arange(len(rows)), rows)
+    ints = spec.quantize_memory(memory, stacked, slots=row_slot)
+    slot = np.sort(rng.integers(0, len(rows), queries))
+    bases = np.concatenate([[0], np.cumsum(rows)[:-1]])
+    seg_rows = np.array([rows[i] for i in slot])
+    seg_rows[::3] = np.maximum(1, seg_rows[::3] * 2 // 3)  # some queries see a prefix
+    if kernel == "token_indexer":
+        query = {
+            "q": rng.standard_normal((queries, heads, dim)),
+            "w": rng.uniform(-1, 1, (queries, heads)),
+        }
+    elif kernel == "page_indexer":
+        query = {"q": rng.standard_normal((queries, heads, dim))}
+    else:
+        query = {"q": rng.standard_normal((queries, dim))}
+    params = {"tau": kw["tau"]} if "tau" in kw else {"k": min(kw.get("k", 16), seg_rows.min())}
+    segs = np.stack([bases[slot], seg_rows], axis=1)
+    q = spec.quantize_query(query, stacked, slots=slot, segs=segs, **params)
+    return spec.bind(ints, q, n=int(seg_rows.max()))
 
 
 CASES = {
@@ -116,6 +154,15 @@ CASES = {
         "block_gate", rng, 1000, queries=1, tau=0.02
     ),
     "block_gate ties": lambda rng: tie_case("block_gate", rng, 777, 50),
+    # one launch over several slots of one memory (segments)
+    "token_indexer segments": lambda rng: segment_case("token_indexer", rng, [300, 170, 420]),
+    "page_indexer segments": lambda rng: segment_case("page_indexer", rng, [90, 260, 200]),
+    "vector_search segments": lambda rng: segment_case(
+        "vector_search", rng, [500, 333, 64, 700], queries=12, k=60
+    ),
+    "block_gate threshold segments": lambda rng: segment_case(
+        "block_gate", rng, [400, 150, 610], queries=7, tau=0.02
+    ),
 }
 
 
@@ -155,19 +202,21 @@ def test_resident_memory_appends_and_a_longer_capacity(emu, cosim):
         keys = dev.alloc("vector_search", "keys", capacity * 64)
         shifts = dev.alloc("vector_search", "shifts", capacity)
         q = dev.alloc("vector_search", "q", full.arrays["q"].nbytes)
+        segs = dev.alloc("vector_search", "segs", 3 * 8)
         out = dev.alloc("vector_search", "out", 4 * 3 * 20)
         dev.write(q, full.arrays["q"])
         got = []
         for start, stop in ((0, 1000), (1000, 1800)):
             dev.write(keys, full.arrays["keys"][start:stop], offset=start * 64)
             dev.write(shifts, full.arrays["shifts"][start:stop], offset=start)
+            dev.write(segs, kernels.spec.whole_segments(3, stop))
             scalars = {**full.scalars, "n": stop}
-            bufs = {"keys": keys, "shifts": shifts, "q": q, "out": out}
+            bufs = {"keys": keys, "shifts": shifts, "q": q, "segs": segs, "out": out}
             timing = dev.run("vector_search", bufs, scalars)
             assert timing.cycles > 0
             data, _ = dev.read(out, np.uint32, 60)
             got.append(data.reshape(3, 20))
-        for buf in (keys, shifts, q, out):
+        for buf in (keys, shifts, q, segs, out):
             dev.free(buf)
         outs[name] = got
     for want, got in zip(outs["emu"], outs["cosim"], strict=True):
@@ -215,9 +264,19 @@ def test_calls_beyond_the_build_are_input_errors(cosim):
         },
         {"n": n, "k": 1, "queries": 1, "dim": 1},
     )
+    inputs = kernels.get("vector_search").complete(inputs)
     with pytest.raises(InputError) as err:
         cosim.call("vector_search", inputs)
     assert err.value.argument == "n" and "NMAX" in str(err.value)
+
+
+def test_invalid_segments_are_input_errors_before_the_rtl(cosim):
+    """The RTL refuses an invalid segment by writing nothing; cosim names it first."""
+    inputs = segment_case("vector_search", np.random.default_rng(8), [100, 50], queries=2, k=5)
+    inputs.arrays["segs"] = np.array([[0, 100], [100, 60]], dtype=np.uint32)  # past 150 rows
+    with pytest.raises(InputError) as err:
+        cosim.call("vector_search", inputs)
+    assert err.value.argument == "segs"
 
 
 def test_timeout_hang_and_lost_simulator(cosim, emu):

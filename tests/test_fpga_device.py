@@ -455,3 +455,79 @@ def test_manifest_load_errors(tmp_path):
     bad.write_text('{"schema": 7}')
     with pytest.raises(XclbinError, match="schema"):
         Manifest.load(bad)
+
+
+# -- segments: one launch over many slots of one memory --------------------------------------
+
+
+def segmented_inputs(name, rng, rows=(120, 45, 300), queries=7, **params):
+    """Slots of one memory, each quantized with its own state (stacked), queries spread over
+    them with per-query rows: a layer's launch for every batch row and KV group."""
+    spec = kernels.get(name)
+    dim = 16
+    floats = []
+    for r in rows:
+        if name == "page_indexer":
+            lo = rng.standard_normal((r, dim)) * rng.uniform(0.5, 3)
+            floats.append({"mins": lo, "maxs": lo + rng.random((r, dim))})
+        else:
+            floats.append({"keys": rng.standard_normal((r, dim)) * rng.uniform(0.5, 3)})
+    stacked = spec.stack_states([spec.fit(f) for f in floats])
+    memory = {a: np.concatenate([f[a] for f in floats]) for a in floats[0]}
+    ints = spec.quantize_memory(memory, stacked, slots=np.repeat(np.arange(len(rows)), rows))
+    slot = np.sort(rng.integers(0, len(rows), queries))
+    bases = np.concatenate([[0], np.cumsum(rows)[:-1]])
+    seg_rows = np.array([rows[s] for s in slot])
+    seg_rows[1::2] = np.maximum(1, seg_rows[1::2] - 7)
+    if name in ("token_indexer", "page_indexer"):
+        query = {"q": rng.standard_normal((queries, 2, dim))}
+        if name == "token_indexer":
+            query["w"] = rng.uniform(-1, 1, (queries, 2))
+    else:
+        query = {"q": rng.standard_normal((queries, dim))}
+    q = spec.quantize_query(
+        query, stacked, slots=slot, segs=np.stack([bases[slot], seg_rows], 1), **params
+    )
+    return spec.bind(ints, q, n=int(seg_rows.max()))
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("token_indexer", {"k": 20}),
+        ("page_indexer", {"k": 20}),
+        ("vector_search", {"k": 30}),
+        ("block_gate", {"k": 5}),
+        ("block_gate", {"tau": 0.1}),
+    ],
+)
+def test_segmented_call_on_emu_is_the_golden_model(dev, name, params):
+    inputs = segmented_inputs(name, np.random.default_rng(11), **params)
+    golden = kernels.get(name).golden(inputs)
+    out, timings = dev.call(name, inputs)
+    want = golden.indices if golden.indices is not None else golden.bitmap
+    np.testing.assert_array_equal(out, want)
+    assert timings[-2].cycles == golden.cycles
+
+
+def test_segments_buffer_is_checked_at_the_run(dev):
+    inputs = segmented_inputs("vector_search", np.random.default_rng(12), k=4)
+    spec = kernels.get("vector_search")
+    bufs = {}
+    for arg in spec.args:
+        if arg.direction == "in":
+            bufs[arg.name] = dev.alloc(spec.name, arg.name, inputs.arrays[arg.name].nbytes)
+            dev.write(bufs[arg.name], inputs.arrays[arg.name])
+    bufs["out"] = dev.alloc(spec.name, "out", spec.buffer_nbytes("out", inputs.scalars))
+    dev.run(spec.name, bufs, inputs.scalars)
+    bad = inputs.arrays["segs"].copy()
+    bad[2, 0] = 10**6  # past the rows the memory holds
+    dev.write(bufs["segs"], bad)
+    with pytest.raises(InputError) as err:
+        dev.run(spec.name, bufs, inputs.scalars)
+    assert err.value.argument == "segs"
+    dev.free(bufs["segs"])
+    bufs["segs"] = dev.alloc(spec.name, "segs", 8)  # one entry for 7 queries
+    with pytest.raises(InputError) as err:
+        dev.run(spec.name, bufs, inputs.scalars)
+    assert err.value.argument == "segs"

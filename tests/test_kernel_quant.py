@@ -252,3 +252,80 @@ def test_bm25_appends_within_the_avgdl_tolerance_keep_recall():
         got = spec.golden(spec.bind(resident, query, n=dl.size)).indices
         assert recall(float_topk(reference, k), got) >= MIN_RECALL
     assert drifted(state, np.concatenate([dl, 3 * dl[: dl.size // 4]]))
+
+
+# -- stacked states: many slots quantized at once ----------------------------------------------
+
+
+def _slot_floats(name, rng, rows, dim=24):
+    """Float memory and queries of one slot, at a slot-specific scale."""
+    scale = rng.uniform(0.1, 10)
+    if name == "page_indexer":
+        keys = heavy_keys(rng, rows * 4, dim).reshape(rows, 4, dim) * scale
+        memory = {"mins": keys.min(1), "maxs": keys.max(1)}
+    else:
+        memory = {"keys": heavy_keys(rng, rows, dim) * scale}
+    return memory
+
+
+def _slot_query(name, rng, queries, dim=24):
+    if name == "token_indexer":
+        return {"q": rng.standard_normal((queries, 4, dim)), "w": rng.uniform(-1, 1, (queries, 4))}
+    if name == "page_indexer":
+        return {"q": rng.standard_normal((queries, 3, dim))}
+    return {"q": rng.standard_normal((queries, dim))}
+
+
+@pytest.mark.parametrize("name", ["token_indexer", "page_indexer", "block_gate", "vector_search"])
+def test_stacked_states_quantize_as_each_slot_alone(name):
+    """quantize_memory / quantize_query with a stacked state and `slots` equal, bit for bit,
+    quantizing each slot's rows and queries with its own state (random slot order)."""
+    rng = np.random.default_rng(sum(map(ord, name)))
+    spec = kernels.get(name)
+    for _ in range(5):
+        slots = int(rng.integers(1, 9))
+        mems = [_slot_floats(name, rng, int(rng.integers(1, 40))) for _ in range(slots)]
+        states = [spec.fit(m) for m in mems]
+        stacked = spec.stack_states(states)
+        row_slot = np.concatenate(
+            [np.full(len(next(iter(m.values()))), s) for s, m in enumerate(mems)]
+        )
+        order = rng.permutation(len(row_slot))  # rows of the slots interleaved
+        memory = {a: np.concatenate([m[a] for m in mems])[order] for a in mems[0]}
+        got = spec.quantize_memory(memory, stacked, slots=row_slot[order])
+        back = np.argsort(order)  # the rows in slot order again
+        for s, m in enumerate(mems):
+            alone = spec.quantize_memory(m, states[s])
+            for a, arr in alone.items():
+                np.testing.assert_array_equal(got[a][back][row_slot == s], arr)
+        queries = int(rng.integers(1, 20))
+        query = _slot_query(name, rng, queries)
+        q_slot = rng.integers(0, slots, queries)
+        params = {"tau": 0.05} if name == "block_gate" and rng.random() < 0.5 else {"k": 3}
+        got_q = spec.quantize_query(query, stacked, slots=q_slot, **params)
+        for i in range(queries):
+            one = {a: v[i : i + 1] for a, v in query.items()}
+            alone = spec.quantize_query(one, states[q_slot[i]], **params)
+            assert alone.scalars == got_q.scalars | {"queries": 1}
+            for a, arr in alone.arrays.items():
+                np.testing.assert_array_equal(got_q.arrays[a][i : i + 1], arr)
+
+
+def test_stacked_state_arguments_are_checked():
+    spec = kernels.get("vector_search")
+    rng = np.random.default_rng(0)
+    states = [spec.fit({"keys": rng.standard_normal((10, 8))}) for _ in range(3)]
+    stacked = spec.stack_states(states)
+    keys = {"keys": rng.standard_normal((4, 8))}
+    for bad in (None, [0, 1, 2], [0, 1, 2, 3], [[0, 1, 2, 0]], [0.0, 1.0, 2.0, 0.0]):
+        with pytest.raises(kspec.InputError) as err:
+            spec.quantize_memory(keys, stacked, slots=bad)
+        assert err.value.argument == "slots"
+    with pytest.raises(kspec.InputError) as err:
+        spec.quantize_memory(keys, states[0], slots=[0, 0, 0, 0])  # not stacked
+    assert err.value.argument == "slots"
+    with pytest.raises(kspec.InputError) as err:
+        spec.stack_states([states[0], spec.fit({"keys": rng.standard_normal((10, 9))})])
+    assert err.value.argument == "states"
+    with pytest.raises(kspec.InputError):
+        spec.stack_states([])

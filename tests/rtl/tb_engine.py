@@ -647,16 +647,21 @@ async def cycle_counts(dut):
     rng = np.random.default_rng(11)
     records = []
     for shape in shapes:
+        segs = shape.get("segments")
         case = make_case(
             shape["kernel"],
             rng,
-            n=shape["n"],
+            n=max(b + r for b, r in segs) if segs else shape["n"],
             dim=shape["dim"],
             queries=shape.get("queries", 1),
             heads=shape.get("heads", 1),
             k=shape.get("k"),
             mode=shape.get("mode", 0),
         )
+        if segs:  # one memory of several slots; n is the largest rows
+            arrays = {**case.inputs.arrays, "segs": np.array(segs, dtype=np.uint32)}
+            scalars = {**case.inputs.scalars, "n": shape["n"]}
+            case = Case(case.kernel, KernelInputs(arrays, scalars), f"{case.label} {segs}")
         got, cycles = await engine.call(case)
         assert np.array_equal(got, expected(case)), f"{case.label}: output differs from golden"
         records.append(

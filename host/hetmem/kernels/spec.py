@@ -20,6 +20,14 @@ int8 rows in block floating point: per-channel scales, folded into the int8 quer
 integer dot is proportional to the float one, and a power-of-two exponent per row (a
 `shifts` byte) whose negative range is the headroom for appended rows.
 
+Segments (the four kernels with RTL): the input buffer `segs`, uint32 [queries, 2], gives
+each query its (base, rows): query i scans memory rows [base_i, base_i + rows_i) and its
+selection's indices are relative to base_i, so one launch covers every slot of a layer
+stored at row offsets of one memory buffer. The scalar `n` is the largest rows_i (threshold
+mode: bitmap rows of ceil(n/32) words, bits at or past rows_i zero). `bind` fills
+segs = (0, n) per query when the query has none. Slots quantized with their own states are
+quantized together through `stack_states` and `slots=` (one fancy index, no loop).
+
 Cycle model: every engine streams its memory from HBM one 512-bit beat per port per cycle,
 feeds `lanes` dot-product units, then selects. `engine_cycles` is the one formula; the
 constants of every kernel live in `ENGINES`, which the RTL bench calibrates.
@@ -563,6 +571,43 @@ def as_segs(segs: Any, queries: int) -> np.ndarray:
     return arr.astype(np.uint32)
 
 
+def check_segments(
+    segs: Any,
+    *,
+    n: int,
+    queries: int | None = None,
+    k: int | None = None,
+    held: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check a call's segments and return (base, rows), int64 [queries] each. Query i scans
+    memory rows [base_i, base_i + rows_i): rows_i in [1, n]; with `queries`, one segment
+    per query; with `k` (top-k mode), k <= rows_i; with `held` (rows the memory buffer
+    holds), base_i + rows_i <= held. `InputError` naming segs, or k. A host can run it on
+    its copy of segs before a launch: the card refuses an invalid segment by writing
+    nothing."""
+    arr = np.asarray(segs)
+    expect = "[queries, 2]" if queries is None else f"[{queries}, 2]"
+    if arr.ndim != 2 or arr.shape[1] != 2 or (queries is not None and arr.shape[0] != queries):
+        raise InputError(SEGS, f"expected shape {expect} (base, rows), got {arr.shape}")
+    base, rows = arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64)
+    if not len(rows):
+        return base, rows
+    if rows.min() < 1 or rows.max() > n:
+        bad = int(np.flatnonzero((rows < 1) | (rows > n))[0])
+        raise InputError(SEGS, f"query {bad} scans {int(rows[bad])} rows, expected 1..n={n}")
+    if held is not None and (base + rows).max() > held:
+        bad = int(np.argmax(base + rows))
+        raise InputError(
+            SEGS,
+            f"query {bad} scans rows [{int(base[bad])}, {int(base[bad] + rows[bad])}) of a "
+            f"memory that holds {held}",
+        )
+    if k is not None and k > rows.min():
+        bad = int(np.argmin(rows))
+        raise InputError("k", f"k={k} exceeds the {int(rows[bad])} rows of query {bad}'s segment")
+    return base, rows
+
+
 def with_segs(arrays: dict[str, np.ndarray], segs: Any, queries: int) -> dict[str, np.ndarray]:
     """A quantized query's arrays, with the `segs` buffer when segments are given (else
     `KernelSpec.bind` fills (0, n) per query)."""
@@ -739,39 +784,24 @@ class KernelSpec(ABC):
 
     def segments(self, inputs: KernelInputs) -> tuple[np.ndarray, np.ndarray] | None:
         """The checked (base, rows) of every query, int64 [queries] each, or None for a
-        kernel without segments. Query i scans memory rows [base_i, base_i + rows_i):
-        rows_i in [1, n], base_i + rows_i within the rows every memory buffer holds, and in
-        top-k mode k <= rows_i (`InputError` naming segs, or k)."""
+        kernel without segments (`check_segments`, with the rows every memory buffer
+        holds)."""
         if not self.segmented:
             return None
-        segs = inputs.arrays[SEGS]
-        queries, n = int(inputs.scalars["queries"]), int(inputs.scalars["n"])
-        if segs.ndim != 2 or segs.shape != (queries, 2):
-            raise InputError(SEGS, f"expected shape [{queries}, 2] (base, rows), got {segs.shape}")
-        base, rows = segs[:, 0].astype(np.int64), segs[:, 1].astype(np.int64)
-        if queries and (rows.min() < 1 or rows.max() > n):
-            bad = int(np.flatnonzero((rows < 1) | (rows > n))[0])
-            raise InputError(SEGS, f"query {bad} scans {int(rows[bad])} rows, expected 1..n={n}")
-        whole = bool(queries) and base.max() == 0 and rows.min() == n
+        s = inputs.scalars
+        base, rows = check_segments(
+            inputs.arrays[SEGS],
+            n=int(s["n"]),
+            queries=int(s["queries"]),
+            k=int(s["k"]) if int(s.get("mode", MODE_TOPK)) == MODE_TOPK else None,
+        )
+        whole = bool(len(rows)) and base.max() == 0 and rows.min() == int(s["n"])
         for name in self.memory_args:
-            held = int(inputs.arrays[name].shape[0])
-            end = base + rows
-            if whole:
-                check_rows(name, inputs.arrays[name], n, "rows")
-            elif queries and end.max() > held:
-                bad = int(np.argmax(end))
-                raise InputError(
-                    SEGS,
-                    f"query {bad} scans rows [{int(base[bad])}, {int(end[bad])}) of {name}, "
-                    f"which holds {held}",
-                )
-        mode = int(inputs.scalars.get("mode", MODE_TOPK))
-        if mode == MODE_TOPK and queries:
-            k = int(inputs.scalars["k"])
-            if k > rows.min():
-                bad = int(np.argmin(rows))
-                raise InputError(
-                    "k", f"k={k} exceeds the {int(rows[bad])} rows of query {bad}'s segment"
+            if whole:  # a single-memory call: the buffer must hold n rows, as before
+                check_rows(name, inputs.arrays[name], int(s["n"]), "rows")
+            else:
+                check_segments(
+                    inputs.arrays[SEGS], n=int(s["n"]), held=int(inputs.arrays[name].shape[0])
                 )
         return base, rows
 
