@@ -21,56 +21,127 @@ from .errors import InputError
 from .selection import Bitmap, Selection, TopK
 
 
-class Growable:
-    """A tensor that grows along one axis by appends, doubling its capacity (amortized O(1))."""
+@dataclass(frozen=True)
+class Growth:
+    """Bounded growth for buffers that must stay close to their length (a wrapped model's KV
+    cache and the indexes built over it): room for about length/`fraction` more items, so a
+    run of appends reallocates once per length/`fraction` items (amortized `fraction` item
+    copies per append) and the spare room stays a few percent. The capacity is a multiple of
+    `align` (whole blocks for a block gather) when that costs at most as much room again,
+    else of the largest power-of-two divisor of `align` that does (a short buffer forgoes the
+    alignment rather than carry a block of padding)."""
 
-    def __init__(self, initial: torch.Tensor, axis: int, min_capacity: int = 0):
+    align: int = 1
+    fraction: int = 64
+
+    def __post_init__(self) -> None:
+        if self.align < 1 or self.fraction < 1:
+            raise InputError("growth", f"align and fraction must be >= 1, got {self}")
+
+    def capacity(self, length: int) -> int:
+        spare = max(-(-length // self.fraction), 1)
+        align = self.align
+        while align > 1:
+            capacity = -(-(length + spare) // align) * align
+            if capacity - length <= 2 * spare:
+                return capacity
+            align = align // 2 if align % 2 == 0 else 1
+        return length + spare
+
+
+class Growable:
+    """A tensor that grows along one axis by appends: doubling its capacity (amortized O(1)),
+    or by a bounded `Growth` when one is given."""
+
+    def __init__(
+        self,
+        initial: torch.Tensor,
+        axis: int,
+        min_capacity: int = 0,
+        growth: Growth | None = None,
+    ):
         self.axis = axis
         self.min_capacity = min_capacity
+        self.growth = growth
         self.length = initial.shape[axis]
-        capacity = max(self.length, min_capacity, 1)
+        if growth is None:
+            capacity = max(self.length, min_capacity, 1)
+        else:
+            capacity = max(growth.capacity(self.length), min_capacity)
         shape = list(initial.shape)
         shape[axis] = capacity
         self.buffer = initial.new_zeros(shape)
         self.buffer.narrow(axis, 0, self.length).copy_(initial)
 
+    @classmethod
+    def adopt(
+        cls, buffer: torch.Tensor, axis: int, length: int, growth: Growth | None = None
+    ) -> Growable:
+        """A Growable over an existing buffer whose first `length` items along `axis` are in
+        use (no copy)."""
+        out = object.__new__(cls)
+        out.axis, out.length, out.buffer = axis, length, buffer
+        out.min_capacity, out.growth = 0, growth
+        return out
+
     @property
     def data(self) -> torch.Tensor:
         return self.buffer.narrow(self.axis, 0, self.length)
+
+    @property
+    def capacity(self) -> int:
+        """Items the buffer holds before it must grow."""
+        return self.buffer.shape[self.axis]
 
     def reserve(self, length: int) -> None:
         capacity = self.buffer.shape[self.axis]
         if length <= capacity:
             return
-        new_capacity = max(length, 2 * capacity)
-        if self.min_capacity:
-            new_capacity = -(-new_capacity // self.min_capacity) * self.min_capacity
+        if self.growth is not None:
+            new_capacity = self.growth.capacity(length)
+        else:
+            new_capacity = max(length, 2 * capacity)
+            if self.min_capacity:
+                new_capacity = -(-new_capacity // self.min_capacity) * self.min_capacity
+        self._reallocate(new_capacity)
+
+    def fit(self) -> None:
+        """Give back room beyond what bounded growth keeps (after the length dropped)."""
+        if self.growth is not None and self.capacity > self.growth.capacity(self.length):
+            self._reallocate(self.growth.capacity(self.length))
+
+    def _reallocate(self, capacity: int) -> None:
         shape = list(self.buffer.shape)
-        shape[self.axis] = new_capacity
+        shape[self.axis] = capacity
         grown = self.buffer.new_zeros(shape)
         grown.narrow(self.axis, 0, self.length).copy_(self.data)
         self.buffer = grown
 
     def to(self, device: torch.device) -> Growable:
-        out = object.__new__(Growable)
-        out.axis, out.length, out.buffer = self.axis, self.length, self.buffer.to(device)
+        out = Growable.adopt(self.buffer.to(device), self.axis, self.length, self.growth)
         out.min_capacity = self.min_capacity
         return out
 
 
-#: KV buffers are allocated in multiples of this many tokens (a multiple of every block size
-#: that divides it), so a block selection gathers contiguous blocks.
+#: KV buffers without a `Growth` are allocated in multiples of this many tokens (a multiple
+#: of every block size that divides it), so a block selection gathers contiguous blocks.
 ALIGN = 256
 
 
 class KVCache:
-    """Per-row KV cache with different lengths per row; grows by appends, never rebuilt."""
+    """Per-row KV cache with different lengths per row; grows by appends, never rebuilt.
+
+    Without `growth` the buffers start at a multiple of ALIGN tokens and double when full;
+    with one (`Growth(align=unit)`) they keep a few percent of spare room (see `Growth`).
+    """
 
     def __init__(
         self,
         keys: torch.Tensor,
         values: torch.Tensor,
         lengths: torch.Tensor | None = None,
+        *,
+        growth: Growth | None = None,
     ):
         check_tensor("keys", keys, dims=("batch", "kv_heads", "tokens", "dim"), floating=True)
         check_tensor("values", values, dims=("batch", "kv_heads", "tokens", "dim"), floating=True)
@@ -85,12 +156,31 @@ class KVCache:
         check_dim("lengths", lengths, 0, batch, "batch of keys")
         if bool((lengths < 0).any()) or bool((lengths > tokens).any()):
             raise InputError("lengths", f"every length must lie in [0, {tokens}]")
-        # Capacity in multiples of ALIGN tokens, so block methods can gather whole blocks.
-        reserve = -(-tokens // ALIGN) * ALIGN
-        self._keys = Growable(keys, axis=2, min_capacity=reserve)
-        self._values = Growable(values, axis=2, min_capacity=reserve)
+        # Without a growth policy: capacity in multiples of ALIGN tokens, so block methods can
+        # gather whole blocks.
+        reserve = -(-tokens // ALIGN) * ALIGN if growth is None else 0
+        self._keys = Growable(keys, axis=2, min_capacity=reserve, growth=growth)
+        self._values = Growable(values, axis=2, min_capacity=reserve, growth=growth)
         self.lengths = lengths.to(device=keys.device, dtype=torch.long).clone()
         self._zero_padding()
+
+    @classmethod
+    def adopt(
+        cls,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        tokens: int,
+        lengths: torch.Tensor,
+        growth: Growth | None = None,
+    ) -> KVCache:
+        """A cache over buffers [B, Hkv, capacity, D] whose first `tokens` slots are in use
+        (no copy); slots past each row's length are zeroed."""
+        out = object.__new__(cls)
+        out._keys = Growable.adopt(keys, 2, tokens, growth)
+        out._values = Growable.adopt(values, 2, tokens, growth)
+        out.lengths = lengths.to(device=keys.device, dtype=torch.long).clone()
+        out._zero_padding()
+        return out
 
     def _zero_padding(self) -> None:
         """Zero the slots past each row's length: padding may hold NaN (a fully masked row of
@@ -100,6 +190,10 @@ class KVCache:
             pad = pad[:, None, :, None]
             for store in (self._keys, self._values):
                 store.data.masked_fill_(pad, 0.0)
+
+    @property
+    def growth(self) -> Growth | None:
+        return self._keys.growth
 
     @property
     def keys(self) -> torch.Tensor:
@@ -158,6 +252,28 @@ class KVCache:
             )
         self.lengths += new
         return positions
+
+    def truncate(self, lengths: torch.Tensor) -> None:
+        """Keep the first `lengths` [B] tokens of each row (each at most the row's length):
+        the rest is zeroed and, under a `Growth`, room beyond its bound is given back."""
+        lengths = lengths.to(device=self.device, dtype=torch.long)
+        check_dim("lengths", lengths, 0, self.batch, "batch of the KV cache")
+        if bool((lengths < 0).any()) or bool((lengths > self.lengths).any()):
+            raise InputError("lengths", "must lie between 0 and each row's length")
+        self.lengths = lengths.clone()
+        self._zero_padding()
+        longest = int(lengths.max()) if self.batch else 0
+        for store in (self._keys, self._values):
+            store.length = longest
+            store.fit()
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep the batch rows `index` [B'] (any order, repeats allowed): beam reordering,
+        batch expansion and selection. The buffers are gathered once; the old ones are freed."""
+        index = index.to(self.device)
+        for store in (self._keys, self._values):
+            store.buffer = store.buffer.index_select(0, index)
+        self.lengths = self.lengths.index_select(0, index)
 
     def to(self, device: torch.device) -> KVCache:
         out = object.__new__(KVCache)

@@ -10,6 +10,8 @@ import torch
 
 from ..attention import (
     AttentionQuery,
+    Growable,
+    Growth,
     KVCache,
     KVChunk,
     check_query,
@@ -118,43 +120,74 @@ class SparseAttentionMethod(Method):
         return (start[None, None, :] <= positions[:, :, None]) & (start[None, None, :] < lens)
 
 
+def index_growth(kv: KVCache) -> Growth:
+    """How an index over `kv` grows: as the cache does under a bounded `Growth`, else by a
+    bounded one of its own (an index never doubles: its spare room stays a few percent)."""
+    return Growth() if kv.growth is None else Growth(fraction=kv.growth.fraction)
+
+
+def block_reductions(
+    kv: KVCache, block: int, first_block: int, reducers: dict[str, Callable[..., torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Per-block reductions [B, Hkv, blocks', F] of the keys over valid tokens, for the
+    blocks from `first_block` to the end of the cache."""
+    n_blocks = -(-kv.capacity // block)
+    first_block = min(first_block, n_blocks)
+    start = first_block * block
+    keys = kv.keys[:, :, start:]
+    pad = (n_blocks - first_block) * block - keys.shape[2]
+    keys = torch.nn.functional.pad(keys, (0, 0, 0, pad))
+    tok = start + torch.arange(keys.shape[2], device=kv.device)
+    valid = (tok[None, :] < kv.lengths[:, None])[:, None, :, None]  # [B,1,S',1]
+    b, h, _, d = keys.shape
+    keys = keys.view(b, h, -1, block, d)
+    valid = valid.view(b, 1, -1, block, 1)
+    return {name: reduce(keys, valid) for name, reduce in reducers.items()}
+
+
 class BlockSummary:
     """Per-block reductions of keys [B, Hkv, S, D] over valid tokens, kept current on append.
 
     Only the blocks touched by an append are recomputed (the partial last block and the new
-    ones), so the summary grows with the cache and is never rebuilt.
+    ones) and written in place into buffers with a few percent of spare room
+    (`index_growth`): the summary grows with the cache and is never rebuilt or copied whole.
     """
 
     def __init__(self, kv: KVCache, block: int, reducers: dict[str, Callable[..., torch.Tensor]]):
         self.block = check_positive_int("block_size", block)
         self.reducers = reducers
-        self.values: dict[str, torch.Tensor] = {}
+        self.growth = index_growth(kv)
+        self.stores: dict[str, Growable] = {}
         self.update(kv, 0)
 
     @property
+    def values(self) -> dict[str, torch.Tensor]:
+        """name -> [B, Hkv, blocks, F] (views of the buffers)."""
+        return {name: store.data for name, store in self.stores.items()}
+
+    @property
     def blocks(self) -> int:
-        return next(iter(self.values.values())).shape[2]
+        return next(iter(self.stores.values())).length
 
     def update(self, kv: KVCache, first_token: int) -> None:
         """Recompute blocks from the one holding `first_token` to the end of the cache."""
         n_blocks = -(-kv.capacity // self.block)
         first_block = min(first_token // self.block, n_blocks)
-        start = first_block * self.block
-        keys = kv.keys[:, :, start:]
-        pad = (n_blocks - first_block) * self.block - keys.shape[2]
-        keys = torch.nn.functional.pad(keys, (0, 0, 0, pad))
-        tok = start + torch.arange(keys.shape[2], device=kv.device)
-        valid = (tok[None, :] < kv.lengths[:, None])[:, None, :, None]  # [B,1,S',1]
-        b, h, _, d = keys.shape
-        keys = keys.view(b, h, -1, self.block, d)
-        valid = valid.view(b, 1, -1, self.block, 1)
-        for name, reduce in self.reducers.items():
-            fresh = reduce(keys, valid)  # [B, Hkv, blocks', F]
-            old = self.values.get(name)
-            if old is None or first_block == 0:
-                self.values[name] = fresh
+        fresh = block_reductions(kv, self.block, first_block, self.reducers)
+        for name, values in fresh.items():
+            store = self.stores.get(name)
+            if store is None or first_block == 0:
+                self.stores[name] = Growable(values, axis=2, growth=self.growth)
             else:
-                self.values[name] = torch.cat([old[:, :, :first_block], fresh], dim=2)
+                store.reserve(n_blocks)
+                store.buffer.narrow(2, first_block, n_blocks - first_block).copy_(values)
+                store.length = n_blocks
+
+    def to(self, device: torch.device) -> BlockSummary:
+        out = object.__new__(BlockSummary)
+        out.block, out.reducers, out.growth = self.block, self.reducers, self.growth
+        out.stores = {name: store.to(device) for name, store in self.stores.items()}
+        return out
 
 
 def block_min(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

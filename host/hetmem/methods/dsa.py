@@ -43,6 +43,7 @@ import torch
 from ..attention import (
     AttentionQuery,
     Growable,
+    Growth,
     KVCache,
     bag_values,
     check_query,
@@ -197,7 +198,9 @@ class DSA(SparseAttentionMethod):
             raise InputError(
                 "features", f"have {feats.shape[-1]} channels, wk expects {weights.wk.shape[0]}"
             )
-        keys = Growable(feats.to(weights.wk.dtype) @ weights.wk, axis=1)
+        # The indexer keys grow like the cache (a bounded `Growth` follows the cache's).
+        growth = None if kv.growth is None else Growth(fraction=kv.growth.fraction)
+        keys = Growable(feats.to(weights.wk.dtype) @ weights.wk, axis=1, growth=growth)
         token_keys = token_major(kv) if self.kv_layout == "token" else None
         return DSAMemory(kv, keys, token_keys)
 
@@ -318,7 +321,10 @@ def token_major(kv: KVCache) -> Growable:
     b, h, s, d = kv.keys.shape
     pad = -(-ROW_PAD_BYTES // kv.keys.element_size())
     store = Growable(
-        kv.keys.new_empty(b, 0, h * d + pad), axis=1, min_capacity=kv._keys.min_capacity
+        kv.keys.new_empty(b, 0, h * d + pad),
+        axis=1,
+        min_capacity=kv._keys.min_capacity,
+        growth=kv.growth,
     )
     store.reserve(s)
     store.length = s

@@ -53,10 +53,7 @@ class QuestMemory(AttentionMemory):
         return 2 * self.mins.numel() * self.mins.element_size()
 
     def to(self, device: torch.device) -> QuestMemory:
-        pages = object.__new__(BlockSummary)
-        pages.block, pages.reducers = self.pages.block, self.pages.reducers
-        pages.values = {k: v.to(device) for k, v in self.pages.values.items()}
-        return QuestMemory(self.kv.to(device), pages)
+        return QuestMemory(self.kv.to(device), self.pages.to(device))
 
 
 class Quest(SparseAttentionMethod):

@@ -20,20 +20,24 @@ from typing import Any, Literal
 
 import torch
 
-from ..attention import AttentionQuery, KVCache
+from ..attention import AttentionQuery, Growable, KVCache
 from ..checks import check_positive_int, check_tensor
 from ..errors import InputError
 from ..selection import Bitmap, Scores, Selection
 from ._attention import (
     AttentionMemory,
-    BlockSummary,
     SparseAttentionMethod,
     as_chunk,
     as_kv,
     block_max,
     block_mean,
     block_min,
+    block_reductions,
+    index_growth,
 )
+
+#: How a block's keys are pooled before the gate's key map (concatenated in this order).
+POOLS = {"max": block_max, "min": block_min, "mean": block_mean}
 
 
 @dataclass
@@ -70,10 +74,27 @@ class GateWeights:
 
 
 class SeerMemory(AttentionMemory):
-    def __init__(self, kv: KVCache, blocks: BlockSummary, gate_keys: torch.Tensor):
+    """The KV cache and the gate keys of its blocks (the pooled keys they are projected
+    from are recomputed for the blocks an append touches, never kept)."""
+
+    def __init__(self, kv: KVCache, gate_keys: torch.Tensor | Growable):
         self.kv = kv
-        self.blocks = blocks
-        self.gate_keys = gate_keys  # [B, Hkv, Nb, Dg]
+        # [B, Hkv, Nb, Dg], grown in place (a few percent of spare room)
+        if not isinstance(gate_keys, Growable):
+            gate_keys = Growable(gate_keys, axis=2, growth=index_growth(kv))
+        self._gate_keys = gate_keys
+
+    @property
+    def gate_keys(self) -> torch.Tensor:
+        return self._gate_keys.data
+
+    def set_gate_keys(self, first_block: int, fresh: torch.Tensor) -> None:
+        """Write the gate keys of blocks first_block.. (the ones an append touched)."""
+        store = self._gate_keys
+        end = first_block + fresh.shape[2]
+        store.reserve(end)
+        store.buffer.narrow(2, first_block, fresh.shape[2]).copy_(fresh)
+        store.length = end
 
     @property
     def entries(self) -> int:
@@ -84,10 +105,7 @@ class SeerMemory(AttentionMemory):
         return self.gate_keys.numel() * self.gate_keys.element_size()
 
     def to(self, device: torch.device) -> SeerMemory:
-        blocks = object.__new__(BlockSummary)
-        blocks.block, blocks.reducers = self.blocks.block, self.blocks.reducers
-        blocks.values = {k: v.to(device) for k, v in self.blocks.values.items()}
-        return SeerMemory(self.kv.to(device), blocks, self.gate_keys.to(device))
+        return SeerMemory(self.kv.to(device), self._gate_keys.to(device))
 
 
 class SeerAttention(SparseAttentionMethod):
@@ -140,30 +158,24 @@ class SeerAttention(SparseAttentionMethod):
             )
         return w
 
-    def _gate_keys(
-        self, memory_blocks: BlockSummary, kv: KVCache, first_block: int = 0
-    ) -> torch.Tensor:
-        v = memory_blocks.values
-        pooled = torch.cat([v["max"], v["min"], v["mean"]], dim=-1)[:, :, first_block:]
+    def _gate_keys(self, kv: KVCache, first_block: int = 0) -> torch.Tensor:
+        """Gate keys [B, Hkv, Nb', Dg] of the blocks from `first_block` on: their keys pooled
+        by max, min and mean, through the gate's key map."""
+        v = block_reductions(kv, self.unit, first_block, POOLS)
+        pooled = torch.cat([v["max"], v["min"], v["mean"]], dim=-1)
         w = self._weights(kv)
         return pooled.to(w.wk.dtype) @ w.wk[None]  # [B, Hkv, Nb, Dg]
 
     def prepare(self, data: Any) -> SeerMemory:
         kv, _ = as_kv(data)
-        blocks = BlockSummary(
-            kv, self.unit, {"max": block_max, "min": block_min, "mean": block_mean}
-        )
-        return SeerMemory(kv, blocks, self._gate_keys(blocks, kv))
+        return SeerMemory(kv, self._gate_keys(kv))
 
     def append(self, memory: Any, data: Any) -> None:
         assert isinstance(memory, SeerMemory)
         chunk = as_chunk(data)
-        first = int(memory.kv.lengths.min())
+        first_block = int(memory.kv.lengths.min()) // self.unit
         memory.kv.append(chunk.keys, chunk.values)
-        memory.blocks.update(memory.kv, first)
-        first_block = first // self.unit
-        fresh = self._gate_keys(memory.blocks, memory.kv, first_block)
-        memory.gate_keys = torch.cat([memory.gate_keys[:, :, :first_block], fresh], dim=2)
+        memory.set_gate_keys(first_block, self._gate_keys(memory.kv, first_block))
 
     def gate_query(self, memory: SeerMemory, q: torch.Tensor) -> torch.Tensor:
         """Gate queries [B, Hkv, T, Dg] from q [B, Hq, T, D]."""

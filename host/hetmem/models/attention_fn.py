@@ -4,11 +4,15 @@ Registered in `AttentionInterface` (what `config._attn_implementation` selects) 
 with transformers' sdpa mask in `AttentionMaskInterface`, so the model builds the same
 causal + padding mask it builds for sdpa. Model code is never edited.
 
-Per call, on a layer of a `HetmemCache`:
-- prefill (the cache held nothing before) and multi-token chunks: exact sdpa with the
-  model's mask; the layer's memory is prepared from the compacted keys;
-- decode (one query token): Compute Relevancy, Retrieval and Apply through the layer's
-  `Pipeline` under the token budget (inference: attention dropout is not applied).
+Per call, on a layer of a `HetmemCache`, the new states first go into the layer's memory
+(its one copy of the keys and values; the mask's diagonal says which are padding):
+- prefill (the cache held nothing before): exact sdpa with the model's mask on the states
+  themselves; the memory is prepared from their compacted form;
+- decode (one real query token per row): Compute Relevancy, Retrieval and Apply through the
+  layer's `Pipeline` under the token budget (inference: attention dropout is not applied);
+- anything else after prefill (a chunk of several tokens, a masked new token, a sliding
+  window layer past its window): exact sdpa on the padded layout rebuilt from the memory
+  for this call.
 Any other call (no cache, or a transformers cache) runs sdpa unchanged.
 """
 
@@ -23,7 +27,7 @@ from transformers.masking_utils import sdpa_mask
 
 from ..attention import AttentionQuery
 from .cache import HetmemLayer, claim
-from .layout import key_validity
+from .layout import fresh_validity
 
 NAME = "hetmem"
 
@@ -46,36 +50,36 @@ def hetmem_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """Same contract as transformers' sdpa: returns ([B, T, Hq, D], None)."""
     layer = claim(key)
-    if layer is not None and _sync_memory(layer, query, key, attention_mask, kwargs):
-        return _sparse_decode(layer, query, scaling), None
     if layer is not None:
+        if _take_in(layer, query, attention_mask, kwargs):
+            return _sparse_decode(layer, query, scaling), None
         layer.dense_steps += 1
+        if key.shape[-2] != layer.get_seq_length():
+            # The call needs the padded layout of the whole context: rebuilt for it only.
+            key, value = layer.dense()
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
 
 
-def _sync_memory(
+def _take_in(
     layer: HetmemLayer,
     query: torch.Tensor,
-    key: torch.Tensor,
     attention_mask: torch.Tensor | None,
     kwargs: dict[str, Any],
 ) -> bool:
-    """Bring the layer's memory in line with its dense keys; say whether to decode sparse."""
-    queries, keys = query.shape[2], key.shape[2]
+    """Take the layer's new states into its memory; say whether this call decodes sparse."""
+    queries = query.shape[2]
+    keys = layer.get_seq_length()
+    fresh = fresh_validity(attention_mask, keys, queries)
+    layer.take_in(fresh)
     window = kwargs.get("sliding_window")
     if window is not None and keys > window:
         # hetmem selects from the whole context; past the window the model's sliding mask
         # differs from it, so this layer runs dense (exact) from here on.
-        layer.invalidate()
         return False
-    valid = key_validity(attention_mask, keys)
-    fresh_all_real = valid is None or bool(valid[:, keys - queries :].all())
-    if layer.memory is None or not fresh_all_real:
-        # Prefill, or a cache operation (reorder, crop) or masked new tokens: rebuild.
-        layer.build(valid)
-    return queries == 1 and keys > 1
+    # A single real new token per row over a longer context decodes sparse.
+    return queries == 1 and keys > 1 and fresh is None
 
 
 def _sparse_decode(layer: HetmemLayer, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
