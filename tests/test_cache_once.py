@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from hetmem.attention import Growth, KVCache
 from hetmem.methods.base import Method
 from hetmem.models import HetmemCache, unwrap, wrap
 from hetmem.models.cache import HetmemLayer
@@ -160,6 +161,26 @@ def test_a_layer_keeps_no_dense_copy_after_prefill():
         assert got.shape == want.shape
         real_all = torch.cat([real, torch.ones(2, 1, width - ids.shape[1], 1, dtype=torch.bool)], 2)
         torch.testing.assert_close(got * real_all, want * real_all)
+
+
+@pytest.mark.parametrize("align", [1, 16, 64, 256])
+def test_growth_keeps_a_few_percent_and_aligns_when_it_is_cheap(align):
+    growth = Growth(align=align)
+    for length in [1, 7, 63, 64, 300, 1000, 4096, 4111, 32768, 100_003]:
+        capacity = growth.capacity(length)
+        spare = -(-length // 64)
+        assert length < capacity <= length + 2 * spare
+        if align <= spare:
+            assert capacity % align == 0  # whole blocks for the block gather
+    # Appends to a bounded KVCache reallocate about once per length/64 tokens.
+    kv = KVCache(torch.zeros(1, 1, 1000, 2), torch.zeros(1, 1, 1000, 2), growth=growth)
+    buffers = set()
+    for _ in range(200):
+        kv.append(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2))
+        buffers.add(kv._keys.buffer.data_ptr())
+        assert kv._keys.buffer.shape[2] <= growth.capacity(kv.capacity)
+    assert 2 <= len(buffers) <= 200 // 15
+    assert kv.keys.sum() == 2 * 200
 
 
 # -- every Cache operation, on the one copy ----------------------------------------------

@@ -23,9 +23,16 @@ from transformers import (  # noqa: E402
     StaticCache,
 )
 
+from hetmem.attention import Growth  # noqa: E402
 from hetmem.errors import InputError  # noqa: E402
 from hetmem.models import HetmemCache, is_wrapped, new_cache, unwrap, wrap  # noqa: E402
-from hetmem.models.layout import compact, key_validity  # noqa: E402
+from hetmem.models.layout import (  # noqa: E402
+    Validity,
+    compact,
+    fresh_validity,
+    key_validity,
+    padded,
+)
 from hetmem.models.wrap import cache_kwarg  # noqa: E402
 from hetmem.selection import TopK  # noqa: E402
 
@@ -178,6 +185,37 @@ def test_compact_moves_each_rows_real_tokens_to_the_front():
     mask4d = valid[:, None, None, :].expand(2, 1, 3, 5)
     assert torch.equal(key_validity(mask4d, 5), valid)
     assert key_validity(None, 5) is None
+
+
+def test_padded_rebuilds_transformers_layout_from_the_compact_copy():
+    gen = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 2, 6, 4, generator=gen), torch.randn(2, 2, 6, 4, generator=gen)
+    valid = torch.tensor(
+        [[False, False, True, True, True, True], [True, True, False, True, False, True]]
+    )
+    kv = compact(keys, values, valid, Growth(align=4))
+    assert kv.lengths.tolist() == [4, 4] and kv._keys.buffer.shape[2] > 4  # spare room
+    validity = Validity(valid, 2, 6, keys.device)
+    assert validity.mask is not None  # row 1 is not left padding
+    assert Validity(valid[:1], 1, 6, keys.device).mask is None  # row 0 is: two offsets
+    got_keys, got_values = padded(kv, validity)
+    hide = ~valid[:, None, :, None]
+    assert torch.equal(got_keys, keys.masked_fill(hide, 0.0))
+    assert torch.equal(got_values, values.masked_fill(hide, 0.0))
+
+
+def test_fresh_validity_reads_the_diagonal_whatever_the_window_hides():
+    """Query j's own key is visible unless it is padding, even where a sliding window hides
+    the keys before it from the last query."""
+    s = 6
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    window = causal & ~torch.ones(s, s, dtype=torch.bool).tril(-2)  # a window of 2
+    real = torch.tensor([[False, True, True, True, True, True]])
+    mask = (window & real[:, None, :])[:, None]  # [1, 1, 6, 6]
+    assert torch.equal(fresh_validity(mask, s, s), real)
+    assert key_validity(mask, s).tolist() == [[False, False, False, False, True, True]]
+    assert fresh_validity(mask[:, :, -1:], s, 1) is None  # the last token is real
+    assert fresh_validity(None, s, 1) is None
 
 
 # -- (d) a budget smaller than the context: decode runs sparse ---------------------------
