@@ -223,7 +223,7 @@ def test_bm25_fault_mid_run_falls_back_and_rebuilds_the_index():
     hybrid.step(queries, 16)
     assert hybrid.profile.by_step()["relevancy+retrieval"].device == "fpga:xrt_emu"
     check_golden_rag(hybrid, queries, 16)
-    assert hybrid.fpga_stage.slots[0].entries == 1200
+    assert hybrid.fpga_stage.slots[0].rows == 1200
 
 
 def test_a_stage_used_alone_forgets_the_card_after_a_fault():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -228,6 +229,16 @@ class KVCache:
     def nbytes(self) -> int:
         k = self.keys
         return 2 * int(self.lengths.sum()) * k.shape[1] * k.shape[3] * k.element_size()
+
+    def rows(self, rows: slice) -> KVCache:
+        """A view of some batch rows, sharing storage (what a micro-batch's Apply reads)."""
+        out = object.__new__(KVCache)
+        out._keys, out._values = (
+            Growable.adopt(store.buffer[rows], store.axis, store.length, store.growth)
+            for store in (self._keys, self._values)
+        )
+        out.lengths = self.lengths[rows]
+        return out
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Append T new tokens to every row at its own length; return their positions [B, T]."""
@@ -506,6 +517,7 @@ def sparse_attention(
     positions: torch.Tensor | None = None,
     scale: float | None = None,
     workspace: dict | None = None,
+    checked: bool = False,
 ) -> torch.Tensor:
     """Attention over the selected tokens only (Apply to Inference); [B, Hq, T, D].
 
@@ -513,9 +525,10 @@ def sparse_attention(
     so causality is exact whatever the selection holds. A selection shared by a KV group
     gathers each token once for the whole group (no per-head copies), chunk by chunk;
     `workspace` (a dict the caller keeps, e.g. a method's memory) holds the gather buffer
-    across calls.
+    across calls. `checked`: q and positions were validated once for the step (a plan).
     """
-    q, positions = check_query(q, kv, positions)
+    if not (checked and positions is not None):
+        q, positions = check_query(q, kv, positions)
     if isinstance(selection, Bitmap):
         selection = selection.to_topk()
     tokens, valid = expand_units(selection)
@@ -607,10 +620,14 @@ class AttentionQuery:
     q: torch.Tensor
     positions: torch.Tensor | None = None
     features: torch.Tensor | None = None
+    #: The decode step's `hetmem.plan.StepPlan`, shared by every layer: positions and
+    #: visibility come from it, already validated (set by the pipeline, not by users).
+    plan: Any = None
 
     def to(self, device: torch.device) -> AttentionQuery:
         return AttentionQuery(
-            *(None if t is None else t.to(device) for t in (self.q, self.positions, self.features))
+            *(None if t is None else t.to(device) for t in (self.q, self.positions, self.features)),
+            self.plan,
         )
 
     @property

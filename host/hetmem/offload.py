@@ -1,38 +1,44 @@
 """Hybrid placement: a method's Compute Relevancy + Retrieval as one kernel on the FPGA.
 
-    stage = FpgaStage(DSA(), "emu")
+    stage = FpgaStage(DSA(), "emu")                   # or a shared `Card` of a model
     profile = stage.load(memory)                      # once: fit, allocate, write every row
     profile = stage.sync(memory)                      # after Method.append: new rows only
-    selection, profile = stage.select(memory, query, budget=2048)
+    selection, profile = stage.select(memory, query, plan)
 
-The stage bridges a method (its `kernel_memory` / `kernel_query` floats, per slot
-[B, G, ...] for attention, one slot for RAG) and an FPGA device (`hetmem.fpga`). The memory
-stays resident on the card across decode steps: `load` fits the kernel's integer formats
-once per slot (with the spec's headroom for appends) and writes every row into buffers with
-spare row capacity; `sync` quantizes and writes only the rows an append touched (the new
-ones plus a partial last page or block whose summary changed). A buffer that runs out of
-capacity is reallocated and refilled from the host's copy of what the card holds (the
-device interface has no card-to-card copy, so those bytes cross PCIe again, and the
-profile says so). bm25's CSR index moves postings on every append, so it is rewritten.
+The stage bridges a method's `KernelBinding` (its float memory and query, the layout, the
+unit) and a card (`hetmem.fpga.cards.Card`: one open device that every layer of a model
+shares, each layer's memory a slot set on it). The memory stays resident across decode
+steps: `load` fits the kernel's integer formats once per slot (with the spec's headroom for
+appends) and writes every row into buffers with spare row capacity; `sync` quantizes and
+writes only the rows an append touched (the new ones plus a partial last page or block whose
+summary changed). A buffer that runs out of capacity is reallocated and refilled from the
+host's copy of what the card holds (those bytes cross PCIe again, and the profile says so).
+An inverted index (layout "index") moves postings on every append, so it is rewritten.
 
-`select` quantizes the query, writes it, runs the kernel once per slot (and per group of
-queries that see the same prefix of the memory), reads the selection back and gives it the
-exact form of the method's float Retrieval: a `TopK` with the method's unit, per-row
-lengths and causal visibility applied the same way (a query sees a prefix of the units, so
-the kernel scans that prefix; when the budget covers the whole prefix no kernel runs and
-the padding slots are invalid, as the float top-k leaves them), or a `Bitmap` for
-SeerAttention-R's threshold mode. Apply runs on it unchanged.
+Layout "slots" (attention) keeps one slot per (batch row, KV group). On a kernel with a
+segment table (`segs`: each query's base row and rows), every slot of the layer lives in one
+buffer per memory argument, slot s at rows [s * capacity, s * capacity + rows_s), and a step
+is one query write per query argument, ONE launch for every batch row, KV group and query
+(each scanning its slot's visible prefix), and one selection read, whatever the batch. A
+kernel without a segment table runs once per slot and prefix.
 
-Every profile row carries its source: host work is `measured`; transfers and kernel runs
-come from the device (`modeled` on emu, `simulated` on cosim, `measured` on a card).
-After a fault, `invalidate` forgets the card's state; the next call reloads it from the
-method's memory on the host, so no appended entry is lost.
+`select` quantizes the query, writes it, launches, reads the selection back and gives it the
+exact form of the method's float Retrieval: a `TopK` with the method's unit, per-row lengths
+and causal visibility applied the same way (a query sees a prefix of the units, so the kernel
+scans that prefix; when the budget covers the whole prefix no kernel runs and the padding
+slots are invalid, as the float top-k leaves them), or a `Bitmap` in threshold mode. Apply
+runs on it unchanged.
+
+Every profile row carries its source: host work is `measured`; transfers and kernel runs come
+from the device (`modeled` on emu, `simulated` on cosim, `measured` on a card), with the PCIe
+transactions they made. After a fault the card is reset (`Card.reset`): every stage on it sees
+the new generation and reloads from the method's memory on the host, so nothing is lost.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,11 +47,13 @@ import numpy as np
 import torch
 
 from . import kernels
-from .checks import check_k, check_positive_int
+from .checks import check_k
 from .errors import FpgaError, InputError, PlacementError
-from .methods.base import Memory, Method
+from .fpga.cards import Card, Cards
+from .methods.base import KernelBinding, Memory, Method
+from .plan import StepPlan
 from .profile import Profile, StepRecord
-from .selection import Bitmap, Selection, TopK
+from .selection import Bitmap, Selection, TopK, budget_units
 
 #: Host-side work (quantization, packing) runs on the CPU and is wall-clock timed.
 HOST = "host (cpu)"
@@ -64,82 +72,71 @@ def capacity_for(rows: int) -> int:
 
 @dataclass
 class _Slot:
-    """One memory slot on the card: its fitted formats, its buffers and the host's copy of
-    the bytes they hold (rows [0, rows) valid, `capacity` rows allocated)."""
+    """One memory slot on the card: its fitted formats and the rows in use."""
 
     state: Any
-    buffers: dict[str, Any] = field(default_factory=dict)
-    host: dict[str, np.ndarray] = field(default_factory=dict)
     rows: int = 0
-    capacity: int = 0
-    entries: int = 0  # candidates the kernel scans: rows, or bm25's documents
-    vocab: int = 0  # bm25: terms in the resident index
+    vocab: int = 0  # an inverted index: terms in the resident index
 
 
 class FpgaStage:
-    """Runs a method's fused Relevancy + Retrieval kernel on an FPGA device.
+    """Runs a method's fused Relevancy + Retrieval kernel on a card.
 
-    `fpga`: a target name ("emu", "xrt_emu", "xrt", "pynq", "cosim", "auto" or None for
-    auto), a mapping {"target": name, **open_device options} (e.g. an xclbin path), or an
-    open `FpgaDevice`. A named target is opened on first use (so that a fault there falls
-    under the pipeline's policy) and reopened after `invalidate`, since a lost card needs a
-    fresh handle; a device passed in is used as is and never closed here.
+    `fpga`: a `Card` (shared with the other layers of a model), or anything `Cards.open`
+    takes (a target name, a mapping {"target": name, **options}, an open `FpgaDevice`): the
+    stage then has a card of its own, opened on first use so that a fault there falls under
+    the pipeline's policy.
     """
 
     def __init__(self, method: Method, fpga: Any = None, *, timeout_s: float = 10.0):
         if not isinstance(method, Method):
             raise InputError("method", f"expected a hetmem Method, got {type(method).__name__}")
-        if method.kernel is None:
+        binding = method.binding()
+        if binding is None:
             raise PlacementError("method", f"{method.name!r} has no FPGA kernel")
-        if not (hasattr(method, "kernel_memory") and hasattr(method, "kernel_query")):
-            raise PlacementError(
-                "method", f"{method.name!r} does not give its kernel's inputs (kernel_memory)"
-            )
+        if not isinstance(binding, KernelBinding):
+            raise PlacementError("method", f"{method.name!r}.binding() must return a KernelBinding")
         if not (isinstance(timeout_s, int | float) and timeout_s > 0):
             raise InputError("timeout_s", f"expected a positive number, got {timeout_s!r}")
         self.method = method
-        self.spec = kernels.get(method.kernel)
+        self.binding = binding
+        self.spec = kernels.get(binding.kernel)
         self.timeout_s = float(timeout_s)
-        self._owned = True
-        self.device: Any = None
-        self.options: dict[str, Any] = {}
-        from .fpga import TARGETS, FpgaDevice
-
-        if fpga is None:
-            fpga = "auto"
-        if isinstance(fpga, Mapping):
-            self.options = {k: v for k, v in fpga.items() if k != "target"}
-            fpga = fpga.get("target", "auto")
-        if isinstance(fpga, FpgaDevice) and not self.options:
-            self.device, self._owned, self.target = fpga, False, fpga.target
-        elif isinstance(fpga, str):
-            if fpga != "auto" and fpga not in TARGETS:
-                known = ", ".join(["auto", *TARGETS])
-                raise InputError("fpga", f"unknown FPGA target {fpga!r}; targets are {known}")
-            self.target = fpga
-        else:
-            raise InputError(
-                "fpga",
-                f"expected a target name, a mapping with 'target', or an FpgaDevice, "
-                f"got {type(fpga).__name__}",
-            )
-        self.rows_append = all(
-            self.spec.dims[a][0] == kernels.spec.CAPACITY for a in self.spec.memory_args
-        )
+        self.card = fpga if isinstance(fpga, Card) else Cards.open(fpga)[0]
+        #: Whether one launch covers every slot (the kernel reads a segment table); such a
+        #: kernel also quantizes many slots' rows at once (`stack_states`, `slots=`).
+        self.segmented = self.spec.segmented
+        self.stacked: Any = None  # every slot's state, stacked
         self.slots: list[_Slot] = []
+        self.capacity = 0  # rows allocated per slot
+        self.buffers: list[dict[str, Any]] = []  # one region (segmented) or one per slot
+        self.host: dict[str, np.ndarray] = {}  # [slots * capacity, ...] what the card holds
         self._lengths: torch.Tensor | None = None  # attention: kv lengths at the last sync
-        self._query_bufs: dict[str, Any] = {}
-        self.loaded = False
+        self._query_bufs: dict[tuple[str, int], Any] = {}
+        self._busy: set[int] = set()  # buffer sets of launches in flight
+        self._generation = -1  # the card generation the slots were written in
+        #: Checks the bytes per HBM bank a load needs before anything is allocated; a model
+        #: sets one that counts its other layers on the card (`SparseDecode`).
+        self.fit_check: Callable[[dict[int, int]], None] | None = None
 
-    # -- labels ----------------------------------------------------------------------------
+    # -- labels and state ----------------------------------------------------------------------
     @property
     def label(self) -> str:
-        """The device column of profile rows: fpga:<target>, e.g. fpga:emu."""
-        if self.target == "auto" and self.device is not None:
-            return f"fpga:{self.device.target}"
-        return f"fpga:{self.target}"
+        return self.card.label
 
-    # -- the card's memory -------------------------------------------------------------------
+    @property
+    def device(self) -> Any:
+        return self.card.device
+
+    @property
+    def target(self) -> str:
+        return self.card.target
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self.slots) and self._generation == self.card.generation
+
+    # -- the card's memory -----------------------------------------------------------------------
     def load(self, memory: Memory) -> Profile:
         """Fit the kernel's formats per slot, allocate buffers with spare capacity and write
         every row that holds entries; replaces whatever the card held for this stage."""
@@ -149,25 +146,50 @@ class FpgaStage:
     def _load(self, memory: Memory) -> Profile:
         profile = Profile()
         self._release()
-        device = self._open()
+        device = self.card.open()
         with self._host(profile, "quantize memory") as rec:
-            floats = self.method.kernel_memory(memory)  # type: ignore[attr-defined]
-            entries = self._candidates(memory, floats)
-            ends = self._valid_rows(memory, floats)
-            fitted = []
-            for part in self._memory_slots(floats, [(0, end) for end in ends]):
+            floats = self.binding.memory(memory)
+            parts = self._slot_floats(memory, floats, None)
+            slots, ints = [], []
+            for part in parts:
                 state = self.spec.fit(part)
-                slot = _Slot(state, entries=entries)
-                fitted.append((slot, self.spec.quantize_memory(part, state)))
-            rec.note = f"{len(fitted)} slots"
+                slots.append(_Slot(state))
+                ints.append(self.spec.quantize_memory(part, state))
+            rec.note = f"{len(slots)} slots"
         writes = _Transfers()
-        for slot, ints in fitted:
-            self.slots.append(slot)
-            self._place(device, slot, ints, writes)
+        self.slots = slots
+        if self.segmented:
+            self.stacked = self.spec.stack_states([slot.state for slot in slots])
+        if self.binding.layout == "index":
+            self._write_index(device, ints[0], writes)
+            self.slots[0].rows = int(memory.entries)
+        else:
+            capacity = capacity_for(max((_rows(i) for i in ints), default=0))
+            self._check_fits(ints, len(slots), capacity)
+            self.capacity = capacity
+            self._allocate(device, ints[0], len(slots), capacity)
+            for s, part in enumerate(ints):
+                self._write_rows(device, s, 0, part, writes)
         self._lengths = self._kv_lengths(memory)
-        self.loaded = True
+        self._generation = self.card.generation
         writes.record(profile, "transfer memory -> fpga", self.label, "load: every entry")
         return profile
+
+    def memory_need(self, memory: Memory) -> dict[int, int]:
+        """Bytes per HBM bank this stage's memory takes on a card (with spare capacity)."""
+        floats = self.binding.memory(memory)
+        parts = self._slot_floats(memory, floats, None)
+        need: dict[int, int] = {}
+        if not parts:
+            return need
+        state = self.spec.fit(parts[0])
+        sample = self.spec.quantize_memory(parts[0], state)
+        capacity = capacity_for(max(self._slot_rows(memory, floats)))
+        for arg, data in sample.items():
+            bank = int(self.spec.arg(arg).bank)  # type: ignore[arg-type]
+            rows = capacity_for(data.shape[0]) if self.binding.layout == "index" else capacity
+            need[bank] = need.get(bank, 0) + _row_bytes(data) * rows * len(parts)
+        return need
 
     def sync(self, memory: Memory) -> Profile:
         """After `Method.append`: quantize and write only the rows the append touched."""
@@ -178,114 +200,173 @@ class FpgaStage:
         if not self.loaded:
             return self._load(memory)
         profile = Profile()
-        device = self._open()
-        writes, regrow = _Transfers(), _Transfers()
-        if not self.rows_append:
-            self._sync_whole(device, memory, profile, writes)
+        device = self.card.open()
+        writes = _Transfers()
+        if self.binding.layout == "index":
+            self._sync_index(device, memory, profile, writes)
         else:
             with self._host(profile, "quantize memory") as rec:
-                floats = self.method.kernel_memory(memory)  # type: ignore[attr-defined]
-                entries = self._candidates(memory, floats)
-                spans = list(
-                    zip(self._first_dirty(), self._valid_rows(memory, floats), strict=True)
-                )
-                updates = []
-                for slot, (first, _), part in zip(
-                    self.slots, spans, self._memory_slots(floats, spans), strict=True
-                ):
-                    updates.append((first, self.spec.quantize_memory(part, slot.state)))
-                    slot.entries = entries
-                rec.note = f"{sum(_rows(i) for _, i in updates)} rows over {len(updates)} slots"
-            for slot, (first, ints) in zip(self.slots, updates, strict=True):
-                self._write_rows(device, slot, first, ints, writes, regrow)
+                floats = self.binding.memory(memory)
+                firsts = self._first_dirty()
+                if self.stacked is not None:
+                    updates = self._quantize_rows(memory, floats, firsts)
+                else:
+                    parts = self._slot_floats(memory, floats, firsts)
+                    updates = [
+                        self.spec.quantize_memory(part, slot.state)
+                        for slot, part in zip(self.slots, parts, strict=True)
+                    ]
+                rec.note = f"{sum(_rows(i) for i in updates)} rows over {len(updates)} slots"
+            ends = [f + _rows(u) for f, u in zip(firsts, updates, strict=True)]
+            if max(ends, default=0) > self.capacity:
+                self._regrow(device, capacity_for(max(ends)), firsts, profile)
+            for s, (first, part) in enumerate(zip(firsts, updates, strict=True)):
+                self._write_rows(device, s, first, part, writes)
         self._lengths = self._kv_lengths(memory)
-        regrow.record(
-            profile,
-            "transfer memory -> fpga",
-            self.label,
-            "regrow: buffers reallocated, resident rows re-sent from the host copy",
+        note = (
+            "CSR rewritten: postings move"
+            if self.binding.layout == "index"
+            else "appended rows only"
         )
-        note = "appended rows only" if self.rows_append else "CSR rewritten: postings move"
         writes.record(profile, "transfer memory -> fpga", self.label, note)
         return profile
 
+    def resident(self, s: int) -> dict[str, np.ndarray]:
+        """What the card holds for slot s (its rows in use), read back from the card."""
+        region, first = self._region(s)
+        rows = self.slots[s].rows
+        out = {}
+        for arg, host in self.host.items():
+            if self.binding.layout == "index":
+                count, offset = host.shape[0], 0
+            else:
+                count, offset = rows, first
+            row = host[:1] if host.ndim else host
+            data, _ = self.device.read(
+                region[arg], host.dtype, count * row.size, offset=offset * _row_bytes(host)
+            )
+            out[arg] = data.reshape(count, *host.shape[1:])
+        return out
+
     def invalidate(self) -> None:
-        """Forget the card's state after a fault; the next sync or select reloads it from
-        the method's memory on the host (nothing appended is lost: the host has it all)."""
+        """Forget this stage's memory on the card; the next call reloads it from the host."""
         self._release()
-        if self._owned and self.device is not None:
-            with suppress(FpgaError, InputError):  # a lost card: nothing left to release
-                self.device.close()
-            self.device = None
 
     def close(self) -> None:
-        """Free the card's buffers, and close the device when this stage opened it."""
-        self.invalidate()
+        """Free this stage's buffers (the card stays open for the model's other layers)."""
+        self._release()
 
     # -- selection ---------------------------------------------------------------------------
-    def select(self, memory: Memory, query: Any, budget: int) -> tuple[Selection, Profile]:
-        """Relevancy + Retrieval on the card: the method's selection and the profile."""
+    def select(
+        self, memory: Memory, query: Any, budget: int | StepPlan, rows: slice | None = None
+    ) -> tuple[Selection, Profile]:
+        """Relevancy + Retrieval on the card: the method's selection and the profile.
+
+        `budget`: a token budget, or the step's `StepPlan` (positions, budget) that every
+        layer shares. `rows`: the batch rows `query` holds (a micro-batch), default all."""
+        return self.finish(self.begin(memory, query, budget, rows))
+
+    def begin(
+        self, memory: Memory, query: Any, budget: int | StepPlan, rows: slice | None = None
+    ) -> _Pending:
+        """Quantize and write the query and start the launch; return at once (the host may
+        run other work while the card computes). `finish` waits and reads the selection."""
         with self._on_fault():
-            return self._select(memory, query, budget)
+            profile = Profile()
+            if not self.loaded:
+                profile.extend(self._load(memory))
+            elif self._stale(memory):
+                profile.extend(self._sync(memory))
+            device = self.card.open()
+            launch = self._plan(memory, query, budget, profile, rows)
+            pending = _Pending(launch, profile)
+            for group in launch.groups:
+                self._start_group(device, group, pending.transfers)
+            return pending
 
-    def _select(self, memory: Memory, query: Any, budget: int) -> tuple[Selection, Profile]:
-        profile = Profile()
-        if not self.loaded:
-            profile.extend(self._load(memory))
-        elif self._stale(memory):
-            profile.extend(self._sync(memory))
-        device = self._open()
-        plan = self._plan(memory, query, budget, profile)
-        transfers = {"query": _Transfers(), "run": _Transfers(), "out": _Transfers()}
-        for call in plan.calls:
-            self._run_call(device, plan, call, transfers)
-        transfers["query"].record(profile, "transfer query -> fpga", self.label, "host -> card")
-        runs = transfers["run"]
-        note = f"{self.spec.name}: {runs.count} runs, {runs.cycles} cycles"
-        runs.record(profile, "relevancy+retrieval", self.label, note, always=True)
-        transfers["out"].record(
-            profile, "transfer selection -> gpu", self.label, "card -> host", always=True
-        )
-        with self._host(profile, "build selection"):
-            selection = plan.selection()
-        return selection, profile
+    def finish(self, pending: _Pending) -> tuple[Selection, Profile]:
+        """Wait for the launches of `begin`, read the selection back and build it."""
+        with self._on_fault():
+            device = self.card.open()
+            transfers, profile = pending.transfers, pending.profile
+            for group in pending.launch.groups:
+                transfers["run"].add(group.running.wait())
+                shape = self.spec.buffer_shape("out", group.inputs.scalars, 0)
+                out, timing = device.read(group.out_buffer, np.uint32, int(np.prod(shape)))
+                transfers["out"].add(timing)
+                group.out = out.reshape(shape)
+                self._busy.discard(group.at)
+            transfers["query"].record(profile, "transfer query -> fpga", self.label, "host -> card")
+            runs = transfers["run"]
+            note = f"{self.spec.name}: {runs.count} launches, {runs.cycles} cycles"
+            runs.record(profile, "relevancy+retrieval", self.label, note, always=True)
+            transfers["out"].record(
+                profile, "transfer selection -> gpu", self.label, "card -> host", always=True
+            )
+            with self._host(profile, "build selection"):
+                selection = pending.launch.selection()
+            return selection, profile
 
-    # -- internals: slots ---------------------------------------------------------------------
+    # -- internals: slots -----------------------------------------------------------------------
     @property
     def _attention(self) -> bool:
-        return self.method.family == "sparse attention"
+        return self.binding.layout == "slots"
 
-    def _memory_slots(
-        self, floats: Mapping[str, Any], spans: list[tuple[int, int]]
+    def _slot_floats(
+        self, memory: Memory, floats: Mapping[str, Any], firsts: list[int] | None
     ) -> list[dict[str, Any]]:
-        """Float memory per slot, rows [first, end) of slot i from spans[i] (numpy)."""
-        if not self.rows_append:  # bm25: the whole index, one slot
+        """Float memory per slot (numpy), rows [firsts[s], rows of slot s)."""
+        if self.binding.layout == "index":
             return [{k: _numpy(v) for k, v in floats.items()}]
+        ends = self._slot_rows(memory, floats)
+        firsts = firsts or [0] * len(ends)
         if not self._attention:
-            (first, end) = spans[0]
-            return [{k: _numpy(v[first:end]) for k, v in floats.items()}]
+            return [{k: _numpy(v[firsts[0] : ends[0]]) for k, v in floats.items()}]
         arrays = {k: v.detach() for k, v in floats.items()}
         g = int(next(iter(arrays.values())).shape[1])
         return [
             {k: _numpy(v[s // g, s % g, first:end]) for k, v in arrays.items()}
-            for s, (first, end) in enumerate(spans)
+            for s, (first, end) in enumerate(zip(firsts, ends, strict=True))
         ]
 
-    def _candidates(self, memory: Memory, floats: Mapping[str, Any]) -> int:
-        """Candidates of the memory: units over the padded cache, or documents."""
-        if not self.rows_append:
-            return int(memory.entries)
-        first = next(iter(floats.values()))
-        return int(first.shape[2] if self._attention else first.shape[0])
+    def _quantize_rows(
+        self, memory: Memory, floats: Mapping[str, Any], firsts: list[int]
+    ) -> list[dict[str, np.ndarray]]:
+        """Rows [firsts[s], rows of slot s) of every slot, gathered with one index and
+        quantized in one call with each row's slot state (a decode step's append: one row
+        or two per slot); split back per slot."""
+        ends = np.asarray(self._slot_rows(memory, floats), dtype=np.int64)
+        starts = np.asarray(firsts, dtype=np.int64)
+        counts = np.maximum(ends - starts, 0)
+        slot = np.repeat(np.arange(len(counts)), counts)
+        offsets = np.cumsum(counts) - counts
+        unit = np.arange(int(counts.sum())) - np.repeat(offsets - starts, counts)
+        if self._attention:
+            g = int(next(iter(floats.values())).shape[1])
+            index = (
+                torch.from_numpy(slot // g),
+                torch.from_numpy(slot % g),
+                torch.from_numpy(unit),
+            )
+        else:
+            index = (torch.from_numpy(unit),)
+        part = {k: _numpy(v.detach()[index]) for k, v in floats.items()}
+        ints = self.spec.quantize_memory(part, self.stacked, slots=slot)
+        bounds = np.cumsum(counts)[:-1]
+        return [
+            dict(zip(ints, chunk, strict=True))
+            for chunk in zip(*(np.split(a, bounds) for a in ints.values()), strict=True)
+        ]
 
-    def _valid_rows(self, memory: Memory, floats: Mapping[str, Any]) -> list[int]:
+    def _slot_rows(self, memory: Memory, floats: Mapping[str, Any]) -> list[int]:
         """Per slot, the rows that hold entries: each batch row's length in units. The
         padding past it is never scanned (a query sees at most its row), so never sent."""
-        n = self._candidates(memory, floats)
+        if self.binding.layout == "index":
+            return [int(memory.entries)]
+        first = next(iter(floats.values()))
         if not self._attention:
-            return [n]
-        unit = self.method.unit
-        g = int(next(iter(floats.values())).shape[1])
+            return [int(first.shape[0])]
+        n, g, unit = int(first.shape[2]), int(first.shape[1]), self.binding.unit
         lengths = memory.kv.lengths.tolist()  # type: ignore[attr-defined]
         return [min(n, -(-int(length) // unit)) for length in lengths for _ in range(g)]
 
@@ -298,8 +379,7 @@ class FpgaStage:
         row's old length (a partial page/block is re-summarized), or the old row count."""
         if not self._attention:
             return [slot.rows for slot in self.slots]
-        unit = self.method.unit
-        old = self._lengths
+        unit, old = self.binding.unit, self._lengths
         g = len(self.slots) // int(old.shape[0])  # type: ignore[union-attr]
         return [
             min(slot.rows, int(old[s // g]) // unit)  # type: ignore[index]
@@ -311,206 +391,280 @@ class FpgaStage:
         if self._attention:
             now = self._kv_lengths(memory)
             return now is None or self._lengths is None or not torch.equal(now, self._lengths)
-        return memory.entries != self.slots[0].entries
+        if self.binding.layout == "index":
+            return int(memory.entries) != self.slots[0].rows
+        return int(memory.entries) != self.slots[0].rows
 
     # -- internals: buffers --------------------------------------------------------------------
-    def _open(self) -> Any:
-        if self.device is None:
-            from .fpga import open_device
-
-            self.device = open_device(self.target, **self.options)
-        return self.device
-
-    def _release(self) -> None:
-        """Free every buffer this stage holds (best effort on a faulted card)."""
-        bufs = [b for slot in self.slots for b in slot.buffers.values()]
-        bufs += list(self._query_bufs.values())
-        if self.device is not None:
-            for buf in bufs:
-                with suppress(FpgaError, InputError):
-                    self.device.free(buf)
-        self.slots, self._query_bufs = [], {}
-        self._lengths = None
-        self.loaded = False
-
-    def _place(self, device: Any, slot: _Slot, ints: dict[str, np.ndarray], writes: _Transfers):
-        """Allocate a new slot's buffers with spare capacity and write all its rows."""
-        if self.rows_append:
-            rows = _rows(ints)
-            slot.capacity = capacity_for(rows)
-            for arg, data in ints.items():
-                self._alloc_rows(device, slot, arg, data, slot.capacity)
-            self._write_rows(device, slot, 0, ints, writes, None)
+    def _check_fits(self, ints: list[dict[str, np.ndarray]], slots: int, capacity: int) -> None:
+        """A memory that cannot fit the card is the caller's input, not a card fault."""
+        need: dict[int, int] = {}
+        for arg, data in ints[0].items():
+            bank = int(self.spec.arg(arg).bank)  # type: ignore[arg-type]
+            row = _row_bytes(data)
+            need[bank] = need.get(bank, 0) + row * capacity * slots
+        if self.fit_check is not None:
+            self.fit_check(need)
         else:
-            self._write_whole(device, slot, ints, writes)
+            Cards([self.card]).check_fit([need])
 
-    def _alloc_rows(
-        self, device: Any, slot: _Slot, arg: str, like: np.ndarray, capacity: int
-    ) -> None:
-        host = np.zeros((capacity, *like.shape[1:]), dtype=like.dtype)
-        slot.buffers[arg] = device.alloc(self.spec.name, arg, max(1, host.nbytes))
-        slot.host[arg] = host
+    def _region(self, s: int) -> tuple[dict[str, Any], int]:
+        """The buffers holding slot s and the slot's first row in them."""
+        if self.segmented:
+            return self.buffers[0], s * self.capacity
+        return self.buffers[s], 0
+
+    def _allocate(self, device: Any, like: dict[str, np.ndarray], slots: int, capacity: int):
+        """Buffers (one region, or one per slot) and the host copy for `slots` x `capacity`."""
+        self.host = {
+            arg: np.zeros((slots * capacity, *data.shape[1:]), dtype=data.dtype)
+            for arg, data in like.items()
+        }
+        regions = 1 if self.segmented else slots
+        per = slots * capacity if self.segmented else capacity
+        self.buffers = []
+        for _ in range(regions):
+            self.buffers.append(
+                {
+                    arg: device.alloc(self.spec.name, arg, max(1, _row_bytes(data) * per))
+                    for arg, data in like.items()
+                }
+            )
 
     def _write_rows(
-        self,
-        device: Any,
-        slot: _Slot,
-        first: int,
-        ints: dict[str, np.ndarray],
-        writes: _Transfers,
-        regrow: _Transfers | None,
+        self, device: Any, s: int, first: int, ints: dict[str, np.ndarray], writes: _Transfers
     ) -> None:
-        """Write rows [first, first + len) of every memory buffer of a slot; reallocate
-        (and re-send rows [0, first) from the host copy) when capacity runs out."""
+        """Write rows [first, first + len) of slot s in every memory buffer."""
         end = first + _rows(ints)
-        if end > slot.capacity:
-            capacity = capacity_for(end)
-            old = slot.buffers
-            slot.buffers = {}
-            for arg, data in ints.items():
-                keep = slot.host[arg][:first]
-                device.free(old[arg])
-                self._alloc_rows(device, slot, arg, data, capacity)
-                slot.host[arg][:first] = keep
-                if first and regrow is not None:
-                    regrow.add(device.write(slot.buffers[arg], keep))
-            slot.capacity = capacity
+        base = s * self.capacity
+        region, offset = self._region(s)
         for arg, data in ints.items():
             if data.shape[0]:
-                row_bytes = slot.host[arg][:1].nbytes
-                writes.add(device.write(slot.buffers[arg], data, offset=first * row_bytes))
-                slot.host[arg][first:end] = data
-        slot.rows = end
+                row_bytes = _row_bytes(self.host[arg])
+                writes.add(device.write(region[arg], data, offset=(offset + first) * row_bytes))
+                self.host[arg][base + first : base + end] = data
+        self.slots[s].rows = end
 
-    def _write_whole(
-        self, device: Any, slot: _Slot, ints: dict[str, np.ndarray], writes: _Transfers
-    ) -> None:
-        """A memory rewritten in full (bm25's CSR): grow a buffer when it is too small."""
-        for arg, data in ints.items():
-            buf = slot.buffers.get(arg)
-            if buf is None or buf.nbytes < data.nbytes:
-                if buf is not None:
-                    device.free(buf)
-                self._alloc_rows(device, slot, arg, data, capacity_for(data.shape[0]))
-            writes.add(device.write(slot.buffers[arg], data))
-            slot.host[arg][: data.shape[0]] = data
-        slot.rows = _rows(ints)
-        slot.vocab = int(ints["term_offsets"].shape[0]) - 1 if "term_offsets" in ints else 0
+    def _regrow(self, device: Any, capacity: int, keep: list[int], profile: Profile) -> None:
+        """Reallocate every buffer with `capacity` rows per slot and re-send rows
+        [0, keep[s]) of each slot from the host copy."""
+        old_host, old_capacity, old_buffers = self.host, self.capacity, self.buffers
+        for region in old_buffers:
+            for buf in region.values():
+                device.free(buf)
+        like = {arg: arr[:1] for arg, arr in old_host.items()}
+        self.capacity = capacity
+        self._allocate(device, like, len(self.slots), capacity)
+        regrow = _Transfers()
+        for s, rows in enumerate(keep):
+            part = {
+                arg: arr[s * old_capacity : s * old_capacity + rows]
+                for arg, arr in old_host.items()
+            }
+            self._write_rows(device, s, 0, part, regrow)
+        regrow.record(
+            profile,
+            "transfer memory -> fpga",
+            self.label,
+            "regrow: buffers reallocated, resident rows re-sent from the host copy",
+        )
 
-    def _sync_whole(self, device: Any, memory: Memory, profile: Profile, writes: _Transfers):
-        """bm25: postings move inside the CSR on append, so the index is rewritten; past
-        the avgdl tolerance the impacts are refitted first."""
+    def _sync_index(self, device: Any, memory: Memory, profile: Profile, writes: _Transfers):
+        """An inverted index: postings move inside the CSR on append, so it is rewritten;
+        past the avgdl tolerance the impacts are refitted first."""
         from .kernels.bm25 import drifted
 
         with self._host(profile, "quantize memory") as rec:
-            floats = self.method.kernel_memory(memory)  # type: ignore[attr-defined]
-            (part,) = self._memory_slots(floats, [])
+            (part,) = self._slot_floats(memory, self.binding.memory(memory), None)
             slot = self.slots[0]
             refit = drifted(slot.state, part["doc_lengths"])
             if refit:
                 slot.state = self.spec.fit(part)
             ints = self.spec.quantize_memory(part, slot.state)
-            slot.entries = self._candidates(memory, floats)
             rec.note = "CSR rewritten" + (" (avgdl drifted: refitted)" if refit else "")
-        self._write_whole(device, slot, ints, writes)
+        self._write_index(device, ints, writes)
+        slot.rows = int(memory.entries)
 
-    def _query_buffer(self, device: Any, arg: str, nbytes: int) -> Any:
-        """A reusable per-call buffer (query args, out) of at least `nbytes`."""
-        buf = self._query_bufs.get(arg)
+    def _write_index(self, device: Any, ints: dict[str, np.ndarray], writes: _Transfers):
+        """A memory written whole (an inverted index: its arrays have lengths of their own);
+        a buffer too small for its array is reallocated with spare capacity."""
+        if not self.buffers:
+            self.buffers = [{}]
+        region = self.buffers[0]
+        for arg, data in ints.items():
+            buf = region.get(arg)
+            if buf is None or buf.nbytes < data.nbytes:
+                if buf is not None:
+                    device.free(buf)
+                rows = capacity_for(data.shape[0])
+                region[arg] = device.alloc(self.spec.name, arg, max(1, _row_bytes(data) * rows))
+            writes.add(device.write(region[arg], data))
+            self.host[arg] = data.copy()
+        self.slots[0].vocab = (
+            int(ints["term_offsets"].shape[0]) - 1 if "term_offsets" in ints else 0
+        )
+
+    def _release(self) -> None:
+        """Free every buffer this stage holds (best effort on a faulted card)."""
+        device = self.card.device
+        if device is not None:  # buffers of a device since reopened are refused: ignored
+            bufs = [b for region in self.buffers for b in region.values()]
+            owners = [b.parent if b.parent is not None else b for b in self._query_bufs.values()]
+            bufs += list({id(b): b for b in owners}.values())
+            for buf in bufs:
+                with suppress(FpgaError, InputError):
+                    device.free(buf)
+        self.slots, self.buffers, self.host, self._query_bufs = [], [], {}, {}
+        self._busy = set()
+        self._lengths = None
+        self._generation = -1
+
+    def _query_buffers(self, device: Any, sizes: dict[str, int], at: int) -> dict[str, Any]:
+        """Reusable buffers for the per-step query arrays (and the segment table), packed in
+        one allocation so that one write sends them all; regrown (2x) when a step needs
+        more. `at`: the buffer set of a launch (launches in flight each have their own)."""
+        bufs = {arg: self._query_bufs.get((arg, at)) for arg in sizes}
+        if any(b is None or b.nbytes < sizes[arg] for arg, b in bufs.items()):
+            for arg in sizes:
+                old = self._query_bufs.pop((arg, at), None)
+                if old is not None and old.parent is None:
+                    device.free(old)
+            parents = {id(b.parent): b.parent for b in bufs.values() if b is not None and b.parent}
+            for parent in parents.values():
+                with suppress(FpgaError, InputError):
+                    device.free(parent)
+            grown = {arg: max(64, 2 * n) for arg, n in sizes.items()}
+            bufs = device.alloc_packed(self.spec.name, grown)
+            self._query_bufs.update({(arg, at): buf for arg, buf in bufs.items()})
+        return bufs  # type: ignore[return-value]
+
+    def _out_buffer(self, device: Any, nbytes: int, at: int) -> Any:
+        """The output buffer of buffer set `at`."""
+        buf = self._query_bufs.get(("out", at))
         if buf is None or buf.nbytes < nbytes:
             if buf is not None:
                 device.free(buf)
-            buf = device.alloc(self.spec.name, arg, max(64, 2 * nbytes))
-            self._query_bufs[arg] = buf
+            buf = self._query_bufs[("out", at)] = device.alloc(
+                self.spec.name, "out", max(64, 2 * nbytes)
+            )
         return buf
 
-    # -- internals: one call -----------------------------------------------------------------
-    def _plan(self, memory: Memory, query: Any, budget: int, profile: Profile) -> _Plan:
-        """Check the budget, build the kernel's float query per slot, quantize it, and group
-        the queries of each slot by the prefix of the memory they see."""
-        rows = self.slots[0].entries
-        threshold = getattr(self.method, "mode", "topk") == "threshold"
-        k = self._k(budget, rows, threshold)
-        dev = memory.device
-        with profile.measure("kernel query", dev) as rec:
-            floats = self.method.kernel_query(memory, query)  # type: ignore[attr-defined]
+    # -- internals: one step -------------------------------------------------------------------
+    def _plan(
+        self,
+        memory: Memory,
+        query: Any,
+        budget: int | StepPlan,
+        profile: Profile,
+        rows: slice | None = None,
+    ) -> _Launch:
+        """The step's queries, their slots and visible prefixes, quantized, in launch groups."""
+        threshold = self.binding.threshold
+        plan = budget if isinstance(budget, StepPlan) else None
+        with profile.measure("kernel query", memory.device) as rec:
+            floats = self.binding.query(memory, query)
             rec.nbytes = sum(_nbytes(v) for v in floats.values())
         if not self._attention:
+            rows = self.slots[0].rows
+            k = 0 if threshold else check_k("budget", budget_units(_budget(budget)), rows)
             q = {name: _numpy(v) for name, v in floats.items()}
-            queries = int(next(iter(q.values())).shape[0])
-            plan = _Plan(self, k, threshold, (1, 1, queries), rows)
-            plan.add(0, 0, q, np.arange(queries), rows)
-            self._quantize(plan, profile)
-            return plan
+            count = int(next(iter(q.values())).shape[0])
+            launch = _Launch(self, k, threshold, (1, 1, count), rows)
+            launch.add(np.zeros(count, np.int64), np.arange(count), np.full(count, rows), q)
+            self._quantize(launch, profile)
+            return launch
         arrays = {name: v.detach() for name, v in floats.items()}
         b, gq, t = next(iter(arrays.values())).shape[:3]
-        gm = len(self.slots) // b
-        positions = self.method.positions(memory, query).to("cpu")  # type: ignore[attr-defined]
-        lengths = memory.kv.lengths.to("cpu")  # type: ignore[attr-defined]
-        seen = torch.minimum(positions + 1, lengths[:, None]).clamp(min=0)
-        visible = ((seen + self.method.unit - 1) // self.method.unit).clamp(max=rows)  # [B, T]
-        plan = _Plan(self, k, threshold, (b, gq, t), rows)
-        for bi in range(b):
-            per_row = {name: _numpy(v[bi]) for name, v in arrays.items()}  # [Gq, T, ...]
-            for g in range(gq):
-                slot = bi * gm + g // (gq // gm)
-                for n in torch.unique(visible[bi]).tolist():
-                    which = torch.nonzero(visible[bi] == n).flatten().numpy()
-                    plan.add(
-                        slot, bi * gq + g, {k_: a[g][which] for k_, a in per_row.items()}, which, n
-                    )
-        self._quantize(plan, profile)
-        return plan
+        batch = int(memory.kv.batch)  # type: ignore[attr-defined]
+        first = 0 if rows is None else range(batch)[rows].start
+        gm = len(self.slots) // batch
+        unit = self.binding.unit
+        candidates = -(-int(memory.kv.capacity) // unit)  # type: ignore[attr-defined]
+        if plan is None:
+            positions = self.method.positions(memory, query).to("cpu")  # type: ignore[attr-defined]
+            plan = StepPlan(positions, memory.kv.lengths.to("cpu"), _budget(budget))  # type: ignore[attr-defined]
+        k = 0 if threshold else check_k("budget", plan.k(unit), candidates)
+        visible = plan.seen(unit).clamp(max=candidates).numpy()[first : first + b]  # [b, T]
+        launch = _Launch(self, k, threshold, (b, gq, t), candidates)
+        # Queries in (batch row, query group, query) order; each query's slot and prefix.
+        bi = np.repeat(np.arange(b), gq * t)
+        gi = np.tile(np.repeat(np.arange(gq), t), b)
+        ti = np.tile(np.arange(t), b * gq)
+        slot = (first + bi) * gm + gi // (gq // gm)
+        n = visible[bi, ti]
+        flat = {name: _numpy(v.reshape(b * gq * t, *v.shape[3:])) for name, v in arrays.items()}
+        launch.add(slot, bi * gq * t + gi * t + ti, n, flat)
+        self._quantize(launch, profile)
+        return launch
 
-    def _k(self, budget: int, rows: int, threshold: bool) -> int:
-        """The budget as units to select, checked as the method's float Retrieval does."""
-        if threshold:
-            return 0  # the float threshold rule takes no budget either
-        budget = check_positive_int("budget", budget)
-        unit = self.method.unit
-        if budget < unit:
-            raise InputError("budget", f"{budget} tokens is less than one {unit}-token unit")
-        return check_k("budget", budget // unit, rows)
-
-    def _quantize(self, plan: _Plan, profile: Profile) -> None:
+    def _quantize(self, launch: _Launch, profile: Profile) -> None:
+        """Quantize each query with its slot's state; queries whose budget covers their
+        visible prefix (or that see nothing) run no kernel. Groups: one for the whole step on
+        a segmented kernel, else one per (slot, prefix)."""
         with self._host(profile, "quantize query") as rec:
-            for call in plan.calls:
-                if call.n == 0 or (not plan.threshold and plan.k >= call.n):
-                    continue  # the whole visible prefix is selected: no kernel run
-                state = self.slots[call.slot].state
-                params = {"tau": self.method.threshold} if plan.threshold else {"k": plan.k}  # type: ignore[attr-defined]
-                call.inputs = self.spec.quantize_query(call.floats, state, **params)
-                call.inputs.scalars["n"] = call.n
+            run = launch.n > 0
+            if not launch.threshold:
+                run &= launch.n > launch.k
+            which = np.nonzero(run)[0]
+            params = {"tau": self.binding.tau} if launch.threshold else {"k": launch.k}
+            if self.segmented:
+                keys = [which] if which.size else []
+            else:
+                pairs = launch.slot[which] * (launch.rows + 1) + launch.n[which]
+                keys = [which[pairs == p] for p in np.unique(pairs)]
+            for members in keys:
+                if self.stacked is not None:  # every slot's queries in one call
+                    order = members
+                    one = {name: v[order] for name, v in launch.floats.items()}
+                    quantized = self.spec.quantize_query(
+                        one, self.stacked, slots=launch.slot[order], **params
+                    )
+                    arrays, scalars = dict(quantized.arrays), dict(quantized.scalars)
+                else:
+                    (s,) = np.unique(launch.slot[members])  # a group is one slot and prefix
+                    one = {name: v[members] for name, v in launch.floats.items()}
+                    quantized = self.spec.quantize_query(one, self.slots[s].state, **params)
+                    order, arrays = members, dict(quantized.arrays)
+                    scalars = dict(quantized.scalars)
+                scalars["queries"] = int(order.size)
+                scalars["n"] = int(launch.n[order].max())
+                if self.segmented:
+                    base = launch.slot[order] * self.capacity
+                    arrays["segs"] = np.stack([base, launch.n[order]], axis=1).astype(np.uint32)
                 if "vocab" in self.spec.scalar_args():
-                    call.inputs.scalars["vocab"] = self.slots[call.slot].vocab
-            rec.note = f"{sum(c.inputs is not None for c in plan.calls)} calls"
+                    scalars["vocab"] = self.slots[int(launch.slot[order[0]])].vocab
+                group = _Group(order, kernels.KernelInputs(arrays, scalars))
+                group.first_slot = int(launch.slot[order[0]])
+                launch.groups.append(group)
+            rec.note = f"{int(which.size)} queries in {len(launch.groups)} launches"
 
-    def _run_call(self, device: Any, plan: _Plan, call: _Call, transfers: dict) -> None:
-        if call.inputs is None:
-            return
-        slot = self.slots[call.slot]
-        scalars = call.inputs.scalars
-        buffers = dict(slot.buffers)
-        for arg, data in call.inputs.arrays.items():
-            buf = self._query_buffer(device, arg, data.nbytes)
-            transfers["query"].add(device.write(buf, data))
-            buffers[arg] = buf
-        shape = self.spec.buffer_shape("out", scalars, 0)
-        out_buf = self._query_buffer(device, "out", self.spec.buffer_nbytes("out", scalars))
-        buffers["out"] = out_buf
-        transfers["run"].add(device.run(self.spec.name, buffers, scalars, self.timeout_s))
-        out, timing = device.read(out_buf, np.uint32, int(np.prod(shape)))
-        transfers["out"].add(timing)
-        call.out = out.reshape(shape)
+    def _start_group(self, device: Any, group: _Group, transfers: dict) -> None:
+        region, _ = self._region(group.first_slot)
+        scalars = group.inputs.scalars
+        arrays = group.inputs.arrays
+        buffers = dict(region)
+        group.at = min(set(range(len(self._busy) + 1)) - self._busy)
+        self._busy.add(group.at)
+        sent = self._query_buffers(
+            device, {arg: data.nbytes for arg, data in arrays.items()}, group.at
+        )
+        before = device.transactions
+        transfers["query"].add(device.write_packed(arrays, sent), device.transactions - before)
+        buffers.update(sent)
+        group.out_buffer = buffers["out"] = self._out_buffer(
+            device, self.spec.buffer_nbytes("out", scalars), group.at
+        )
+        group.running = device.run_async(self.spec.name, buffers, scalars, self.timeout_s)
 
     @contextmanager
     def _on_fault(self) -> Iterator[None]:
         """A fault leaves the card's state unknown (a buffer half written, a lost handle):
-        forget it, so that the next call rebuilds it from the host, then re-raise."""
+        reset the card, so that every stage on it rebuilds from the host, then re-raise."""
         try:
             yield
         except FpgaError:
-            self.invalidate()
+            self._release()
+            self.card.reset()
             raise
 
     @contextmanager
@@ -523,49 +677,73 @@ class FpgaStage:
 
 
 @dataclass
-class _Call:
-    """One kernel call: a memory slot, the selection row it fills, its queries (indices
-    into the row's query axis), the prefix `n` of the memory they see."""
+class _Group:
+    """One launch: its queries (indices into the step's query list) and inputs."""
 
-    slot: int
-    row: int
-    floats: dict[str, np.ndarray]
-    queries: np.ndarray
-    n: int
-    inputs: Any = None
+    order: np.ndarray
+    inputs: Any
+    first_slot: int = 0
+    at: int = 0  # the buffer set its launch reads and writes
+    running: Any = None  # the device's Launch
+    out_buffer: Any = None
     out: np.ndarray | None = None
 
 
 @dataclass
-class _Plan:
-    """The calls of one select and the selection they assemble into."""
+class _Pending:
+    """A selection in flight between `FpgaStage.begin` and `finish`."""
+
+    launch: _Launch
+    profile: Profile
+    transfers: dict = field(
+        default_factory=lambda: {"query": _Transfers(), "run": _Transfers(), "out": _Transfers()}
+    )
+
+
+@dataclass
+class _Launch:
+    """The queries of one select, their slots and visible prefixes, and the launches that
+    assemble the selection."""
 
     stage: FpgaStage
     k: int
     threshold: bool
     shape: tuple[int, int, int]  # (B, G, T) of the selection
     rows: int  # candidates (units) in the memory
-    calls: list[_Call] = field(default_factory=list)
+    slot: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # flat (b, g, t)
+    n: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    floats: dict[str, np.ndarray] = field(default_factory=dict)
+    groups: list[_Group] = field(default_factory=list)
 
-    def add(self, slot: int, row: int, floats: dict, queries: np.ndarray, n: int) -> None:
-        self.calls.append(_Call(slot, row, floats, queries, int(n)))
+    def add(self, slot: np.ndarray, row: np.ndarray, n: np.ndarray, floats: dict) -> None:
+        self.slot, self.row, self.n = (
+            slot.astype(np.int64),
+            row.astype(np.int64),
+            n.astype(np.int64),
+        )
+        self.floats = floats
 
     def selection(self) -> Selection:
         b, g, t = self.shape
-        unit = self.stage.method.unit
+        unit = self.stage.binding.unit
         if self.threshold:
-            mask = np.zeros((b * g, t, self.rows), dtype=bool)
-            for call in self.calls:
-                if call.out is not None:
-                    mask[call.row, call.queries, : call.n] = kernels.unpack_bitmap(call.out, call.n)
+            mask = np.zeros((b * g * t, self.rows), dtype=bool)
+            for group in self.groups:
+                width = int(group.inputs.scalars["n"])
+                bits = kernels.unpack_bitmap(group.out, width)  # [Q, n]
+                bits &= np.arange(width)[None, :] < self.n[group.order][:, None]
+                mask[self.row[group.order], :width] = bits
             return Bitmap(torch.from_numpy(mask).view(b, g, t, self.rows), unit=unit)
-        indices = np.broadcast_to(np.arange(self.k, dtype=np.int64), (b * g, t, self.k)).copy()
-        valid = np.ones((b * g, t, self.k), dtype=bool)
-        for call in self.calls:
-            if call.out is not None:
-                indices[call.row, call.queries] = call.out.astype(np.int64)
-            else:  # the budget covers the visible prefix: all of it, then invalid padding
-                valid[call.row, call.queries] = np.arange(self.k) < call.n
+        count = b * g * t
+        indices = np.broadcast_to(np.arange(self.k, dtype=np.int64), (count, self.k)).copy()
+        # A query that runs no kernel selects its whole visible prefix, then invalid padding.
+        valid = np.zeros((count, self.k), dtype=bool)
+        valid[self.row] = np.arange(self.k)[None, :] < self.n[:, None]
+        for group in self.groups:
+            rows = self.row[group.order]
+            indices[rows] = group.out.astype(np.int64)
+            valid[rows] = True
         if not self.stage._attention:  # RAG: the queries are the batch rows
             shape = (t, 1, 1, self.k)
             return TopK(
@@ -579,17 +757,19 @@ class _Plan:
 
 class _Transfers:
     """Timings of one kind (writes, runs or reads) summed per source, for one profile row
-    per source (figures of different sources are never added)."""
+    per source (figures of different sources are never added), with the transactions."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.nbytes: dict[str, int] = {}
+        self.counts: dict[str, int] = {}
         self.count = 0
         self.cycles = 0
 
-    def add(self, timing: Any) -> None:
+    def add(self, timing: Any, transactions: int = 1) -> None:
         self.seconds[timing.source] = self.seconds.get(timing.source, 0.0) + timing.seconds
         self.nbytes[timing.source] = self.nbytes.get(timing.source, 0) + timing.nbytes
+        self.counts[timing.source] = self.counts.get(timing.source, 0) + transactions
         self.count += 1
         self.cycles += int(timing.cycles or 0)
 
@@ -599,7 +779,21 @@ class _Transfers:
         if not self.seconds and always:
             profile.add(StepRecord(step, device, 0.0, "modeled", 0, f"{note} (none needed)"))
         for source, seconds in self.seconds.items():
-            profile.add(StepRecord(step, device, seconds, source, self.nbytes[source], note))  # type: ignore[arg-type]
+            profile.add(
+                StepRecord(
+                    step,
+                    device,
+                    seconds,
+                    source,
+                    self.nbytes[source],
+                    note,
+                    self.counts[source],  # type: ignore[arg-type]
+                )
+            )
+
+
+def _budget(budget: int | StepPlan) -> int:
+    return budget.budget if isinstance(budget, StepPlan) else budget
 
 
 def _numpy(value: Any) -> Any:
@@ -616,6 +810,11 @@ def _nbytes(value: Any) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     return int(getattr(value, "nbytes", 0))
+
+
+def _row_bytes(data: np.ndarray) -> int:
+    """Bytes of one row of a memory array (its trailing axes)."""
+    return int(np.prod(data.shape[1:], dtype=np.int64)) * data.itemsize
 
 
 def _rows(ints: Mapping[str, np.ndarray]) -> int:

@@ -6,6 +6,12 @@
     pipe.append(new_kv)         # the memory grows; on the card only new entries cross PCIe
     print(pipe.profile.table())
 
+`step` is the public edge: it validates the query and plans the step. A model's decode loop
+plans each step once (`StepPlan`: positions, visibility, budget) and calls `decode` on every
+layer's pipeline with that plan: no re-validation, no re-planning per layer. `fpga` may be a
+`hetmem.fpga.cards.Card` that every layer of a model shares (one open device, one xclbin
+load, each layer's memory a slot set on it).
+
 Placement maps each step to `gpu` (CUDA/ROCm, else the CPU, said once), `cpu`, or `fpga`.
 On the FPGA, Compute Relevancy and Retrieval are one fused kernel: both go there or
 neither does. Each change of device between steps is recorded as a transfer step.
@@ -13,16 +19,20 @@ neither does. Each change of device between steps is recorded as a transfer step
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 
+from .attention import AttentionQuery
 from .device import ALL_NAMES, torch_device
 from .errors import FpgaError, PlacementError
 from .methods.base import STEPS, Memory, Method
-from .profile import Profile, StepRecord, device_label
+from .plan import StepPlan
+from .profile import Profile, StepRecord, Timeline, device_label
 from .selection import Bitmap, Selection, TopK
 
 Policy = Literal["fallback", "raise"]
@@ -77,7 +87,12 @@ class Pipeline:
         *,
         fpga: Any = None,
         on_fpga_error: Policy = "fallback",
+        overlap: bool = False,
     ):
+        """`overlap=True`: a planned decode step with the card splits its batch into two
+        micro-batches, so that the card selects for the second while the GPU runs Apply for
+        the first (the profile's `timeline` shows the overlapped schedule). The results
+        equal the sequential schedule's exactly."""
         if not isinstance(method, Method):
             raise PlacementError("method", f"expected a hetmem Method, got {type(method).__name__}")
         if on_fpga_error not in ("fallback", "raise"):
@@ -85,6 +100,9 @@ class Pipeline:
         self.method = method
         self.placement = normalize_placement(placement)
         self.on_fpga_error: Policy = on_fpga_error
+        if not isinstance(overlap, bool):
+            raise PlacementError("overlap", f"expected True or False, got {overlap!r}")
+        self.overlap = overlap
         self.uses_fpga = self.placement["relevancy"] == "fpga"
         if self.uses_fpga and method.kernel is None:
             raise PlacementError("placement", f"method {method.name!r} has no FPGA kernel")
@@ -153,11 +171,17 @@ class Pipeline:
                 self._fault(profile, exc, "sending the appended entries")
         self._finish(profile)
 
-    def select(self, query: Any, budget: int, profile: Profile | None = None) -> Selection:
-        """Compute Relevancy and Retrieval under the placement; return the selection."""
+    def select(
+        self, query: Any, budget: int | StepPlan, profile: Profile | None = None
+    ) -> Selection:
+        """Compute Relevancy and Retrieval under the placement; return the selection.
+
+        `budget`: tokens (documents for RAG), or the step's `StepPlan` when the query was
+        validated and planned once for every layer (`decode`)."""
         memory = self._require_memory()
         profile = profile if profile is not None else Profile()
-        self.method.check_query(memory, query)
+        if not isinstance(budget, StepPlan):
+            self.method.check_query(memory, query)
         if self.fpga_stage is not None:
             try:
                 query_m = _to(query, memory.device)  # the kernel's query is built beside the memory
@@ -172,12 +196,43 @@ class Pipeline:
             scores = self.method.relevancy(memory, query_r)
         scores = self._move(profile, "scores", scores, "relevancy", "retrieval")
         with profile.measure("retrieval", self.device("retrieval"), scores.nbytes):
-            selection = self.method.retrieve(scores, budget)
+            tokens = budget.budget if isinstance(budget, StepPlan) else budget
+            selection = self.method.retrieve(scores, tokens)
         return self._move(profile, "selection", selection, "retrieval", "apply")
 
     def step(self, query: Any, budget: int) -> Any:
-        """One decode step: Relevancy, Retrieval, Apply. Returns Apply's output."""
+        """One decode step: Relevancy, Retrieval, Apply. Returns Apply's output.
+
+        The public edge: the query is validated here; an attention query is then planned
+        (`StepPlan`) and run as `decode` runs it."""
         memory = self._require_memory()
+        self.method.check_query(memory, query)
+        kv = getattr(memory, "kv", None)
+        if kv is not None and isinstance(query, AttentionQuery) and query.plan is None:
+            positions = self.method.positions(memory, query)  # type: ignore[attr-defined]
+            plan = StepPlan(positions.to("cpu"), kv.lengths.to("cpu"), budget)
+            return self.decode(AttentionQuery(query.q, positions, query.features, plan), plan)
+        return self._step(query, budget)
+
+    def decode(self, query: Any, plan: StepPlan) -> Any:
+        """One step of a planned decode: `query` carries the step's plan (`query.plan`),
+        shared by every layer, and is trusted (validated at the edge, once per step)."""
+        return self._step(query, plan)
+
+    def _step(self, query: Any, budget: int | StepPlan) -> Any:
+        memory = self._require_memory()
+        if (
+            self.overlap
+            and self.fpga_stage is not None
+            and isinstance(budget, StepPlan)
+            and budget.batch >= 2
+        ):
+            try:
+                return self._ping_pong(memory, query, budget)
+            except FpgaError as exc:  # the card faulted: this step runs sequentially
+                profile = Profile()
+                self._fault(profile, exc, "relevancy+retrieval; rerunning it on the GPU path")
+                self.fpga_stage.invalidate()
         profile = Profile()
         selection = self.select(query, budget, profile)
         dev = self.device("apply")
@@ -186,6 +241,61 @@ class Pipeline:
         self.last_selection = selection
         self._finish(profile)
         return out
+
+    def _ping_pong(self, memory: Memory, query: Any, plan: StepPlan) -> Any:
+        """Two micro-batches: both launches start on the card, then Apply of the first
+        runs on the GPU while the card selects for the second. On a card the overlap is
+        real; on the emulated targets the card's time is modeled, so the timeline that the
+        profile keeps (`profile.timeline`) is the composite of measured host and GPU steps
+        and the card's modeled ones."""
+        stage = self.fpga_stage
+        assert stage is not None
+        half = plan.batch // 2
+        profile, timeline = Profile(), Timeline()
+        dev = self.device("apply")
+        begun = []
+        for rows in (slice(0, half), slice(half, plan.batch)):  # the card queues both
+            start = time.perf_counter()
+            sub = AttentionQuery(query.q[rows], None, _rows(query.features, rows), plan.rows(rows))
+            pending = stage.begin(memory, _to(sub, memory.device), plan, rows)
+            sent = timeline.add(
+                "host", "quantize, write, launch", time.perf_counter() - start, "measured"
+            )
+            begun.append((rows, sub, pending, sent))
+        outs, selections = [], []
+        for rows, sub, pending, sent in begun:
+            name = f"rows {rows.start}-{rows.stop - 1}"
+            selection, card = stage.finish(pending)
+            profile.extend(card)
+            ready = sent
+            for source in sorted({r.source for r in card.records if r.device == stage.label}):
+                seconds = sum(
+                    r.seconds
+                    for r in card.records
+                    if r.device == stage.label and r.source == source
+                )
+                ready = timeline.add("fpga", f"select {name}", seconds, source, after=ready)
+            selection = self._move_selection(profile, selection)
+            view = memory.rows(rows)  # type: ignore[attr-defined]
+            with profile.measure("apply", dev, self.method.apply_nbytes(view, selection)) as rec:
+                outs.append(self.method.apply(view, selection, _to(sub, dev)))
+            timeline.add("gpu", f"apply {name}", rec.seconds, "measured", after=ready)
+            selections.append(selection)
+        profile.add(
+            StepRecord(
+                "overlap: time saved",
+                "timeline",
+                max(timeline.serial - timeline.makespan, 0.0),
+                "composite",
+                0,
+                f"2 micro-batches: {timeline.serial * 1e6:.0f} us one after another -> "
+                f"{timeline.makespan * 1e6:.0f} us overlapped ({timeline.sources})",
+            )
+        )
+        profile.timeline = timeline
+        self.last_selection = _cat_selections(selections)
+        self._finish(profile)
+        return torch.cat(outs, dim=0)
 
     def _move_selection(self, profile: Profile, selection: Selection) -> Selection:
         """The FPGA's selection arrives on the host; Apply may need it on a GPU."""
@@ -232,6 +342,23 @@ class Pipeline:
         if self.memory is None:
             raise PlacementError("memory", "is empty: call prepare() before step() or append()")
         return self.memory
+
+
+def _rows(value: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if value is None else value[rows]
+
+
+def _cat_selections(parts: list[Selection]) -> Selection:
+    """The selections of micro-batches, joined along the batch axis."""
+    first = parts[0]
+    if isinstance(first, Bitmap):
+        return Bitmap(torch.cat([p.mask for p in parts]), first.unit)  # type: ignore[union-attr]
+    k = max(p.indices.shape[-1] for p in parts)  # type: ignore[union-attr]
+    return TopK(
+        torch.cat([F.pad(p.indices, (0, k - p.indices.shape[-1])) for p in parts]),  # type: ignore[union-attr]
+        torch.cat([F.pad(p.valid, (0, k - p.valid.shape[-1])) for p in parts]),  # type: ignore[union-attr]
+        first.unit,
+    )
 
 
 def _nbytes(value: Any) -> int:

@@ -11,14 +11,11 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
 import torch
 
 from .device import synchronize
-
-Source = Literal["measured", "simulated", "modeled"]
-SOURCES: tuple[Source, ...] = ("measured", "simulated", "modeled")
+from .timeline import SOURCES, Source, Timeline
 
 
 @dataclass
@@ -29,6 +26,8 @@ class StepRecord:
     source: Source
     nbytes: int = 0
     note: str = ""
+    #: PCIe transactions the step made (writes, launches, reads); 0 for host work.
+    transactions: int = 0
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -39,6 +38,8 @@ class StepRecord:
 class Profile:
     records: list[StepRecord] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    #: The overlapped schedule of the step, when it ran one (micro-batch ping-pong).
+    timeline: Timeline | None = None
 
     def add(self, record: StepRecord) -> StepRecord:
         self.records.append(record)
@@ -70,6 +71,10 @@ class Profile:
             out[rec.source] = out.get(rec.source, 0.0) + rec.seconds
         return out
 
+    def transactions(self) -> int:
+        """PCIe transactions of every step of this profile."""
+        return sum(rec.transactions for rec in self.records)
+
     def by_step(self) -> dict[str, StepRecord]:
         return {rec.step: rec for rec in self.records}
 
@@ -78,6 +83,7 @@ class Profile:
             "records": [asdict(r) for r in self.records],
             "totals": self.totals(),
             "counters": dict(self.counters),
+            "timeline": None if self.timeline is None else self.timeline.to_dict(),
         }
 
     def table(self, title: str = "profile"):

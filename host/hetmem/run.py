@@ -133,8 +133,8 @@ def collect_profile(
     caches: list[Any],
 ) -> tuple[dict[tuple[str, str, str, str], list[float]], int]:
     """Sum every layer's pipeline history: (phase, step, device, source) -> [seconds,
-    calls, bytes]; and the FPGA fallbacks counted."""
-    rows: dict[tuple[str, str, str, str], list[float]] = defaultdict(lambda: [0.0, 0, 0])
+    calls, bytes, PCIe transactions]; and the FPGA fallbacks counted."""
+    rows: dict[tuple[str, str, str, str], list[float]] = defaultdict(lambda: [0.0, 0, 0, 0])
     fallbacks = 0
     for cache in caches:
         for pipeline in cache.pipelines:
@@ -146,6 +146,7 @@ def collect_profile(
                     row[0] += rec.seconds
                     row[1] += 1
                     row[2] += rec.nbytes
+                    row[3] += rec.transactions
     return dict(rows), fallbacks
 
 
@@ -327,10 +328,11 @@ def report(result: RunResult, console: Any) -> None:
         ("per call", "right"),
         ("source", "left"),
         ("bytes", "right"),
+        ("PCIe txns", "right"),
     ):
         prof.add_column(col, justify=just)
     totals: dict[str, float] = defaultdict(float)
-    for (phase, step, device, source), (seconds, calls, nbytes) in result.profile.items():
+    for (phase, step, device, source), (seconds, calls, nbytes, txns) in result.profile.items():
         prof.add_row(
             phase,
             step,
@@ -340,12 +342,13 @@ def report(result: RunResult, console: Any) -> None:
             format_seconds(seconds / max(calls, 1)),
             source,
             format_bytes(int(nbytes)),
+            str(int(txns)) if txns else "-",
         )
         totals[source] += seconds
     for source, seconds in totals.items():
-        prof.add_row("", f"total ({source})", "", "", format_seconds(seconds), "", source, "")
+        prof.add_row("", f"total ({source})", "", "", format_seconds(seconds), "", source, "", "")
     if result.fallbacks:
-        prof.add_row("", "counter fpga_fallbacks", "", str(result.fallbacks), "", "", "", "")
+        prof.add_row("", "counter fpga_fallbacks", "", str(result.fallbacks), "", "", "", "", "")
     console.print(prof)
     t = result.times
     console.print(

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_k, check_tensor
+from .checks import check_k, check_positive_int, check_tensor
+from .errors import InputError
 
 
 @dataclass
@@ -76,6 +77,18 @@ class Bitmap:
 
 
 Selection = TopK | Bitmap
+
+
+def budget_units(budget: int, unit: int = 1) -> int:
+    """The one budget -> k rule: a budget of tokens (documents for RAG) selects
+    k = budget // unit whole units; less than one unit is an error.
+
+    Every path reads it: the float Retrieval, the FPGA stage and a wrapped model's decode.
+    """
+    budget = check_positive_int("budget", budget)
+    if budget < unit:
+        raise InputError("budget", f"{budget} tokens is less than one {unit}-token unit")
+    return budget // unit
 
 
 def topk_select(

@@ -21,7 +21,11 @@ import numpy as np
 from .. import kernels
 from ..errors import InputError
 from ..kernels import KernelInputs, KernelSpec
-from ..kernels.spec import CAPACITY, MODE_THRESHOLD, MODE_TOPK, Arg
+from ..kernels.spec import CAPACITY, HBM_BANKS, MODE_THRESHOLD, MODE_TOPK, Arg
+
+#: One HBM pseudo-channel of the U55C: 16 GiB in 32 pseudo-channels (AMD UG1468 / the U55C
+#: data sheet DS978: 16 GB HBM2, 32 pseudo-channels).
+BANK_BYTES = (16 << 30) // HBM_BANKS
 
 #: Where a figure comes from (see DESIGN.md, "Timing honesty").
 TIMING_SOURCES = ("measured", "simulated", "modeled")
@@ -52,6 +56,47 @@ class Buffer:
     bank: int
     nbytes: int
     handle: Any = field(repr=False)  # target-specific: numpy bytes, pyxrt.bo, PynqBuffer
+    #: A sub-buffer (`FpgaDevice.alloc_packed`): the buffer it lies in, at byte `offset`.
+    parent: Buffer | None = field(default=None, repr=False)
+    offset: int = 0
+
+
+#: Alignment of the sub-buffers of a packed allocation (one AXI beat).
+PACK_ALIGN = 64
+
+
+class Launch:
+    """A kernel run in flight (`FpgaDevice.run_async`): `wait()` returns its `Timing`, or
+    raises the card's fault. The selection is in the `out` buffer once it returns."""
+
+    def __init__(self, kernel: str, wait: Any) -> None:
+        self.kernel = kernel
+        self._wait = wait
+        self._timing: Timing | None = None
+        self._error: BaseException | None = None
+        self._done = False
+
+    @classmethod
+    def finished(cls, kernel: str, timing: Timing | None, error: BaseException | None) -> Launch:
+        launch = cls(kernel, None)
+        launch._timing, launch._error, launch._done = timing, error, True
+        return launch
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def wait(self) -> Timing:
+        if not self._done:
+            try:
+                self._timing = self._wait()
+            except BaseException as exc:
+                self._error = exc
+            self._done = True
+        if self._error is not None:
+            raise self._error
+        assert self._timing is not None
+        return self._timing
 
 
 @dataclass(frozen=True)
@@ -135,10 +180,26 @@ class FpgaDevice(ABC):
     clock_hz: float
     #: Source of transfer times: "modeled" on emulated targets, "measured" on a card.
     transfer_source: str = "modeled"
+    #: Capacity of each HBM pseudo-channel (a target with other banks overrides it).
+    bank_bytes: int = BANK_BYTES
 
     def __init__(self) -> None:
         self._live: dict[int, Buffer] = {}
         self._closed = False
+        #: PCIe transactions (writes, reads, launches) since the device opened.
+        self.transactions = 0
+
+    # -- HBM accounting ------------------------------------------------------------------------
+    def bank_used(self) -> list[int]:
+        """Bytes allocated in each HBM bank by live buffers."""
+        used = [0] * HBM_BANKS
+        for buf in self._live.values():
+            used[buf.bank] += buf.nbytes
+        return used
+
+    def bank_free(self) -> list[int]:
+        """Bytes still free in each HBM bank."""
+        return [self.bank_bytes - u for u in self.bank_used()]
 
     # -- public entry points: checks, then the target's hook -------------------------------
     def alloc(self, kernel: str, arg: str, nbytes: int) -> Buffer:
@@ -167,6 +228,7 @@ class FpgaDevice(ABC):
             )
         if raw.nbytes == 0:
             return Timing(0.0, self.transfer_source, 0)
+        self.transactions += 1
         return self._write(buf, raw, offset)
 
     def read(
@@ -189,6 +251,7 @@ class FpgaDevice(ABC):
             )
         if nbytes == 0:
             return np.empty(0, dtype=dtype), Timing(0.0, self.transfer_source, 0)
+        self.transactions += 1
         raw, timing = self._read(buf, nbytes, offset)
         return np.ascontiguousarray(raw, dtype=np.uint8).view(dtype), timing
 
@@ -202,6 +265,44 @@ class FpgaDevice(ABC):
         """Run `kernel` on the buffers (one per buffer argument of its spec) and scalars;
         the card writes the output buffer. Raises FpgaTimeout, DeviceLost, AxiError,
         XclbinError on faults of the card."""
+        return self.run_async(kernel, buffers, scalars, timeout_s).wait()
+
+    def run_async(
+        self,
+        kernel: str,
+        buffers: Mapping[str, Buffer],
+        scalars: Mapping[str, int],
+        timeout_s: float = 10.0,
+    ) -> Launch:
+        """Start `kernel` and return at once with a `Launch` to wait on: the host prepares
+        the next launch (or runs GPU work) while the card computes. Arguments are checked
+        here, before anything starts; a fault of the card is raised by `Launch.wait`."""
+        spec, bound, values, timeout = self._check_run(kernel, buffers, scalars, timeout_s)
+        self.transactions += 1
+        return self._run_async(spec, bound, values, timeout)
+
+    def _run_async(
+        self,
+        spec: KernelSpec,
+        buffers: dict[str, Buffer],
+        scalars: dict[str, int],
+        timeout_s: float,
+    ) -> Launch:
+        """Start a run. The default runs it to completion now (emulated and simulated cards
+        compute in the host's process) and hands back the finished launch; a driver whose
+        card runs on its own returns a launch that waits on it."""
+        try:
+            return Launch.finished(spec.name, self._run(spec, buffers, scalars, timeout_s), None)
+        except Exception as exc:
+            return Launch.finished(spec.name, None, exc)
+
+    def _check_run(
+        self,
+        kernel: str,
+        buffers: Mapping[str, Buffer],
+        scalars: Mapping[str, int],
+        timeout_s: float,
+    ) -> tuple[KernelSpec, dict[str, Buffer], dict[str, int], float]:
         self._check_open()
         spec = spec_of(kernel)
         values = check_scalars(spec, scalars)
@@ -229,13 +330,77 @@ class FpgaDevice(ABC):
             raise InputError(
                 "timeout_s", f"expected a positive number of seconds, got {timeout_s!r}"
             )
-        return self._run(spec, bound, values, float(timeout_s))
+        return spec, bound, values, float(timeout_s)
 
     def free(self, buf: Buffer) -> None:
-        """Give the buffer's bank space back; the Buffer is unusable afterwards."""
+        """Give the buffer's bank space back; the Buffer is unusable afterwards (freeing a
+        packed allocation frees its sub-buffers too)."""
         self._check_buffer(buf)
         del self._live[id(buf)]
+        if buf.parent is not None:
+            return  # a sub-buffer owns no bank space of its own
+        for other in [b for b in self._live.values() if b.parent is buf]:
+            del self._live[id(other)]
         self._free(buf)
+
+    # -- packed buffers: several arguments, one transfer ---------------------------------------
+    def alloc_packed(self, kernel: str, sizes: Mapping[str, int]) -> dict[str, Buffer]:
+        """Buffers for several input arguments of `kernel` laid out in ONE allocation (in the
+        first argument's bank, each sub-buffer aligned to a beat), so that `write_packed`
+        fills them all with one transfer: a step's query arrays cross PCIe as one
+        transaction. A target that cannot make sub-buffers gets separate buffers (and
+        `write_packed` then writes each)."""
+        spec = spec_of(kernel)
+        if not sizes:
+            raise InputError("sizes", "expected at least one argument")
+        layout, total = [], 0
+        for arg, nbytes in sizes.items():
+            buffer_arg(spec, arg)
+            nbytes = as_count("nbytes", nbytes, minimum=1)
+            layout.append((arg, total, nbytes))
+            total += -(-nbytes // PACK_ALIGN) * PACK_ALIGN
+        parent = self.alloc(spec.name, layout[0][0], total)
+        subs = {}
+        for arg, offset, nbytes in layout:
+            handle = self._sub_handle(parent, offset, nbytes)
+            if handle is None:  # no sub-buffers on this target: one buffer per argument
+                self.free(parent)
+                return {arg: self.alloc(spec.name, arg, n) for arg, _, n in layout}
+            sub = Buffer(spec.name, arg, parent.bank, nbytes, handle, parent, offset)
+            self._live[id(sub)] = sub
+            subs[arg] = sub
+        return subs
+
+    def write_packed(self, data: Mapping[str, np.ndarray], buffers: Mapping[str, Buffer]) -> Timing:
+        """Host -> card: each array into its buffer; sub-buffers of one packed allocation
+        go as one transfer of the span they cover (one PCIe transaction), other buffers
+        one transfer each (their timings summed, transactions counted)."""
+        parents = {id(buffers[a].parent) for a in data}
+        parent = buffers[next(iter(data))].parent
+        if parent is None or len(parents) != 1:
+            timings = [self.write(buffers[arg], arr) for arg, arr in data.items()]
+            return Timing(
+                sum(t.seconds for t in timings),
+                self.transfer_source,
+                sum(t.nbytes for t in timings),
+            )
+        start = min(buffers[a].offset for a in data)
+        end = max(buffers[a].offset + arr.nbytes for a, arr in data.items())
+        span = np.zeros(end - start, dtype=np.uint8)
+        for arg, arr in data.items():
+            buf = buffers[arg]
+            raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+            if raw.nbytes > buf.nbytes:
+                raise InputError(arg, f"{raw.nbytes} bytes overrun the {buf.nbytes}-byte buffer")
+            span[buf.offset - start : buf.offset - start + raw.nbytes] = raw
+        return self.write(parent, span, offset=start)
+
+    def _sub_handle(self, parent: Buffer, offset: int, nbytes: int) -> Any:
+        """The handle of a sub-buffer of `parent`, or None where the target has none. A
+        numpy-backed buffer (the emulated cards) takes a view of its bytes."""
+        if isinstance(parent.handle, np.ndarray):
+            return parent.handle[offset : offset + nbytes]
+        return None
 
     def close(self) -> None:
         """Free every buffer and release the card; later calls raise InputError."""

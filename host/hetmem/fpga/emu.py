@@ -10,18 +10,38 @@ it too, so xrt-over-xrt_emu and emu compute the same way. A cosim target can sub
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from ..errors import AllocationError, FpgaTimeout, InputError
 from ..kernels import KernelInputs, KernelSpec
 from ..kernels.spec import DEFAULT_CLOCK_HZ, HBM_BANKS, Arg
-from .device import Buffer, FpgaDevice, Timing, as_count
+from ..timeline import Span, Timeline
+from .device import BANK_BYTES, Buffer, FpgaDevice, Timing, as_count
 from .pcie import GEN3_X16, PcieLink
 
-#: The U55C's 16 GiB of HBM2 in 32 pseudo-channels of 512 MiB.
-BANK_BYTES = (16 << 30) // HBM_BANKS
+#: Spans an emulated card's timeline keeps (a long run must not grow it without bound).
+TIMELINE_SPANS = 4096
+
+
+class CardTimeline(Timeline):
+    """A card's in-order timeline: each operation starts when the one before it ended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spans = deque(maxlen=TIMELINE_SPANS)  # type: ignore[assignment]
+        self.now = 0.0
+
+    def add(self, lane: str, step: str, seconds: float, source: Any, after: float = 0.0) -> float:
+        self.spans.append(Span(lane, step, max(self.now, after), float(seconds), source))
+        self.now = self.spans[-1].end
+        return self.now
+
+
 #: The platform the emulator models (the manifest's xclbins target it).
 PLATFORM = "xilinx_u55c_gen3x16_xdma_3_202210_1"
 
@@ -75,6 +95,13 @@ class EmuDevice(FpgaDevice):
         self.bank_bytes = as_count("bank_bytes", bank_bytes, minimum=1)
         self.name = f"emu (modeled {platform})"
         self.used = [0] * HBM_BANKS
+        #: Wall time the host spent computing kernels (the golden model, or the simulator):
+        #: the emulator's own work, which a card would do; benchmarks subtract it (measured).
+        self.execute_seconds = 0.0
+        #: The card's modeled timeline: transfers on the PCIe lane and kernel runs on the
+        #: engine lane, in the order issued (XRT's in-order queue), so a run starts after the
+        #: writes before it and a read after the run (the last `TIMELINE_SPANS` kept).
+        self.timeline = CardTimeline()
 
     def _alloc(self, spec: KernelSpec, arg: Arg, nbytes: int) -> Buffer:
         bank = int(arg.bank)  # type: ignore[arg-type]
@@ -89,11 +116,15 @@ class EmuDevice(FpgaDevice):
 
     def _write(self, buf: Buffer, raw: np.ndarray, offset: int) -> Timing:
         buf.handle[offset : offset + raw.nbytes] = raw
-        return Timing(self.link.seconds(raw.nbytes), self.transfer_source, raw.nbytes)
+        seconds = self.link.seconds(raw.nbytes)
+        self.timeline.add("pcie", f"write {buf.arg}", seconds, self.transfer_source)
+        return Timing(seconds, self.transfer_source, raw.nbytes)
 
     def _read(self, buf: Buffer, nbytes: int, offset: int) -> tuple[np.ndarray, Timing]:
         data = buf.handle[offset : offset + nbytes].copy()
-        return data, Timing(self.link.seconds(nbytes), self.transfer_source, nbytes)
+        seconds = self.link.seconds(nbytes)
+        self.timeline.add("pcie", f"read {buf.arg}", seconds, self.transfer_source)
+        return data, Timing(seconds, self.transfer_source, nbytes)
 
     def _execute(
         self, spec: KernelSpec, raw: Mapping[str, np.ndarray], scalars: Mapping[str, int]
@@ -109,7 +140,9 @@ class EmuDevice(FpgaDevice):
         timeout_s: float,
     ) -> Timing:
         raw = {name: buf.handle for name, buf in buffers.items()}
+        start = time.perf_counter()
         out, cycles = self._execute(spec, raw, scalars)
+        self.execute_seconds += time.perf_counter() - start
         seconds = cycles / self.clock_hz
         if seconds > timeout_s:  # the card would still be running when the host gives up
             raise FpgaTimeout(
@@ -118,6 +151,7 @@ class EmuDevice(FpgaDevice):
             )
         flat = out.reshape(-1).view(np.uint8)
         buffers["out"].handle[: flat.nbytes] = flat
+        self.timeline.add("kernel", spec.name, seconds, self.timing_source)
         return Timing(seconds, self.timing_source, 0, cycles)
 
     def _free(self, buf: Buffer) -> None:

@@ -3,6 +3,7 @@ reference, and per-block key summaries (Quest pages, SeerAttention-R blocks)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -21,8 +22,8 @@ from ..attention import (
 )
 from ..checks import check_positive_int, check_tensor
 from ..errors import InputError
-from ..selection import Bitmap, Scores, Selection, TopK, topk_select
-from .base import Memory, Method
+from ..selection import Bitmap, Scores, Selection, TopK, budget_units, topk_select
+from .base import KernelBinding, Memory, Method
 
 
 def as_kv(data: Any) -> tuple[KVCache, torch.Tensor | None]:
@@ -54,6 +55,13 @@ class AttentionMemory(Memory):
     def device(self) -> torch.device:
         return self.kv.device
 
+    def rows(self, rows: slice) -> AttentionMemory:
+        """A view of some batch rows for Apply (a micro-batch): the cache's rows, sharing
+        storage; the index is not needed by Apply and stays whole."""
+        view = copy.copy(self)
+        view.kv = self.kv.rows(rows)
+        return view
+
     @property
     def workspace(self) -> dict:
         """Apply's gather buffers, kept across decode steps (see `sparse_attention`)."""
@@ -81,17 +89,15 @@ class SparseAttentionMethod(Method):
 
     def retrieve(self, scores: Scores, budget: int) -> Selection:
         """Top-k units under a token budget: k = budget // unit (at least one unit)."""
-        budget = check_positive_int("budget", budget)
-        if budget < self.unit:
-            raise InputError("budget", f"{budget} tokens is less than one {self.unit}-token unit")
-        k = budget // self.unit
+        k = budget_units(budget, self.unit)
         indices, valid = topk_select(scores.values, k, name="budget")
         return TopK(indices, valid, self.unit)
 
     def apply(self, memory: Memory, selection: Selection, query: Any) -> torch.Tensor:
         assert isinstance(memory, AttentionMemory)
+        positions = self.positions(memory, query)
         return sparse_attention(
-            query.q, memory.kv, selection, query.positions, self.scale, memory.workspace
+            query.q, memory.kv, selection, positions, self.scale, memory.workspace, checked=True
         )
 
     def apply_nbytes(self, memory: Memory, selection: Selection) -> int:
@@ -103,18 +109,39 @@ class SparseAttentionMethod(Method):
         kv_groups = kv.kv_heads if sel.indices.shape[1] == 1 else 1
         return int(valid.sum()) * per_token * kv_groups
 
+    def binding(self) -> KernelBinding | None:
+        """One slot per (batch row, KV group): the method's `kernel_memory` / `kernel_query`."""
+        if self.kernel is None:
+            return None
+        return KernelBinding(
+            self.kernel,
+            "slots",
+            self.kernel_memory,  # type: ignore[attr-defined]
+            self.kernel_query,  # type: ignore[attr-defined]
+            self.unit,
+            self.threshold if getattr(self, "mode", "topk") == "threshold" else None,  # type: ignore[attr-defined]
+        )
+
     def reference(self, memory: AttentionMemory, query: AttentionQuery) -> torch.Tensor:
         """Dense causal attention over the whole cache (what a full budget must equal)."""
         return dense_attention(query.q, memory.kv, query.positions, self.scale)
 
     def positions(self, memory: AttentionMemory, query: AttentionQuery) -> torch.Tensor:
+        """The query's positions [B, T]: the step plan's (validated once for every layer),
+        else checked here."""
+        if query.plan is not None:
+            return query.plan.positions_on(query.q.device)
         _, positions = check_query(query.q, memory.kv, query.positions)
         return positions
 
     def unit_visible(
-        self, memory: AttentionMemory, positions: torch.Tensor, n: int
+        self, memory: AttentionMemory, positions: torch.Tensor, n: int, plan: Any = None
     ) -> torch.Tensor:
-        """[B, T, n] units with at least one token a query may see."""
+        """[B, T, n] units with at least one token a query may see (from the step's plan,
+        computed once for every layer, when there is one)."""
+        if plan is not None:
+            seen = plan.seen(self.unit, positions.device)
+            return torch.arange(n, device=positions.device)[None, None, :] < seen[:, :, None]
         start = torch.arange(n, device=positions.device) * self.unit
         lens = memory.kv.lengths[:, None, None]
         return (start[None, None, :] <= positions[:, :, None]) & (start[None, None, :] < lens)

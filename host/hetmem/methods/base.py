@@ -7,13 +7,18 @@ run its Compute Relevancy + Retrieval, and `pipeline.py` does the placement.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from ..selection import Scores, Selection
 
 STEPS = ("prepare", "relevancy", "retrieval", "apply")
+
+#: How a kernel's memory is laid out and grown (see `KernelBinding`).
+Layout = Literal["slots", "rows", "index"]
 
 
 class Memory(ABC):
@@ -35,6 +40,34 @@ class Memory(ABC):
     @abstractmethod
     def index_nbytes(self) -> int:
         """Bytes of the index Relevancy reads (what would live on the FPGA)."""
+
+
+@dataclass(frozen=True)
+class KernelBinding:
+    """What a method hands its FPGA kernel: the FPGA stage reads nothing else of the method.
+
+    kernel: the spec's name in `hetmem.kernels` (fused Relevancy + Retrieval).
+    layout: "slots": attention. `memory` gives float arrays [B, G, units, ...], one slot per
+        (batch row, KV group), each grown at its end by appends; `query` gives [B, Gq, T, ...]
+        where query group gq reads slot group gq // (Gq // G); a query sees the prefix of its
+        slot that the step's plan says (causal visibility, the row's length).
+        "rows": one memory of rows [N, ...] grown at its end (documents); queries [Q, ...].
+        "index": one memory rewritten whole on every append (an inverted index); queries
+        [Q, ...].
+    unit: tokens per candidate (1; a page or block size).
+    tau: the threshold of threshold mode (a bitmap, no budget); None for top-k.
+    """
+
+    kernel: str
+    layout: Layout
+    memory: Callable[[Memory], Mapping[str, Any]]
+    query: Callable[[Memory, Any], Mapping[str, Any]]
+    unit: int = 1
+    tau: float | None = None
+
+    @property
+    def threshold(self) -> bool:
+        return self.tau is not None
 
 
 class Method(ABC):
@@ -75,3 +108,7 @@ class Method(ABC):
 
     def check_query(self, memory: Memory, query: Any) -> None:  # noqa: B027 - optional hook
         """Validate a query against a memory before any device work."""
+
+    def binding(self) -> KernelBinding | None:
+        """How this method's Relevancy + Retrieval runs on its FPGA kernel (None: no kernel)."""
+        return None

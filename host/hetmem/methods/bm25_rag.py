@@ -29,7 +29,7 @@ from ..attention import Growable
 from ..checks import check_k, check_positive_int
 from ..errors import InputError
 from ..profile import Profile
-from ..selection import Bitmap, Scores, Selection, TopK, topk_select
+from ..selection import Bitmap, Scores, Selection, TopK, budget_units, topk_select
 from ..text import (
     DEFAULT_MAX_CHARS,
     Documents,
@@ -39,7 +39,7 @@ from ..text import (
     last_words,
     tokenize,
 )
-from .base import Memory, Method
+from .base import KernelBinding, Memory, Method
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -332,8 +332,12 @@ class BM25RAG(Method):
         return {"terms": out_terms, "idf": out_idf}
 
     # -- Retrieval and Apply -----------------------------------------------------------------------
+    def binding(self) -> KernelBinding:
+        """The CSR index, rewritten whole on append (postings move)."""
+        return KernelBinding(self.kernel, "index", self.kernel_memory, self.kernel_query)
+
     def retrieve(self, scores: Scores, budget: int) -> TopK:
-        indices, valid = topk_select(scores.values, budget, name="budget")
+        indices, valid = topk_select(scores.values, budget_units(budget), name="budget")
         return TopK(indices, valid)
 
     def selected_scores(

@@ -19,7 +19,7 @@ import torch
 from ..attention import Growable
 from ..checks import check_dim, check_tensor
 from ..errors import InputError
-from ..selection import Bitmap, Scores, Selection, TopK, topk_select
+from ..selection import Bitmap, Scores, Selection, TopK, budget_units, topk_select
 from ..text import (
     DEFAULT_MAX_CHARS,
     Documents,
@@ -27,7 +27,7 @@ from ..text import (
     best_first,
     check_max_chars,
 )
-from .base import Memory, Method
+from .base import KernelBinding, Memory, Method
 
 Encoder = Callable[[list[str]], torch.Tensor]
 
@@ -217,8 +217,12 @@ class DenseRAG(Method):
         q, _ = self._query(memory, query)
         return {"q": q}
 
+    def binding(self) -> KernelBinding:
+        """One memory of document rows, grown at its end by appends."""
+        return KernelBinding(self.kernel, "rows", self.kernel_memory, self.kernel_query)
+
     def retrieve(self, scores: Scores, budget: int) -> TopK:
-        indices, valid = topk_select(scores.values, budget, name="budget")
+        indices, valid = topk_select(scores.values, budget_units(budget), name="budget")
         return TopK(indices, valid)
 
     def ranked(self, memory: DenseMemory, selection: Selection, query: Any) -> list[list[int]]:

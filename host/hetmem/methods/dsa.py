@@ -46,7 +46,6 @@ from ..attention import (
     Growth,
     KVCache,
     bag_values,
-    check_query,
     sparse_attention,
     workspace_buffer,
 )
@@ -139,6 +138,15 @@ class DSAMemory(AttentionMemory):
         if self.token_keys is None:
             return 0
         return self.token_keys.buffer.numel() * self.token_keys.buffer.element_size()
+
+    def rows(self, rows: slice) -> DSAMemory:
+        view = super().rows(rows)
+        store = self.token_keys
+        if store is not None:  # Apply gathers keys from it: the same rows
+            view.token_keys = Growable.adopt(
+                store.buffer[rows], store.axis, store.length, store.growth
+            )
+        return view  # type: ignore[return-value]
 
     def to(self, device: torch.device) -> DSAMemory:
         token_keys = None if self.token_keys is None else self.token_keys.to(device)
@@ -265,7 +273,7 @@ class DSA(SparseAttentionMethod):
         logits.relu_()
         scaled = w / math.sqrt(di)
         scores = torch.einsum("bsth,bth->bts", logits.view(b, -1, t, h), scaled)  # [B, T, S]
-        visible = self.unit_visible(memory, positions, scores.shape[-1])
+        visible = self.unit_visible(memory, positions, scores.shape[-1], query.plan)
         scores = scores.masked_fill(~visible, float("-inf"))
         return Scores(scores[:, None], unit=1)
 
@@ -275,7 +283,7 @@ class DSA(SparseAttentionMethod):
         keeps one); anything else (several queries per row, per-head or block selections)
         goes through `sparse_attention` over the KV cache."""
         assert isinstance(memory, DSAMemory)
-        q, positions = check_query(query.q, memory.kv, query.positions)
+        q, positions = query.q, self.positions(memory, query)
         if isinstance(selection, Bitmap):
             selection = selection.to_topk()
         idx = selection.indices
@@ -288,7 +296,7 @@ class DSA(SparseAttentionMethod):
             or q.shape[2] != 1
         ):
             return sparse_attention(
-                q, memory.kv, selection, positions, self.scale, memory.workspace
+                q, memory.kv, selection, positions, self.scale, memory.workspace, checked=True
             )
         return shared_decode_attention(
             q, memory, idx[:, 0, 0], selection.valid[:, 0, 0], positions, self.scale

@@ -105,7 +105,7 @@ class Quest(SparseAttentionMethod):
         positions = self.positions(memory, query)
         bound = self.bounds(memory, query.q)  # [B, Hkv, R, T, P]
         scores = bound.flatten(1, 2) if self.per_query_head else bound.amax(dim=2)
-        visible = self.unit_visible(memory, positions, scores.shape[-1])[:, None]
+        visible = self.unit_visible(memory, positions, scores.shape[-1], query.plan)[:, None]
         return Scores(scores.masked_fill(~visible, float("-inf")), unit=self.unit)
 
     def kernel_memory(self, memory: QuestMemory) -> dict[str, torch.Tensor]:

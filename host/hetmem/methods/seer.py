@@ -193,7 +193,7 @@ class SeerAttention(SparseAttentionMethod):
         positions = self.positions(memory, query)
         qg = self.gate_query(memory, query.q)
         logits = qg @ memory.gate_keys.transpose(-1, -2).to(qg.dtype) / math.sqrt(qg.shape[-1])
-        visible = self.unit_visible(memory, positions, logits.shape[-1])[:, None]
+        visible = self.unit_visible(memory, positions, logits.shape[-1], query.plan)[:, None]
         return Scores(logits.masked_fill(~visible, float("-inf")), unit=self.unit)
 
     def retrieve(self, scores: Scores, budget: int) -> Selection:

@@ -86,6 +86,8 @@ def _sparse_decode(layer: HetmemLayer, query: torch.Tensor, scaling: float | Non
     """One decode step through the layer's pipeline; [B, 1, Hq, D] like sdpa."""
     pipeline = layer.pipeline
     pipeline.method.scale = scaling
-    out = pipeline.step(AttentionQuery(query), layer.budget_now())
+    # One plan per step, made by the first layer and shared by the others.
+    plan = layer.settings.plan(pipeline.memory.kv.lengths, layer.budget_now())
+    out = pipeline.decode(AttentionQuery(query, plan.positions_on(query.device), plan=plan), plan)
     layer.sparse_steps += 1
     return out.to(device=query.device, dtype=query.dtype).transpose(1, 2).contiguous()

@@ -1,16 +1,23 @@
-"""What a wrapped model decodes with: one method per layer, the token budget, the placement.
+"""What a wrapped model decodes with: one method per layer, the token budget, the placement,
+and the cards its layers share.
 
 Kept apart from transformers so that `hetmem.models` imports without it; the cache builds
-one `Pipeline` per layer from these settings each time `generate()` makes a new cache.
+one `Pipeline` per layer from these settings each time `generate()` makes a new cache. The
+cards are opened once per wrapped model (one xclbin load per card), every layer's memory a
+slot set on its card; a step's plan is made once and shared by every layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from ..fpga.cards import Cards
 from ..methods.base import Method
 from ..pipeline import Pipeline, Policy
+from ..plan import StepPlan
 
 
 @dataclass
@@ -27,18 +34,64 @@ class SparseDecode:
     placement: dict[str, str]
     fpga: Any = None
     on_fpga_error: Policy = "fallback"
+    overlap: bool = False
+    _cards: Cards | None = field(default=None, repr=False)
+    _plan: tuple[tuple[Any, ...], StepPlan] | None = field(default=None, repr=False)
 
     @property
     def layers(self) -> int:
         return len(self.methods)
 
+    @property
+    def uses_fpga(self) -> bool:
+        return self.placement["relevancy"] == "fpga"
+
+    @property
+    def cards(self) -> Cards:
+        """The model's cards, opened on first use and shared by every layer and cache."""
+        if self._cards is None:
+            self._cards = Cards.open(self.fpga)
+        return self._cards
+
     def pipeline(self, layer_idx: int) -> Pipeline:
-        return Pipeline(
+        fpga = self.fpga
+        if self.uses_fpga:
+            fpga = self.cards.for_layer(layer_idx, self.layers)
+        pipe = Pipeline(
             self.methods[layer_idx],
             self.placement,
-            fpga=self.fpga,
+            fpga=fpga,
             on_fpga_error=self.on_fpga_error,
+            overlap=self.overlap,
         )
+        if pipe.fpga_stage is not None:
+            pipe.fpga_stage.fit_check = lambda need: self.check_fit(layer_idx, need)
+        return pipe
+
+    def check_fit(self, layer_idx: int, need: dict[int, int]) -> None:
+        """Before layer `layer_idx` loads: the layers of its card from it on (layers load in
+        order, all of one shape) must fit what the card's banks have free, or the model
+        does not fit: an `InputError` naming the bytes per bank, before anything is written."""
+        cards = self.cards
+        card = cards.for_layer(layer_idx, self.layers)
+        later = sum(
+            1 for i in range(layer_idx, self.layers) if cards.for_layer(i, self.layers) is card
+        )
+        Cards([card]).check_fit([{bank: n * later for bank, n in need.items()}])
+
+    def plan(self, lengths: torch.Tensor, budget: int) -> StepPlan:
+        """The plan of the decode step over rows of these lengths: made by the first layer
+        that asks, reused by every other layer of the step (same lengths, same budget)."""
+        key = (tuple(lengths.tolist()), budget)
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, StepPlan.decode(lengths, budget))
+        return self._plan[1]
+
+    def close(self) -> None:
+        """Close the cards this model opened (unwrap)."""
+        if self._cards is not None:
+            self._cards.close()
+            self._cards = None
 
     def budget_for(self, longest: int, unit: int) -> int:
         """The token budget of one decode step over rows of at most `longest` tokens.

@@ -54,6 +54,7 @@ def wrap(
     *,
     method_options: Mapping[str, Any] | None = None,
     on_fpga_error: Policy = "fallback",
+    overlap: bool = False,
 ) -> Any:
     """Make `model.generate()` decode with a hetmem sparse-attention method; return `model`.
 
@@ -64,7 +65,12 @@ def wrap(
     budget: tokens each decode query attends, per layer (rounded down to whole pages or
         blocks). A context that fits the budget selects everything: decode equals dense.
     placement: step -> device for each layer's `Pipeline` (default: every step on the
-        model's device); `fpga` goes to `Pipeline` untouched.
+        model's device).
+    fpga: the card(s) every layer shares: a target name ("emu", "xrt", ...), a mapping
+        {"target": name, "cards": n, **options} (layers spread over n cards in contiguous
+        blocks), an open `FpgaDevice`, or a list of those; opened once per wrapped model.
+    overlap: split each decode step's batch into two micro-batches so that the card's
+        selection for one overlaps the GPU's Apply of the other (same results).
     Prefill runs exact sdpa; only single-token decode steps run sparse.
     """
     _require_transformers()
@@ -87,7 +93,9 @@ def wrap(
     if on_fpga_error not in ("fallback", "raise"):
         raise InputError("on_fpga_error", f"expected 'fallback' or 'raise', got {on_fpga_error!r}")
     placement = normalize_placement(_default_placement(model) if placement is None else placement)
-    settings = SparseDecode(methods, budget, placement, fpga, on_fpga_error)
+    if not isinstance(overlap, bool):
+        raise InputError("overlap", f"expected True or False, got {overlap!r}")
+    settings = SparseDecode(methods, budget, placement, fpga, on_fpga_error, overlap)
 
     from . import attention_fn
 
@@ -116,6 +124,7 @@ def unwrap(model: Any) -> Any:
     if state is None:
         raise InputError("model", "is not wrapped by hetmem")
     _restore_attn(state.attn)
+    state.settings.close()
     if state.hook is None:
         delattr(model, _HOOK)
     else:

@@ -1,0 +1,74 @@
+"""One plan per decode step, shared by every layer (plan once, run many).
+
+Every layer of a decoder sees the same rows, lengths and query positions in a step, so what
+follows from them (the queries' positions, what prefix of the memory each query may see, the
+budget in units) is computed once, validated once at the public edge, and read by every
+layer's Relevancy, Retrieval, Apply and FPGA launch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .selection import budget_units
+
+
+@dataclass
+class StepPlan:
+    """A decode step's shared facts: query positions [B, T] and row lengths [B] (tokens
+    in each row once the step's tokens are appended), and the token budget."""
+
+    positions: torch.Tensor
+    lengths: torch.Tensor
+    budget: int
+    _visible: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def batch(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def queries(self) -> int:
+        return int(self.positions.shape[1])
+
+    def k(self, unit: int) -> int:
+        """Units to select under the budget (the one rule, `budget_units`)."""
+        return budget_units(self.budget, unit)
+
+    def seen(self, unit: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[B, T] units each query may see: those holding a token at or before its position
+        and inside its row (a unit with any visible token counts)."""
+        dev = torch.device(device)
+        key = (unit, str(dev))
+        got = self._visible.get(key)
+        if got is None:
+            tokens = torch.minimum(self.positions + 1, self.lengths[:, None]).clamp(min=0)
+            got = ((tokens + unit - 1) // unit).to(dev)
+            self._visible[key] = got
+        return got
+
+    def positions_on(self, device: torch.device | str) -> torch.Tensor:
+        """The positions on a torch device (moved once per step and device)."""
+        dev = torch.device(device)
+        key = (0, "positions " + str(dev))
+        got = self._visible.get(key)
+        if got is None:
+            got = self._visible[key] = self.positions.to(dev)
+        return got
+
+    def all_visible(self, unit: int, candidates: int) -> bool:
+        """Whether every query sees all `candidates` units (no mask needed)."""
+        return bool((self.seen(unit) >= candidates).all())
+
+    def rows(self, rows: slice) -> StepPlan:
+        """The plan of some batch rows (a micro-batch)."""
+        return StepPlan(self.positions[rows], self.lengths[rows], self.budget)
+
+    @classmethod
+    def decode(cls, lengths: torch.Tensor, budget: int, queries: int = 1) -> StepPlan:
+        """The plan of a step whose queries are the last `queries` tokens of each row."""
+        lengths = lengths.detach().to("cpu", torch.long)
+        positions = lengths[:, None] - queries + torch.arange(queries)[None, :]
+        return cls(positions, lengths, budget)
