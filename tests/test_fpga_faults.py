@@ -44,7 +44,8 @@ def prepared(dev):
         spec.quantize_query({"q": rng.standard_normal((2, 16))}, state, k=3),
     )
     bufs = {
-        n: dev.alloc("vector_search", n, inputs.arrays[n].nbytes) for n in ("keys", "shifts", "q")
+        n: dev.alloc("vector_search", n, inputs.arrays[n].nbytes)
+        for n in ("keys", "shifts", "q", "segs")  # segs: bind's (0, n) for both queries
     }
     for name, buf in bufs.items():
         dev.write(buf, inputs.arrays[name])

@@ -18,9 +18,12 @@ An inverted index (layout "index") moves postings on every append, so it is rewr
 Layout "slots" (attention) keeps one slot per (batch row, KV group). On a kernel with a
 segment table (`segs`: each query's base row and rows), every slot of the layer lives in one
 buffer per memory argument, slot s at rows [s * capacity, s * capacity + rows_s), and a step
-is one query write per query argument, ONE launch for every batch row, KV group and query
-(each scanning its slot's visible prefix), and one selection read, whatever the batch. A
-kernel without a segment table runs once per slot and prefix.
+is ONE write (the query arrays and the segment table, packed in one allocation), ONE launch
+for every batch row, KV group and query (each scanning its slot's visible prefix), and ONE
+selection read, whatever the batch; the slots' states are stacked, so the step's queries
+(and an append's rows) are quantized in one call. A kernel without a segment table (bm25)
+runs once per slot and prefix. `begin` / `finish` split a select around the launch, so the
+host can work while the card computes (the micro-batch overlap of `Pipeline`).
 
 `select` quantizes the query, writes it, launches, reads the selection back and gives it the
 exact form of the method's float Retrieval: a `TopK` with the method's unit, per-row lengths

@@ -17,7 +17,6 @@ from ..attention import (
     KVChunk,
     check_query,
     dense_attention,
-    expand_units,
     sparse_attention,
 )
 from ..checks import check_positive_int, check_tensor
@@ -102,12 +101,14 @@ class SparseAttentionMethod(Method):
 
     def apply_nbytes(self, memory: Memory, selection: Selection) -> int:
         assert isinstance(memory, AttentionMemory)
-        sel = selection.to_topk() if isinstance(selection, Bitmap) else selection
-        _, valid = expand_units(sel)
         kv = memory.kv
         per_token = 2 * kv.dim * kv.keys.element_size()
-        kv_groups = kv.kv_heads if sel.indices.shape[1] == 1 else 1
-        return int(valid.sum()) * per_token * kv_groups
+        if isinstance(selection, Bitmap):
+            units, groups = int(selection.mask.sum()), selection.mask.shape[1]
+        else:
+            units, groups = int(selection.valid.sum()), selection.indices.shape[1]
+        kv_groups = kv.kv_heads if groups == 1 else 1
+        return units * selection.unit * per_token * kv_groups
 
     def binding(self) -> KernelBinding | None:
         """One slot per (batch row, KV group): the method's `kernel_memory` / `kernel_query`."""
