@@ -251,16 +251,19 @@ class KVCache:
         new = keys.shape[2]
         positions = self.lengths[:, None] + torch.arange(new, device=self.device)[None, :]
         end = int(positions.max()) + 1 if new else self.capacity
+        rows = torch.arange(self.batch, device=self.device)[:, None]
         for store, t in ((self._keys, keys), (self._values, values)):
             store.reserve(end)
             if end > store.length:
                 store.buffer.narrow(2, store.length, end - store.length).zero_()
                 store.length = end
-            b = torch.arange(self.batch, device=self.device)[:, None].expand_as(positions)
+            if new == 1:  # a decode step: one token per row, one index_put per buffer
+                store.buffer[rows[:, 0], :, positions[:, 0]] = t[:, :, 0].to(store.buffer.dtype)
+                continue
             # [B, T, Hkv, D] written at (b, :, pos, :)
-            store.buffer.permute(0, 2, 1, 3)[b, positions] = t.to(store.buffer.dtype).permute(
-                0, 2, 1, 3
-            )
+            store.buffer.permute(0, 2, 1, 3)[rows.expand_as(positions), positions] = t.to(
+                store.buffer.dtype
+            ).permute(0, 2, 1, 3)
         self.lengths += new
         return positions
 
