@@ -592,3 +592,36 @@ class ReRetriever:
         (ids,) = self.method.ranked(memory, selection, [query])  # type: ignore[attr-defined]
         texts = [memory.texts[i] for i in ids]  # type: ignore[attr-defined]
         return Retrieved(query, ids, texts, profile)
+
+
+def _bm25_costs(self: BM25RAG, shape: Any) -> dict:
+    """Bytes and FLOPs of one retrieval for a batch of `shape.batch` queries of
+    `shape.query_terms` terms over `shape.documents` documents, each term in `shape.term_df`
+    of them (`hetmem.system.shape.Shape`): Prepare is the inverted index, built once (no
+    per-query cost), Relevancy gathers each query term's postings (doc id, tf) and the
+    documents' lengths and accumulates BM25 into N scores per query, Retrieval a top-k of
+    them, Apply assembles the prompt from the k documents' texts (host work). `fpga` is the
+    bm25 launch over the quantized postings."""
+    from ..system.accounting import INDEX_BYTES, topk_cost
+    from ..system.shape import StepCost
+
+    n, b, terms = shape.documents, shape.batch, shape.query_terms
+    postings = int(b * terms * max(1, round(shape.term_df * n)))
+    k = min(budget_units(shape.rag_k), n)
+    return {
+        "prepare": StepCost(0, launches=0, note="the inverted index is built once, offline"),
+        "relevancy": StepCost(postings * (8 + 8 + 8) + b * n * 8, 8 * postings,
+                              launches=2 * terms, dtype="fp32",
+                              note=f"{postings} postings scattered into {n} scores per query"),
+        "retrieval": topk_cost(b * n),
+        "apply": StepCost(b * k * shape.doc_tokens * 4, launches=0,
+                          note="prompt assembly from the retrieved texts (host)"),
+        "to_fpga": StepCost(b * terms * (4 + 2), note="term ids, idf"),
+        "fpga": StepCost(postings * 6 + b * terms * 8, kernel=self.kernel,
+                         call={"n": n, "k": k, "postings": postings, "terms": b * terms,
+                               "queries": b}),
+        "from_fpga": StepCost(b * k * INDEX_BYTES, note="selected document ids"),
+    }
+
+
+BM25RAG.costs = _bm25_costs  # type: ignore[attr-defined]

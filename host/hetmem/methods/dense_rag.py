@@ -260,3 +260,33 @@ class DenseRAG(Method):
             selection = selection.to_topk()
         ids = selection.indices[selection.valid].tolist()
         return sum(len(memory.texts[i].encode()) for i in ids if i < memory.entries)
+
+
+def _dense_rag_costs(self: DenseRAG, shape: Any) -> dict:
+    """Bytes and FLOPs of one retrieval for a batch of `shape.batch` queries over a corpus
+    of `shape.documents` documents with `shape.embed_dim`-wide embeddings
+    (`hetmem.system.shape.Shape`): Prepare is the index, built once offline (no per-query
+    cost; the query's encoding is not modeled), Relevancy reads every embedding (fp16) and
+    takes B inner products each, Retrieval a top-k of the N scores, Apply assembles the
+    prompt from the k documents' texts (host work: ~4 bytes a token). `fpga` is the
+    vector_search launch over the int8 index."""
+    from ..system.accounting import INDEX_BYTES, SEG_BYTES, topk_cost
+    from ..system.shape import StepCost
+
+    n, dim, b = shape.documents, shape.embed_dim, shape.batch
+    k = min(budget_units(shape.rag_k), n)
+    return {
+        "prepare": StepCost(0, launches=0, note="the index is built once, offline"),
+        "relevancy": StepCost(n * dim * 2 + b * n * 4, 2 * b * n * dim, launches=1,
+                              note=f"{n} documents x {dim}"),
+        "retrieval": topk_cost(b * n),
+        "apply": StepCost(b * k * shape.doc_tokens * 4, launches=0,
+                          note="prompt assembly from the retrieved texts (host)"),
+        "to_fpga": StepCost(b * (dim + SEG_BYTES), note="int8 query embeddings, segments"),
+        "fpga": StepCost(n * (dim + 1), kernel=self.kernel,
+                         call={"n": n, "k": k, "dim": dim, "queries": b}),
+        "from_fpga": StepCost(b * k * INDEX_BYTES, note="selected document ids"),
+    }
+
+
+DenseRAG.costs = _dense_rag_costs  # type: ignore[attr-defined]

@@ -401,3 +401,50 @@ def shared_decode_attention(
     table = kv._values.buffer.view(-1, d)
     out = bag_values(probs.view(b * hkv, r, k), rows.view(b * hkv, k), table)
     return out.view(b, hq, 1, d)
+
+
+def _dsa_costs(self: DSA, shape: Any) -> dict:
+    """Bytes and FLOPs of each step of one layer's decode step for `shape`
+    (`hetmem.system.shape.Shape`), from what this method holds and computes: Prepare appends
+    each new token's indexer key (k = x W_k), Relevancy projects the indexer queries and
+    head weights and scores every visible token against H heads (ReLU, weighted sum),
+    Retrieval takes a top-k of the S token scores, Apply attends over the k tokens shared by
+    every head. `fpga` is the token_indexer launch (one slot per row), `to_fpga` the packed
+    query write plus the appended keys, `from_fpga` the selection read."""
+    from ..selection import budget_units
+    from ..system.accounting import INDEX_BYTES, SEG_BYTES, segments, sparse_apply_cost, topk_cost
+    from ..system.shape import StepCost
+
+    m, b, t, s = shape.model, shape.batch, shape.queries, shape.context
+    hkv, d = m.attn_kv_heads, m.attn_qk_dim
+    if self.weights is not None:
+        heads, di = self.weights.heads, self.weights.dim
+        fk, fq = self.weights.wk.shape[0], self.weights.wq.shape[0]
+    elif m.index_heads:  # the model's own indexer (DeepSeek-V3.2): from hidden states
+        heads, di, fk, fq = m.index_heads, m.index_dim, m.hidden, m.q_lora_rank or m.hidden
+    else:  # the untrained default (`IndexerWeights.from_attention`)
+        heads, di, fk, fq = m.q_heads, min(128, hkv * d), hkv * d, m.q_heads * m.head_dim
+    kb, wb, tokens = m.kv_bytes, m.weight_bytes, b * t
+    k = min(budget_units(shape.budget, 1), s)
+    costs = {
+        "prepare": StepCost(fk * di * wb + tokens * di * kb, 2 * tokens * fk * di,
+                            note="indexer keys of the appended tokens"),
+        "relevancy": StepCost(
+            fq * heads * (di + 1) * wb + b * s * di * kb + tokens * s * 4,
+            2 * tokens * fq * heads * (di + 1) + 2 * tokens * s * heads * (di + 1),
+            launches=3, note=f"{heads} indexer heads x {di} over {s} tokens"),
+        "retrieval": topk_cost(tokens * s),
+        "apply": sparse_apply_cost(shape, b * hkv, k, m.q_heads // hkv),
+    }
+    if k < s:  # the stage runs no kernel when the budget covers the prefix
+        costs["to_fpga"] = StepCost(tokens * (heads * di + 2 * heads + SEG_BYTES) + tokens * (di + 1),
+                                    note="int8 queries, int16 weights, segments; appended keys")
+        costs["fpga"] = StepCost(
+            b * s * (di + 1), kernel=self.kernel,
+            call={"n": s, "k": k, "dim": di, "heads": heads, "queries": tokens,
+                  "segs": segments(b, t, s)})
+        costs["from_fpga"] = StepCost(tokens * k * INDEX_BYTES, note="selected token indices")
+    return costs
+
+
+DSA.costs = _dsa_costs  # type: ignore[attr-defined]

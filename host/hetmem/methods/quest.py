@@ -120,3 +120,52 @@ class Quest(SparseAttentionMethod):
         if self.per_query_head:
             qg = q[:, :, :, None, :]  # [B, Hq, T, 1, D]
         return {"q": qg}
+
+
+def _quest_costs(self: Quest, shape: Any) -> dict:
+    """Bytes and FLOPs of each step of one layer's decode step for `shape`
+    (`hetmem.system.shape.Shape`), from this method's memory: Prepare updates the min/max of
+    the page each new token lands in, Relevancy reads every visible page's mins and maxs
+    per KV head (two matmuls with the group's R query heads: the bound), Retrieval takes a
+    top-k of the pages, Apply attends over the k pages' tokens. `fpga` is the page_indexer
+    launch (one slot per row and KV head, or per query head with `per_query_head`)."""
+    from ..selection import budget_units
+    from ..system.accounting import (
+        INDEX_BYTES,
+        SEG_BYTES,
+        segments,
+        sparse_apply_cost,
+        topk_cost,
+        units,
+    )
+    from ..system.shape import StepCost
+
+    m, b, t, s = shape.model, shape.batch, shape.queries, shape.context
+    hkv, d, kb = m.attn_kv_heads, m.attn_qk_dim, m.kv_bytes
+    pages = units(s, self.unit)
+    k = min(budget_units(shape.budget, self.unit), pages)
+    slots, r = (b * m.q_heads, 1) if self.per_query_head else (b * hkv, m.q_heads // hkv)
+    costs = {
+        "prepare": StepCost(b * hkv * (self.unit + 4) * d * kb, 2 * b * t * hkv * d,
+                            note="min/max of the page each new token lands in"),
+        "relevancy": StepCost(
+            b * hkv * pages * 2 * d * kb + slots * t * pages * 4,
+            2 * 2 * b * m.q_heads * t * pages * d,
+            launches=3, note=f"bounds of {pages} pages of {self.unit} tokens"),
+        "retrieval": topk_cost(slots * t * pages),
+        "apply": sparse_apply_cost(shape, b * m.q_heads if self.per_query_head else b * hkv,
+                                   k * self.unit, 1 if self.per_query_head else r),
+    }
+    if k < pages:
+        queries = slots * t
+        costs["to_fpga"] = StepCost(queries * (r * d + SEG_BYTES) + b * hkv * 2 * 2 * d,
+                                    note="int8 queries, segments; the new page's int16 mins/maxs")
+        costs["fpga"] = StepCost(
+            slots * pages * 4 * d, kernel=self.kernel,
+            call={"n": pages, "k": k, "dim": d, "heads": r, "queries": queries,
+                  "segs": segments(slots, t, pages)})
+        costs["from_fpga"] = StepCost(queries * k * INDEX_BYTES, note="selected page indices")
+    return costs
+
+
+Quest.costs = _quest_costs  # type: ignore[attr-defined]

@@ -213,3 +213,58 @@ class SeerAttention(SparseAttentionMethod):
     def kernel_query(self, memory: SeerMemory, query: AttentionQuery) -> dict[str, torch.Tensor]:
         """Gate query per slot: q [B, Hkv, T, Dg] (unscaled; the kernel applies 1/sqrt(Dg))."""
         return {"q": self.gate_query(memory, query.q)}
+
+
+def _seer_costs(self: SeerAttention, shape: Any) -> dict:
+    """Bytes and FLOPs of each step of one layer's decode step for `shape`
+    (`hetmem.system.shape.Shape`), from this method's memory: Prepare re-pools the block each
+    new token lands in (max, min, mean) through the gate's key map, Relevancy projects each
+    KV group's query heads to a gate query and scores every visible block, Retrieval takes a
+    top-k of the blocks (threshold mode: a bitmap; the budget is then the expected
+    selection), Apply attends over the selected blocks' tokens. `fpga` is the block_gate
+    launch (one slot per row and KV head)."""
+    from ..kernels import MODE_THRESHOLD, MODE_TOPK
+    from ..selection import budget_units
+    from ..system.accounting import (
+        INDEX_BYTES,
+        SEG_BYTES,
+        segments,
+        sparse_apply_cost,
+        topk_cost,
+        units,
+    )
+    from ..system.shape import StepCost
+
+    m, b, t, s = shape.model, shape.batch, shape.queries, shape.context
+    hkv, d, kb, wb = m.attn_kv_heads, m.attn_qk_dim, m.kv_bytes, m.weight_bytes
+    r = m.q_heads // hkv
+    dg = self.weights.wq.shape[2] if self.weights is not None else d
+    blocks = units(s, self.unit)
+    k = min(budget_units(shape.budget, self.unit), blocks)
+    slots, threshold = b * hkv, self.mode == "threshold"
+    costs = {
+        "prepare": StepCost(b * hkv * self.unit * d * kb + hkv * 3 * d * dg * wb,
+                            2 * b * hkv * 3 * d * dg, launches=2,
+                            note="re-pool and project the block each new token lands in"),
+        "relevancy": StepCost(
+            hkv * r * d * dg * wb + slots * blocks * dg * kb + slots * t * blocks * 4,
+            2 * slots * t * (r * d * dg + blocks * dg),
+            launches=2, note=f"gate over {blocks} blocks of {self.unit} tokens"),
+        "retrieval": topk_cost(slots * t * blocks),
+        "apply": sparse_apply_cost(shape, slots, k * self.unit, r),
+    }
+    if threshold or k < blocks:
+        queries = slots * t
+        out = queries * (-(-blocks // 32) * 4 if threshold else k * INDEX_BYTES)
+        costs["to_fpga"] = StepCost(queries * (dg + SEG_BYTES + 4 * threshold) + slots * (dg + 1),
+                                    note="int8 gate queries, segments; the new block's key")
+        costs["fpga"] = StepCost(
+            slots * blocks * (dg + 1), kernel=self.kernel,
+            call={"n": blocks, "k": 0 if threshold else k, "dim": dg, "queries": queries,
+                  "mode": MODE_THRESHOLD if threshold else MODE_TOPK,
+                  "segs": segments(slots, t, blocks)})
+        costs["from_fpga"] = StepCost(out, note="selection (indices or bitmap)")
+    return costs
+
+
+SeerAttention.costs = _seer_costs  # type: ignore[attr-defined]
