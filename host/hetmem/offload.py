@@ -53,6 +53,7 @@ from . import kernels
 from .checks import check_k
 from .errors import FpgaError, InputError, PlacementError
 from .fpga.cards import Card, Cards
+from .kernels.spec import check_segments
 from .methods.base import KernelBinding, Memory, Method
 from .plan import StepPlan
 from .profile import Profile, StepRecord
@@ -634,6 +635,13 @@ class FpgaStage:
                 if self.segmented:
                     base = launch.slot[order] * self.capacity
                     arrays["segs"] = np.stack([base, launch.n[order]], axis=1).astype(np.uint32)
+                    # A card refuses a bad segment by writing nothing: check the host's copy.
+                    check_segments(
+                        arrays["segs"],
+                        n=scalars["n"],
+                        k=None if launch.threshold else launch.k,
+                        held=len(self.slots) * self.capacity,
+                    )
                 if "vocab" in self.spec.scalar_args():
                     scalars["vocab"] = self.slots[int(launch.slot[order[0]])].vocab
                 group = _Group(order, kernels.KernelInputs(arrays, scalars))

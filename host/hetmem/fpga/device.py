@@ -431,6 +431,8 @@ class FpgaDevice(ABC):
         spec = spec_of(kernel)
         if not isinstance(inputs, KernelInputs):
             raise InputError("inputs", f"expected KernelInputs, got {type(inputs).__name__}")
+        if spec.segmented:
+            inputs = spec.complete(inputs)  # a single-memory call scans rows [0, n)
         spec.check_inputs(inputs)
         scalars = check_scalars(spec, inputs.scalars)
         timings: list[Timing] = []
