@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# torch first and pinned: this resolves to the CPU build on disk, not a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[test,models,rtl]'
+	$(PIP) install --quiet -e '.[test,models,rtl,hls]'
 	touch $(STAMP)
 
 setup: $(STAMP) sim-tools
