@@ -8,6 +8,8 @@ import warnings
 
 from rich.console import Console
 
+from .errors import InputError
+
 #: Piped or captured output (logs, CI) gets 120 columns instead of rich's 80, so that the
 #: profile tables stay one line per step.
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -131,8 +133,100 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if result.answers else 1
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from .system.compare import DEFAULT_BATCHES, DEFAULT_CONTEXTS, compare, systems_of
+    from .system.report import print_comparison, write_json, write_pngs
+
+    systems = systems_of(args.gpu or ["MI210"], args.card or ["U55C"], args.link)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("modeling the grid", total=None)
+        result = compare(
+            args.model or ["Llama-3.1-8B"],
+            args.method,
+            args.contexts or DEFAULT_CONTEXTS,
+            args.batches or DEFAULT_BATCHES,
+            systems,
+            budget=args.budget,
+            per=args.per,
+            objective=args.objective,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    print_comparison(result, console)
+    if args.json:
+        console.print(f"wrote {write_json(result, args.json, command=' '.join(sys.argv))}")
+    if args.png:
+        for path in write_pngs(result, args.png):
+            console.print(f"wrote {path}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .system import Shape, get_model, plan
+    from .system.compare import parse_tokens, systems_of
+    from .system.report import plan_table
+
+    (system,) = systems_of([args.gpu], [args.card], args.link)
+    shape = Shape(get_model(args.model), parse_tokens(args.context), args.batch, budget=args.budget)
+    p = plan(args.method, shape, system, objective=args.objective, overlap=not args.sequential,
+             per=args.per)  # fmt: skip
+    title = (
+        f"placements of {args.method} for {shape.model.name}, context {shape.context}, "
+        f"batch {shape.batch}, budget {shape.budget} on {system.label} (per {args.per})"
+    )
+    console.print(plan_table(p, title))
+    console.print(p.explain())
+    return 0
+
+
+def cmd_profile_device(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from .system import save_profile
+    from .system.calibrate_device import DEFAULT, QUICK, profile_device
+
+    sizes = QUICK if args.quick else DEFAULT
+    if args.repeat is not None:
+        if args.repeat < 1:
+            raise InputError("repeat", f"expected a positive int, got {args.repeat}")
+        sizes = type(sizes)(**{**sizes.__dict__, "repeat": args.repeat})
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"microbenchmarks on {args.device}", total=4)
+        profile = profile_device(args.device, sizes=sizes,
+                                 progress=lambda name: progress.update(task, advance=1, description=name))  # fmt: skip
+    try:
+        path = save_profile(profile, args.out)
+    except OSError as exc:
+        raise InputError("out", f"cannot write {args.out}: {exc}") from None
+    table = Table(title=f"{profile.name} [profile source: {profile.source}]")
+    for col in ("figure", "value", "unit", "source", "how"):
+        table.add_column(col)
+    for key, fig in profile.figures.items():
+        table.add_row(key, f"{fig.value:.4g}", fig.unit, fig.source, fig.note)
+    eff = profile.efficiency
+    table.add_row(
+        "launch_s", f"{eff.launch_s:.3g}", "s", eff.source, "16-element add, synchronized"
+    )
+    console.print(table)
+    console.print(f"wrote {path}: use it as System.of(gpu={str(path)!r}) or "
+                  f"`hetmem compare --gpu {path}`")  # fmt: skip
+    return 0
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     console.print(f"[yellow]warning:[/yellow] {message}")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,9 +276,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="prompt tokens (default: model card)")
     p.add_argument("--prompts", type=int, default=4, help="passkey prompts")
     p.add_argument("--budget", type=int, default=None, help="tokens attended (default: 1/8)")
-    p.add_argument("--placement", default="gpu/fpga/fpga/gpu", help="devices of the four steps")
+    p.add_argument(
+        "--placement",
+        default="gpu/fpga/fpga/gpu",
+        help="devices of the four steps, or 'auto' (the system model's planner picks them)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_run)
+
+    objectives = ("latency", "energy")
+    p = sub.add_parser(
+        "compare",
+        help="GPU+FPGA vs the GPU alone over models, methods, contexts, batches (modeled)",
+    )
+    p.add_argument("--model", action="append", help="shipped config name or config.json path "
+                   "(repeatable; default Llama-3.1-8B)")  # fmt: skip
+    p.add_argument("--method", action="append", help="method (repeatable; default all five)")
+    p.add_argument("--contexts", default=None, help="e.g. 4k,16k,64k,256k,1M (the default)")
+    p.add_argument("--batches", default=None, help="e.g. 1,8,64 (the default)")
+    p.add_argument("--gpu", action="append", help="GPU profile name or file (repeatable, "
+                   "paired with --card; default MI210)")  # fmt: skip
+    p.add_argument("--card", action="append", help="FPGA card profile (default U55C)")
+    p.add_argument("--link", default=None, help="link override: pcie3-x16, pcie4-x16, "
+                   "pcie5-x16, p2p-gen3")  # fmt: skip
+    p.add_argument("--objective", choices=objectives, default="latency")
+    p.add_argument("--budget", type=_positive, default=2048, help="tokens per query")
+    p.add_argument("--per", choices=("token", "request"), default="token")
+    p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    p.add_argument("--png", default=None, help="write PNG figures into this directory")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("plan", help="every placement of one shape, ranked, and why (modeled)")
+    p.add_argument("--model", default="Llama-3.1-8B", help="shipped config or config.json")
+    p.add_argument("--method", default="quest")
+    p.add_argument("--context", default="32k", help="tokens, e.g. 32768 or 32k")
+    p.add_argument("--batch", type=_positive, default=1)
+    p.add_argument("--budget", type=_positive, default=2048)
+    p.add_argument("--gpu", default="MI210")
+    p.add_argument("--card", default="U55C")
+    p.add_argument("--link", default=None)
+    p.add_argument("--objective", choices=objectives, default="latency")
+    p.add_argument("--per", choices=("token", "request"), default="token")
+    p.add_argument("--sequential", action="store_true",
+                   help="offload runs the paper's sequential schedule (default: overlapped)")  # fmt: skip
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser(
+        "profile-device",
+        help="microbenchmark the local torch device and write a measured profile JSON",
+    )
+    p.add_argument("--device", default="gpu", help="gpu (CUDA/ROCm, else the CPU) or cpu")
+    p.add_argument("--out", default="device_profile.json", help="profile file to write")
+    p.add_argument("--quick", action="store_true", help="small sizes (seconds; less exact)")
+    p.add_argument("--repeat", type=int, default=None, help="runs per microbenchmark")
+    p.set_defaults(func=cmd_profile_device)
 
     p = sub.add_parser(
         "devices", help="FPGA targets and cards found, and which xclbins are present"

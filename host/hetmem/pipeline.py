@@ -88,34 +88,78 @@ class Pipeline:
         fpga: Any = None,
         on_fpga_error: Policy = "fallback",
         overlap: bool = False,
+        shape: Any = None,
+        system: Any = None,
+        objective: str = "latency",
     ):
         """`overlap=True`: a planned decode step with the card splits its batch into two
         micro-batches, so that the card selects for the second while the GPU runs Apply for
         the first (the profile's `timeline` shows the overlapped schedule). The results
-        equal the sequential schedule's exactly."""
+        equal the sequential schedule's exactly.
+
+        `placement="auto"`: `hetmem.system.planner` picks the placement by `objective`
+        (latency or energy) for the devices of `system` (a `hetmem.system.System`, or a
+        (gpu, card) pair of profile names or files; default the local GPU and a U55C). With
+        `shape` (a `hetmem.system.Shape`) it is resolved here; without, at `prepare`, from
+        the memory's shape (one layer of the KV cache's geometry, or the corpus's tokens).
+        `plan_explanation` says why."""
         if not isinstance(method, Method):
             raise PlacementError("method", f"expected a hetmem Method, got {type(method).__name__}")
         if on_fpga_error not in ("fallback", "raise"):
             raise PlacementError("on_fpga_error", "expected 'fallback' or 'raise'")
         self.method = method
-        self.placement = normalize_placement(placement)
+        self.plan_explanation: str | None = None
+        self._auto: dict[str, Any] | None = None
+        if isinstance(placement, str) and placement == "auto":
+            placement = self._auto_placement(shape, system, objective, fpga)
         self.on_fpga_error: Policy = on_fpga_error
         if not isinstance(overlap, bool):
             raise PlacementError("overlap", f"expected True or False, got {overlap!r}")
         self.overlap = overlap
-        self.uses_fpga = self.placement["relevancy"] == "fpga"
-        if self.uses_fpga and method.kernel is None:
-            raise PlacementError("placement", f"method {method.name!r} has no FPGA kernel")
-        self.fpga_stage = None
-        if self.uses_fpga:
-            from .offload import FpgaStage
-
-            self.fpga_stage = FpgaStage(method, fpga)
+        self._place(placement, fpga)
         self.memory: Memory | None = None
         self.profile = Profile()
         self.history: deque[Profile] = deque(maxlen=HISTORY)
         self.counters: dict[str, int] = {"fpga_fallbacks": 0}
         self.last_selection: Selection | None = None
+
+    def _place(self, placement: Mapping[str, str] | str | None, fpga: Any) -> None:
+        self.placement = normalize_placement(placement)
+        self.uses_fpga = self.placement["relevancy"] == "fpga"
+        if self.uses_fpga and self.method.kernel is None:
+            raise PlacementError("placement", f"method {self.method.name!r} has no FPGA kernel")
+        self.fpga_stage = None
+        if self.uses_fpga:
+            from .offload import FpgaStage
+
+            self.fpga_stage = FpgaStage(self.method, fpga)
+
+    def _auto_placement(self, shape: Any, system: Any, objective: str, fpga: Any) -> str:
+        """The planner's placement now (`shape` given), or the GPU alone until `prepare`
+        knows the memory's shape."""
+        from .system import auto
+
+        auto.check_objective(objective)
+        if system is None or isinstance(system, tuple | list):
+            system = auto.auto_system(*(system or ()))
+        self._auto = {"system": system, "objective": objective, "fpga": fpga}
+        if shape is None:
+            return "gpu/gpu/gpu/gpu"  # until prepare
+        choice = auto.resolve(self.method, shape, system=system, objective=objective)
+        self._auto = None
+        self.plan_explanation = choice.explanation
+        return choice.placement
+
+    def _resolve_auto(self, data: Any) -> None:
+        from .system import auto
+
+        assert self._auto is not None
+        options, self._auto = self._auto, None
+        shape = auto.shape_from_data(self.method, data)
+        choice = auto.resolve(self.method, shape, system=options["system"],
+                              objective=options["objective"])  # fmt: skip
+        self.plan_explanation = choice.explanation
+        self._place(choice.placement, options["fpga"])
 
     # -- devices -------------------------------------------------------------------------
     def device(self, step: str) -> torch.device:
@@ -141,6 +185,8 @@ class Pipeline:
     # -- steps ---------------------------------------------------------------------------
     def prepare(self, data: Any) -> Memory:
         """Prepare Memory once; decode steps reuse it and `append` grows it."""
+        if self._auto is not None:  # placement="auto" without a shape: plan for this memory
+            self._resolve_auto(data)
         profile = Profile()
         dev = self.device("prepare")
         data = _to(data, dev)

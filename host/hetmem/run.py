@@ -212,7 +212,19 @@ def run(
         options = {"block_size": UNIT} if method == "seer" else {"page_size": UNIT}
     with console.status(f"making {prompts} passkey prompts of {context} tokens"):
         items = tasks.task_set("passkey", context, prompts, seed, tokenizer)
-    wrap(lm, method=method, budget=budget, placement=placement, fpga=fpga, method_options=options)
+    auto = {"context": context, "batch": 1} if placement == "auto" else None
+    wrap(lm, method=method, budget=budget, placement=placement, fpga=fpga, method_options=options,
+         auto_options=auto)  # fmt: skip
+    if auto is not None:  # say what the planner chose, and why
+        from .models.wrap import plan_explanation
+
+        chosen = lm._hetmem_wrap.settings.placement
+        placement = "/".join(
+            chosen[step] for step in ("prepare", "relevancy", "retrieval", "apply")
+        )
+        console.print(
+            f"placement auto -> [bold]{placement}[/bold]\n[dim]{plan_explanation(lm)}[/dim]"
+        )
     caches: list[Any] = []
     answers: list[Answer] = []
     times = PhaseTimes()

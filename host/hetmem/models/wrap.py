@@ -43,6 +43,7 @@ class _Wrapped:
     settings: SparseDecode
     attn: list[tuple[Any, Any]]  # (config, its _attn_implementation_internal before wrap)
     hook: Any  # the instance attribute `_HOOK` had before wrap, or None
+    plan: str | None = None  # placement="auto": why the planner chose the placement
 
 
 def wrap(
@@ -55,6 +56,7 @@ def wrap(
     method_options: Mapping[str, Any] | None = None,
     on_fpga_error: Policy = "fallback",
     overlap: bool = False,
+    auto_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Make `model.generate()` decode with a hetmem sparse-attention method; return `model`.
 
@@ -71,6 +73,11 @@ def wrap(
         blocks), an open `FpgaDevice`, or a list of those; opened once per wrapped model.
     overlap: split each decode step's batch into two micro-batches so that the card's
         selection for one overlaps the GPU's Apply of the other (same results).
+    placement="auto": `hetmem.system.planner` picks it for the model's config (its layers,
+        heads, FFN...) at the shape of `auto_options` {"context" (default the config's
+        max_position_embeddings), "batch" (1), "objective" ("latency" or "energy"),
+        "system" (a `hetmem.system.System`) or "gpu"/"card" (profile names or files;
+        default the local GPU and a U55C)}; `plan_explanation(model)` says why.
     Prefill runs exact sdpa; only single-token decode steps run sparse.
     """
     _require_transformers()
@@ -92,6 +99,11 @@ def wrap(
         )
     if on_fpga_error not in ("fallback", "raise"):
         raise InputError("on_fpga_error", f"expected 'fallback' or 'raise', got {on_fpga_error!r}")
+    explanation = None
+    if isinstance(placement, str) and placement == "auto":
+        placement, explanation = _auto_placement(model, methods[0], budget, auto_options)
+    elif auto_options is not None:
+        raise InputError("auto_options", "only with placement='auto'")
     placement = normalize_placement(_default_placement(model) if placement is None else placement)
     if not isinstance(overlap, bool):
         raise InputError("overlap", f"expected True or False, got {overlap!r}")
@@ -113,7 +125,7 @@ def wrap(
             f"{type(model).__name__} does not dispatch attention through transformers' "
             "AttentionInterface, so hetmem cannot register with it",
         )
-    setattr(model, _STATE, _Wrapped(settings, saved, model.__dict__.get(_HOOK)))
+    setattr(model, _STATE, _Wrapped(settings, saved, model.__dict__.get(_HOOK), explanation))
     setattr(model, _HOOK, types.MethodType(_prepare_cache_with_hetmem, model))
     return model
 
@@ -226,6 +238,39 @@ def _build_method(spec: MethodSpec, options: Mapping[str, Any] | None, layer_idx
 
 
 # -- what wrap changes ---------------------------------------------------------------------
+
+
+def plan_explanation(model: Any) -> str | None:
+    """Why `placement="auto"` chose the wrapped model's placement (None: not "auto")."""
+    state = _state(model)
+    return None if state is None else state.plan
+
+
+def _auto_placement(model: Any, method: Method, budget: int,
+                    options: Mapping[str, Any] | None) -> tuple[dict[str, str] | None, str]:  # fmt: skip
+    """The planner's placement for the model's config, on the model's own device where a
+    step stays on the GPU side."""
+    from ..system import Shape
+    from ..system import auto as auto_mod
+
+    opts = dict(options or {})
+    unknown = set(opts) - {"context", "batch", "objective", "system", "gpu", "card"}
+    if unknown:
+        raise InputError("auto_options", f"unknown keys {sorted(unknown)}")
+    text = model.config.get_text_config(decoder=True)
+    config = auto_mod.model_from_hf_config(text)
+    context = opts.get("context") or getattr(text, "max_position_embeddings", None) or 4096
+    shape = Shape(config, int(context), int(opts.get("batch", 1)), budget=budget)
+    system = opts.get("system")
+    if system is None:
+        system = auto_mod.auto_system(opts.get("gpu"), opts.get("card", auto_mod.DEFAULT_CARD))
+    choice = auto_mod.resolve(method, shape, system=system,
+                              objective=opts.get("objective", "latency"))  # fmt: skip
+    local = _default_placement(model)
+    if choice.placement == "gpu/gpu/gpu/gpu":
+        return local, choice.explanation
+    base = local or dict.fromkeys(STEPS, "gpu")
+    return {**base, "relevancy": "fpga", "retrieval": "fpga"}, choice.explanation
 
 
 def _state(model: Any) -> _Wrapped | None:

@@ -81,6 +81,7 @@ UNITS = {
     "hbm_channels": "",
     "hbm_stacks": "",
     "clock_hz": "Hz",
+    "topk_rate": "scores/s",  # measured by `hetmem profile-device`; informative
 }
 
 

@@ -175,11 +175,11 @@ class _Builder:
                             "modeled", t)  # fmt: skip
             return self.tl.add("link", f"from fpga {tag}",
                                link_seconds(costs["from_fpga"], link), "modeled", t)  # fmt: skip
-        if not self.offload:
-            t = self.gpu(f"relevancy {tag}", costs["relevancy"], t)
-            t = self.gpu(f"retrieval {tag}", costs["retrieval"], t)
-        # (offloaded with no kernel: the budget covers the prefix, nothing to select)
-        return t
+        # On the GPU; and where the card has no launch to make (the budget covers the
+        # whole memory) the selection stays on the GPU too, so that an offloaded placement
+        # is never credited with skipping work the GPU alone counts.
+        t = self.gpu(f"relevancy {tag}", costs["relevancy"], t)
+        return self.gpu(f"retrieval {tag}", costs["retrieval"], t)
 
     def memory_steps(self, costs: dict[str, StepCost], tag: str, after: float) -> float:
         """Prepare, Relevancy, Retrieval (GPU or card, with transfers), Apply."""
