@@ -19,6 +19,7 @@ from .device import DeviceInfo, FpgaDevice
 TARGETS: dict[str, str] = {
     "emu": "hetmem.fpga.emu:EmuDevice",
     "cosim": "hetmem.fpga.cosim:CosimDevice",
+    "hls": "hetmem.fpga.hls:HlsDevice",
     "xrt": "hetmem.fpga.xrt:open_xrt",
     "xrt_emu": "hetmem.fpga.xrt:open_xrt_emu",
     "pynq": "hetmem.fpga.pynq:PynqDevice",
@@ -59,7 +60,7 @@ def card_found() -> bool:
 
 def open_device(target: str | FpgaDevice = "auto", **options: Any) -> FpgaDevice:
     """Open an FPGA device: "auto" (xrt when pyxrt imports and finds a card, else emu),
-    "emu", "cosim", "xrt", "xrt_emu" or "pynq"; an FpgaDevice is returned as it is.
+    "emu", "cosim", "hls", "xrt", "xrt_emu" or "pynq"; an FpgaDevice is returned as it is.
     "xrt_emu" takes `executor`: "emu" (default) or "cosim" (the RTL runs its kernels; also
     cosim options, or an open CosimDevice)."""
     if isinstance(target, FpgaDevice):
@@ -94,6 +95,20 @@ def list_devices() -> list[DeviceInfo]:
         found.append(DeviceInfo("cosim", ok, "RTL simulated by Verilator", "timing: simulated"))
     except Exception as exc:
         found.append(DeviceInfo("cosim", False, "RTL simulated by Verilator", str(exc)))
+    try:
+        from . import hls
+
+        reason = hls.missing()
+        found.append(
+            DeviceInfo(
+                "hls",
+                reason is None,
+                f"HLS C++ C-simulated with g++ ({', '.join(hls.HLS_KERNELS)})",
+                reason or "timing: modeled (HLS loop schedule)",
+            )
+        )
+    except Exception as exc:
+        found.append(DeviceInfo("hls", False, "HLS C++ C-simulated with g++", str(exc)))
     found.extend(_xrt_cards())
     from . import xrt_emu
 
