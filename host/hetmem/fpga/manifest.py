@@ -23,7 +23,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,8 @@ class XclbinEntry:
     shell: str = ""  # the platform's shell VBNV, e.g. "xilinx_u55c_gen3x16_xdma_base_3"
     clock_hz: float = kernels.DEFAULT_CLOCK_HZ
     build: str = ""
+    #: kernel -> what implements it in this xclbin: "rtl" (fpga/rtl) or "hls" (hls/)
+    sources: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> XclbinEntry:
@@ -89,6 +91,7 @@ class XclbinEntry:
                 shell=str(data.get("shell", "")),
                 clock_hz=float(data.get("clock_hz", kernels.DEFAULT_CLOCK_HZ)),
                 build=str(data.get("build", "")),
+                sources={str(k): str(v) for k, v in data.get("sources", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise XclbinError(f"malformed manifest entry {data!r}: {exc}") from None
@@ -101,6 +104,7 @@ class XclbinEntry:
             "clock_hz": self.clock_hz,
             "sha256": self.sha256,
             "build": self.build,
+            **({"sources": self.sources} if self.sources else {}),
             "kernels": self.kernels,
         }
 
@@ -297,10 +301,24 @@ def expected_entry(
         sha256=None,
         clock_hz=kernels.DEFAULT_CLOCK_HZ,
         build=(
-            "needs a bm25 kernel, which has no RTL or HLS yet; "
-            "until then build hetmem_rtl_hw.xclbin"
+            "fpga/vitis: make hetmem TARGET=hw (writes build/hetmem_hw.xclbin); the RTL kernels "
+            "packaged from fpga/rtl, bm25 compiled from hls/bm25.cpp by v++ -c"
         ),
+        sources=kernel_sources(),
     )
+
+
+def kernel_sources() -> dict[str, str]:
+    """What implements each kernel in the one xclbin: its RTL where fpga/rtl has it
+    (`hetmem.fpga.cosim.RTL_KERNELS`), else its HLS C++ (`hetmem.fpga.hls.HLS_KERNELS`)."""
+    from .cosim import RTL_KERNELS
+    from .hls import HLS_KERNELS
+
+    return {
+        k: "rtl" if k in RTL_KERNELS else "hls"
+        for k in kernels.names()
+        if k in RTL_KERNELS or k in HLS_KERNELS
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
