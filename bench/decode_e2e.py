@@ -571,16 +571,19 @@ def groups(args: argparse.Namespace, context: int, batch: int, overhead: bool, i
 
 
 def baseline(rows: list[dict], row: dict, mode: str = "dense") -> dict | None:
-    """The `mode` row (dense) timed in the same interleaved group as `row`."""
-    for r in rows:
-        if (
-            r["mode"] == mode
-            and r["context"] == row["context"]
-            and r["batch"] == row["batch"]
-            and r["group"] == row["group"]
-        ):
+    """The `mode` row (dense) timed in the same interleaved group as `row`; when the case's
+    caches did not fit together (each mode ran alone), the nearest one run before it."""
+    same = [
+        r
+        for r in rows
+        if (r["mode"], r["context"], r["batch"]) == (mode, row["context"], row["batch"])
+    ]
+    for r in same:
+        if r["group"] == row["group"]:
             return r
-    return None
+    at = next((i for i, r in enumerate(rows) if r is row), len(rows))
+    before = [r for r in same if next(i for i, x in enumerate(rows) if x is r) < at]
+    return before[-1] if before else (same[0] if same else None)
 
 
 def overhead_rows(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
@@ -634,6 +637,7 @@ def speedup_rows(rows: list[dict]) -> list[dict]:
             "context": r["context"],
             "batch": r["batch"],
             "dense_tokens_per_s": d,
+            "interleaved": base["group"] == r["group"],
             "speedup": r["tokens_per_s"]["value"] / d,
             "source": "measured",
         }
