@@ -114,3 +114,18 @@ def test_profile_device_writes_a_measured_profile(run, tmp_path):
     assert code == 2 and "repeat" in out
     code, out = run("profile-device", "--device", "tpu", "--quick", "--out", str(path))
     assert code == 2 and "device" in out
+
+
+def test_run_with_placement_auto_says_what_the_planner_chose(tmp_path, capsys):
+    """`hetmem run --placement auto` on a tiny model: the planner's choice and why (on a
+    machine without a known GPU the assumed CPU profile and a U55C), then the usual run."""
+    pytest.importorskip("transformers")
+    from tiny_lm import make_tiny_lm
+
+    model_dir = make_tiny_lm(tmp_path / "tiny")
+    rc = cli.main(["run", "--model", str(model_dir), "--context", "200", "--prompts", "1",
+                   "--budget", "64", "--fpga", "emu", "--placement", "auto", "--method", "quest"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "placement auto ->" in out and "objective: latency; chosen" in out
+    assert "context 200, batch 1" in out and "passkey answers" in out
