@@ -310,3 +310,50 @@ def test_packed_query_buffers_cross_pcie_as_one_transaction():
         parent = bufs["q"].parent
         dev.free(parent)  # frees its sub-buffers with it
         assert dev.bank_used() == [0] * 32
+
+
+@pytest.mark.parametrize("kind", ["timeout", "device_lost"])
+def test_a_card_fault_during_the_overlap_falls_back_with_nothing_lost(kind):
+    import warnings
+
+    from hetmem.attention import AttentionQuery, KVCache, KVChunk
+    from hetmem.fpga import xrt_emu
+    from hetmem.pipeline import Pipeline
+
+    gen = torch.Generator().manual_seed(3)
+    keys, values = (
+        torch.randn(4, 2, 300, 16, generator=gen),
+        torch.randn(4, 2, 300, 16, generator=gen),
+    )
+    lengths = torch.tensor([300, 260, 280, 240])
+    card = Pipeline(get("quest", page_size=8), HYBRID, fpga="xrt_emu", overlap=True)
+    host = Pipeline(get("quest", page_size=8), "cpu/cpu/cpu/cpu")
+    for pipe in (card, host):
+        pipe.prepare(KVCache(keys.clone(), values.clone(), lengths.clone()))
+    xrt_emu.clear()
+    try:
+        for step in range(3):
+            chunk = KVChunk(
+                torch.randn(4, 2, 1, 16, generator=gen), torch.randn(4, 2, 1, 16, generator=gen)
+            )
+            q = AttentionQuery(torch.randn(4, 4, 1, 16, generator=gen))
+            for pipe in (card, host):
+                pipe.append(chunk)
+            if step == 1:
+                xrt_emu.inject(kind)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                got, want = card.step(q, 32), host.step(q, 32)
+            if step == 1:  # the step reran on the host path: the float selection, exactly
+                assert card.counters["fpga_fallbacks"] == 1 and caught
+                assert torch.equal(got, want)
+                assert any(r.step == "fpga fault" for r in card.profile.records)
+            else:
+                assert got.shape == want.shape and card.profile.timeline is not None
+        # the card rebuilt its memory from the host's copy: every appended token is there
+        assert card.fpga_stage.loaded
+        assert [s.rows for s in card.fpga_stage.slots] == [
+            -(-int(n) // 8) for n in card.memory.kv.lengths for _ in range(2)
+        ]
+    finally:
+        xrt_emu.clear()

@@ -267,6 +267,7 @@ class Pipeline:
 
     def _step(self, query: Any, budget: int | StepPlan) -> Any:
         memory = self._require_memory()
+        profile = Profile()
         if (
             self.overlap
             and self.fpga_stage is not None
@@ -276,10 +277,7 @@ class Pipeline:
             try:
                 return self._ping_pong(memory, query, budget)
             except FpgaError as exc:  # the card faulted: this step runs sequentially
-                profile = Profile()
                 self._fault(profile, exc, "relevancy+retrieval; rerunning it on the GPU path")
-                self.fpga_stage.invalidate()
-        profile = Profile()
         selection = self.select(query, budget, profile)
         dev = self.device("apply")
         with profile.measure("apply", dev, self.method.apply_nbytes(memory, selection)):
