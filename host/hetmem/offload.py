@@ -212,20 +212,24 @@ class FpgaStage:
             with self._host(profile, "quantize memory") as rec:
                 floats = self.binding.memory(memory)
                 firsts = self._first_dirty()
-                if self.stacked is not None:
-                    updates = self._quantize_rows(memory, floats, firsts)
+                if self.segmented:  # every slot's new rows: one quantization, one scatter
+                    counts, ints = self._quantize_rows(memory, floats, firsts)
                 else:
                     parts = self._slot_floats(memory, floats, firsts)
                     updates = [
                         self.spec.quantize_memory(part, slot.state)
                         for slot, part in zip(self.slots, parts, strict=True)
                     ]
-                rec.note = f"{sum(_rows(i) for i in updates)} rows over {len(updates)} slots"
-            ends = [f + _rows(u) for f, u in zip(firsts, updates, strict=True)]
-            if max(ends, default=0) > self.capacity:
-                self._regrow(device, capacity_for(max(ends)), firsts, profile)
-            for s, (first, part) in enumerate(zip(firsts, updates, strict=True)):
-                self._write_rows(device, s, first, part, writes)
+                    counts = np.array([_rows(u) for u in updates], dtype=np.int64)
+                rec.note = f"{int(counts.sum())} rows over {len(counts)} slots"
+            if self.segmented:
+                self._write_appended(device, firsts, counts, ints, profile, writes)
+            else:
+                ends = [f + _rows(u) for f, u in zip(firsts, updates, strict=True)]
+                if max(ends, default=0) > self.capacity:
+                    self._regrow(device, capacity_for(max(ends)), firsts, profile)
+                for s, (first, part) in enumerate(zip(firsts, updates, strict=True)):
+                    self._write_rows(device, s, first, part, writes)
         self._lengths = self._kv_lengths(memory)
         note = (
             "CSR rewritten: postings move"
@@ -335,10 +339,10 @@ class FpgaStage:
 
     def _quantize_rows(
         self, memory: Memory, floats: Mapping[str, Any], firsts: list[int]
-    ) -> list[dict[str, np.ndarray]]:
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Rows [firsts[s], rows of slot s) of every slot, gathered with one index and
         quantized in one call with each row's slot state (a decode step's append: one row
-        or two per slot); split back per slot."""
+        or two per slot): (rows per slot, the rows of every slot in slot order)."""
         ends = np.asarray(self._slot_rows(memory, floats), dtype=np.int64)
         starts = np.asarray(firsts, dtype=np.int64)
         counts = np.maximum(ends - starts, 0)
@@ -355,12 +359,35 @@ class FpgaStage:
         else:
             index = (torch.from_numpy(unit),)
         part = {k: _numpy(v.detach()[index]) for k, v in floats.items()}
-        ints = self.spec.quantize_memory(part, self.stacked, slots=slot)
-        bounds = np.cumsum(counts)[:-1]
-        return [
-            dict(zip(ints, chunk, strict=True))
-            for chunk in zip(*(np.split(a, bounds) for a in ints.values()), strict=True)
-        ]
+        return counts, self.spec.quantize_memory(part, self.stacked, slots=slot)
+
+    def _write_appended(
+        self,
+        device: Any,
+        firsts: list[int],
+        counts: np.ndarray,
+        ints: dict[str, np.ndarray],
+        profile: Profile,
+        writes: _Transfers,
+    ) -> None:
+        """Every slot's new rows (slot order) into the one region: each slot's rows are
+        one range of each memory buffer (`FpgaDevice.write_ranges`), and the host copy
+        takes them with one fancy index."""
+        starts = np.asarray(firsts, dtype=np.int64)
+        ends = starts + counts
+        if int(ends.max(initial=0)) > self.capacity:
+            self._regrow(device, capacity_for(int(ends.max())), firsts, profile)
+        base = np.arange(len(counts), dtype=np.int64) * self.capacity + starts
+        rows = np.repeat(base - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+        region = self.buffers[0]
+        for arg, data in ints.items():
+            row_bytes = _row_bytes(self.host[arg])
+            before = device.transactions
+            timing = device.write_ranges(region[arg], data, base * row_bytes, counts * row_bytes)
+            writes.add(timing, device.transactions - before)
+            self.host[arg][rows] = data
+        for slot, end in zip(self.slots, ends.tolist(), strict=True):
+            slot.rows = end
 
     def _slot_rows(self, memory: Memory, floats: Mapping[str, Any]) -> list[int]:
         """Per slot, the rows that hold entries: each batch row's length in units. The

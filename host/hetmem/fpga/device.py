@@ -231,6 +231,34 @@ class FpgaDevice(ABC):
         self.transactions += 1
         return self._write(buf, raw, offset)
 
+    def write_ranges(
+        self, buf: Buffer, data: np.ndarray, offsets: np.ndarray, sizes: np.ndarray
+    ) -> Timing:
+        """Host -> card: consecutive pieces of `data`'s bytes, `sizes[i]` bytes to byte
+        `offsets[i]` of `buf` (each slot's appended rows of a memory): one transfer per
+        range, as XRT syncs a buffer one range at a time; timings summed."""
+        self._check_buffer(buf)
+        raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1)
+        sizes = np.asarray(sizes, dtype=np.int64).reshape(-1)
+        if offsets.shape != sizes.shape or int(sizes.sum()) != raw.nbytes or (sizes < 0).any():
+            raise InputError("sizes", f"expected sizes summing to the data's {raw.nbytes} bytes")
+        if sizes.size and ((offsets < 0).any() or int((offsets + sizes).max()) > buf.nbytes):
+            raise InputError("offsets", f"a range overruns the {buf.nbytes}-byte buffer")
+        keep = sizes > 0
+        self.transactions += int(keep.sum())
+        return self._write_ranges(buf, raw, offsets[keep], sizes[keep])
+
+    def _write_ranges(
+        self, buf: Buffer, raw: np.ndarray, offsets: np.ndarray, sizes: np.ndarray
+    ) -> Timing:
+        """Write each range with the target's `_write` (a target may do it in one go)."""
+        seconds, start = 0.0, 0
+        for offset, size in zip(offsets.tolist(), sizes.tolist(), strict=True):
+            seconds += self._write(buf, raw[start : start + size], offset).seconds
+            start += size
+        return Timing(seconds, self.transfer_source, raw.nbytes)
+
     def read(
         self, buf: Buffer, dtype: Any, count: int, offset: int = 0
     ) -> tuple[np.ndarray, Timing]:
