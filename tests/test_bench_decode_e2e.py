@@ -52,7 +52,9 @@ def test_tiny_run_writes_sane_figures(bench, tmp_path, capsys):
         if r["method"] is not None:
             # Every decode step ran sparse through hetmem (warm-up included), none dense.
             assert r["cache_stats"] == {"sparse_steps": 1 + 2 * 2, "dense_steps": 0}
-            assert r["held_bytes"]["method_memory_bytes"] > 0
+            held = r["held_bytes"]
+            assert held["kv_bytes"] > 0 and held["index_bytes"] > 0
+            assert held["cache_bytes"] + held["method_weights_bytes"] == held["tensor_bytes"]
         if r["mode"] == "emu":
             assert r["card_s_per_step"]["source"] == "modeled"
             assert r["card_s_per_step"]["value"] > 0
@@ -71,6 +73,13 @@ def test_tiny_run_writes_sane_figures(bench, tmp_path, capsys):
     }
     assert all(isinstance(o["us_per_layer_step"], float) for o in overhead)
     assert all(o["target_us"] == 100.0 for o in overhead if o["batch"] == 1)
+    layer = result["layer_overhead"]  # update + attention of one layer, hetmem vs dense
+    assert {(o["batch"], o["mode"], o["method"]) for o in layer} == {
+        (b, m, x) for b in (1, 2) for m in ("torch", "emu") for x in bench.METHODS
+    }
+    for o in layer:
+        assert o["dense_us"] > 0 and o["hetmem_us"] > 0 and o["source"] == "measured"
+        assert o["us_per_layer_step"] == pytest.approx(o["hetmem_us"] - o["dense_us"])
     for group in (result["held_bytes_synthetic"], result["held_bytes_generate"]):
         assert {g["method"] for g in group} == set(bench.METHODS)
         assert all(g["ratio"] > 0 and g["dynamic_cache_bytes"] > 0 for g in group)
