@@ -251,15 +251,15 @@ def held_breakdown(cache: Any) -> dict[str, int]:
     stage's host copy of what the card holds, scratch buffers)."""
     out = held_bytes(cache)
     settings = getattr(cache, "settings", None)
-    out["cache_bytes"] = held_bytes(cache, exclude=(settings,) if settings else ())[
-        "tensor_bytes"
-    ]
+    # the settings and the methods in them (each layer's pipeline shares its method object)
+    model_state = (settings, *getattr(settings, "methods", ())) if settings is not None else ()
+    out["cache_bytes"] = held_bytes(cache, exclude=model_state)["tensor_bytes"]
     out["method_weights_bytes"] = out["tensor_bytes"] - out["cache_bytes"]
     pipelines = list(getattr(cache, "pipelines", []))
     memories = [p.memory for p in pipelines if p.memory is not None]
     if memories:
         out["kv_bytes"] = held_bytes([m.kv for m in memories])["tensor_bytes"]
-        everything = held_bytes(memories, exclude=(settings,) if settings else ())
+        everything = held_bytes(memories, exclude=model_state)
         out["index_bytes"] = everything["tensor_bytes"] - out["kv_bytes"]
         out["other_bytes"] = out["cache_bytes"] - everything["tensor_bytes"]
     else:
