@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,13 +66,14 @@ def schedule_energy(sched: Schedule) -> Energy:
 # -- measured power -------------------------------------------------------------------------
 
 
-class PowerMeter:
-    """One device's power reading, in watts."""
+class PowerMeter(ABC):
+    """One device's power reading, in watts (NVML, rocm-smi or XRT below)."""
 
     name = "meter"
 
+    @abstractmethod
     def watts(self) -> float:
-        raise NotImplementedError
+        """The device's power now, in watts."""
 
 
 class NvmlMeter(PowerMeter):
