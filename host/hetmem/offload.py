@@ -107,6 +107,7 @@ class FpgaStage:
         self.spec = kernels.get(binding.kernel)
         self.timeout_s = float(timeout_s)
         self.card = fpga if isinstance(fpga, Card) else Cards.open(fpga)[0]
+        self._own_card = not isinstance(fpga, Card)  # a model's shared card is the model's
         #: Whether one launch covers every slot (the kernel reads a segment table); such a
         #: kernel also quantizes many slots' rows at once (`stack_states`, `slots=`).
         self.segmented = self.spec.segmented
@@ -261,8 +262,11 @@ class FpgaStage:
         self._release()
 
     def close(self) -> None:
-        """Free this stage's buffers (the card stays open for the model's other layers)."""
+        """Free this stage's buffers, and close its card unless a model shares it (a device
+        passed in is never closed here)."""
         self._release()
+        if self._own_card:
+            self.card.close()
 
     # -- selection ---------------------------------------------------------------------------
     def select(
