@@ -35,7 +35,7 @@ def test_devices_lists_targets_and_the_missing_xclbin(run, monkeypatch, tmp_path
         assert "no" in row(out, "xrt ") and "pyxrt does not import" in row(out, "xrt ")
     line = row(out, "hetmem_hw.xclbin")
     assert "xilinx_u55c_gen3x16_xdma_3_202210_1" in line and "missing" in line
-    assert "token_indexer" in line and "bm25" in line
+    assert "token_indexer (rtl)" in line and "bm25 (hls)" in line
 
 
 def test_devices_shows_a_present_xclbin_and_its_checksum(run, monkeypatch, tmp_path):

@@ -109,7 +109,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
         entry, path, check = row["entry"], row["path"], row["checksum"]
         found = f"[green]present[/green] {path}" if path else "[yellow]missing[/yellow]"
         checksum = labels.get(check, "not recorded" if check else "-")
-        table.add_row(entry.name, entry.platform, ", ".join(entry.kernels), found, checksum)
+        # each kernel with its implementation where the manifest says (rtl or hls)
+        kernels = ", ".join(
+            f"{k} ({entry.sources[k]})" if k in entry.sources else k for k in entry.kernels
+        )
+        table.add_row(entry.name, entry.platform, kernels, found, checksum)
     console.print(table)
     return 0
 
