@@ -56,12 +56,9 @@ def test_every_layer_shares_one_card_opened_once(method):
     assert len({id(s.card) for s in stages}) == 1
     device = stages[0].card.device
     # every layer's memory is resident on that one device, each in its own slots
-    held = {id(b) for s in stages for region in s.buffers for b in region.values()}
+    held = {id(b) for s in stages for b in s.buffers.values()}
     assert len(held) >= len(stages) and all(
-        id(b) in {id(x) for x in device._live.values()}
-        for s in stages
-        for region in s.buffers
-        for b in region.values()
+        id(b) in {id(x) for x in device._live.values()} for s in stages for b in s.buffers.values()
     )
     assert cache.stats()["sparse_steps"] > 0
     unwrap(model)
@@ -191,6 +188,16 @@ def test_a_method_without_a_binding_cannot_go_on_the_card():
 
     with pytest.raises(PlacementError, match="must return a KernelBinding"):
         FpgaStage(Unbound(), "emu")
+
+
+def test_a_slot_memory_needs_a_kernel_with_a_segment_table():
+    import dataclasses
+
+    quest = get("quest")
+    binding = dataclasses.replace(quest.binding(), kernel="bm25")  # bm25 takes no segs
+    quest.binding = lambda: binding
+    with pytest.raises(PlacementError, match="takes no segment table"):
+        FpgaStage(quest, "emu")
 
 
 def test_one_budget_rule_everywhere():

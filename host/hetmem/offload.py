@@ -15,15 +15,16 @@ summary changed). A buffer that runs out of capacity is reallocated and refilled
 host's copy of what the card holds (those bytes cross PCIe again, and the profile says so).
 An inverted index (layout "index") moves postings on every append, so it is rewritten.
 
-Layout "slots" (attention) keeps one slot per (batch row, KV group). On a kernel with a
-segment table (`segs`: each query's base row and rows), every slot of the layer lives in one
-buffer per memory argument, slot s at rows [s * capacity, s * capacity + rows_s), and a step
-is ONE write (the query arrays and the segment table, packed in one allocation), ONE launch
-for every batch row, KV group and query (each scanning its slot's visible prefix), and ONE
-selection read, whatever the batch; the slots' states are stacked, so the step's queries
-(and an append's rows) are quantized in one call. A kernel without a segment table (bm25)
-runs once per slot and prefix. `begin` / `finish` split a select around the launch, so the
-host can work while the card computes (the micro-batch overlap of `Pipeline`).
+Layout "slots" (attention) keeps one slot per (batch row, KV group), layout "rows" one. The
+kernel takes a segment table (`segs`: each query's base row and rows): every slot of the
+layer lives in one buffer per memory argument, slot s at rows [s * capacity, s * capacity +
+rows_s), and a step is ONE write (the query arrays and the segment table, packed in one
+allocation), ONE launch for every batch row, KV group and query (each scanning its slot's
+visible prefix), and ONE selection read, whatever the batch; the slots' states are stacked,
+so the step's queries (and an append's rows) are quantized in one call. An inverted index
+(bm25, layout "index") is one slot and needs no segment table. `begin` / `finish` split a
+select around the launch, so the host can work while the card computes (the micro-batch
+overlap of `Pipeline`).
 
 `select` quantizes the query, writes it, launches, reads the selection back and gives it the
 exact form of the method's float Retrieval: a `TopK` with the method's unit, per-row lengths
@@ -105,16 +106,19 @@ class FpgaStage:
         self.method = method
         self.binding = binding
         self.spec = kernels.get(binding.kernel)
+        if binding.layout != "index" and not self.spec.segmented:
+            raise PlacementError(
+                "method",
+                f"kernel {self.spec.name!r} takes no segment table (segs): a memory of "
+                f"{binding.layout} needs one launch over all its slots",
+            )
         self.timeout_s = float(timeout_s)
         self.card = fpga if isinstance(fpga, Card) else Cards.open(fpga)[0]
         self._own_card = not isinstance(fpga, Card)  # a model's shared card is the model's
-        #: Whether one launch covers every slot (the kernel reads a segment table); such a
-        #: kernel also quantizes many slots' rows at once (`stack_states`, `slots=`).
-        self.segmented = self.spec.segmented
-        self.stacked: Any = None  # every slot's state, stacked
+        self.stacked: Any = None  # every slot's state, stacked (not for an index)
         self.slots: list[_Slot] = []
         self.capacity = 0  # rows allocated per slot
-        self.buffers: list[dict[str, Any]] = []  # one region (segmented) or one per slot
+        self.buffers: dict[str, Any] = {}  # one buffer per memory argument, every slot in it
         self.host: dict[str, np.ndarray] = {}  # [slots * capacity, ...] what the card holds
         self._lengths: torch.Tensor | None = None  # attention: kv lengths at the last sync
         self._query_bufs: dict[tuple[str, int], Any] = {}
@@ -154,7 +158,7 @@ class FpgaStage:
         device = self.card.open()
         with self._host(profile, "quantize memory") as rec:
             floats = self.binding.memory(memory)
-            parts = self._slot_floats(memory, floats, None)
+            parts = self._slot_floats(memory, floats)
             slots, ints = [], []
             for part in parts:
                 state = self.spec.fit(part)
@@ -163,7 +167,7 @@ class FpgaStage:
             rec.note = f"{len(slots)} slots"
         writes = _Transfers()
         self.slots = slots
-        if self.segmented:
+        if self.binding.layout != "index":
             self.stacked = self.spec.stack_states([slot.state for slot in slots])
         if self.binding.layout == "index":
             self._write_index(device, ints[0], writes)
@@ -183,7 +187,7 @@ class FpgaStage:
     def memory_need(self, memory: Memory) -> dict[int, int]:
         """Bytes per HBM bank this stage's memory takes on a card (with spare capacity)."""
         floats = self.binding.memory(memory)
-        parts = self._slot_floats(memory, floats, None)
+        parts = self._slot_floats(memory, floats)
         need: dict[int, int] = {}
         if not parts:
             return need
@@ -211,26 +215,10 @@ class FpgaStage:
             self._sync_index(device, memory, profile, writes)
         else:
             with self._host(profile, "quantize memory") as rec:
-                floats = self.binding.memory(memory)
-                firsts = self._first_dirty()
-                if self.segmented:  # every slot's new rows: one quantization, one scatter
-                    counts, ints = self._quantize_rows(memory, floats, firsts)
-                else:
-                    parts = self._slot_floats(memory, floats, firsts)
-                    updates = [
-                        self.spec.quantize_memory(part, slot.state)
-                        for slot, part in zip(self.slots, parts, strict=True)
-                    ]
-                    counts = np.array([_rows(u) for u in updates], dtype=np.int64)
+                firsts = self._first_dirty()  # every slot's new rows: one quantization
+                counts, ints = self._quantize_rows(memory, self.binding.memory(memory), firsts)
                 rec.note = f"{int(counts.sum())} rows over {len(counts)} slots"
-            if self.segmented:
-                self._write_appended(device, firsts, counts, ints, profile, writes)
-            else:
-                ends = [f + _rows(u) for f, u in zip(firsts, updates, strict=True)]
-                if max(ends, default=0) > self.capacity:
-                    self._regrow(device, capacity_for(max(ends)), firsts, profile)
-                for s, (first, part) in enumerate(zip(firsts, updates, strict=True)):
-                    self._write_rows(device, s, first, part, writes)
+            self._write_appended(device, firsts, counts, ints, profile, writes)
         self._lengths = self._kv_lengths(memory)
         note = (
             "CSR rewritten: postings move"
@@ -242,7 +230,7 @@ class FpgaStage:
 
     def resident(self, s: int) -> dict[str, np.ndarray]:
         """What the card holds for slot s (its rows in use), read back from the card."""
-        region, first = self._region(s)
+        region, first = self.buffers, s * self.capacity
         rows = self.slots[s].rows
         out = {}
         for arg, host in self.host.items():
@@ -324,21 +312,18 @@ class FpgaStage:
     def _attention(self) -> bool:
         return self.binding.layout == "slots"
 
-    def _slot_floats(
-        self, memory: Memory, floats: Mapping[str, Any], firsts: list[int] | None
-    ) -> list[dict[str, Any]]:
-        """Float memory per slot (numpy), rows [firsts[s], rows of slot s)."""
+    def _slot_floats(self, memory: Memory, floats: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Float memory per slot (numpy), the rows that hold entries (a load)."""
         if self.binding.layout == "index":
             return [{k: _numpy(v) for k, v in floats.items()}]
         ends = self._slot_rows(memory, floats)
-        firsts = firsts or [0] * len(ends)
         if not self._attention:
-            return [{k: _numpy(v[firsts[0] : ends[0]]) for k, v in floats.items()}]
+            return [{k: _numpy(v[: ends[0]]) for k, v in floats.items()}]
         arrays = {k: v.detach() for k, v in floats.items()}
         g = int(next(iter(arrays.values())).shape[1])
         return [
-            {k: _numpy(v[s // g, s % g, first:end]) for k, v in arrays.items()}
-            for s, (first, end) in enumerate(zip(firsts, ends, strict=True))
+            {k: _numpy(v[s // g, s % g, :end]) for k, v in arrays.items()}
+            for s, end in enumerate(ends)
         ]
 
     def _quantize_rows(
@@ -383,11 +368,12 @@ class FpgaStage:
             self._regrow(device, capacity_for(int(ends.max())), firsts, profile)
         base = np.arange(len(counts), dtype=np.int64) * self.capacity + starts
         rows = np.repeat(base - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
-        region = self.buffers[0]
         for arg, data in ints.items():
             row_bytes = _row_bytes(self.host[arg])
             before = device.transactions
-            timing = device.write_ranges(region[arg], data, base * row_bytes, counts * row_bytes)
+            timing = device.write_ranges(
+                self.buffers[arg], data, base * row_bytes, counts * row_bytes
+            )
             writes.add(timing, device.transactions - before)
             self.host[arg][rows] = data
         for slot, end in zip(self.slots, ends.tolist(), strict=True):
@@ -443,28 +429,17 @@ class FpgaStage:
         else:
             Cards([self.card]).check_fit([need])
 
-    def _region(self, s: int) -> tuple[dict[str, Any], int]:
-        """The buffers holding slot s and the slot's first row in them."""
-        if self.segmented:
-            return self.buffers[0], s * self.capacity
-        return self.buffers[s], 0
-
     def _allocate(self, device: Any, like: dict[str, np.ndarray], slots: int, capacity: int):
-        """Buffers (one region, or one per slot) and the host copy for `slots` x `capacity`."""
+        """One buffer per memory argument and the host copy, for `slots` x `capacity` rows."""
         self.host = {
             arg: np.zeros((slots * capacity, *data.shape[1:]), dtype=data.dtype)
             for arg, data in like.items()
         }
-        regions = 1 if self.segmented else slots
-        per = slots * capacity if self.segmented else capacity
-        self.buffers = []
-        for _ in range(regions):
-            self.buffers.append(
-                {
-                    arg: device.alloc(self.spec.name, arg, max(1, _row_bytes(data) * per))
-                    for arg, data in like.items()
-                }
-            )
+        rows = slots * capacity
+        self.buffers = {
+            arg: device.alloc(self.spec.name, arg, max(1, _row_bytes(data) * rows))
+            for arg, data in like.items()
+        }
 
     def _write_rows(
         self, device: Any, s: int, first: int, ints: dict[str, np.ndarray], writes: _Transfers
@@ -472,21 +447,19 @@ class FpgaStage:
         """Write rows [first, first + len) of slot s in every memory buffer."""
         end = first + _rows(ints)
         base = s * self.capacity
-        region, offset = self._region(s)
         for arg, data in ints.items():
             if data.shape[0]:
                 row_bytes = _row_bytes(self.host[arg])
-                writes.add(device.write(region[arg], data, offset=(offset + first) * row_bytes))
+                writes.add(device.write(self.buffers[arg], data, offset=(base + first) * row_bytes))
                 self.host[arg][base + first : base + end] = data
         self.slots[s].rows = end
 
     def _regrow(self, device: Any, capacity: int, keep: list[int], profile: Profile) -> None:
         """Reallocate every buffer with `capacity` rows per slot and re-send rows
         [0, keep[s]) of each slot from the host copy."""
-        old_host, old_capacity, old_buffers = self.host, self.capacity, self.buffers
-        for region in old_buffers:
-            for buf in region.values():
-                device.free(buf)
+        old_host, old_capacity = self.host, self.capacity
+        for buf in self.buffers.values():
+            device.free(buf)
         like = {arg: arr[:1] for arg, arr in old_host.items()}
         self.capacity = capacity
         self._allocate(device, like, len(self.slots), capacity)
@@ -510,7 +483,7 @@ class FpgaStage:
         from .kernels.bm25 import drifted
 
         with self._host(profile, "quantize memory") as rec:
-            (part,) = self._slot_floats(memory, self.binding.memory(memory), None)
+            (part,) = self._slot_floats(memory, self.binding.memory(memory))
             slot = self.slots[0]
             refit = drifted(slot.state, part["doc_lengths"])
             if refit:
@@ -523,9 +496,7 @@ class FpgaStage:
     def _write_index(self, device: Any, ints: dict[str, np.ndarray], writes: _Transfers):
         """A memory written whole (an inverted index: its arrays have lengths of their own);
         a buffer too small for its array is reallocated with spare capacity."""
-        if not self.buffers:
-            self.buffers = [{}]
-        region = self.buffers[0]
+        region = self.buffers
         for arg, data in ints.items():
             buf = region.get(arg)
             if buf is None or buf.nbytes < data.nbytes:
@@ -543,13 +514,13 @@ class FpgaStage:
         """Free every buffer this stage holds (best effort on a faulted card)."""
         device = self.card.device
         if device is not None:  # buffers of a device since reopened are refused: ignored
-            bufs = [b for region in self.buffers for b in region.values()]
+            bufs = list(self.buffers.values())
             owners = [b.parent if b.parent is not None else b for b in self._query_bufs.values()]
             bufs += list({id(b): b for b in owners}.values())
             for buf in bufs:
                 with suppress(FpgaError, InputError):
                     device.free(buf)
-        self.slots, self.buffers, self.host, self._query_bufs = [], [], {}, {}
+        self.slots, self.buffers, self.host, self._query_bufs = [], {}, {}, {}
         self._busy = set()
         self._lengths = None
         self._generation = -1
@@ -634,36 +605,25 @@ class FpgaStage:
 
     def _quantize(self, launch: _Launch, profile: Profile) -> None:
         """Quantize each query with its slot's state; queries whose budget covers their
-        visible prefix (or that see nothing) run no kernel. Groups: one for the whole step on
-        a segmented kernel, else one per (slot, prefix)."""
+        visible prefix (or that see nothing) run no kernel; the others are one launch."""
         with self._host(profile, "quantize query") as rec:
             run = launch.n > 0
             if not launch.threshold:
                 run &= launch.n > launch.k
             which = np.nonzero(run)[0]
             params = {"tau": self.binding.tau} if launch.threshold else {"k": launch.k}
-            if self.segmented:
-                keys = [which] if which.size else []
-            else:
-                pairs = launch.slot[which] * (launch.rows + 1) + launch.n[which]
-                keys = [which[pairs == p] for p in np.unique(pairs)]
-            for members in keys:
+            for order in [which] if which.size else []:
+                one = {name: v[order] for name, v in launch.floats.items()}
                 if self.stacked is not None:  # every slot's queries in one call
-                    order = members
-                    one = {name: v[order] for name, v in launch.floats.items()}
                     quantized = self.spec.quantize_query(
                         one, self.stacked, slots=launch.slot[order], **params
                     )
-                    arrays, scalars = dict(quantized.arrays), dict(quantized.scalars)
-                else:
-                    (s,) = np.unique(launch.slot[members])  # a group is one slot and prefix
-                    one = {name: v[members] for name, v in launch.floats.items()}
-                    quantized = self.spec.quantize_query(one, self.slots[s].state, **params)
-                    order, arrays = members, dict(quantized.arrays)
-                    scalars = dict(quantized.scalars)
+                else:  # an index: one slot
+                    quantized = self.spec.quantize_query(one, self.slots[0].state, **params)
+                arrays, scalars = dict(quantized.arrays), dict(quantized.scalars)
                 scalars["queries"] = int(order.size)
                 scalars["n"] = int(launch.n[order].max())
-                if self.segmented:
+                if self.spec.segmented:
                     base = launch.slot[order] * self.capacity
                     arrays["segs"] = np.stack([base, launch.n[order]], axis=1).astype(np.uint32)
                     # A card refuses a bad segment by writing nothing: check the host's copy.
@@ -676,15 +636,13 @@ class FpgaStage:
                 if "vocab" in self.spec.scalar_args():
                     scalars["vocab"] = self.slots[int(launch.slot[order[0]])].vocab
                 group = _Group(order, kernels.KernelInputs(arrays, scalars))
-                group.first_slot = int(launch.slot[order[0]])
                 launch.groups.append(group)
             rec.note = f"{int(which.size)} queries in {len(launch.groups)} launches"
 
     def _start_group(self, device: Any, group: _Group, transfers: dict) -> None:
-        region, _ = self._region(group.first_slot)
         scalars = group.inputs.scalars
         arrays = group.inputs.arrays
-        buffers = dict(region)
+        buffers = dict(self.buffers)
         group.at = min(set(range(len(self._busy) + 1)) - self._busy)
         self._busy.add(group.at)
         sent = self._query_buffers(
@@ -724,7 +682,6 @@ class _Group:
 
     order: np.ndarray
     inputs: Any
-    first_slot: int = 0
     at: int = 0  # the buffer set its launch reads and writes
     running: Any = None  # the device's Launch
     out_buffer: Any = None
