@@ -35,7 +35,6 @@ bottleneck (CPU decode).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,41 +58,95 @@ from ._attention import AttentionMemory, SparseAttentionMethod, as_chunk, as_kv,
 KV_LAYOUTS = ("head", "token")
 
 
-@dataclass
 class IndexerWeights:
     """wk [F, Di] projects token features to indexer keys; wq [Fq, H*Di] and ww [Fq, H]
     project a query token's features to H indexer queries and their head weights.
-    Without ww every head weighs 1/H."""
+    Without ww every head weighs 1/H.
 
-    wq: torch.Tensor
-    wk: torch.Tensor
-    ww: torch.Tensor | None = None
-    heads: int = 0
+    A block-diagonal wq (each indexer head reads only its own query head's D channels
+    through its KV group's [D, Di] block, as the untrained default does) is kept as those
+    blocks, `blocks` [Hkv, D, Di], and applied per group: Hkv*D*Di weights read per step
+    instead of the dense (H*D) x (H*Di) matrix, 1/H of it (64 MiB -> 512 KiB at Llama-3-8B's
+    shape). `wq` then builds the dense matrix on request (training starts from it)."""
 
-    def __post_init__(self) -> None:
-        check_tensor("wq", self.wq, dims=("features", "heads*dim"), floating=True, finite=True)
-        check_tensor("wk", self.wk, dims=("features", "dim"), floating=True, finite=True)
-        if self.ww is not None:
-            check_tensor("ww", self.ww, dims=("features", "heads"), floating=True, finite=True)
-            if self.wq.shape[0] != self.ww.shape[0]:
+    def __init__(
+        self,
+        wq: torch.Tensor | None,
+        wk: torch.Tensor,
+        ww: torch.Tensor | None = None,
+        heads: int = 0,
+        *,
+        blocks: torch.Tensor | None = None,
+    ):
+        self.wk, self.ww, self.heads, self.blocks = wk, ww, heads, blocks
+        self._wq = wq
+        check_tensor("wk", wk, dims=("features", "dim"), floating=True, finite=True)
+        if (wq is None) == (blocks is None):
+            raise InputError("wq", "give either wq or its block-diagonal blocks, not both")
+        if blocks is not None:
+            check_tensor("blocks", blocks, dims=("kv_heads", "dim", "index_dim"), floating=True,
+                         finite=True)
+            if blocks.shape[2] != wk.shape[1]:
+                raise InputError("blocks", f"have {blocks.shape[2]} columns, wk {wk.shape[1]}")
+            if ww is not None or heads <= 0 or heads % blocks.shape[0]:
+                raise InputError(
+                    "blocks", f"need heads (a multiple of {blocks.shape[0]} KV heads) and no ww"
+                )
+            return
+        check_tensor("wq", wq, dims=("features", "heads*dim"), floating=True, finite=True)
+        if ww is not None:
+            check_tensor("ww", ww, dims=("features", "heads"), floating=True, finite=True)
+            if wq.shape[0] != ww.shape[0]:
                 raise InputError("ww", "must take the same query features as wq")
-            self.heads = self.ww.shape[1]
+            self.heads = ww.shape[1]
         elif self.heads <= 0:
-            self.heads = self.wq.shape[1] // self.wk.shape[1]
+            self.heads = wq.shape[1] // wk.shape[1]
         heads = self.heads
-        if self.wq.shape[1] != heads * self.wk.shape[1]:
+        if wq.shape[1] != heads * wk.shape[1]:
             raise InputError(
                 "wq",
-                f"has {self.wq.shape[1]} columns, expected heads*dim = {heads}*{self.wk.shape[1]}",
+                f"has {wq.shape[1]} columns, expected heads*dim = {heads}*{wk.shape[1]}",
             )
 
     @property
     def dim(self) -> int:
         return self.wk.shape[1]
 
+    @property
+    def query_features(self) -> int:
+        """Fq, the query features wq takes."""
+        if self.blocks is not None:
+            return self.heads * self.blocks.shape[1]
+        return self._wq.shape[0]
+
+    @property
+    def wq(self) -> torch.Tensor:
+        """The dense [Fq, H*Di] query projection (built from `blocks` when block-diagonal)."""
+        if self._wq is not None:
+            return self._wq
+        hkv, d, di = self.blocks.shape
+        group = self.heads // hkv
+        wq = self.blocks.new_zeros(self.heads * d, self.heads * di)
+        for h in range(self.heads):
+            wq[h * d : (h + 1) * d, h * di : (h + 1) * di] = self.blocks[h // group]
+        return wq
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        """Indexer queries [..., H, Di] of query features [..., Fq]."""
+        if self.blocks is None:
+            return (feats.to(self._wq.dtype) @ self._wq).unflatten(-1, (self.heads, self.dim))
+        hkv, d, di = self.blocks.shape
+        lead = feats.shape[:-1]
+        grouped = feats.to(self.blocks.dtype).reshape(-1, hkv, self.heads // hkv, d)
+        out = torch.matmul(grouped.transpose(0, 1), self.blocks[:, None])  # [Hkv, N, G, Di]
+        return out.transpose(0, 1).reshape(*lead, self.heads, di)
+
     def to(self, device: torch.device) -> IndexerWeights:
         ww = None if self.ww is None else self.ww.to(device)
-        return IndexerWeights(self.wq.to(device), self.wk.to(device), ww, self.heads)
+        if self.blocks is not None:
+            return IndexerWeights(None, self.wk.to(device), None, self.heads,
+                                  blocks=self.blocks.to(device))
+        return IndexerWeights(self._wq.to(device), self.wk.to(device), ww, self.heads)
 
     @classmethod
     def from_attention(
@@ -101,18 +154,14 @@ class IndexerWeights:
     ) -> IndexerWeights:
         """An untrained indexer over default features (keys and queries flattened over heads):
         H = q_heads indexer heads; head h scores ReLU(q_h . k_{kv(h)}) projected to `dim`
-        dimensions by a random orthogonal map, weighted 1/H."""
+        dimensions by a random orthogonal map, weighted 1/H. Its wq is block-diagonal and is
+        kept as the Hkv blocks."""
         gen = torch.Generator().manual_seed(seed)
         fk = kv_heads * head_dim
         dim = min(dim, fk)
         proj = torch.linalg.qr(torch.randn(fk, fk, generator=gen))[0][:, :dim]  # [Fk, Di]
-        wk = proj.clone()
-        group = q_heads // kv_heads
-        wq = torch.zeros(q_heads * head_dim, q_heads * dim)
-        for h in range(q_heads):
-            kv_slot = slice((h // group) * head_dim, (h // group + 1) * head_dim)
-            wq[h * head_dim : (h + 1) * head_dim, h * dim : (h + 1) * dim] = proj[kv_slot]
-        return cls(wq, wk, None, q_heads)
+        blocks = proj.reshape(kv_heads, head_dim, dim).clone()
+        return cls(None, proj.clone(), None, q_heads, blocks=blocks)
 
 
 class DSAMemory(AttentionMemory):
@@ -247,17 +296,16 @@ class DSA(SparseAttentionMethod):
             feats = q.permute(0, 2, 1, 3).flatten(2)  # [B, T, Hq*D]
         else:
             check_features("query.features", feats, q.shape[0], q.shape[2])
-        if feats.shape[-1] != weights.wq.shape[0]:
+        if feats.shape[-1] != weights.query_features:
             raise InputError(
                 "query.features",
-                f"have {feats.shape[-1]} channels, wq expects {weights.wq.shape[0]}",
+                f"have {feats.shape[-1]} channels, wq expects {weights.query_features}",
             )
-        feats = feats.to(weights.wq.dtype)
-        qi = (feats @ weights.wq).unflatten(-1, (weights.heads, weights.dim))
+        qi = weights.project(feats)
         if weights.ww is None:
             w = torch.full(qi.shape[:-1], 1.0 / weights.heads, dtype=qi.dtype, device=qi.device)
         else:
-            w = feats @ weights.ww
+            w = feats.to(weights.ww.dtype) @ weights.ww
         return qi, w
 
     def relevancy(self, memory: Any, query: Any) -> Scores:
@@ -417,21 +465,26 @@ def _dsa_costs(self: DSA, shape: Any) -> dict:
 
     m, b, t, s = shape.model, shape.batch, shape.queries, shape.context
     hkv, d = m.attn_kv_heads, m.attn_qk_dim
+    blocked = False  # a block-diagonal wq reads Hkv*D*Di weights, not Fq*H*Di
     if self.weights is not None:
         heads, di = self.weights.heads, self.weights.dim
-        fk, fq = self.weights.wk.shape[0], self.weights.wq.shape[0]
+        fk, fq = self.weights.wk.shape[0], self.weights.query_features
+        blocked = self.weights.blocks is not None
     elif m.index_heads:  # the model's own indexer (DeepSeek-V3.2): from hidden states
         heads, di, fk, fq = m.index_heads, m.index_dim, m.hidden, m.q_lora_rank or m.hidden
-    else:  # the untrained default (`IndexerWeights.from_attention`)
+    else:  # the untrained default (`IndexerWeights.from_attention`): block-diagonal wq
         heads, di, fk, fq = m.q_heads, min(128, hkv * d), hkv * d, m.q_heads * m.head_dim
+        blocked = True
+    wq_weights = hkv * m.head_dim * di if blocked else fq * heads * (di + 1)
+    wq_flops = 2 * heads * m.head_dim * di if blocked else 2 * fq * heads * (di + 1)
     kb, wb, tokens = m.kv_bytes, m.weight_bytes, b * t
     k = min(budget_units(shape.budget, 1), s)
     costs = {
         "prepare": StepCost(fk * di * wb + tokens * di * kb, 2 * tokens * fk * di,
                             note="indexer keys of the appended tokens"),
         "relevancy": StepCost(
-            fq * heads * (di + 1) * wb + b * s * di * kb + tokens * s * 4,
-            2 * tokens * fq * heads * (di + 1) + 2 * tokens * s * heads * (di + 1),
+            wq_weights * wb + b * s * di * kb + tokens * s * 4,
+            tokens * wq_flops + 2 * tokens * s * heads * (di + 1),
             launches=3, note=f"{heads} indexer heads x {di} over {s} tokens"),
         "retrieval": topk_cost(tokens * s),
         "apply": sparse_apply_cost(shape, b * hkv, k, m.q_heads // hkv),
