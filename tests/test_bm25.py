@@ -24,9 +24,9 @@ import pytest
 import torch
 
 from hetmem.errors import InputError
-from hetmem.methods.bm25_rag import BM25RAG, BM25Memory, ReRetriever
+from hetmem.methods.bm25_rag import BM25RAG, BM25Memory, NoMatchWarning, ReRetriever
 from hetmem.pipeline import Pipeline
-from hetmem.text import Documents, tokenize
+from hetmem.text import Documents, assemble_prompt, tokenize
 
 RTOL = 1e-5
 QUERIES = [
@@ -177,7 +177,8 @@ def test_stopwords_are_dropped() -> None:
     method = BM25RAG(stopwords=["the"])
     memory = method.prepare(["the cat", "the dog", "a bird"])
     assert "the" not in memory.vocab
-    assert scores_of(method, memory, ["the"])[0].tolist() == [0.0, 0.0, 0.0]
+    with pytest.warns(NoMatchWarning):
+        assert scores_of(method, memory, ["the"])[0].tolist() == [0.0, 0.0, 0.0]
 
 
 def test_tokenizer_is_bm25s_default(corpus) -> None:
@@ -492,3 +493,135 @@ def test_non_string_document() -> None:
 def test_unknown_device() -> None:
     with raises_naming("device"):
         BM25RAG(device="not-a-device")
+
+
+# -- Unicode text ---------------------------------------------------------------------------------
+
+MULTILINGUAL = [
+    "Le café de la gare ouvre à six heures.",  # NFC accents
+    "Die Straße führt zum Bahnhof.",
+    "ＨＥＴＭＥＭ runs on the ＦＰＧＡ card.",  # full-width forms
+    "東京大学で機械学習を勉強する。",  # Japanese, no spaces
+    "北京是中国的首都。",  # Chinese
+    "서울은 한국의 수도입니다.",  # Korean
+    "हिन्दी भारत की एक भाषा है।",  # Devanagari vowel signs are combining marks
+    "A plain English sentence about trains.",
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens"),
+    [
+        ("cafe\u0301", ["cafe"]),  # NFD equals NFC, accent folded
+        ("CAFÉ", ["cafe"]),
+        ("Straße STRASSE", ["strasse", "strasse"]),  # case folding
+        ("ＢＭ２５ ﬁle", ["bm25", "file"]),  # NFKC
+        ("東京", ["東", "京", "東京"]),
+        ("ｶﾀｶﾅ", ["カ", "タ", "カ", "ナ", "カタ", "タカ", "カナ"]),  # half-width kana
+        ("हिन्दी", ["हिन्दी"]),  # one word, not split at its vowel signs
+        ("😀 🎉 !? a", []),  # nothing indexable
+        ("Hello, world_wide x", ["hello", "world_wide"]),  # bm25s's split on ASCII
+    ],
+)
+def test_tokenize_unicode(text: str, tokens: list[str]) -> None:
+    assert tokenize(text) == tokens
+
+
+def test_accents_can_be_kept() -> None:
+    assert tokenize("año ano") == ["ano", "ano"]
+    assert tokenize("año ano", fold_accents=False) == ["año", "ano"]
+    assert tokenize("an\u0303o", fold_accents=False) == ["año"]  # still NFC
+    method = BM25RAG(fold_accents=False)
+    memory = method.prepare(["el año nuevo", "el ano"])
+    assert method.ranked(
+        memory, method.retrieve(method.relevancy(memory, ["año"]), 2), ["año"]
+    ) == [[0]]
+    with pytest.raises(InputError, match="fold_accents"):
+        BM25RAG(fold_accents="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("query", "best"),
+    [
+        ("cafe\u0301", 0),  # NFD query, NFC document
+        ("CAFE", 0),
+        ("strasse", 1),
+        ("hetmem fpga", 2),
+        ("東京", 3),  # a word inside a sentence without spaces
+        ("機械学習", 3),
+        ("北京", 4),
+        ("中国首都", 4),
+        ("서울", 5),
+        ("भाषा", 6),
+    ],
+)
+def test_multilingual_queries_find_their_document(query: str, best: int) -> None:
+    method = BM25RAG()
+    memory = method.prepare(MULTILINGUAL)
+    selection = method.retrieve(method.relevancy(memory, [query]), 3)
+    assert method.ranked(memory, selection, [query])[0][0] == best
+
+
+def test_ascii_tokens_are_bm25s_tokens_and_unicode_ones_are_normalized() -> None:
+    """On ASCII text the split is bm25s's; where bm25s keeps a CJK sentence as one token
+    and an NFD accent as a break, ours gives the terms a reader sees."""
+    plain = ["The quick brown fox, 42 times!", "snake_case and CamelCase a b"]
+    assert [tokenize(t) for t in plain] == bm25s.tokenize(
+        plain, stopwords=None, return_ids=False, show_progress=False
+    )
+    (theirs,) = bm25s.tokenize(
+        ["東京大学で勉強する"], stopwords=None, return_ids=False, show_progress=False
+    )
+    assert theirs == ["東京大学で勉強する"] and "東京" in tokenize("東京大学で勉強する")
+
+
+# -- queries with no indexable term ---------------------------------------------------------------
+
+NO_TERM = ["😀🎉", "?!", "zzqx unknownword", "a"]
+
+
+@pytest.mark.parametrize("query", NO_TERM)
+def test_a_query_with_no_indexable_term_retrieves_nothing_and_warns(facts, query: str) -> None:
+    method, memory = facts
+    with pytest.warns(NoMatchWarning, match="no indexable term") as caught:
+        scores = method.relevancy(memory, [query])
+    assert caught[0].filename == __file__  # the warning points at the caller
+    assert not scores.values.any()
+    selection = method.retrieve(scores, 3)
+    assert method.ranked(memory, selection, [query]) == [[]]
+    (prompt,) = method.apply(memory, selection, [query])
+    assert prompt == assemble_prompt([], query)
+    assert not any(fact in prompt for fact in FACTS)
+
+
+def test_only_the_rows_without_a_term_are_empty(facts) -> None:
+    method, memory = facts
+    queries = ["Paris tower", "😀", "river water"]
+    with pytest.warns(NoMatchWarning, match=r"queries 1 \('😀'\)"):
+        selection = method.retrieve(method.relevancy(memory, queries), 2)
+    rows = method.ranked(memory, selection, queries)
+    assert rows[0][0] == 0 and rows[1] == [] and rows[2][0] == 3
+
+
+def test_documents_that_match_no_term_are_not_results(facts) -> None:
+    """k = 4 but only one document has "Everest": one result, not three with score 0."""
+    method, memory = facts
+    selection = method.retrieve(method.relevancy(memory, ["Everest"]), 4)
+    assert selection.valid.sum() == 4  # Retrieval keeps the top-k contract
+    assert method.ranked(memory, selection, ["Everest"]) == [[1]]
+
+
+@pytest.mark.parametrize("placement", ["cpu/cpu/cpu/cpu", "cpu/fpga/fpga/cpu"])
+def test_no_term_query_through_a_pipeline(placement: str) -> None:
+    pipe = Pipeline(BM25RAG(), placement=placement, fpga="emu")
+    pipe.prepare(Documents(list(FACTS)))
+    with pytest.warns(NoMatchWarning) as caught:
+        (prompt,) = pipe.step(["🙂"], budget=3)
+    assert caught[0].filename == __file__
+    assert prompt == assemble_prompt([], "🙂")
+    reretriever = ReRetriever(pipe, k=2, every=1)
+    with pytest.warns(NoMatchWarning):
+        found = reretriever.retrieve("🙂")
+    assert found.indices == [] and found.texts == []
+    (prompt,) = pipe.step(["東京 Everest"], budget=3)  # a known term: found on the card too
+    assert FACTS[1] in prompt and FACTS[0] not in prompt

@@ -9,7 +9,14 @@ Scoring is that of the `bm25s` library's default method ("lucene"), which is:
 
 with dl the number of tokens of d and avgdl their mean over the N documents. Note
 that the lucene variant has no (k1 + 1) factor in w. Query tokens absent from the
-index contribute nothing.
+index contribute nothing. Text is split by `hetmem.text.tokenize` (NFKC, case and accent
+folding, CJK bigrams; bm25s's split on ASCII).
+
+A document that matches none of a query's terms scores 0 and is not a result: Apply (and
+`ranked`) keep only documents with a positive score, so a query with no indexable term
+(emoji, punctuation, words absent from the index) gets no documents, not the first k, and
+Relevancy warns about it (`NoMatchWarning`, pointing at the caller). Retrieval's selection
+itself stays the top-k contract's (the card and the float path select the same ids).
 
 The memory stores only counts (tf, df, dl); idf and the length normalization are computed
 at query time, so `append` never rescores existing postings, and k1 and b can change
@@ -39,6 +46,7 @@ from ..text import (
     last_words,
     tokenize,
 )
+from ..warn import warn
 from .base import KernelBinding, Memory, Method
 
 if TYPE_CHECKING:
@@ -46,6 +54,10 @@ if TYPE_CHECKING:
 
 #: Scores are float64 so the reference's ties are exact (bm25s computes in float32).
 SCORE_DTYPE = torch.float64
+
+
+class NoMatchWarning(UserWarning):
+    """A BM25 query has no term in the index: it retrieves no document."""
 
 
 def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,14 +167,20 @@ class BM25RAG(Method):
         stopwords: Iterable[str] | None = None,
         max_chars: int | None = DEFAULT_MAX_CHARS,
         device: torch.device | str = "cpu",
+        fold_accents: bool = True,
     ):
+        """`fold_accents`: "café" and "cafe" are one term (default); False keeps them apart
+        (for languages where the accent makes another word)."""
         if isinstance(k1, bool) or not isinstance(k1, (int, float)) or not k1 >= 0:
             raise InputError("k1", f"expected a number >= 0, got {k1!r}")
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b <= 1:
             raise InputError("b", f"expected a number in [0, 1], got {b!r}")
         self.k1 = float(k1)
         self.b = float(b)
-        self.stopwords = frozenset(w.lower() for w in stopwords) if stopwords else frozenset()
+        if not isinstance(fold_accents, bool):
+            raise InputError("fold_accents", f"expected a bool, got {fold_accents!r}")
+        self.fold_accents = fold_accents
+        self.stopwords = frozenset(stopwords) if stopwords else frozenset()
         self.max_chars = check_max_chars(max_chars)
         try:
             self.device = torch.device(device)
@@ -170,7 +188,7 @@ class BM25RAG(Method):
             raise InputError("device", f"not a torch device: {device!r}") from exc
 
     def tokenize(self, text: str) -> list[str]:
-        return tokenize(text, self.stopwords)
+        return tokenize(text, self.stopwords, fold_accents=self.fold_accents)
 
     # -- Prepare -------------------------------------------------------------------------------
     def prepare(self, data: Sequence[str] | Documents) -> BM25Memory:
@@ -288,6 +306,7 @@ class BM25RAG(Method):
         self.check_query(memory, query)
         queries = list(query)
         rows, terms, counts, slots = self._query_terms(memory, queries)
+        _warn_unmatched(queries, rows)
         pos, owner = _ranges(memory.term_ptr[terms], memory.df.data[terms])
         docs = memory.post_docs[pos]
         weights = counts[owner] * self._weights(memory, terms[owner], docs, memory.post_tfs[pos])
@@ -321,6 +340,7 @@ class BM25RAG(Method):
         self.check_query(memory, query)
         queries = list(query)
         rows, terms, counts, slots = self._query_terms(memory, queries)
+        _warn_unmatched(queries, rows)
         width = int(slots.max()) + 1 if len(slots) else 1
         dev = memory.device
         out_terms = torch.full((len(queries), width), -1, dtype=torch.long, device=dev)
@@ -346,7 +366,8 @@ class BM25RAG(Method):
         """(indices [B, k] ascending, valid [B, k], BM25 scores [B, k]) of the selection.
 
         Scores only the k selected documents, from the forward index: the cost is their
-        length, not a second pass over the postings.
+        length, not a second pass over the postings. A selected document that matches no
+        query term (score 0) is not valid: it is no result.
         """
         self.check_query(memory, query)
         queries = list(query)
@@ -374,7 +395,8 @@ class BM25RAG(Method):
             weights = q_counts[at] * self._weights(memory, terms, docs[slot], tfs)
             column = pos - ptr[docs][slot]  # the posting's place within its document
             padded[slot, column] = torch.where(q_keys[at] == keys, weights, 0.0)
-        return idx, valid, padded.sum(-1).view(batch, k)
+        scores = padded.sum(-1).view(batch, k)
+        return idx, valid & (scores > 0), scores
 
     def ranked(
         self, memory: BM25Memory, selection: Selection, query: Sequence[str]
@@ -396,6 +418,21 @@ class BM25RAG(Method):
             selection = selection.to_topk()
         ids = selection.indices[selection.valid].tolist()
         return sum(len(memory.texts[i].encode()) for i in ids if i < memory.entries)
+
+
+def _warn_unmatched(queries: list[str], rows: torch.Tensor) -> None:
+    """Warn, once per call, about the queries with no term in the index."""
+    hit = set(rows.tolist())
+    missing = [i for i in range(len(queries)) if i not in hit]
+    if missing:
+        shown = ", ".join(f"{i} ({queries[i][:40]!r})" for i in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        warn(
+            f"hetmem: BM25 queries {shown}{more} have no indexable term in the index "
+            "(no word of 2+ characters, CJK character or known term): they retrieve no "
+            "document",
+            NoMatchWarning,
+        )
 
 
 def _merge_postings(
