@@ -114,8 +114,9 @@ class Growable:
     def _reallocate(self, capacity: int) -> None:
         shape = list(self.buffer.shape)
         shape[self.axis] = capacity
-        grown = self.buffer.new_zeros(shape)
+        grown = self.buffer.new_empty(shape)  # each byte written once: the data, then zeros
         grown.narrow(self.axis, 0, self.length).copy_(self.data)
+        grown.narrow(self.axis, self.length, capacity - self.length).zero_()
         self.buffer = grown
 
     def to(self, device: torch.device) -> Growable:

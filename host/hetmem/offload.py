@@ -54,6 +54,7 @@ from . import kernels
 from .checks import check_k
 from .errors import FpgaError, InputError, PlacementError
 from .fpga.cards import Card, Cards
+from .fpga.emu import execute, one_blas_thread
 from .kernels.spec import check_segments
 from .methods.base import KernelBinding, Memory, Method
 from .plan import StepPlan
@@ -124,6 +125,8 @@ class FpgaStage:
         self._query_bufs: dict[tuple[str, int], Any] = {}
         self._busy: set[int] = set()  # buffer sets of launches in flight
         self._generation = -1  # the card generation the slots were written in
+        self._card_capacity = -1  # rows per slot of the card's buffers
+        self._unsent: list[Any] = []  # appended rows in the mirror, not yet on the card
         #: Checks the bytes per HBM bank a load needs before anything is allocated; a model
         #: sets one that counts its other layers on the card (`SparseDecode`).
         self.fit_check: Callable[[dict[int, int]], None] | None = None
@@ -146,16 +149,23 @@ class FpgaStage:
         return bool(self.slots) and self._generation == self.card.generation
 
     # -- the card's memory -----------------------------------------------------------------------
+    # The host keeps a mirror of what the card holds (`host`, with the slots' states and
+    # rows): it is brought up to the memory first, on the host alone, and the card is then
+    # written from it. A fault loses only the card's copy; the mirror stays exact, so the
+    # card is restored from it (no refit: the same formats, the same results), and the host
+    # runs the kernel's golden model over it when the card is skipped (`select_host`).
     def load(self, memory: Memory) -> Profile:
         """Fit the kernel's formats per slot, allocate buffers with spare capacity and write
         every row that holds entries; replaces whatever the card held for this stage."""
-        with self._on_fault():
-            return self._load(memory)
-
-    def _load(self, memory: Memory) -> Profile:
         profile = Profile()
+        self._fit(memory, profile)
+        with self._on_fault():
+            self._restore(self.card.open(), profile, "load: every entry")
+        return profile
+
+    def _fit(self, memory: Memory, profile: Profile) -> None:
+        """The host mirror from the whole memory: states fitted, every row quantized."""
         self._release()
-        device = self.card.open()
         with self._host(profile, "quantize memory") as rec:
             floats = self.binding.memory(memory)
             parts = self._slot_floats(memory, floats)
@@ -165,24 +175,56 @@ class FpgaStage:
                 slots.append(_Slot(state))
                 ints.append(self.spec.quantize_memory(part, state))
             rec.note = f"{len(slots)} slots"
-        writes = _Transfers()
-        self.slots = slots
-        if self.binding.layout != "index":
-            self.stacked = self.spec.stack_states([slot.state for slot in slots])
         if self.binding.layout == "index":
-            self._write_index(device, ints[0], writes)
-            self.slots[0].rows = int(memory.entries)
+            self.host = {arg: data.copy() for arg, data in ints[0].items()}
+            slots[0].rows = int(memory.entries)
+            slots[0].vocab = self._vocab(ints[0])
         else:
             capacity = capacity_for(max((_rows(i) for i in ints), default=0))
             self._check_fits(ints, len(slots), capacity)
             self.capacity = capacity
-            self._allocate(device, ints[0], len(slots), capacity)
+            self.host = {
+                arg: np.zeros((len(slots) * capacity, *data.shape[1:]), dtype=data.dtype)
+                for arg, data in ints[0].items()
+            }
             for s, part in enumerate(ints):
-                self._write_rows(device, s, 0, part, writes)
+                for arg, data in part.items():
+                    self.host[arg][s * capacity : s * capacity + data.shape[0]] = data
+                slots[s].rows = _rows(part)
+            self.stacked = self.spec.stack_states([slot.state for slot in slots])
+        self.slots = slots
         self._lengths = self._kv_lengths(memory)
+
+    def _restore(self, device: Any, profile: Profile, note: str) -> None:
+        """Write the whole mirror to the card: fresh buffers, every resident row."""
+        self._drop_card()
+        writes = _Transfers()
+        if self.binding.layout == "index":
+            for arg, data in self.host.items():
+                rows = capacity_for(data.shape[0])
+                buf = device.alloc(self.spec.name, arg, max(1, _row_bytes(data) * rows))
+                self.buffers[arg] = buf
+                writes.add(device.write(buf, data))
+        else:
+            rows = len(self.slots) * self.capacity
+            self.buffers = {
+                arg: device.alloc(self.spec.name, arg, max(1, _row_bytes(data) * rows))
+                for arg, data in self.host.items()
+            }
+            for s, slot in enumerate(self.slots):
+                first = s * self.capacity
+                for arg, data in self.host.items():
+                    if slot.rows:
+                        writes.add(
+                            device.write(
+                                self.buffers[arg],
+                                data[first : first + slot.rows],
+                                offset=first * _row_bytes(data),
+                            )
+                        )
+        self._card_capacity = self.capacity
         self._generation = self.card.generation
-        writes.record(profile, "transfer memory -> fpga", self.label, "load: every entry")
-        return profile
+        writes.record(profile, "transfer memory -> fpga", self.label, note)
 
     def memory_need(self, memory: Memory) -> dict[int, int]:
         """Bytes per HBM bank this stage's memory takes on a card (with spare capacity)."""
@@ -201,32 +243,71 @@ class FpgaStage:
         return need
 
     def sync(self, memory: Memory) -> Profile:
-        """After `Method.append`: quantize and write only the rows the append touched."""
-        with self._on_fault():
-            return self._sync(memory)
-
-    def _sync(self, memory: Memory) -> Profile:
-        if not self.loaded:
-            return self._load(memory)
+        """After `Method.append`: quantize the rows the append touched into the mirror and
+        write only those to the card (a card that lost its copy gets the whole mirror).
+        `select` does this itself for a memory that grew since the last one."""
         profile = Profile()
-        device = self.card.open()
-        writes = _Transfers()
-        if self.binding.layout == "index":
-            self._sync_index(device, memory, profile, writes)
-        else:
-            with self._host(profile, "quantize memory") as rec:
-                firsts = self._first_dirty()  # every slot's new rows: one quantization
-                counts, ints = self._quantize_rows(memory, self.binding.memory(memory), firsts)
-                rec.note = f"{int(counts.sum())} rows over {len(counts)} slots"
-            self._write_appended(device, firsts, counts, ints, profile, writes)
-        self._lengths = self._kv_lengths(memory)
-        note = (
-            "CSR rewritten: postings move"
-            if self.binding.layout == "index"
-            else "appended rows only"
-        )
-        writes.record(profile, "transfer memory -> fpga", self.label, note)
+        self._bring_up(memory, profile)
         return profile
+
+    def stage_rows(self, memory: Memory) -> Profile:
+        """After `Method.append`, on the host alone: the rows it touched quantized into the
+        mirror; the card takes them at the next select (so an append never faults)."""
+        profile = Profile()
+        if self.slots and self._stale(memory):
+            self._unsent.append(self._update(memory, profile))
+        return profile
+
+    def _bring_up(self, memory: Memory, profile: Profile) -> None:
+        """Mirror up to the memory (host), then the card up to the mirror."""
+        fitted = not self.slots
+        if fitted:
+            self._fit(memory, profile)
+        else:
+            profile.extend(self.stage_rows(memory))
+        unsent, self._unsent = self._unsent, []
+        with self._on_fault():
+            device = self.card.open()
+            whole = "all" in unsent
+            if not self.loaded or self._card_capacity != self.capacity or whole:
+                if fitted:
+                    note = "load: every entry"
+                elif whole and self.loaded:
+                    note = "CSR rewritten: postings move"
+                elif self.loaded:
+                    note = "regrow: buffers reallocated, resident rows re-sent from the host copy"
+                else:
+                    note = "restored from the host copy"
+                self._restore(device, profile, note)
+            elif unsent:
+                writes = _Transfers()
+                for appended in unsent:
+                    self._write_appended(device, *appended, writes)
+                writes.record(profile, "transfer memory -> fpga", self.label, "appended rows only")
+
+    def _update(self, memory: Memory, profile: Profile) -> Any:
+        """The mirror takes the rows appended since the last update (host only): (firsts,
+        counts, rows) for `_write_appended`, or "all" for an index rewritten whole."""
+        if self.binding.layout == "index":
+            self._update_index(memory, profile)
+            self._lengths = self._kv_lengths(memory)
+            return "all"
+        with self._host(profile, "quantize memory") as rec:
+            firsts = self._first_dirty()  # every slot's new rows: one quantization
+            counts, ints = self._quantize_rows(memory, self.binding.memory(memory), firsts)
+            rec.note = f"{int(counts.sum())} rows over {len(counts)} slots"
+        starts = np.asarray(firsts, dtype=np.int64)
+        ends = starts + counts
+        if int(ends.max(initial=0)) > self.capacity:  # the mirror regrows; the card follows
+            self._regrow_host(capacity_for(int(ends.max())), firsts)
+        base = np.arange(len(counts), dtype=np.int64) * self.capacity + starts
+        rows = np.repeat(base - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+        for arg, data in ints.items():
+            self.host[arg][rows] = data
+        for slot, end in zip(self.slots, ends.tolist(), strict=True):
+            slot.rows = end
+        self._lengths = self._kv_lengths(memory)
+        return firsts, counts, ints
 
     def resident(self, s: int) -> dict[str, np.ndarray]:
         """What the card holds for slot s (its rows in use), read back from the card."""
@@ -271,12 +352,9 @@ class FpgaStage:
     ) -> _Pending:
         """Quantize and write the query and start the launch; return at once (the host may
         run other work while the card computes). `finish` waits and reads the selection."""
+        profile = Profile()
+        self._bring_up(memory, profile)
         with self._on_fault():
-            profile = Profile()
-            if not self.loaded:
-                profile.extend(self._load(memory))
-            elif self._stale(memory):
-                profile.extend(self._sync(memory))
             device = self.card.open()
             launch = self._plan(memory, query, budget, profile, rows)
             pending = _Pending(launch, profile)
@@ -306,6 +384,33 @@ class FpgaStage:
             with self._host(profile, "build selection"):
                 selection = pending.launch.selection()
             return selection, profile
+
+    def select_host(
+        self, memory: Memory, query: Any, budget: int | StepPlan, rows: slice | None = None
+    ) -> tuple[Selection, Profile]:
+        """What `select` returns, computed on the host: the kernel's bit-exact golden model
+        over the host mirror of the card's memory and the same quantized query, so a step
+        whose card faulted (or is skipped by the circuit breaker) returns exactly what the
+        card would have. Touches no device."""
+        profile = Profile()
+        if not self.slots:
+            self._fit(memory, profile)
+        elif self._stale(memory):
+            self._update(memory, profile)  # the card takes these rows when it is used again
+        launch = self._plan(memory, query, budget, profile, rows)
+        with self._host(profile, "relevancy+retrieval (golden model)") as rec:
+            memory_raw = {arg: _raw(data) for arg, data in self.host.items()}
+            with one_blas_thread():
+                for group in launch.groups:
+                    raw = dict(memory_raw)
+                    raw.update({arg: _raw(data) for arg, data in group.inputs.arrays.items()})
+                    scalars = group.inputs.scalars
+                    out, _ = execute(self.spec, raw, scalars)
+                    group.out = out.reshape(self.spec.buffer_shape("out", scalars, 0))
+            rec.note = f"{self.spec.name} on the host: {len(launch.groups)} launches"
+        with self._host(profile, "build selection"):
+            selection = launch.selection()
+        return selection, profile
 
     # -- internals: slots -----------------------------------------------------------------------
     @property
@@ -356,18 +461,11 @@ class FpgaStage:
         firsts: list[int],
         counts: np.ndarray,
         ints: dict[str, np.ndarray],
-        profile: Profile,
         writes: _Transfers,
     ) -> None:
-        """Every slot's new rows (slot order) into the one region: each slot's rows are
-        one range of each memory buffer (`FpgaDevice.write_ranges`), and the host copy
-        takes them with one fancy index."""
-        starts = np.asarray(firsts, dtype=np.int64)
-        ends = starts + counts
-        if int(ends.max(initial=0)) > self.capacity:
-            self._regrow(device, capacity_for(int(ends.max())), firsts, profile)
-        base = np.arange(len(counts), dtype=np.int64) * self.capacity + starts
-        rows = np.repeat(base - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+        """Every slot's new rows (slot order, already in the mirror) to the card: each slot's
+        rows are one range of each memory buffer (`FpgaDevice.write_ranges`)."""
+        base = np.arange(len(counts), dtype=np.int64) * self.capacity + np.asarray(firsts)
         for arg, data in ints.items():
             row_bytes = _row_bytes(self.host[arg])
             before = device.transactions
@@ -375,9 +473,6 @@ class FpgaStage:
                 self.buffers[arg], data, base * row_bytes, counts * row_bytes
             )
             writes.add(timing, device.transactions - before)
-            self.host[arg][rows] = data
-        for slot, end in zip(self.slots, ends.tolist(), strict=True):
-            slot.rows = end
 
     def _slot_rows(self, memory: Memory, floats: Mapping[str, Any]) -> list[int]:
         """Per slot, the rows that hold entries: each batch row's length in units. The
@@ -429,57 +524,25 @@ class FpgaStage:
         else:
             Cards([self.card]).check_fit([need])
 
-    def _allocate(self, device: Any, like: dict[str, np.ndarray], slots: int, capacity: int):
-        """One buffer per memory argument and the host copy, for `slots` x `capacity` rows."""
-        self.host = {
-            arg: np.zeros((slots * capacity, *data.shape[1:]), dtype=data.dtype)
-            for arg, data in like.items()
-        }
-        rows = slots * capacity
-        self.buffers = {
-            arg: device.alloc(self.spec.name, arg, max(1, _row_bytes(data) * rows))
-            for arg, data in like.items()
-        }
-
-    def _write_rows(
-        self, device: Any, s: int, first: int, ints: dict[str, np.ndarray], writes: _Transfers
-    ) -> None:
-        """Write rows [first, first + len) of slot s in every memory buffer."""
-        end = first + _rows(ints)
-        base = s * self.capacity
-        for arg, data in ints.items():
-            if data.shape[0]:
-                row_bytes = _row_bytes(self.host[arg])
-                writes.add(device.write(self.buffers[arg], data, offset=(base + first) * row_bytes))
-                self.host[arg][base + first : base + end] = data
-        self.slots[s].rows = end
-
-    def _regrow(self, device: Any, capacity: int, keep: list[int], profile: Profile) -> None:
-        """Reallocate every buffer with `capacity` rows per slot and re-send rows
-        [0, keep[s]) of each slot from the host copy."""
-        old_host, old_capacity = self.host, self.capacity
-        for buf in self.buffers.values():
-            device.free(buf)
-        like = {arg: arr[:1] for arg, arr in old_host.items()}
+    def _regrow_host(self, capacity: int, keep: list[int]) -> None:
+        """The mirror with `capacity` rows per slot, rows [0, keep[s]) of each slot kept
+        (the card's buffers are then reallocated and refilled from it: those bytes cross
+        PCIe again, and the profile says so)."""
+        old, old_capacity = self.host, self.capacity
         self.capacity = capacity
-        self._allocate(device, like, len(self.slots), capacity)
-        regrow = _Transfers()
+        self.host = {
+            arg: np.zeros((len(self.slots) * capacity, *arr.shape[1:]), dtype=arr.dtype)
+            for arg, arr in old.items()
+        }
         for s, rows in enumerate(keep):
-            part = {
-                arg: arr[s * old_capacity : s * old_capacity + rows]
-                for arg, arr in old_host.items()
-            }
-            self._write_rows(device, s, 0, part, regrow)
-        regrow.record(
-            profile,
-            "transfer memory -> fpga",
-            self.label,
-            "regrow: buffers reallocated, resident rows re-sent from the host copy",
-        )
+            for arg, arr in old.items():
+                self.host[arg][s * capacity : s * capacity + rows] = arr[
+                    s * old_capacity : s * old_capacity + rows
+                ]
 
-    def _sync_index(self, device: Any, memory: Memory, profile: Profile, writes: _Transfers):
-        """An inverted index: postings move inside the CSR on append, so it is rewritten;
-        past the avgdl tolerance the impacts are refitted first."""
+    def _update_index(self, memory: Memory, profile: Profile) -> None:
+        """An inverted index: postings move inside the CSR on append, so it is requantized
+        whole (and rewritten); past the avgdl tolerance the impacts are refitted first."""
         from .kernels.bm25 import drifted
 
         with self._host(profile, "quantize memory") as rec:
@@ -490,28 +553,17 @@ class FpgaStage:
                 slot.state = self.spec.fit(part)
             ints = self.spec.quantize_memory(part, slot.state)
             rec.note = "CSR rewritten" + (" (avgdl drifted: refitted)" if refit else "")
-        self._write_index(device, ints, writes)
+        self.host = {arg: data.copy() for arg, data in ints.items()}
         slot.rows = int(memory.entries)
+        slot.vocab = self._vocab(ints)
 
-    def _write_index(self, device: Any, ints: dict[str, np.ndarray], writes: _Transfers):
-        """A memory written whole (an inverted index: its arrays have lengths of their own);
-        a buffer too small for its array is reallocated with spare capacity."""
-        region = self.buffers
-        for arg, data in ints.items():
-            buf = region.get(arg)
-            if buf is None or buf.nbytes < data.nbytes:
-                if buf is not None:
-                    device.free(buf)
-                rows = capacity_for(data.shape[0])
-                region[arg] = device.alloc(self.spec.name, arg, max(1, _row_bytes(data) * rows))
-            writes.add(device.write(region[arg], data))
-            self.host[arg] = data.copy()
-        self.slots[0].vocab = (
-            int(ints["term_offsets"].shape[0]) - 1 if "term_offsets" in ints else 0
-        )
+    @staticmethod
+    def _vocab(ints: Mapping[str, np.ndarray]) -> int:
+        return int(ints["term_offsets"].shape[0]) - 1 if "term_offsets" in ints else 0
 
-    def _release(self) -> None:
-        """Free every buffer this stage holds (best effort on a faulted card)."""
+    def _drop_card(self) -> None:
+        """Forget the card's copy (free its buffers, best effort on a faulted card); the
+        host mirror stays."""
         device = self.card.device
         if device is not None:  # buffers of a device since reopened are refused: ignored
             bufs = list(self.buffers.values())
@@ -520,10 +572,17 @@ class FpgaStage:
             for buf in bufs:
                 with suppress(FpgaError, InputError):
                     device.free(buf)
-        self.slots, self.buffers, self.host, self._query_bufs = [], {}, {}, {}
+        self.buffers, self._query_bufs = {}, {}
         self._busy = set()
-        self._lengths = None
         self._generation = -1
+        self._card_capacity = -1
+
+    def _release(self) -> None:
+        """Free the card's copy and the host mirror."""
+        self._drop_card()
+        self.slots, self.host, self.stacked = [], {}, None
+        self._lengths, self._unsent = None, []
+        self.capacity = 0
 
     def _query_buffers(self, device: Any, sizes: dict[str, int], at: int) -> dict[str, Any]:
         """Reusable buffers for the per-step query arrays (and the segment table), packed in
@@ -663,7 +722,7 @@ class FpgaStage:
         try:
             yield
         except FpgaError:
-            self._release()
+            self._drop_card()  # the host mirror stays exact: the card is restored from it
             self.card.reset()
             raise
 
@@ -809,6 +868,11 @@ def _nbytes(value: Any) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     return int(getattr(value, "nbytes", 0))
+
+
+def _raw(data: np.ndarray) -> np.ndarray:
+    """An array's bytes, as a buffer on the card holds them."""
+    return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
 
 
 def _row_bytes(data: np.ndarray) -> int:

@@ -120,7 +120,7 @@ class Pipeline:
         self.memory: Memory | None = None
         self.profile = Profile()
         self.history: deque[Profile] = deque(maxlen=HISTORY)
-        self.counters: dict[str, int] = {"fpga_fallbacks": 0}
+        self.counters: dict[str, int] = {"fpga_fallbacks": 0, "fpga_skipped": 0}
         self.last_selection: Selection | None = None
 
     def _place(self, placement: Mapping[str, str] | str | None, fpga: Any) -> None:
@@ -211,10 +211,10 @@ class Pipeline:
             self.method.append(memory, data)
             rec.note = f"{memory.entries} entries"
         if self.fpga_stage is not None:
-            try:
-                profile.extend(self.fpga_stage.sync(memory))
-            except FpgaError as exc:  # the host memory has every entry; the card reloads
-                self._fault(profile, exc, "sending the appended entries")
+            # Quantized into the host mirror now; the card takes them at the next select (the
+            # same transfers). An append touches no device, so it cannot fault halfway: it
+            # raises before the memory changed, or has appended everything.
+            profile.extend(self.fpga_stage.stage_rows(memory))
         self._finish(profile)
 
     def select(
@@ -229,14 +229,32 @@ class Pipeline:
         if not isinstance(budget, StepPlan):
             self.method.check_query(memory, query)
         if self.fpga_stage is not None:
-            try:
-                query_m = _to(query, memory.device)  # the kernel's query is built beside the memory
-                selection, fpga_profile = self.fpga_stage.select(memory, query_m, budget)
-            except FpgaError as exc:
-                self._fault(profile, exc, "relevancy+retrieval; rerunning it on the GPU path")
+            stage = self.fpga_stage
+            breaker = stage.card.breaker
+            query_m = _to(query, memory.device)  # the kernel's query is built beside the memory
+            if breaker.allow():
+                try:
+                    selection, fpga_profile = stage.select(memory, query_m, budget)
+                except FpgaError as exc:
+                    breaker.failure()
+                    self._fault(profile, exc, "relevancy+retrieval; the host runs the kernel")
+                else:
+                    breaker.success()
+                    profile.extend(fpga_profile)
+                    return self._move_selection(profile, selection)
             else:
-                profile.extend(fpga_profile)
-                return self._move_selection(profile, selection)
+                self.counters["fpga_skipped"] += 1
+                profile.counters["fpga_skipped"] += 1
+                note = (
+                    f"circuit open after {breaker.limit} faults in a row: {breaker.left} more "
+                    "selects on the host"
+                )
+                profile.add(StepRecord("fpga skipped", stage.label, 0.0, "measured", 0, note))
+            # The card's exact answer, computed on the host (its golden model over the host
+            # mirror of the card's memory): a fault changes no output.
+            selection, host_profile = stage.select_host(memory, query_m, budget)
+            profile.extend(host_profile)
+            return self._move_selection(profile, selection)
         query_r = _to(query, self.device("relevancy"))
         with profile.measure("relevancy", self.device("relevancy"), memory.index_nbytes):
             scores = self.method.relevancy(memory, query_r)
@@ -273,11 +291,13 @@ class Pipeline:
             and self.fpga_stage is not None
             and isinstance(budget, StepPlan)
             and budget.batch >= 2
+            and not self.fpga_stage.card.breaker.open
         ):
             try:
                 return self._ping_pong(memory, query, budget)
             except FpgaError as exc:  # the card faulted: this step runs sequentially
-                self._fault(profile, exc, "relevancy+retrieval; rerunning it on the GPU path")
+                self.fpga_stage.card.breaker.failure()
+                self._fault(profile, exc, "relevancy+retrieval; rerunning the step")
         selection = self.select(query, budget, profile)
         dev = self.device("apply")
         with profile.measure("apply", dev, self.method.apply_nbytes(memory, selection)):
@@ -355,8 +375,6 @@ class Pipeline:
         the card's state so that the next FPGA step rebuilds it from the host's memory."""
         import warnings
 
-        if self.fpga_stage is not None:
-            self.fpga_stage.invalidate()
         if self.on_fpga_error == "raise":
             raise exc
         self.counters["fpga_fallbacks"] += 1
@@ -373,7 +391,7 @@ class Pipeline:
         )
         warnings.warn(
             f"hetmem: FPGA fault while {what} ({type(exc).__name__}: {exc}); the card's memory "
-            "will be rebuilt from the host copy",
+            "will be restored from the host copy",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -16,20 +16,75 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FpgaError, InputError
 from ..kernels.spec import HBM_BANKS
 from .device import FpgaDevice
 
+#: Consecutive faults that open a card's circuit breaker, and the selects it then skips.
+FAULT_LIMIT = 3
+COOLDOWN = 64
+
+
+@dataclass
+class CircuitBreaker:
+    """Skips a card that keeps faulting. After `limit` consecutive faults the breaker opens:
+    the next `cooldown` selects on the card (every layer's) run the kernel's golden model on
+    the host instead of trying it (a dead card would cost the device timeout on every layer
+    of every token); then one select tries the card again, and a fault there reopens it at
+    once. A success closes it. `skipped` and `opened` count for the stats."""
+
+    limit: int = FAULT_LIMIT
+    cooldown: int = COOLDOWN
+    faults: int = 0  # consecutive
+    left: int = 0  # selects still to skip
+    skipped: int = 0
+    opened: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("limit", "cooldown"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"fpga {'fault_limit' if name == 'limit' else name}",
+                                 f"must be a positive int, got {value!r}")  # fmt: skip
+
+    @property
+    def open(self) -> bool:
+        return self.left > 0
+
+    def allow(self) -> bool:
+        """Whether this select may use the card (False: skip it, one cool-down step spent)."""
+        if self.left > 0:
+            self.left -= 1
+            self.skipped += 1
+            return False
+        return True
+
+    def success(self) -> None:
+        self.faults = 0
+
+    def failure(self) -> None:
+        self.faults += 1
+        if self.faults >= self.limit:
+            self.left = self.cooldown
+            self.opened += 1
+
 
 class Card:
-    """One card: a target name and options, opened lazily, or an open device."""
+    """One card: a target name and options, opened lazily, or an open device.
+
+    `options` are the device's (`open_device`), plus the circuit breaker's `fault_limit`
+    and `cooldown` (`CircuitBreaker`)."""
 
     def __init__(self, target: str | FpgaDevice = "auto", options: Mapping[str, Any] | None = None):
         from .targets import TARGETS
 
         self.options = dict(options or {})
+        self.breaker = CircuitBreaker(
+            self.options.pop("fault_limit", FAULT_LIMIT), self.options.pop("cooldown", COOLDOWN)
+        )
         self.device: FpgaDevice | None = None
         self._owned = True
         if isinstance(target, FpgaDevice):
