@@ -2,8 +2,9 @@
 
     stage = FpgaStage(DSA(), "emu")                   # or a shared `Card` of a model
     profile = stage.load(memory)                      # once: fit, allocate, write every row
-    profile = stage.sync(memory)                      # after Method.append: new rows only
-    selection, profile = stage.select(memory, query, plan)
+    profile = stage.stage_rows(memory)                # after Method.append: host mirror only
+    selection, profile = stage.select(memory, query, plan)   # sends staged rows, selects
+    selection, profile = stage.select_host(memory, query, plan)  # the same, card untouched
 
 The stage bridges a method's `KernelBinding` (its float memory and query, the layout, the
 unit) and a card (`hetmem.fpga.cards.Card`: one open device that every layer of a model
@@ -35,8 +36,15 @@ runs on it unchanged.
 
 Every profile row carries its source: host work is `measured`; transfers and kernel runs come
 from the device (`modeled` on emu, `simulated` on cosim, `measured` on a card), with the PCIe
-transactions they made. After a fault the card is reset (`Card.reset`): every stage on it sees
-the new generation and reloads from the method's memory on the host, so nothing is lost.
+transactions they made.
+
+The host keeps a mirror of what the card holds (the quantized rows, the slots' states): an
+append quantizes its rows into the mirror and touches no device (the next select sends them),
+so it cannot fault halfway. After a fault the card is reset (`Card.reset`): every stage on it
+sees the new generation and is restored from its mirror (no refit: the same formats, the same
+answers), so nothing is lost. `select_host` runs the kernel's bit-exact golden model over the
+mirror: the pipeline's fallback, and what it runs while the card's `CircuitBreaker` is open,
+returns exactly what the card would have.
 """
 
 from __future__ import annotations
