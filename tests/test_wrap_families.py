@@ -340,6 +340,24 @@ def test_sparse_softmax_adds_the_sinks_and_the_softcap(unit, per_head):
     assert not torch.allclose(plain, want, atol=1e-3)
 
 
+def test_exact_attention_in_chunks_of_queries_equals_one_piece(monkeypatch):
+    """A long prefill runs chunk by chunk of queries (bounded logits): same result; a
+    missing mask is the causal one, windowed."""
+    from hetmem.models import attention_fn
+
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, h, 12, 8, generator=gen) for h in (4, 2, 2))
+    extras = Extras(window=5, sinks=torch.randn(4, generator=gen), softcap=3.0)
+    mask = attention_fn._dense_mask(None, 12, 12, 5, q)
+    whole = attend(q, k, v, mask, 0.3, extras)
+    monkeypatch.setattr(attention_fn, "LOGITS_BYTES", 2 * 4 * 12 * 4 * 5)  # 5 queries a chunk
+    torch.testing.assert_close(attend(q, k, v, mask, 0.3, extras), whole, atol=1e-6, rtol=1e-6)
+    causal = torch.ones(12, 12, dtype=torch.bool).tril() & ~torch.ones(
+        12, 12, dtype=torch.bool
+    ).tril(-5)
+    torch.testing.assert_close(whole, attend(q, k, v, causal[None, None], 0.3, extras))
+
+
 def test_a_sink_passed_by_another_name_is_refused_at_the_call():
     q = torch.randn(1, 2, 1, 8)
     with pytest.raises(UnsupportedModel, match="sinks"):

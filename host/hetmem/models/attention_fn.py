@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from ..attention import AttentionQuery, KVCache, expand_units, gather_tokens, visible_mask
@@ -40,6 +40,9 @@ from .cache import HetmemLayer, claim
 from .layout import fresh_validity
 
 NAME = "hetmem"
+
+#: Bytes of float32 logits `attend` holds at once (it runs a long prefill chunk by chunk).
+LOGITS_BYTES = 256 << 20
 
 #: What one call does with a layer of a hetmem cache.
 SPARSE, WINDOW, DENSE = "sparse", "window", "dense"
@@ -242,23 +245,35 @@ def attend(
     extras: Extras,
 ) -> torch.Tensor:
     """Exact softmax attention, [B, T, Hq, Dv]: query [B, Hq, T, D], key / value
-    [B, Hkv, S, D] (grouped queries), `mask` bool (True: attend) or additive, broadcast to
-    [B, Hq, T, S]; the logits softcapped, the sink logits joining the softmax. Computed in
-    float32."""
-    heads = query.shape[1]
-    key = repeat_kv(key, heads // key.shape[1])
-    value = repeat_kv(value, heads // value.shape[1])
-    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
-    logits = _softcap(logits, extras.softcap)
+    [B, Hkv, S, D] (each KV head serving Hq / Hkv query heads), `mask` bool (True: attend)
+    or additive, broadcast to [B, Hq, T, S]; the logits softcapped, the sink logits joining
+    the softmax. Computed in float32, in chunks of queries of at most `LOGITS_BYTES` of
+    logits (a long prefill never holds all of them)."""
+    b, heads, t, _ = query.shape
+    hkv = key.shape[1]
+    r = heads // hkv
+    qg = query.float().unflatten(1, (hkv, r))  # [B, Hkv, R, T, D]
+    kt = key.float()[:, :, None].transpose(-1, -2)  # [B, Hkv, 1, D, S]
+    vf = value.float()[:, :, None]  # [B, Hkv, 1, S, Dv]
     if mask is not None:
-        if mask.dtype == torch.bool:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        else:
-            logits = logits + mask.float()
-    sinks = None if extras.sinks is None else extras.sinks.view(1, heads, 1, 1)
-    probs = _logits_to_probs(logits, sinks)
-    out = torch.matmul(probs, value.float())
-    return out.to(query.dtype).transpose(1, 2).contiguous()
+        mask = mask.to(query.device)
+        mask = mask[:, :, None] if mask.shape[1] == 1 else mask.unflatten(1, (hkv, r))
+    sinks = None if extras.sinks is None else extras.sinks.to(query.device).view(1, hkv, r, 1, 1)
+    per_query = b * heads * key.shape[-2] * 4
+    step = max(1, LOGITS_BYTES // max(per_query, 1))
+    outs = []
+    for start in range(0, t, step):
+        rows = slice(start, min(t, start + step))
+        logits = _softcap(torch.matmul(qg[:, :, :, rows], kt) * scale, extras.softcap)
+        if mask is not None:
+            part = mask[:, :, :, rows] if mask.shape[-2] == t else mask
+            if part.dtype == torch.bool:
+                logits = logits.masked_fill(~part, float("-inf"))
+            else:
+                logits = logits + part.float()
+        outs.append(torch.matmul(_logits_to_probs(logits, sinks), vf))  # [B, Hkv, R, t, Dv]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+    return out.flatten(1, 2).to(query.dtype).transpose(1, 2).contiguous()
 
 
 def attend_selection(
@@ -312,4 +327,4 @@ def _dense_mask(
     mask = k <= q
     if window is not None:
         mask &= k > q - window
-    return mask
+    return mask[None, None]  # [1, 1, T, S]
