@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -60,3 +61,23 @@ def test_devices_shows_a_present_xclbin_and_its_checksum(run, monkeypatch, tmp_p
 def test_devices_with_a_missing_manifest_is_an_error(run, tmp_path):
     code, out = run("devices", "--manifest", str(tmp_path / "nope.json"))
     assert code == 2 and "no bitstream manifest" in out
+
+
+def test_devices_flags_a_bank_map_that_disagrees_with_the_kernel_specs(run, tmp_path):
+    entry = expected_entry()
+    kernels = {k: dict(v) for k, v in entry.kernels.items()}
+    kernels["bm25"]["impacts"] = 31
+    del kernels["vector_search"]["segs"]
+    bad = dataclasses.replace(entry, kernels=kernels)
+    manifest = tmp_path / "manifest.json"
+    Manifest({bad.name: bad}).save(manifest)
+    code, out = run("devices", "--manifest", str(manifest))
+    assert code == 1
+    assert "DISAGREES" in row(out, "hetmem_hw.xclbin")
+    text = " ".join(out.split())
+    assert "bm25.impacts in HBM[31], spec HBM[20]" in text
+    assert "vector_search.segs missing (spec: HBM[17])" in text
+    Manifest({entry.name: entry}).save(manifest)  # as the specs: no flag
+    code, out = run("devices", "--manifest", str(manifest))
+    assert code == 0 and "as the kernel specs" in row(out, "hetmem_hw.xclbin")
+    assert bad.spec_mismatches() and not entry.spec_mismatches()

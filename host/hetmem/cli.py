@@ -3,16 +3,114 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import warnings
+from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import InputError
 
 #: Piped or captured output (logs, CI) gets 120 columns instead of rich's 80, so that the
 #: profile tables stay one line per step.
 console = Console(width=None if sys.stdout.isatty() else 120)
+
+
+# -- argument checks: every one runs before a model loads or training starts ---------------------
+
+
+def fpga_targets() -> list[str]:
+    """The names `--fpga` takes: auto and every registered target."""
+    from .fpga.targets import TARGETS
+
+    return ["auto", *TARGETS]
+
+
+def check_target(value: str | None) -> None:
+    if value is not None and value not in fpga_targets():
+        raise InputError(
+            "--fpga", f"unknown FPGA target {value!r}; targets are {', '.join(fpga_targets())}"
+        )
+
+
+def check_positive(args: argparse.Namespace, *names: str, minimum: int = 1) -> None:
+    """Each named option is None or an int >= minimum."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise InputError(
+                "--" + name.replace("_", "-"),
+                f"expected an integer >= {minimum}, got {value}",
+            )
+
+
+def check_placement(value: str | None) -> dict[str, str] | None:
+    from .pipeline import normalize_placement
+
+    return None if value in (None, "auto") else normalize_placement(value)
+
+
+def check_out(option: str, value: str | os.PathLike, default_name: str | None = None) -> Path:
+    """The file an option names can be written: its directory exists and is writable (a
+    directory given gets `default_name` in it). Returns the file's path."""
+    target = Path(value)
+    if target.is_dir():
+        if default_name is None:
+            raise InputError(option, f"{target} is a directory; name a file")
+        target = target / default_name
+    parent = target.parent
+    if not parent.is_dir():
+        raise InputError(option, f"cannot write {target}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise InputError(option, f"cannot write {target}: permission denied")
+    return target
+
+
+def check_demo(args: argparse.Namespace) -> None:
+    from .methods import ATTENTION_METHODS, RAG_METHODS
+
+    known = (*ATTENTION_METHODS, *RAG_METHODS)
+    for name in args.method or []:
+        if name not in known:
+            raise InputError("--method", f"unknown method {name!r}; methods are {', '.join(known)}")
+    check_target(args.fpga)
+    check_placement(args.placement)
+    check_positive(args, "budget", "k")
+    # The demo's second batch row holds 3/4 of the context: it needs at least one token.
+    check_positive(args, "context", minimum=2)
+
+
+def check_calibrate(args: argparse.Namespace) -> Path:
+    """The model directory, after every calibrate option is checked against it."""
+    from .models.calibrate import SELECTORS_FILE
+    from .run import bundled_dir, max_positions, model_config
+
+    check_positive(
+        args, "sequences", "tokens", "queries", "steps", "block_size", "indexer_dim",
+        "indexer_heads",
+    )  # fmt: skip
+    directory = bundled_dir() if args.model is None else Path(args.model)
+    limit = max_positions(model_config(directory))
+    if limit is not None and args.tokens > limit:
+        raise InputError(
+            "--tokens", f"{args.tokens} tokens per sequence exceed the model's {limit} positions"
+        )
+    first = max(args.tokens // 8, 1)  # query positions are drawn from [tokens/8, tokens - 1)
+    if args.tokens - 1 - first < args.queries - 1:
+        raise InputError(
+            "--queries",
+            f"{args.queries} query positions do not fit {args.tokens}-token sequences "
+            f"(at most {max(args.tokens - first, 1)})",
+        )
+    if args.block_size > args.tokens:
+        raise InputError(
+            "--block-size", f"{args.block_size} exceeds the {args.tokens} tokens of a sequence"
+        )
+    check_out("--out", directory if args.out is None else args.out, SELECTORS_FILE)
+    return directory
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -42,6 +140,14 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    check_demo(args)
+    placement = check_placement(args.placement)
+    if args.fpga is not None and "fpga" not in (placement or {}).values():
+        console.print(
+            f"[yellow]note:[/yellow] --fpga {args.fpga} has no effect: the placement puts no "
+            "step on the fpga (e.g. --placement gpu/fpga/fpga/gpu)"
+        )
+
     def show(result) -> None:
         console.rule(f"[bold]{result.method}[/bold]")
         console.print(result.summary)
@@ -65,11 +171,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .models.calibrate import calibrate_dir
 
-    directory = args.model
-    if directory is None:
-        from .run import bundled_dir
-
-        directory = bundled_dir()
+    directory = check_calibrate(args)
     calibrate_dir(
         directory,
         sequences=args.sequences,
@@ -102,9 +204,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
     manifest = Manifest.load(args.manifest)
     where = ", ".join(str(p) for p in search_paths())
     table = Table(title=f"xclbins of {manifest.path} (searched in {where})")
-    for column in ("xclbin", "platform", "kernels", "file", "checksum"):
+    for column in ("xclbin", "platform", "kernels", "file", "checksum", "bank map"):
         table.add_column(column)
     labels = {"match": "[green]matches[/green]", "mismatch": "[red]MISMATCH[/red]"}
+    disagree = []
     for row in manifest.status():
         entry, path, check = row["entry"], row["path"], row["checksum"]
         found = f"[green]present[/green] {path}" if path else "[yellow]missing[/yellow]"
@@ -113,9 +216,23 @@ def cmd_devices(args: argparse.Namespace) -> int:
         kernels = ", ".join(
             f"{k} ({entry.sources[k]})" if k in entry.sources else k for k in entry.kernels
         )
-        table.add_row(entry.name, entry.platform, kernels, found, checksum)
+        specs = "[green]as the kernel specs[/green]"
+        if row["specs"]:
+            specs = "[red]DISAGREES with the kernel specs[/red]"
+            disagree.append((entry.name, row["specs"]))
+        table.add_row(entry.name, entry.platform, kernels, found, checksum, specs)
     console.print(table)
-    return 0
+    for name, lines in disagree:
+        console.print(
+            f"[red]{escape(name)}: the manifest's bank map disagrees with the kernel specs[/red] "
+            "(the runtime allocates by the specs: regenerate the link config with "
+            "`python fpga/vitis/generate.py`, rebuild, and record the entry that "
+            "hetmem.fpga.manifest.expected_entry() gives):",
+            highlight=False,
+        )
+        for line in lines:
+            console.print(f"  {escape(line)}", highlight=False)
+    return 1 if disagree else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -143,6 +260,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .system.compare import DEFAULT_BATCHES, DEFAULT_CONTEXTS, compare, systems_of
     from .system.report import print_comparison, write_json, write_pngs
 
+    if args.json:
+        check_out("--json", args.json)
     systems = systems_of(args.gpu or ["MI210"], args.card or ["U55C"], args.link)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("modeling the grid", total=None)
@@ -192,9 +311,9 @@ def cmd_profile_device(args: argparse.Namespace) -> int:
     from .system.calibrate_device import DEFAULT, QUICK, profile_device
 
     sizes = QUICK if args.quick else DEFAULT
+    check_out("--out", args.out)
     if args.repeat is not None:
-        if args.repeat < 1:
-            raise InputError("repeat", f"expected a positive int, got {args.repeat}")
+        check_positive(args, "repeat")
         sizes = type(sizes)(**{**sizes.__dict__, "repeat": args.repeat})
     with Progress(console=console) as progress:
         task = progress.add_task(f"microbenchmarks on {args.device}", total=4)
@@ -247,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--placement", default=None, help="devices of the four steps, e.g. gpu/fpga/fpga/gpu"
     )
-    p.add_argument("--fpga", default=None, help="FPGA target: emu, cosim, xrt, pynq")
+    p.add_argument("--fpga", default=None, help=f"FPGA target: {', '.join(fpga_targets())}")
     p.add_argument("--context", type=int, default=8192, help="context length in tokens")
     p.add_argument("--budget", type=int, default=1024, help="token budget of sparse attention")
     p.add_argument("--k", type=int, default=5, help="documents retrieved by the RAG methods")
@@ -276,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=None, help="local model directory (default: bundled)")
     p.add_argument("--method", default="dsa", help="sparse-attention method: dsa, seer, quest")
-    p.add_argument("--fpga", default="auto", help="FPGA target: auto, emu, cosim, xrt, pynq")
+    p.add_argument("--fpga", default="auto", help=f"FPGA target: {', '.join(fpga_targets())}")
     p.add_argument("--context", type=int, default=None, help="prompt tokens (default: model card)")
     p.add_argument("--prompts", type=int, default=4, help="passkey prompts")
     p.add_argument("--budget", type=int, default=None, help="tokens attended (default: 1/8)")
@@ -344,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. A bad argument, a hetmem error or a file that cannot be read or
+    written ends it with "error: ..." and status 2, never a traceback."""
     from .errors import HetmemError
 
     args = build_parser().parse_args(argv)
@@ -351,8 +472,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except HetmemError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return 2
+    except (OSError, json.JSONDecodeError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
 
 
 if __name__ == "__main__":

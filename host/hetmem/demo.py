@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 from .attention import KVChunk, attention_recall
+from .checks import check_positive_int
+from .errors import InputError
 from .methods import ATTENTION_METHODS, RAG_METHODS, get
 from .pipeline import Pipeline
 from .profile import Profile
@@ -71,8 +73,18 @@ def run_demo(
     seed: int = 0,
     on_result: Callable[[DemoResult], None] | None = None,
 ) -> list[DemoResult]:
+    names = list(methods or [*ATTENTION_METHODS, *RAG_METHODS])
+    for name in names:
+        if name not in (*ATTENTION_METHODS, *RAG_METHODS):
+            raise InputError(
+                "methods", f"unknown method {name!r}; methods are {ATTENTION_METHODS + RAG_METHODS}"
+            )
+    check_positive_int("budget", budget)
+    check_positive_int("k", k)
+    if check_positive_int("context", context) < 2:  # the second row holds 3/4 of it
+        raise InputError("context", f"expected at least 2 tokens, got {context}")
     results = []
-    for name in methods or [*ATTENTION_METHODS, *RAG_METHODS]:
+    for name in names:
         if name in ATTENTION_METHODS:
             result = attention_demo(name, placement, fpga, context, budget, seed)
         else:

@@ -170,6 +170,117 @@ def _greedy(model: Any, cache: Any, first: torch.Tensor, steps: int, tick: Any) 
     return torch.cat([t[:, None] for t in tokens], dim=1)
 
 
+#: The sparse-attention methods `hetmem run` wraps a model with.
+RUN_METHODS = ("dsa", "seer", "quest")
+
+
+def model_config(model_dir: Path) -> dict[str, Any]:
+    """The text model's config.json (read, not loaded: no weights), or InputError."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise InputError(
+            "model", f"{model_dir} is not a transformers model directory (no config.json)"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError("model", f"{path} is not a readable JSON config: {exc}") from None
+    if not isinstance(config, dict):
+        raise InputError("model", f"{path} is not a JSON object")
+    text = config.get("text_config")
+    return {**config, **text} if isinstance(text, dict) else config
+
+
+def max_positions(config: dict[str, Any]) -> int | None:
+    """The most positions the model embeds (max_position_embeddings), if its config says."""
+    value = config.get("max_position_embeddings")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def check_selectors(model_dir: Path, config: dict[str, Any]) -> None:
+    """The trained selectors beside the model, if any, fit its shape: layers, KV heads,
+    query heads per group, head dim. Says what does not match and how to regenerate."""
+    from .models.calibrate import SELECTORS_FILE, load_selectors
+
+    path = model_dir / SELECTORS_FILE
+    if not path.is_file():
+        return
+    selectors = load_selectors(path)
+    layers = config.get("num_hidden_layers")
+    heads = config.get("num_attention_heads")
+    kv_heads = config.get("num_key_value_heads") or heads
+    dim = config.get("head_dim") or (
+        config["hidden_size"] // heads if config.get("hidden_size") and heads else None
+    )
+    wrong: list[str] = []
+    if isinstance(layers, int) and selectors.layers != layers:
+        wrong.append(f"{selectors.layers} layers of selectors, the model has {layers}")
+    if isinstance(kv_heads, int) and isinstance(dim, int) and isinstance(heads, int):
+        key_features = int(selectors.indexers[0].wk.shape[0])
+        if key_features != kv_heads * dim:
+            wrong.append(
+                f"DSA indexer keys read {key_features} features per token, the model's keys "
+                f"have {kv_heads} KV heads x {dim} = {kv_heads * dim}"
+            )
+        gate_q = tuple(int(n) for n in selectors.gates[0].wq.shape[:2])
+        if gate_q != (kv_heads, heads // kv_heads * dim):
+            wrong.append(
+                f"Seer gates take {gate_q[0]} KV groups of {gate_q[1]} query features, the "
+                f"model has {kv_heads} groups of {heads // kv_heads} heads x {dim} = "
+                f"{heads // kv_heads * dim}"
+            )
+    if wrong:
+        raise InputError(
+            "model",
+            f"{path} was trained for another model shape: {'; '.join(wrong)}. Regenerate it "
+            f"with `hetmem calibrate --model {model_dir}` (or delete it to run the untrained "
+            "selectors)",
+        )
+
+
+def check_run_args(
+    model_dir: Path,
+    method: Any,
+    fpga: Any,
+    context: Any,
+    prompts: Any,
+    budget: Any,
+    placement: Any,
+    new_tokens: Any = NEW_TOKENS,
+) -> int | None:
+    """Every argument of `run`, checked before the model loads (a bad one costs nothing):
+    returns the model's maximum positions (None when its config does not say)."""
+    from .fpga.targets import TARGETS
+    from .pipeline import normalize_placement
+
+    if method not in RUN_METHODS:
+        raise InputError("method", f"expected one of {', '.join(RUN_METHODS)}, got {method!r}")
+    if not (isinstance(fpga, str) and (fpga == "auto" or fpga in TARGETS)):
+        raise InputError(
+            "fpga", f"unknown FPGA target {fpga!r}; targets are auto, {', '.join(TARGETS)}"
+        )
+    if placement != "auto":
+        normalize_placement(placement)
+    check_positive_int("prompts", prompts)
+    check_positive_int("new_tokens", new_tokens)
+    if context is not None:
+        check_positive_int("context", context)
+    if budget is not None:
+        check_positive_int("budget", budget)
+    config = model_config(model_dir)
+    limit = max_positions(config)
+    if limit is not None and context is not None and context + new_tokens > limit:
+        raise InputError(
+            "context",
+            f"{context} tokens + {new_tokens} decoded exceed the model's {limit} positions "
+            f"(max_position_embeddings in {model_dir / 'config.json'}): use --context "
+            f"{limit - new_tokens} or less",
+        )
+    if method in ("dsa", "seer"):
+        check_selectors(model_dir, config)
+    return limit
+
+
 def run(
     model: str | os.PathLike | None = None,
     method: str = "dsa",
@@ -194,9 +305,8 @@ def run(
     from .models.wrap import cache_kwarg
 
     console = console or Console()
-    prompts = check_positive_int("prompts", prompts)
-    new_tokens = check_positive_int("new_tokens", new_tokens)
     model_dir = bundled_dir() if model is None else Path(model)
+    check_run_args(model_dir, method, fpga, context, prompts, budget, placement, new_tokens)
     device = torch_device("gpu")
     with console.status(f"loading {model_dir}"):
         lm, tokenizer = load_local(model_dir, device)

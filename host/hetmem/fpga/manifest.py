@@ -112,6 +112,27 @@ class XclbinEntry:
         """Names an xclbin header may carry for this platform (platform or shell VBNV)."""
         return tuple(p for p in (self.platform, self.shell) if p)
 
+    def spec_mismatches(self) -> list[str]:
+        """Where the entry's bank map disagrees with the kernel specs, one line each (empty
+        when it agrees): unknown kernels, arguments missing or extra, banks that differ."""
+        found = []
+        for kernel, banks in self.kernels.items():
+            try:
+                expected = spec_banks(kernel)
+            except InputError:
+                found.append(f"unknown kernel {kernel!r}")
+                continue
+            for arg, bank in expected.items():
+                if arg not in banks:
+                    found.append(f"{kernel}.{arg} missing (spec: HBM[{bank}])")
+                elif banks[arg] != bank:
+                    found.append(f"{kernel}.{arg} in HBM[{banks[arg]}], spec HBM[{bank}]")
+            found.extend(
+                f"{kernel}.{arg} is no buffer argument of the spec" for arg in banks
+                if arg not in expected
+            )  # fmt: skip
+        return found
+
     def check_specs(self) -> None:
         """The entry's bank map must be the kernel specs' (the runtime allocates by them)."""
         for kernel, banks in self.kernels.items():
@@ -272,8 +293,9 @@ class Manifest:
         return path, entry
 
     def status(self) -> list[dict[str, Any]]:
-        """Each xclbin: entry, where it was found (or None), and whether its checksum is
-        'match', 'mismatch' or 'unrecorded' (None when absent)."""
+        """Each xclbin: entry, where it was found (or None), whether its checksum is
+        'match', 'mismatch' or 'unrecorded' (None when absent), and `specs`: where its bank
+        map disagrees with the kernel specs (empty when it agrees)."""
         rows = []
         for entry in self.xclbins.values():
             path = self.locate(entry.name)
@@ -283,7 +305,9 @@ class Manifest:
                     check = "unrecorded"
                 else:
                     check = "match" if sha256_file(path) == entry.sha256 else "mismatch"
-            rows.append({"entry": entry, "path": path, "checksum": check})
+            rows.append(
+                {"entry": entry, "path": path, "checksum": check, "specs": entry.spec_mismatches()}
+            )
         return rows
 
 
