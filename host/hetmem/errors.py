@@ -48,3 +48,9 @@ class AxiError(FpgaError):
 
 class NoDeviceError(FpgaError):
     """The requested FPGA target is not available on this machine."""
+
+
+class ConcurrentUse(HetmemError, RuntimeError):
+    """A wrapped model's cache was used by a second thread while another thread was in the
+    middle of a forward pass over it (one cache holds one sequence of decode steps; give each
+    thread its own cache)."""

@@ -19,6 +19,8 @@ neither does. Each change of device between steps is recorded as a transfer step
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -77,8 +79,27 @@ def normalize_placement(placement: Mapping[str, str] | str | None) -> dict[str, 
     return out
 
 
+def _serialized(fn: Any) -> Any:
+    """A public call that holds the pipeline's lock: calls from several threads run one at a
+    time, each as it would alone (the memory, the card's buffers and the last profile are
+    the pipeline's state)."""
+
+    @functools.wraps(fn)
+    def call(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return fn(self, *args, **kwargs)
+
+    return call
+
+
 class Pipeline:
-    """Runs a method's four steps under a placement and profiles every step."""
+    """Runs a method's four steps under a placement and profiles every step.
+
+    Thread-safe by serialization: `prepare`, `append`, `select`, `step` and `decode` hold the
+    pipeline's lock, so calls from several threads run one after another, each returning what
+    it would alone (`profile` and `last_selection` are those of the call that ended last).
+    Pipelines that share a card (a wrapped model's layers) also take the card's lock while
+    they use it."""
 
     def __init__(
         self,
@@ -108,6 +129,7 @@ class Pipeline:
         if on_fpga_error not in ("fallback", "raise"):
             raise PlacementError("on_fpga_error", "expected 'fallback' or 'raise'")
         self.method = method
+        self._lock = threading.RLock()
         self.plan_explanation: str | None = None
         self._auto: dict[str, Any] | None = None
         if isinstance(placement, str) and placement == "auto":
@@ -183,6 +205,7 @@ class Pipeline:
         return value
 
     # -- steps ---------------------------------------------------------------------------
+    @_serialized
     def prepare(self, data: Any) -> Memory:
         """Prepare Memory once; decode steps reuse it and `append` grows it."""
         if self._auto is not None:  # placement="auto" without a shape: plan for this memory
@@ -201,6 +224,7 @@ class Pipeline:
         self._finish(profile)
         return self.memory
 
+    @_serialized
     def append(self, data: Any) -> None:
         """Grow the memory by new entries; on the card only the new entries are sent."""
         memory = self._require_memory()
@@ -217,6 +241,7 @@ class Pipeline:
             profile.extend(self.fpga_stage.stage_rows(memory))
         self._finish(profile)
 
+    @_serialized
     def select(
         self, query: Any, budget: int | StepPlan, profile: Profile | None = None
     ) -> Selection:
@@ -229,32 +254,8 @@ class Pipeline:
         if not isinstance(budget, StepPlan):
             self.method.check_query(memory, query)
         if self.fpga_stage is not None:
-            stage = self.fpga_stage
-            breaker = stage.card.breaker
-            query_m = _to(query, memory.device)  # the kernel's query is built beside the memory
-            if breaker.allow():
-                try:
-                    selection, fpga_profile = stage.select(memory, query_m, budget)
-                except FpgaError as exc:
-                    breaker.failure()
-                    self._fault(profile, exc, "relevancy+retrieval; the host runs the kernel")
-                else:
-                    breaker.success()
-                    profile.extend(fpga_profile)
-                    return self._move_selection(profile, selection)
-            else:
-                self.counters["fpga_skipped"] += 1
-                profile.counters["fpga_skipped"] += 1
-                note = (
-                    f"circuit open after {breaker.limit} faults in a row: {breaker.left} more "
-                    "selects on the host"
-                )
-                profile.add(StepRecord("fpga skipped", stage.label, 0.0, "measured", 0, note))
-            # The card's exact answer, computed on the host (its golden model over the host
-            # mirror of the card's memory): a fault changes no output.
-            selection, host_profile = stage.select_host(memory, query_m, budget)
-            profile.extend(host_profile)
-            return self._move_selection(profile, selection)
+            with self.fpga_stage.card.lock:
+                return self._select_fpga(memory, query, budget, profile)
         query_r = _to(query, self.device("relevancy"))
         with profile.measure("relevancy", self.device("relevancy"), memory.index_nbytes):
             scores = self.method.relevancy(memory, query_r)
@@ -264,6 +265,40 @@ class Pipeline:
             selection = self.method.retrieve(scores, tokens)
         return self._move(profile, "selection", selection, "retrieval", "apply")
 
+    def _select_fpga(
+        self, memory: Memory, query: Any, budget: int | StepPlan, profile: Profile
+    ) -> Selection:
+        """Relevancy + Retrieval with the card: on it, or its exact answer on the host when
+        it faults or its circuit breaker is open."""
+        stage = self.fpga_stage
+        assert stage is not None
+        breaker = stage.card.breaker
+        query_m = _to(query, memory.device)  # the kernel's query is built beside the memory
+        if breaker.allow():
+            try:
+                selection, fpga_profile = stage.select(memory, query_m, budget)
+            except FpgaError as exc:
+                breaker.failure()
+                self._fault(profile, exc, "relevancy+retrieval; the host runs the kernel")
+            else:
+                breaker.success()
+                profile.extend(fpga_profile)
+                return self._move_selection(profile, selection)
+        else:
+            self.counters["fpga_skipped"] += 1
+            profile.counters["fpga_skipped"] += 1
+            note = (
+                f"circuit open after {breaker.limit} faults in a row: {breaker.left} more "
+                "selects on the host"
+            )
+            profile.add(StepRecord("fpga skipped", stage.label, 0.0, "measured", 0, note))
+        # The card's exact answer, computed on the host (its golden model over the host
+        # mirror of the card's memory): a fault changes no output.
+        selection, host_profile = stage.select_host(memory, query_m, budget)
+        profile.extend(host_profile)
+        return self._move_selection(profile, selection)
+
+    @_serialized
     def step(self, query: Any, budget: int) -> Any:
         """One decode step: Relevancy, Retrieval, Apply. Returns Apply's output.
 
@@ -278,6 +313,7 @@ class Pipeline:
             return self.decode(AttentionQuery(query.q, positions, query.features, plan), plan)
         return self._step(query, budget)
 
+    @_serialized
     def decode(self, query: Any, plan: StepPlan) -> Any:
         """One step of a planned decode: `query` carries the step's plan (`query.plan`),
         shared by every layer, and is trusted (validated at the edge, once per step)."""
@@ -294,7 +330,8 @@ class Pipeline:
             and not self.fpga_stage.card.breaker.open
         ):
             try:
-                return self._ping_pong(memory, query, budget)
+                with self.fpga_stage.card.lock:
+                    return self._ping_pong(memory, query, budget)
             except FpgaError as exc:  # the card faulted: this step runs sequentially
                 self.fpga_stage.card.breaker.failure()
                 self._fault(profile, exc, "relevancy+retrieval; rerunning the step")

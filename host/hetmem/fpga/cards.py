@@ -14,6 +14,7 @@ here.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -82,6 +83,9 @@ class Card:
         from .targets import TARGETS
 
         self.options = dict(options or {})
+        #: Held by a pipeline while it uses the card: the layers (and caches) that share it
+        #: from several threads take turns.
+        self.lock = threading.RLock()
         self.breaker = CircuitBreaker(
             self.options.pop("fault_limit", FAULT_LIMIT), self.options.pop("cooldown", COOLDOWN)
         )

@@ -30,6 +30,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..attention import Growth, KVCache, KVChunk
+from ..errors import ConcurrentUse
 from ..pipeline import Pipeline
 from .layout import Validity, compact, padded
 from .settings import SparseDecode
@@ -72,6 +73,38 @@ class ThreadScratch(dict):
 SCRATCH = ThreadScratch()
 
 
+class UseGuard:
+    """One forward pass at a time over a cache: the thread whose forward is in progress
+    (from its first layer's `update` to its last layer's attention call) owns the cache, and
+    another thread that reaches it meanwhile gets `ConcurrentUse` (its tokens would interleave
+    with the owner's in every layer). Threads with caches of their own run side by side."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.thread: int | None = None
+
+    def enter(self) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            owner = self.thread
+            if owner is not None and owner != me and _alive(owner):
+                raise ConcurrentUse(
+                    f"this cache is in a forward pass on thread {owner}; thread {me} may not "
+                    "use it at the same time (one cache holds one sequence: give each thread "
+                    "its own, e.g. a fresh generate() call)"
+                )
+            self.thread = me
+
+    def leave(self) -> None:
+        with self._lock:
+            if self.thread == threading.get_ident():
+                self.thread = None
+
+
+def _alive(ident: int) -> bool:
+    return any(t.ident == ident for t in threading.enumerate())
+
+
 class HetmemLayer(DynamicLayer):
     """One decoder layer: its keys and values, held once, in the memory of one `Pipeline`."""
 
@@ -90,6 +123,8 @@ class HetmemLayer(DynamicLayer):
         # the last call); else `update` returns the padded layout, as a DynamicLayer does.
         self._hetmem = False
         self._returned: weakref.ref | None = None
+        self._guard = UseGuard()  # the cache's, once it is built
+        self._last = True  # the model's last layer: its attention call ends a forward
 
     # -- what the memory holds -------------------------------------------------------------
     @property
@@ -154,6 +189,7 @@ class HetmemLayer(DynamicLayer):
         mask, which says which of them are padding); return what the attention call reads:
         the states themselves when the layer was empty or hetmem's attention function took
         the last ones in, else the padded layout of the whole context, as a DynamicLayer."""
+        self._guard.enter()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self._pending is not None:
@@ -191,6 +227,13 @@ class HetmemLayer(DynamicLayer):
         form; later ones are appended (each row at its own length)."""
         if self._pending is None:
             return
+        try:
+            self._take_in(fresh)
+        finally:
+            if self._last:
+                self._guard.leave()
+
+    def _take_in(self, fresh: torch.Tensor | None) -> None:
         keys, values = self._pending
         self._pending = None
         batch, tokens = keys.shape[0], keys.shape[-2]
@@ -308,6 +351,9 @@ class HetmemCache(Cache):
 
     def __init__(self, settings: SparseDecode):
         layers = [HetmemLayer(settings.pipeline(i), settings) for i in range(settings.layers)]
+        guard = UseGuard()
+        for i, layer in enumerate(layers):
+            layer._guard, layer._last = guard, i == len(layers) - 1
         super().__init__(layers=layers)
         self.settings = settings
 

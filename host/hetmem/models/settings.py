@@ -83,9 +83,10 @@ class SparseDecode:
         """The plan of the decode step over rows of these lengths: made by the first layer
         that asks, reused by every other layer of the step (same lengths, same budget)."""
         key = (tuple(lengths.tolist()), budget)
-        if self._plan is None or self._plan[0] != key:
-            self._plan = (key, StepPlan.decode(lengths, budget))
-        return self._plan[1]
+        memo = self._plan  # one read: another thread's cache may replace it meanwhile
+        if memo is None or memo[0] != key:
+            memo = self._plan = (key, StepPlan.decode(lengths, budget))
+        return memo[1]
 
     def close(self) -> None:
         """Close the cards this model opened (unwrap)."""
