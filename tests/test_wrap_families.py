@@ -200,14 +200,19 @@ def window_steps(family, prompt):
 # -- supported: a full budget decodes exactly the unwrapped model ---------------------------
 
 
+#: Small pages and blocks so that tiny contexts span several of them.
+METHODS = {"dsa": {}, "quest": {"page_size": 8}, "seer": {"block_size": 8}}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("family", list(SUPPORTED))
-def test_full_budget_equals_the_unwrapped_model(family):
+def test_full_budget_equals_the_unwrapped_model(family, method):
     model = supported(family)
     ids, mask = left_pad(prompts(21, 13))
     dense = generate(model, ids, mask)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        wrap(model, "quest", budget=64, method_options={"page_size": 8})
+        wrap(model, method, budget=64, method_options=METHODS[method])
     out = generate(model, ids, mask)
     cache = getattr(out, cache_kwarg(model))
     layers = model.config.num_hidden_layers
@@ -268,6 +273,27 @@ def test_sliding_layers_attend_their_window_exactly_at_any_budget(window, budget
     assert torch.equal(out.sequences, dense.sequences)
     for got, want in zip(out.scores, dense.scores, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("family", ["gemma2", "gpt-oss"])
+def test_sinks_and_softcap_decode_sparse_within_the_budget(family, method):
+    """A budget smaller than the context: the full-attention layers of the softcap and sink
+    families decode sparse through the pipeline's selection, within the budget."""
+    model = supported(family)
+    ids, mask = left_pad(prompts(40, 33))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrap(model, method, budget=8, method_options=METHODS[method])
+    out = generate(model, ids, mask)
+    cache = getattr(out, cache_kwarg(model))
+    assert cache.stats() == {"sparse_steps": NEW - 1, "dense_steps": 2 + (NEW - 1)}
+    assert all(torch.isfinite(score).all() for score in out.scores)
+    full = cache.layers[1]  # layer 0 slides, layer 1 is full attention
+    selection = full.pipeline.last_selection
+    assert full.memory.kv.capacity > 8
+    assert int(selection.valid.sum(-1).max()) * selection.unit <= 8
+    assert {"relevancy", "retrieval", "apply"} <= full.pipeline.profile.by_step().keys()
 
 
 def test_a_short_window_is_said_once_at_wrap():
