@@ -7,11 +7,11 @@ runs on the CPU and says so once.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 
 from .errors import PlacementError
+from .warn import warn
 
 TORCH_NAMES = ("gpu", "cpu")
 ALL_NAMES = ("gpu", "cpu", "fpga")
@@ -21,10 +21,9 @@ ALL_NAMES = ("gpu", "cpu", "fpga")
 def gpu_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
-    warnings.warn(
+    warn(  # attributed to the caller's line, not to hetmem's own frames
         "hetmem: no CUDA or ROCm GPU found; steps placed on 'gpu' run on the CPU",
         RuntimeWarning,
-        stacklevel=3,
     )
     return torch.device("cpu")
 

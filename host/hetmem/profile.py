@@ -6,6 +6,7 @@ without saying so: `Profile.totals()` sums per source.
 
 from __future__ import annotations
 
+import io
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
+from rich.table import Table
 
 from .device import synchronize
 from .timeline import SOURCES, Source, Timeline
@@ -86,11 +88,10 @@ class Profile:
             "timeline": None if self.timeline is None else self.timeline.to_dict(),
         }
 
-    def table(self, title: str = "profile"):
-        """A rich Table: one row per step, the source beside each time."""
-        from rich.table import Table
-
-        table = Table(title=title)
+    def table(self, title: str = "profile") -> ProfileTable:
+        """A rich Table: one row per step, the source beside each time. `print()` and
+        `str()` give it as plain text; a rich Console renders it with its styles."""
+        table = ProfileTable(title=title)
         for col, just in (
             ("step", "left"),
             ("device", "left"),
@@ -114,6 +115,26 @@ class Profile:
         for key, value in sorted(self.counters.items()):
             table.add_row(f"counter {key}", "", str(value), "", "", "")
         return table
+
+    def __str__(self) -> str:
+        return str(self.table())
+
+
+class ProfileTable(Table):
+    """A rich Table whose `str()` is its text, so that `print(profile.table())` shows the
+    table rather than `<rich.table.Table object ...>`."""
+
+    #: Columns of the text rendering (wide enough for one line per step).
+    width_chars = 120
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(
+            file=io.StringIO(), width=self.width_chars, color_system=None, record=True
+        )
+        console.print(self)
+        return console.export_text().rstrip("\n")
 
 
 def _label(device: torch.device) -> str:
