@@ -55,6 +55,16 @@ SUPPORTED = {
         "Gemma2ForCausalLM",
         {"head_dim": 16, "sliding_window": 8, "attn_logit_softcapping": 2.0},
     ),
+    # no softcap; sliding (8) and full layers with rotary bases of their own
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "head_dim": 16,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
     # sinks on every head; layers alternate sliding (8) / full
     "gpt-oss": (
         "GptOssConfig",
@@ -127,6 +137,33 @@ REFUSED = {
             "attention_chunk_size": 8,
         },
         "chunked attention",
+    ),
+    "minimax": (
+        "MiniMaxConfig",
+        "MiniMaxForCausalLM",
+        {"head_dim": 16, "num_local_experts": 2, "num_experts_per_tok": 1},
+        "hybrid or linear attention layers",
+    ),
+    "gemma3-bidirectional": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {"head_dim": 16, "use_bidirectional_attention": True},
+        "bidirectional attention",
+    ),
+    "gemma3n": (
+        "Gemma3nTextConfig",
+        "Gemma3nForCausalLM",
+        {
+            "num_hidden_layers": 4,
+            "head_dim": 16,
+            "intermediate_size": [128] * 4,
+            "num_kv_shared_layers": 2,
+            "hidden_size_per_layer_input": 8,
+            "vocab_size_per_layer_input": 128,
+            "laurel_rank": 4,
+            "activation_sparsity_pattern": None,
+        },
+        "layers without their own KV cache",
     ),
     "mpt": (
         "MptConfig",
