@@ -90,9 +90,17 @@ def test_budget_not_positive(name, budget):
 
 
 @pytest.mark.parametrize("name", ATTENTION)
-def test_budget_larger_than_the_candidates(name):
-    with raises_naming("budget"):
-        step(name, query(), budget=10_000)
+def test_budget_larger_than_the_candidates_selects_everything(name):
+    """The one budget rule (Pipeline, wrap and the CLI alike): a budget that covers the
+    memory selects all of it, which is dense attention."""
+    from hetmem.attention import dense_attention
+
+    method, memory = prepared(name)
+    pipe = Pipeline(method, "cpu/cpu/cpu/cpu")
+    pipe.prepare(memory.kv)
+    q = query()
+    out = pipe.step(q, 10_000)
+    torch.testing.assert_close(out, dense_attention(q.q, pipe.memory.kv), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["quest", "seer"])

@@ -479,10 +479,11 @@ def test_budget_zero(facts) -> None:
         method.retrieve(method.relevancy(memory, ["tower"]), 0)
 
 
-def test_budget_above_documents(facts) -> None:
+def test_budget_above_documents_retrieves_every_document(facts) -> None:
     method, memory = facts
-    with raises_naming("budget"):
-        method.retrieve(method.relevancy(memory, ["tower"]), len(FACTS) + 1)
+    picked = method.retrieve(method.relevancy(memory, ["tower"]), len(FACTS) + 1)
+    assert picked.indices.shape[-1] == len(FACTS)
+    assert sorted(picked.indices.flatten().tolist()) == list(range(len(FACTS)))
 
 
 def test_non_string_document() -> None:

@@ -202,8 +202,9 @@ def test_a_slot_memory_needs_a_kernel_with_a_segment_table():
 
 def test_one_budget_rule_everywhere():
     assert budget_units(130, 16) == 8 and budget_units(5) == 5
-    with pytest.raises(InputError, match="less than one 16-token unit"):
+    with pytest.raises(InputError, match=r"15 tokens is less than one unit \(16 tokens\)"):
         budget_units(15, 16)
+    assert budget_units(4096, 16, candidates=100) == 100  # covers the memory: all of it
     plan = plan_module.StepPlan.decode(torch.tensor([100, 37]), 130)
     assert plan.k(16) == budget_units(130, 16)
     assert plan.seen(16).tolist() == [[7], [3]]  # ceil(100/16), ceil(37/16) units visible

@@ -294,10 +294,13 @@ def test_budget_zero(small) -> None:
         method.retrieve(method.relevancy(memory, torch.randn(1, 4)), 0)
 
 
-def test_budget_above_documents(small) -> None:
+def test_budget_above_documents_retrieves_every_document(small) -> None:
     method, memory = small
-    with raises_naming("budget"):
-        method.retrieve(method.relevancy(memory, torch.randn(1, 4)), 7)
+    scores = method.relevancy(memory, torch.randn(1, 4))
+    picked = method.retrieve(scores, 7)
+    docs = scores.values.shape[-1]
+    assert docs < 7 and picked.indices.shape[-1] == docs
+    assert sorted(picked.indices.flatten().tolist()) == list(range(docs))
 
 
 def test_max_chars_not_positive() -> None:

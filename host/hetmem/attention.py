@@ -164,7 +164,8 @@ class KVCache:
         self._keys = Growable(keys, axis=2, min_capacity=reserve, growth=growth)
         self._values = Growable(values, axis=2, min_capacity=reserve, growth=growth)
         self.lengths = lengths.to(device=keys.device, dtype=torch.long).clone()
-        self._zero_padding()
+        self._zero_padding()  # padding may hold NaN (a masked row); the tokens may not
+        _check_finite(self.keys, self.values)
 
     @classmethod
     def adopt(
@@ -215,7 +216,13 @@ class KVCache:
 
     @property
     def dim(self) -> int:
+        """The keys' head dim (what queries have)."""
         return self._keys.buffer.shape[3]
+
+    @property
+    def value_dim(self) -> int:
+        """The values' head dim (an attention output's); may differ from the keys' (MLA)."""
+        return self._values.buffer.shape[3]
 
     @property
     def capacity(self) -> int:
@@ -229,7 +236,8 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         k = self.keys
-        return 2 * int(self.lengths.sum()) * k.shape[1] * k.shape[3] * k.element_size()
+        per_token = k.shape[1] * (self.dim + self.value_dim) * k.element_size()
+        return int(self.lengths.sum()) * per_token
 
     def rows(self, rows: slice) -> KVCache:
         """A view of some batch rows, sharing storage (what a micro-batch's Apply reads)."""
@@ -245,10 +253,11 @@ class KVCache:
         """Append T new tokens to every row at its own length; return their positions [B, T]."""
         check_tensor("keys", keys, dims=("batch", "kv_heads", "tokens", "dim"), floating=True)
         check_tensor("values", values, dims=("batch", "kv_heads", "tokens", "dim"), floating=True)
-        expected = (self.batch, self.kv_heads, keys.shape[2], self.dim)
-        for name, t in (("keys", keys), ("values", values)):
+        for name, t, dim in (("keys", keys, self.dim), ("values", values, self.value_dim)):
+            expected = (self.batch, self.kv_heads, keys.shape[2], dim)
             if tuple(t.shape) != expected:
                 raise InputError(name, f"expected shape {expected}, got {tuple(t.shape)}")
+        _check_finite(keys, values)
         new = keys.shape[2]
         positions = self.lengths[:, None] + torch.arange(new, device=self.device)[None, :]
         end = int(positions.max()) + 1 if new else self.capacity
@@ -295,6 +304,13 @@ class KVCache:
         out._keys, out._values = self._keys.to(device), self._values.to(device)
         out.lengths = self.lengths.to(device)
         return out
+
+
+def _check_finite(keys: torch.Tensor, values: torch.Tensor) -> None:
+    """One `InputError` for NaN or Inf in keys or values (one device sync for both)."""
+    if not bool(torch.isfinite(keys).all() & torch.isfinite(values).all()):
+        name = "keys" if not bool(torch.isfinite(keys).all()) else "values"
+        raise InputError(name, "contains NaN or Inf")
 
 
 def default_positions(lengths: torch.Tensor, queries: int) -> torch.Tensor:
@@ -395,9 +411,9 @@ def gather_tokens(
     cap = kbuf.shape[2]
     base = torch.arange(b, device=kv.device)[:, None] * h + torch.arange(h, device=kv.device)
     flat = (base.view(b, h, 1, 1, 1) * cap + tok.clamp(0, kv.capacity - 1)).reshape(-1)
-    shape = (b, h, *tok.shape[2:], kv.dim)
-    keys = kbuf.view(-1, kv.dim).index_select(0, flat).view(shape)
-    values = vbuf.view(-1, kv.dim).index_select(0, flat).view(shape)
+    shape = (b, h, *tok.shape[2:])
+    keys = kbuf.view(-1, kv.dim).index_select(0, flat).view(*shape, kv.dim)
+    values = vbuf.view(-1, kv.value_dim).index_select(0, flat).view(*shape, kv.value_dim)
     return keys, values
 
 
@@ -466,8 +482,7 @@ def _row_index(kv: KVCache, rows: torch.Tensor, unit: int) -> tuple[torch.Tensor
     per_row = kbuf.shape[2] // unit
     base = torch.arange(b * h, device=kv.device).view(b, h, 1, 1) * per_row
     flat = (base + rows.clamp(0, per_row - 1)).reshape(-1, rows.shape[-1])
-    width = unit * kv.dim
-    return flat, (kbuf.reshape(-1, width), vbuf.reshape(-1, width))
+    return flat, (kbuf.reshape(-1, unit * kv.dim), vbuf.reshape(-1, unit * kv.value_dim))
 
 
 def _tiled_attention(
@@ -507,7 +522,7 @@ def _tiled_attention(
         # A query that sees none of its selection (a fully padded row) gives zeros, not NaN.
         probs = torch.where(seen[:, None, None], probs, torch.zeros_like(probs))
     tokens = index if unit == 1 else (index[:, :, None] * unit + _offsets(unit, index)).flatten(1)
-    return bag_values(probs, tokens, values.view(-1, d))
+    return bag_values(probs, tokens, values.view(-1, values.shape[-1] // unit))
 
 
 def _offsets(unit: int, like: torch.Tensor) -> torch.Tensor:

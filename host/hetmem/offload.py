@@ -59,7 +59,6 @@ import numpy as np
 import torch
 
 from . import kernels
-from .checks import check_k
 from .errors import FpgaError, InputError, PlacementError
 from .fpga.cards import Card, Cards
 from .fpga.emu import execute, one_blas_thread
@@ -639,7 +638,7 @@ class FpgaStage:
             rec.nbytes = sum(_nbytes(v) for v in floats.values())
         if not self._attention:
             rows = self.slots[0].rows
-            k = 0 if threshold else check_k("budget", budget_units(_budget(budget)), rows)
+            k = 0 if threshold else budget_units(_budget(budget), 1, rows)
             q = {name: _numpy(v) for name, v in floats.items()}
             count = int(next(iter(q.values())).shape[0])
             launch = _Launch(self, k, threshold, (1, 1, count), rows)
@@ -656,7 +655,7 @@ class FpgaStage:
         if plan is None:
             positions = self.method.positions(memory, query).to("cpu")  # type: ignore[attr-defined]
             plan = StepPlan(positions, memory.kv.lengths.to("cpu"), _budget(budget))  # type: ignore[attr-defined]
-        k = 0 if threshold else check_k("budget", plan.k(unit), candidates)
+        k = 0 if threshold else min(plan.k(unit), candidates)
         visible = plan.seen(unit).clamp(max=candidates).numpy()[first : first + b]  # [b, T]
         launch = _Launch(self, k, threshold, (b, gq, t), candidates)
         # Queries in (batch row, query group, query) order; each query's slot and prefix.

@@ -79,16 +79,21 @@ class Bitmap:
 Selection = TopK | Bitmap
 
 
-def budget_units(budget: int, unit: int = 1) -> int:
-    """The one budget -> k rule: a budget of tokens (documents for RAG) selects
-    k = budget // unit whole units; less than one unit is an error.
+def budget_units(budget: int, unit: int = 1, candidates: int | None = None) -> int:
+    """The one budget -> k rule, for `Pipeline`, a wrapped model and the CLI alike: a budget
+    of tokens (documents for RAG) selects k = budget // unit whole units, and a budget that
+    covers every candidate selects them all (`candidates`: the units in the memory), which
+    equals dense attention. Less than one unit is an error, said in tokens.
 
     Every path reads it: the float Retrieval, the FPGA stage and a wrapped model's decode.
     """
     budget = check_positive_int("budget", budget)
     if budget < unit:
-        raise InputError("budget", f"{budget} tokens is less than one {unit}-token unit")
-    return budget // unit
+        raise InputError(
+            "budget", f"{budget} tokens is less than one unit ({unit} tokens) of this method"
+        )
+    k = budget // unit
+    return k if candidates is None else min(k, max(int(candidates), 1))
 
 
 def topk_select(
@@ -101,7 +106,7 @@ def topk_select(
     check_tensor("scores", scores)
     k = check_k(name, k, scores.shape[-1])
     if scores.is_floating_point() and bool(torch.isnan(scores).any()):
-        raise ValueError("scores contain NaN")
+        raise InputError("scores", "contain NaN (a method's weights or inputs are not finite)")
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
     indices = order.sort(dim=-1).values
     picked = torch.gather(scores, -1, indices)

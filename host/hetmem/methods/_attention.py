@@ -88,7 +88,7 @@ class SparseAttentionMethod(Method):
 
     def retrieve(self, scores: Scores, budget: int) -> Selection:
         """Top-k units under a token budget: k = budget // unit (at least one unit)."""
-        k = budget_units(budget, self.unit)
+        k = budget_units(budget, self.unit, scores.values.shape[-1])
         indices, valid = topk_select(scores.values, k, name="budget")
         return TopK(indices, valid, self.unit)
 
@@ -102,7 +102,7 @@ class SparseAttentionMethod(Method):
     def apply_nbytes(self, memory: Memory, selection: Selection) -> int:
         assert isinstance(memory, AttentionMemory)
         kv = memory.kv
-        per_token = 2 * kv.dim * kv.keys.element_size()
+        per_token = (kv.dim + kv.value_dim) * kv.keys.element_size()
         if isinstance(selection, Bitmap):
             units, groups = int(selection.mask.sum()), selection.mask.shape[1]
         else:

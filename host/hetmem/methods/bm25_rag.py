@@ -357,7 +357,9 @@ class BM25RAG(Method):
         return KernelBinding(self.kernel, "index", self.kernel_memory, self.kernel_query)
 
     def retrieve(self, scores: Scores, budget: int) -> TopK:
-        indices, valid = topk_select(scores.values, budget_units(budget), name="budget")
+        indices, valid = topk_select(
+            scores.values, budget_units(budget, 1, scores.values.shape[-1]), name="budget"
+        )
         return TopK(indices, valid)
 
     def selected_scores(

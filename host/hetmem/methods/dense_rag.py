@@ -222,7 +222,9 @@ class DenseRAG(Method):
         return KernelBinding(self.kernel, "rows", self.kernel_memory, self.kernel_query)
 
     def retrieve(self, scores: Scores, budget: int) -> TopK:
-        indices, valid = topk_select(scores.values, budget_units(budget), name="budget")
+        indices, valid = topk_select(
+            scores.values, budget_units(budget, 1, scores.values.shape[-1]), name="budget"
+        )
         return TopK(indices, valid)
 
     def ranked(self, memory: DenseMemory, selection: Selection, query: Any) -> list[list[int]]:

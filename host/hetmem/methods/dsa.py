@@ -446,9 +446,9 @@ def shared_decode_attention(
         probs.masked_fill_(hidden.all(-1)[:, None, None, None], 0.0)
     # Values straight from the head-major cache: row (i*Hkv + h)*cap + token.
     rows = torch.arange(b * hkv, device=q.device).view(b, hkv, 1) * cap + tokens[:, None, :]
-    table = kv._values.buffer.view(-1, d)
+    table = kv._values.buffer.view(-1, kv.value_dim)
     out = bag_values(probs.view(b * hkv, r, k), rows.view(b * hkv, k), table)
-    return out.view(b, hq, 1, d)
+    return out.view(b, hq, 1, kv.value_dim)
 
 
 def _dsa_costs(self: DSA, shape: Any) -> dict:
