@@ -88,6 +88,7 @@ BAD_ARGUMENTS = [
     (("calibrate", "--model", "/no/such/model"), "is not a transformers model directory"),
     (("run", "--context", "100000000"), "exceed the model's 16384 positions"),
     (("run", "--context", "0"), "context"),
+    (("run", "--context", "10"), "10 tokens cannot hold the passkey task"),
     (("run", "--fpga", "bogus"), "unknown FPGA target 'bogus'"),
     (("run", "--method", "bm25_rag"), "expected one of dsa, seer, quest"),
     (("run", "--budget", "0"), "budget"),

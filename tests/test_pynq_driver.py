@@ -237,6 +237,18 @@ def test_bank_allocation_failure_then_the_card_is_fine(dev):
     dev.alloc("vector_search", "keys", 64)
 
 
+def test_device_lost_during_an_allocation(dev):
+    """PYNQ reports a failed allocation alike whatever the cause ("Allocate failed"): the
+    driver raises AllocationError, and the lost card shows at the next transfer."""
+    bufs, _, _ = prepared(dev)
+    with xrt_emu.inject("device_lost", on="alloc"), pytest.raises(AllocationError):
+        dev.alloc("vector_search", "keys", 64)
+    with pytest.raises(DeviceLost, match="sync_to_device"):
+        dev.write(bufs["q"], np.ones(4, np.int8))
+    with pytest.raises(DeviceLost, match="open it again"):
+        dev.alloc("vector_search", "keys", 64)
+
+
 def test_xclbin_refused_by_the_card():
     with xrt_emu.inject("xclbin"), pytest.raises(XclbinError, match="Programming Device failed"):
         open_pynq_emu()
@@ -294,6 +306,26 @@ def test_a_pipeline_on_pynq_equals_emu_and_a_fault_changes_no_result(pynq_target
     pipe.step(query, 256)
     assert pipe.profile.by_step()["relevancy+retrieval"].device.startswith("fpga")
     assert torch.equal(pipe.last_selection.indices, outs["emu"][1])
+
+
+def test_a_bm25_pipeline_on_pynq_rewrites_its_index_and_equals_emu(pynq_target):
+    """The "index" layout (an inverted index rewritten whole on every append)."""
+    from hetmem.corpus import pydoc_paragraphs
+    from hetmem.methods import get
+    from hetmem.pipeline import Pipeline
+
+    docs = list(pydoc_paragraphs())[:300]
+    queries = ["exception handling with try", "class method decorator"]
+    picked = {}
+    for target in ("emu", pynq_target):
+        pipe = Pipeline(get("bm25_rag"), "cpu/fpga/fpga/cpu", fpga=target)
+        pipe.prepare(docs[:200])
+        pipe.append(docs[200:])
+        prompts = pipe.step(queries, budget=5)
+        picked[target] = (prompts, pipe.last_selection.indices.clone())
+        assert pipe.profile.by_step()["relevancy+retrieval"].device.startswith("fpga")
+    assert picked["emu"][0] == picked[pynq_target][0]
+    assert torch.equal(picked["emu"][1], picked[pynq_target][1])
 
 
 def test_the_hw_extra_pins_a_pynq_that_drives_alveo():

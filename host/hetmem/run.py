@@ -276,9 +276,23 @@ def check_run_args(
             f"(max_position_embeddings in {model_dir / 'config.json'}): use --context "
             f"{limit - new_tokens} or less",
         )
+    if context is not None:  # the prompt must hold the task (its tokenizer only: no weights)
+        _check_task_fits(model_dir, context)
     if method in ("dsa", "seer"):
         check_selectors(model_dir, config)
     return limit
+
+
+def _check_task_fits(model_dir: Path, context: int) -> None:
+    from transformers import AutoTokenizer
+
+    from . import tasks
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        return  # run() says the model has no tokenizer
+    tasks.passkey(context, 0, tokenizer)
 
 
 def run(
