@@ -227,6 +227,53 @@ def test_selection_recall(seer0, acts, selectors):
     assert worst < 0.2 < r
 
 
+def test_int8_maps_feed_block_gate(seer0, acts, selectors):
+    """The 8-bit gate keys and queries go to the block_gate kernel as they are (int8, row
+    shift 0): its golden model and its HLS C++ select exactly the top-k of Q . K that the
+    gate's scores give, per (sequence, KV head) memory segment."""
+    from hetmem import kernels
+    from hetmem.fpga import hls as hls_mod
+    from hetmem.kernels import KernelInputs
+    from hetmem.kernels.spec import MODE_TOPK
+    from hetmem.kernels.topk import topk_mask
+
+    act, block, k = acts[0], selectors.block_size, 8
+    assert all(g.types["result"].width == 8 for g in seer0.values())
+    n, hkv, s, _ = act.k.shape
+    nb, t = s // block, act.q.shape[2]
+    rows = hg.seer_rows(act, block)
+    keys = seer0["key"].csim(rows["key"][: n * nb])  # the complete blocks
+    query = seer0["query"].csim(rows["query"])
+    dg = keys.shape[1] // hkv
+    keys = keys.reshape(n, nb, hkv, dg).transpose(0, 2, 1, 3).reshape(-1, dg)  # slot-major
+    q = query.reshape(n, t, hkv, dg).transpose(0, 2, 1, 3).reshape(-1, dg)
+    slot = np.repeat(np.arange(n * hkv), t)
+    segs = np.stack([slot * nb, np.full_like(slot, nb)], axis=1).astype(np.uint32)
+    inputs = KernelInputs(
+        {
+            "keys": keys.astype(np.int8),
+            "shifts": np.zeros(len(keys), dtype=np.uint8),
+            "q": q.astype(np.int8),
+            "delta": np.zeros(len(q), dtype=np.uint32),
+            "segs": segs,
+        },
+        {"n": nb, "k": k, "queries": len(q), "dim": dg, "mode": MODE_TOPK},
+    )
+    scores = np.einsum("qd,qbd->qb", q, keys.reshape(n * hkv, nb, dg)[slot])
+    want = np.stack([np.flatnonzero(m) for m in topk_mask(scores, k)])
+    golden = kernels.get("block_gate").golden(inputs).indices
+    assert np.array_equal(golden, want)
+    if hls_mod.missing() is None:
+        from hetmem.fpga import open_device
+
+        dev = open_device("hls")
+        try:
+            got, _ = dev.simulate("block_gate", inputs)
+        finally:
+            dev.close()
+        assert np.array_equal(got, want)
+
+
 def test_cache_reuses_the_build(seer0, precisions, selectors):
     again = hg.bundled_maps("seer", [0], precisions=precisions, selectors=selectors)[0]
     for m in seer0:
