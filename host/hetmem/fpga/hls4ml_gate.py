@@ -241,7 +241,7 @@ class Fixed:
 
 def integer_bits(peak: float) -> int:
     """Integer bits of a signed type that holds +-peak without saturating: the sign, and
-    floor(log2(peak)) + 1 bits of magnitude (at least -(width) so the type stays sane)."""
+    floor(log2(peak)) + 1 bits of magnitude (negative for a peak below 1/4)."""
     if not (peak > 0 and math.isfinite(peak)):
         raise InputError("peak", f"expected a positive finite magnitude, got {peak}")
     return math.floor(math.log2(peak)) + 2
@@ -353,7 +353,6 @@ def profile(weight: Any, x: Any) -> dict[str, float]:
     reason = profiling_missing()
     if reason:
         raise NoDeviceError(reason)
-    torch = _torch()
     from hls4ml.model.profiling import activations_torch, array_to_summary, weights_torch
 
     model = linear_map(weight).float()
@@ -368,7 +367,6 @@ def profile(weight: Any, x: Any) -> dict[str, float]:
     w = [s for s in weights if s["weight"].endswith("/w")]
     if len(w) != 1 or len(acts) != 1:
         raise InputError("weight", "expected one Dense layer in the profile")
-    del torch
     return {
         "input": float(inputs["whishi"]),
         "weight": float(w[0]["whishi"]),
