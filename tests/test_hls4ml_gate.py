@@ -11,6 +11,7 @@ import itertools
 import json
 import re
 import subprocess
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -187,6 +188,10 @@ def test_seer_csim_equals_golden(seer0, acts, selectors):
         t = gate.types["result"]
         assert (got == t.hi).any() and (got == t.lo).any()  # saturation was exercised
         assert len(np.unique(got)) > 100
+        # ties were exercised in both casts: another rounding mode would disagree
+        for part in ("input", "result"):
+            other = {**gate.types, part: replace(gate.types[part], rounding="RND")}
+            assert (hg.golden_dense(x, gate.weight, other) != got).any(), part
 
 
 def test_golden_is_not_the_float_map(seer0, acts, selectors):

@@ -852,18 +852,45 @@ def recall(
 
 
 def stress_rows(gate: GateMap, rows: int, seed: int = 0) -> np.ndarray:
-    """Random rows that reach every case of the arithmetic: values on the input grid and
-    half-LSB ties, beyond the input's range (saturation), and large enough to saturate the
-    result."""
+    """Random rows that reach every case of the arithmetic: values on the input grid, exact
+    half-LSB ties of the input cast, values beyond the input's range (saturation) and large
+    enough to saturate the result, and rows whose result lands exactly half a result LSB
+    between two values (`result_ties`), in equal shares."""
     rng = np.random.default_rng(seed)
     t = gate.types["input"]
     span = 2.0 ** (t.integer - 1)
-    kind = rng.integers(0, 4, (rows, 1))
+    kind = rng.integers(0, 5, (rows, 1))
     grid = rng.integers(t.lo, t.hi + 1, (rows, gate.n_in))
     x = np.where(kind == 0, t.to_float(grid), 0.0)
     x = np.where(kind == 1, t.to_float(grid) + np.ldexp(0.5, -t.frac), x)  # exact ties
     x = np.where(kind == 2, rng.standard_normal((rows, gate.n_in)) * span * 0.1, x)
     x = np.where(kind == 3, rng.standard_normal((rows, gate.n_in)) * span * 1.5, x)
+    ties = result_ties(gate, int((kind == 4).sum()), rng)
+    if len(ties):
+        x[np.flatnonzero(kind[:, 0] == 4)[: len(ties)]] = ties
+    return x
+
+
+def result_ties(gate: GateMap, rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows [<= rows, n_in] with one input on the grid, chosen so that some output is
+    exactly a tie of the result cast: X * W = odd * 2**s, s = frac_in + frac_w - frac_res - 1
+    (X = +-2**(s - a) for a weight W with a trailing zero bits). Empty where none exists."""
+    t_in, t_w, t_res = (gate.types[k] for k in ("input", "weight", "result"))
+    s = t_in.frac + t_w.frac - t_res.frac - 1
+    w = gate.weight
+    nz = w != 0
+    if s < 0 or rows == 0 or not nz.any():
+        return np.zeros((0, gate.n_in))
+    low = np.where(nz, w & -w, 0)  # the lowest set bit of each weight
+    a = np.where(nz, np.log2(np.maximum(low, 1)).astype(np.int64), -1)
+    ok = nz & (a <= s) & (s - a <= t_in.width - 2)  # X = 2**(s - a) fits the input type
+    cand = np.argwhere(ok)
+    if not len(cand):
+        return np.zeros((0, gate.n_in))
+    pick = cand[rng.integers(0, len(cand), rows)]
+    x = np.zeros((rows, gate.n_in))
+    sign = rng.choice([-1.0, 1.0], rows)
+    x[np.arange(rows), pick[:, 0]] = sign * t_in.to_float(2 ** (s - a[pick[:, 0], pick[:, 1]]))
     return x
 
 
