@@ -79,7 +79,7 @@ BAD_ARGUMENTS = [
     (("demo", "--placement", "gpu/fpga/gpu/gpu"), "relevancy and retrieval are one fused"),
     (("demo", "--placement", "gpu/gpu"), "expected 4 devices"),
     (("calibrate", "--block-size", "0"), "--block-size: expected an integer >= 1, got 0"),
-    (("calibrate", "--out", "/missing/dir/x.safetensors"), "the directory /missing/dir does not"),
+    (("calibrate", "--out", "{missing}/x.safetensors"), "the directory {missing} does not"),
     (("calibrate", "--tokens", "100000"), "exceed the model's 16384 positions"),
     (("calibrate", "--queries", "900", "--tokens", "512"), "--queries: 900 query positions"),
     (("calibrate", "--block-size", "2048", "--tokens", "1024"), "--block-size: 2048 exceeds"),
@@ -95,15 +95,20 @@ BAD_ARGUMENTS = [
     (("run", "--prompts", "0"), "prompts"),
     (("run", "--placement", "fpga/fpga/fpga/gpu"), "'prepare' runs on a torch device"),
     (("run", "--model", "/no/such/model"), "is not a transformers model directory"),
-    (("profile-device", "--out", "/missing/dir/p.json"), "the directory /missing/dir does not"),
-    (("profile-device", "--repeat", "0", "--out", "/tmp/p.json"), "--repeat"),
-    (("compare", "--json", "/missing/dir/c.json"), "the directory /missing/dir does not"),
+    (("profile-device", "--out", "{missing}/p.json"), "the directory {missing} does not"),
+    (("profile-device", "--repeat", "0"), "--repeat"),
+    (("profile-device", "--device", "bogus"), "unknown device 'bogus'"),
+    (("compare", "--json", "{missing}/c.json"), "the directory {missing} does not"),
 ]
 
 
 @pytest.mark.parametrize(("argv", "message"), BAD_ARGUMENTS, ids=lambda v: " ".join(v)[:40])
-def test_a_bad_argument_is_an_error_before_any_work(run, nothing_loads, argv, message):
+def test_a_bad_argument_is_an_error_before_any_work(run, nothing_loads, tmp_path, argv, message):
     from hetmem.run import bundled_dir
+
+    missing = str(tmp_path / "missing" / "dir")
+    argv = tuple(a.replace("{missing}", missing) for a in argv)
+    message = message.replace("{missing}", missing)
 
     if "--model" not in argv and argv[0] in ("run", "calibrate"):
         try:

@@ -307,11 +307,13 @@ def cmd_profile_device(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
+    from .device import torch_device
     from .system import save_profile
     from .system.calibrate_device import DEFAULT, QUICK, profile_device
 
     sizes = QUICK if args.quick else DEFAULT
     check_out("--out", args.out)
+    torch_device(args.device)  # an unknown device is an error before any microbenchmark
     if args.repeat is not None:
         check_positive(args, "repeat")
         sizes = type(sizes)(**{**sizes.__dict__, "repeat": args.repeat})
