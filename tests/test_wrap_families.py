@@ -444,3 +444,42 @@ def test_unsupported_attention_is_refused_by_name_before_any_change(family):
     assert not is_wrapped(model)
     assert model.config._attn_implementation == attn
     assert "_prepare_cache_for_generation" not in model.__dict__
+
+
+def test_a_window_over_padding_inside_the_context_counts_only_real_tokens():
+    """A right-padded prompt, then decode: the padding sits inside the context, so the
+    window's real tokens are not simply a row's last `window` (the memory keeps no padding).
+    Step by step, the windowed layers equal the unwrapped model's."""
+    from transformers import DynamicCache
+
+    from hetmem.models import new_cache
+
+    model = build("MistralConfig", "MistralForCausalLM", {"sliding_window": 8})
+    (a, b) = prompts(12, 9)
+    ids = torch.stack([a, torch.cat([b, torch.zeros(3, dtype=torch.long)])])
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    name = cache_kwarg(model)
+
+    def run(cache):
+        with torch.no_grad():
+            logits = [model(ids, attention_mask=mask, use_cache=True, **{name: cache}).logits]
+            step, step_mask = logits[-1][:, -1:].argmax(-1), mask
+            for _ in range(5):
+                step_mask = torch.cat([step_mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+                out = model(step, attention_mask=step_mask, use_cache=True, **{name: cache})
+                logits.append(out.logits)
+                step = out.logits[:, -1:].argmax(-1)
+        return logits
+
+    want = run(DynamicCache())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrap(model, "dsa", budget=4)
+    cache = new_cache(model)
+    got = run(cache)
+    assert cache.layers[0]._validity.mask is not None  # not left padding
+    assert cache.stats() == {"sparse_steps": 0, "dense_steps": 2 * 6}
+    torch.testing.assert_close(got[0][mask.bool()], want[0][mask.bool()], atol=1e-4, rtol=1e-4)
+    for g, w in zip(got[1:], want[1:], strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
