@@ -19,7 +19,9 @@ returns even when the run failed, the ERT state being recorded only in the handl
 (RuntimeError("Execution failed: <state>")), which the driver reads after it:
 
     COMPLETED (4)                              ok
-    no completion within the timeout, TIMEOUT (8)   FpgaTimeout
+    no completion within the timeout, TIMEOUT (8)   FpgaTimeout (a run that never completed
+                                               also leaves the device lost: a hung compute
+                                               unit runs nothing more until the card reopens)
     ERROR (5)                                  AxiError
     ABORT (6), NORESPONSE (9), a failed sync or start   DeviceLost (the device stays lost)
 
@@ -232,9 +234,11 @@ class PynqDevice(FpgaDevice):
         waiter = threading.Thread(target=wait, name=f"hetmem-pynq-wait-{spec.name}", daemon=True)
         waiter.start()
         waiter.join(timeout_s)
-        if waiter.is_alive():
+        if waiter.is_alive():  # PYNQ's wait stays pending, and the compute unit is hung
+            self._lost = f"a run of {spec.name} never completed"
             raise FpgaTimeout(
-                f"{spec.name}: no ap_done within {timeout_s} s (the run never completed)"
+                f"{spec.name}: no ap_done within {timeout_s} s (the run never completed; "
+                "the card must be opened again)"
             )
         seconds = time.perf_counter() - start
         if failed:
