@@ -137,7 +137,8 @@ def test_block_gate_topk_recall():
 def test_block_gate_threshold_matches_float_within_quantization_error(scale):
     """Integer keep (S_j >= S_max - delta) == float keep (logit_j >= max + ln tau) for every
     block, except where the float logit or the maximum is within its error bound of the
-    threshold: |logit_j - t 2^-5 S_j / sqrt(D)| <= t 2^-x_j (sum|q'/t| + sum|K_j|) / (2 sqrt(D))."""
+    threshold: |logit_j - t 2^-X S_j / sqrt(D)| <= t 2^-x_j (sum|q'/t| + sum|K_j|) / (2 sqrt(D)),
+    X = ROW_EXP_MAX, q' the folded query (`fold`: the stored basis and its scales)."""
     rng = np.random.default_rng(2)
     n, d, queries = 8192, 128, 8
     keys = heavy_keys(rng, n, d)
@@ -146,7 +147,7 @@ def test_block_gate_threshold_matches_float_within_quantization_error(scale):
     spec = kernels.get("block_gate")
     state = spec.fit({"keys": keys})
     resident = spec.quantize_memory({"keys": keys}, state)
-    folded = q * state.scale
+    folded = kspec.fold(state, q)  # the stored basis, channel scales folded
     t = np.abs(folded).max(1, keepdims=True) / kspec.INT8_MAX
     exp = kspec.ROW_EXP_MAX - resident["shifts"].astype(np.float64)
     error = (

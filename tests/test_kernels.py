@@ -463,10 +463,11 @@ def test_row_exponent_headroom_and_saturation():
     new = np.stack([np.full(8, 0.5), np.full(8, 3.9), np.full(8, 40.0)])
     ints = spec.quantize_memory({"keys": new}, state)
     shift = ints["shifts"].astype(int)
-    dequant = ints["keys"] * state.scale * 2.0 ** (shift - kspec.ROW_EXP_MAX)[:, None]
+    dequant = kspec.dequantize_rows(state, ints["keys"], shift)
     np.testing.assert_allclose(dequant[:2], new[:2], rtol=0.02)  # within 4x: no saturation
     assert shift[0] < shift[1] <= kspec.MAX_SHIFT and shift[2] == kspec.MAX_SHIFT
-    assert (np.abs(ints["keys"][2]) == 127).all()  # 40x the fitted range saturates
+    assert np.abs(ints["keys"][2]).max() == 127  # 40x the fitted range saturates
+    assert np.abs(dequant[2] - new[2]).max() > 10
     assert (spec.quantize_memory({"keys": base}, state)["shifts"] <= kspec.ROW_EXP_MAX).all()
 
 

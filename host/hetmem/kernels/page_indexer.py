@@ -43,6 +43,7 @@ import numpy as np
 
 from ..errors import InputError
 from .spec import (
+    BALANCE,
     CAPACITY,
     INT16_MAX,
     SEGS,
@@ -104,7 +105,7 @@ class PageIndexer(KernelSpec):
 
     def fit(self, memory: Mapping[str, Any]) -> ChannelState:
         named = (("mins", memory["mins"]), ("maxs", memory["maxs"]))
-        return fit_channels(*named, qmax=INT16_MAX, headroom=HEADROOM)
+        return fit_channels(*named, qmax=INT16_MAX, headroom=HEADROOM, balance=BALANCE)
 
     def quantize_memory(
         self, memory: Mapping[str, Any], state: ChannelState, slots: Any = None

@@ -15,10 +15,17 @@ Quantization, the same shape for every kernel: `fit(memory floats) -> state` onc
 with headroom, since the memory grows by appends), `quantize_memory(floats, state)` on the
 whole memory or on any slice of appended rows, `quantize_query(floats, state, k=...)` per
 call, then `bind` joins the resident memory and the query into `KernelInputs` and `golden`
-runs the integer model. `emulate` does the four in one call. The dot-product kernels store
-int8 rows in block floating point: per-channel scales, folded into the int8 query so the
-integer dot is proportional to the float one, and a power-of-two exponent per row (a
-`shifts` byte) whose negative range is the headroom for appended rows.
+runs the integer model. `emulate` does the four in one call. The int8 dot-product kernels
+(token_indexer, block_gate, vector_search) store rows in a *balanced, rotated* basis in
+block floating point (`fit_rotated`, `quantize_rows`, `fold`): each channel is divided by
+the square root of its RMS (balancing the range between keys and queries), the row is
+rotated by a fixed orthonormal randomized Hadamard transform (`rotate`: spreads outlier
+channels and heavy tails over every channel), and stored as int8 with per-channel scales
+and a power-of-two exponent per row (a `shifts` byte) whose negative range is the headroom
+for appended rows. The query takes the same balance (multiplied) and rotation and the
+channel scales, then int8, so the integer dot stays proportional to the float one: the
+rotation is orthonormal and the balance cancels, q . k = (H (q * b)) . (H (k / b)).
+The engine's datapath (int8 x int8 dot, << shift) does not see the basis.
 
 Segments (the four kernels with RTL): the input buffer `segs`, uint32 [queries, 2], gives
 each query its (base, rows): query i scans memory rows [base_i, base_i + rows_i) and its
@@ -277,15 +284,25 @@ def seconds(cycles: int, clock_hz: float = DEFAULT_CLOCK_HZ) -> float:
 INT8_MAX = 127
 INT16_MAX = 32767
 UINT16_MAX = 65535
-#: Row exponents of the dot-product kernels' memory rows (block floating point): row r is
-#: stored as int8 K_r = rint(k_r / s * 2**x_r), s the per-channel scales, x_r the largest
+#: Row exponents of the int8 dot-product kernels' memory rows (block floating point): row r
+#: is stored as int8 K_r = rint(r_r / s * 2**x_r), r_r the row in the stored basis
+#: (`to_stored`), s the per-channel scales (the fitted max |r| / 127), x_r the largest
 #: exponent in [ROW_EXP_MIN, ROW_EXP_MAX] that keeps |K_r| <= 127; the card gets
 #: shift_r = ROW_EXP_MAX - x_r in [0, MAX_SHIFT] (uint8) and computes (Q . K_r) << shift_r.
-#: ROW_EXP_MIN < 0 is the headroom for appends: a row up to 2**-ROW_EXP_MIN = 4x beyond the
-#: fitted channel range still quantizes without saturating; beyond that it saturates.
-ROW_EXP_MIN = -2
-ROW_EXP_MAX = 5
+#: ROW_EXP_MIN < 0 is the headroom for appends: a row up to 2**-ROW_EXP_MIN = 8x beyond the
+#: fitted range of the stored basis quantizes without saturating; beyond that it saturates.
+#: ROW_EXP_MAX: a row up to 16x below the fitted range still gets the full int8 range.
+ROW_EXP_MIN = -3
+ROW_EXP_MAX = 4
 MAX_SHIFT = ROW_EXP_MAX - ROW_EXP_MIN
+#: Exponent of the channel balance: the int8 kernels divide channel c of the keys by
+#: rms_c ** BALANCE before the rotation (and multiply the query by it); page_indexer's
+#: per-channel scales are max|.| ** BALANCE * (the largest max|.|) ** (1 - BALANCE). 1/2
+#: splits a channel's range evenly between the keys and the folded query, which minimizes
+#: ||k / b|| * ||q * b||, the scale of both rounding errors, when the queries' channels are
+#: alike (or unknown, as at fit time); 1 (every key channel equalized) would put all of an
+#: outlier channel's range into the query.
+BALANCE = 0.5
 #: Widest row the dot accumulators hold exactly (127 * 127 * dim << MAX_SHIFT < 2**63).
 MAX_DIM = 65536
 #: Candidates per chunk of the golden models (bounds their temporary memory).
@@ -334,11 +351,19 @@ def check_rows(name: str, arr: np.ndarray, n: int, what: str) -> None:
 
 @dataclass(frozen=True)
 class ChannelState:
-    """Fitted state of the dot-product kernels: per-channel scales `scale` [D], float
-    value ~= scale * int value * 2**-row exponent. A stacked state (`stack_channels`) holds
-    the scales of several slots, [S, D]; quantizing with it takes a slot per row."""
+    """Fitted state of the dot-product kernels: per-channel scales `scale` [D] of the stored
+    basis, stored value ~= scale * int value * 2**-row exponent; with `balance` [D] (the
+    int8 kernels), the stored basis is `rotate(value / balance)`, without it the channels
+    themselves (page_indexer). A stacked state (`stack_channels`) holds the arrays of
+    several slots, [S, D]; quantizing with it takes a slot per row."""
 
     scale: np.ndarray
+    balance: np.ndarray | None = None
+
+    @property
+    def rotated(self) -> bool:
+        """Whether rows are stored balanced and rotated (`to_stored`)."""
+        return self.balance is not None
 
     @property
     def dim(self) -> int:
@@ -359,17 +384,18 @@ def stack_channels(states: Sequence[ChannelState]) -> ChannelState:
             raise InputError("states", f"entry {i} is not a single slot's ChannelState")
         if st.dim != states[0].dim:
             raise InputError("states", f"entry {i} has {st.dim} channels, entry 0 {states[0].dim}")
-    return ChannelState(np.stack([st.scale for st in states]))
+        if st.rotated != states[0].rotated:
+            raise InputError("states", f"entry {i} and entry 0 store different bases")
+    balance = np.stack([st.balance for st in states]) if states[0].rotated else None
+    return ChannelState(np.stack([st.scale for st in states]), balance)
 
 
-def slot_scale(state: ChannelState, slots: Any, rows: int, what: str) -> np.ndarray:
-    """The channel scales to quantize `rows` rows with: [D] for a single state, [rows, D]
-    (the row's slot's scales, one fancy index, no loop over slots) for a stacked state with
-    `slots` (int [rows], each in [0, S))."""
+def _slot_rows(state: ChannelState, slots: Any, rows: int, what: str) -> np.ndarray | None:
+    """The slot of each of `rows` rows (None for a single state); see `slot_scale`."""
     if slots is None:
         if state.stacked:
             raise InputError("slots", f"a stacked state needs slots, one per {what}")
-        return state.scale
+        return None
     if not state.stacked:
         raise InputError("slots", "slots need a stacked state (spec.stack_states)")
     idx = as_int_array("slots", slots, ndim=1)
@@ -377,13 +403,149 @@ def slot_scale(state: ChannelState, slots: Any, rows: int, what: str) -> np.ndar
         raise InputError("slots", f"has {idx.shape[0]} entries, expected {rows} (one per {what})")
     if idx.size and (idx.min() < 0 or idx.max() >= state.scale.shape[0]):
         raise InputError("slots", f"expected slots in [0, {state.scale.shape[0]})")
-    return state.scale[idx]
+    return idx
+
+
+def slot_scale(state: ChannelState, slots: Any, rows: int, what: str) -> np.ndarray:
+    """The channel scales to quantize `rows` rows with: [D] for a single state, [rows, D]
+    (the row's slot's scales, one fancy index, no loop over slots) for a stacked state with
+    `slots` (int [rows], each in [0, S))."""
+    idx = _slot_rows(state, slots, rows, what)
+    return state.scale if idx is None else state.scale[idx]
+
+
+def slot_arrays(
+    state: ChannelState, slots: Any, rows: int, what: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(scale, balance) for `rows` rows, as `slot_scale` (balance None: not rotated)."""
+    idx = _slot_rows(state, slots, rows, what)
+    if idx is None:
+        return state.scale, state.balance
+    return state.scale[idx], None if state.balance is None else state.balance[idx]
+
+
+# -- the stored basis of the int8 kernels ------------------------------------------------------
+
+
+#: Values per chunk of rows that `rotate` transforms at once (stays in cache).
+ROTATE_CHUNK = 1 << 17
+
+
+def rotation_signs(dim: int) -> np.ndarray:
+    """The fixed +-1 of each channel that precedes the Hadamard blocks: the top bit of the
+    splitmix64 hash of the channel index (reproducible everywhere, no random generator)."""
+    z = (np.arange(int(dim), dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return np.where(z >> np.uint64(63), -1.0, 1.0)
+
+
+def rotation_blocks(dim: int) -> list[int]:
+    """The Hadamard block sizes of `rotate` over `dim` channels: the powers of two of dim's
+    binary expansion, largest first (one block when dim is a power of two)."""
+    return [1 << b for b in range(int(dim).bit_length() - 1, -1, -1) if int(dim) >> b & 1]
+
+
+def _walsh_hadamard(x: np.ndarray) -> None:
+    """In place over the last axis (a power of two, m): x <- H_m x / sqrt(m), H_m the
+    Sylvester Hadamard matrix (symmetric; H_m H_m = m I). Butterflies of adds and
+    subtracts: each output is the same sequence of float operations whatever the number
+    of rows, so a row's result never depends on the rows beside it."""
+    m = x.shape[-1]
+    flat = x.reshape(-1, m)
+    cols = np.ascontiguousarray(flat.T)  # [m, rows]: each butterfly runs along the rows
+    h = 1
+    while h < m:
+        view = cols.reshape(m // (2 * h), 2, h, cols.shape[1])
+        a = view[:, 0].copy()
+        view[:, 0] += view[:, 1]
+        np.subtract(a, view[:, 1], out=view[:, 1])
+        h *= 2
+    if m > 1:
+        cols *= 1.0 / math.sqrt(m)
+    flat[...] = cols.T
+
+
+def rotate(x: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """The fixed orthonormal rotation R of the int8 kernels' stored basis over the last axis
+    (a new float64 array): R = blockdiag(H_b / sqrt(b)) diag(signs), the Hadamard blocks of
+    `rotation_blocks`. A randomized Hadamard transform: it spreads a channel far larger
+    than the others (an outlier channel, or one heavy-tailed entry) over every channel of
+    its block, so no channel's range is set by a few values. `inverse`: R^T = R^-1."""
+    x = np.asarray(x, dtype=np.float64)
+    dim = x.shape[-1]
+    signs = rotation_signs(dim)
+    blocks = rotation_blocks(dim)
+    flat = x.reshape(-1, dim)
+    out = np.empty_like(flat)
+    step = max(1, ROTATE_CHUNK // max(dim, 1))
+    for first in range(0, flat.shape[0], step):  # rows in cache-sized chunks
+        part = flat[first : first + step]
+        part = part * signs if not inverse else part.copy()
+        if len(blocks) == 1:
+            _walsh_hadamard(part)
+        else:
+            start = 0
+            for size in blocks:
+                block = np.ascontiguousarray(part[:, start : start + size])
+                _walsh_hadamard(block)
+                part[:, start : start + size] = block
+                start += size
+        out[first : first + step] = part * signs if inverse else part
+    return out.reshape(x.shape)
+
+
+def to_stored(state: ChannelState, value: np.ndarray, slots: Any = None, what: str = "row"):
+    """Float rows [N, D] in the state's stored basis divided by the channel scales (the
+    values `quantize_rows` rounds after its row exponent): rotate(value / balance) / scale,
+    or value / scale without a balance."""
+    scale, balance = slot_arrays(state, slots, value.shape[0], what)
+    if balance is not None:
+        value = rotate(value / balance)
+    return value / scale
+
+
+def fold(state: ChannelState, q: np.ndarray, slots: Any = None) -> np.ndarray:
+    """A float query [Q, ..., D] in the stored basis with the channel scales folded in:
+    rotate(q * balance) * scale (q * scale without a balance), so that for a memory row k,
+    fold(q) . to_stored(k) = q . k."""
+    scale, balance = slot_arrays(state, slots, q.shape[0], "query")
+    expand = (q.shape[0], *([1] * (q.ndim - 2)), q.shape[-1])
+    if scale.ndim == 2:  # [Q, D] -> [Q, 1, ..., D]
+        scale = scale.reshape(expand)
+        balance = None if balance is None else balance.reshape(expand)
+    if balance is not None:
+        q = rotate(q * balance)
+    return q * scale
+
+
+def dequantize_rows(
+    state: ChannelState, ints: np.ndarray, shifts: np.ndarray, slots: Any = None
+) -> np.ndarray:
+    """The float rows the int8 rows and their shifts stand for (the inverse of
+    `quantize_rows`, up to rounding and saturation)."""
+    scale, balance = slot_arrays(state, slots, ints.shape[0], "memory row")
+    exp = ROW_EXP_MAX - np.asarray(shifts, dtype=np.float64)
+    stored = ints.astype(np.float64) * np.exp2(-exp)[:, None] * scale
+    return stored if balance is None else rotate(stored, inverse=True) * balance
+
+
+def _nonzero(values: np.ndarray) -> np.ndarray:
+    """Per-channel statistics with every zero channel replaced by the largest (1 when all
+    are zero), so appended values in a channel that was zero still quantize."""
+    fallback = values.max() if values.size and values.max() > 0 else 1.0
+    return np.where(values > 0, values, fallback)
 
 
 def fit_channels(
-    *named: tuple[str, Any], qmax: int = INT8_MAX, headroom: float = 1.0
+    *named: tuple[str, Any], qmax: int = INT8_MAX, headroom: float = 1.0, balance: float = 1.0
 ) -> ChannelState:
-    """Per-channel scales headroom * max |x| / qmax over float arrays [N, D] of one memory.
+    """Per-channel scales headroom * m_c ** balance * M ** (1 - balance) / qmax over float
+    arrays [N, D] of one memory, m_c = max |x| of channel c, M the largest m_c: with
+    balance 1 every channel's range maps to qmax / headroom; below 1 a channel's scale is
+    never smaller (its headroom is at least `headroom`), and a small channel's range moves
+    from the stored values into the folded query (`BALANCE`).
 
     A channel that is all zero takes the largest channel scale (headroom / qmax when
     everything is zero), so appended values in it still quantize.
@@ -396,8 +558,21 @@ def fit_channels(
     for arr in arrays:
         if arr.size:
             absmax = np.maximum(absmax, np.abs(arr).max(axis=0))
-    fallback = absmax.max() if d and absmax.max() > 0 else 1.0
-    return ChannelState(np.where(absmax > 0, absmax, fallback) * headroom / qmax)
+    absmax = _nonzero(absmax)
+    peak = absmax.max() if d else 1.0
+    return ChannelState(absmax**balance * peak ** (1.0 - balance) * headroom / qmax)
+
+
+def fit_rotated(name: str, value: Any) -> ChannelState:
+    """The stored basis of an int8 kernel's memory [N, D]: balance b_c = rms_c ** BALANCE
+    (rms over the rows; a zero channel takes the largest), then per-channel scales
+    max |rotate(x / b)| / 127 over the rows (a zero channel takes the largest)."""
+    arr = as_float64(name, value, ndim=2)
+    rms = np.sqrt(np.mean(arr * arr, axis=0)) if arr.shape[0] else np.zeros(arr.shape[1])
+    balance = _nonzero(rms) ** BALANCE
+    stored = rotate(arr / balance)
+    absmax = np.abs(stored).max(axis=0) if stored.shape[0] else np.zeros(arr.shape[1])
+    return ChannelState(_nonzero(absmax) / INT8_MAX, balance)
 
 
 def quantize_rows(
@@ -406,29 +581,29 @@ def quantize_rows(
     roundings: Sequence[Any] | None = None,
     slots: Any = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Float rows [N, D] (one or more arrays sharing each row's exponent, e.g. a page's
-    mins and maxs) -> (int8 arrays, shift uint8 [N]). `roundings`: np.rint (default),
-    np.floor or np.ceil per array; clipping to +-127 (beyond 4x the fitted range) is
-    monotone, so floor/ceil bounds survive it. `slots`: with a stacked state, the slot of
-    each row (`slot_scale`)."""
+    """Float rows [N, D] (one or more arrays sharing each row's exponent) -> (int8 arrays in
+    the state's stored basis, shift uint8 [N]). `roundings`: np.rint (default), np.floor
+    or np.ceil per array; clipping to +-127 (beyond 8x the fitted range) is monotone.
+    `slots`: with a stacked state, the slot of each row (`slot_scale`)."""
     normalized: list[np.ndarray] = []
-    scale = None
     for name, value in named:
         arr = as_float64(name, value, ndim=2)
         check_dim(name, arr, 1, state.dim, "channels of the fitted memory")
         if normalized:
             check_dim(name, arr, 0, normalized[0].shape[0], f"rows of {named[0][0]}")
-        if scale is None:
-            scale = slot_scale(state, slots, arr.shape[0], "memory row")
-        normalized.append(arr / scale)
+        normalized.append(to_stored(state, arr, slots, "memory row"))
     peak = np.zeros(normalized[0].shape[0])
     for arr in normalized:
         if arr.size:
             peak = np.maximum(peak, np.abs(arr).max(axis=1))
+    # the largest exponent whose scaled peak rounds to at most 127 (a row at exactly the
+    # fitted range, 127.000...01 after the divisions, keeps exponent 0)
+    limit = INT8_MAX + 0.5
     with np.errstate(divide="ignore"):
-        exp = np.floor(np.log2(INT8_MAX / np.where(peak > 0, peak, 1.0)))
+        exp = np.floor(np.log2(limit / np.where(peak > 0, peak, 1.0)))
+    exp = np.where(peak * np.exp2(exp) >= limit, exp - 1, exp)  # guard log2 rounding
+    exp = np.where(peak * np.exp2(exp + 1) < limit, exp + 1, exp)
     exp = np.where(peak > 0, exp, ROW_EXP_MAX)
-    exp = np.where(peak * np.exp2(exp) > INT8_MAX, exp - 1, exp)  # guard log2 rounding
     exp = np.clip(exp, ROW_EXP_MIN, ROW_EXP_MAX)
     roundings = roundings or [np.rint] * len(normalized)
     ints = [
@@ -446,19 +621,16 @@ def fold_query(
     axes: tuple[int, ...],
     slots: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Fold the channel scales into a float query (q'_c = q_c * s_c) and quantize it to int8
-    with one absmax scale t per query over `axes`. `slots`: with a stacked state, the slot
-    of each query (`slot_scale`).
+    """Fold the state into a float query (`fold`: balance, rotation, channel scales) and
+    quantize it to int8 with one absmax scale t per query over `axes`. `slots`: with a
+    stacked state, the slot of each query (`slot_scale`).
 
     Returns (int8 query, t with 0 for an all-zero query, shaped to broadcast): for a memory
     row, float q . k ~= t * 2**-ROW_EXP_MAX * ((Q . K) << shift).
     """
     q = as_float64(name, q, ndim=ndim)
     check_dim(name, q, -1, state.dim, "channels of the fitted memory")
-    scale = slot_scale(state, slots, q.shape[0], "query")
-    if scale.ndim == 2:  # [Q, D] -> [Q, 1, ..., D]
-        scale = scale.reshape(scale.shape[0], *([1] * (ndim - 2)), scale.shape[1])
-    folded = q * scale
+    folded = fold(state, q, slots)
     t = np.abs(folded).max(axis=axes, keepdims=True) / INT8_MAX if folded.size else folded
     safe = np.where(t > 0, t, 1.0)
     ints = np.clip(np.rint(folded / safe), -INT8_MAX, INT8_MAX).astype(np.int8)

@@ -50,7 +50,7 @@ from .spec import (
     engine_passes,
     exact_dot,
     exact_float,
-    fit_channels,
+    fit_rotated,
     fold_query,
     magnitude,
     quantize_rows,
@@ -87,7 +87,7 @@ class TokenIndexer(KernelSpec):
     }
 
     def fit(self, memory: Mapping[str, Any]) -> ChannelState:
-        return fit_channels(("keys", memory["keys"]))
+        return fit_rotated("keys", memory["keys"])
 
     def quantize_memory(
         self, memory: Mapping[str, Any], state: ChannelState, slots: Any = None

@@ -45,7 +45,7 @@ from .spec import (
     check_shifts,
     engine_cycles,
     engine_passes,
-    fit_channels,
+    fit_rotated,
     fold_query,
     int_dot,
     quantize_rows,
@@ -79,7 +79,7 @@ class VectorSearch(KernelSpec):
     }
 
     def fit(self, memory: Mapping[str, Any]) -> ChannelState:
-        return fit_channels(("keys", memory["keys"]))
+        return fit_rotated("keys", memory["keys"])
 
     def quantize_memory(
         self, memory: Mapping[str, Any], state: ChannelState, slots: Any = None
