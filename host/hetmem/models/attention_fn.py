@@ -176,8 +176,7 @@ def _sparse_decode(
             extras,
         )
     pipeline.last_selection = selection
-    pipeline.profile = profile
-    pipeline.history.append(profile)
+    pipeline._finish(profile)  # the step's profile, kept as the pipeline keeps its own
     layer.sparse_steps += 1
     return out.to(device=query.device, dtype=query.dtype)
 
