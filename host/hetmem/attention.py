@@ -195,6 +195,24 @@ class KVCache:
                 store.data.masked_fill_(pad, 0.0)
 
     @property
+    def lengths(self) -> torch.Tensor:
+        """Tokens in each row [B] (long, on the cache's device)."""
+        return self._lengths
+
+    @lengths.setter
+    def lengths(self, value: torch.Tensor) -> None:
+        self._lengths = value
+        self._full: bool | None = None  # whether every row is as long as the cache: unknown
+
+    @property
+    def full(self) -> bool:
+        """Every row holds `capacity` tokens (no padding anywhere): a decode append then
+        writes one slice, and no query needs a padding mask. Cached until lengths change."""
+        if self._full is None:
+            self._full = bool((self._lengths == self.capacity).all())
+        return self._full
+
+    @property
     def growth(self) -> Growth | None:
         return self._keys.growth
 
@@ -259,6 +277,14 @@ class KVCache:
                 raise InputError(name, f"expected shape {expected}, got {tuple(t.shape)}")
         _check_finite(keys, values)
         new = keys.shape[2]
+        if self.full and new:  # every row at the cache's end: one slice per buffer
+            start = self.capacity
+            for store, t in ((self._keys, keys), (self._values, values)):
+                store.reserve(start + new)
+                store.buffer.narrow(2, start, new).copy_(t)
+                store.length = start + new
+            self._lengths += new  # in place: still full
+            return self._positions(start, new)
         positions = self.lengths[:, None] + torch.arange(new, device=self.device)[None, :]
         end = int(positions.max()) + 1 if new else self.capacity
         rows = torch.arange(self.batch, device=self.device)[:, None]
@@ -274,8 +300,12 @@ class KVCache:
             store.buffer.permute(0, 2, 1, 3)[rows.expand_as(positions), positions] = t.to(
                 store.buffer.dtype
             ).permute(0, 2, 1, 3)
-        self.lengths += new
+        self.lengths = self._lengths + new
         return positions
+
+    def _positions(self, start: int, new: int) -> torch.Tensor:
+        """Positions [B, T] of `new` tokens appended at `start` in every row."""
+        return (start + torch.arange(new, device=self.device)).expand(self.batch, new)
 
     def truncate(self, lengths: torch.Tensor) -> None:
         """Keep the first `lengths` [B] tokens of each row (each at most the row's length):
@@ -306,9 +336,19 @@ class KVCache:
         return out
 
 
+#: Up to this many elements the finiteness check multiplies by zero (a decode step's token:
+#: fewer ops); beyond, `isfinite` (no full-size float temporary).
+_SMALL = 1 << 16
+
+
 def _check_finite(keys: torch.Tensor, values: torch.Tensor) -> None:
-    """One `InputError` for NaN or Inf in keys or values (one device sync for both)."""
-    if not bool(torch.isfinite(keys).all() & torch.isfinite(values).all()):
+    """One `InputError` for NaN or Inf in keys or values (one device sync for both):
+    x * 0 is 0 for every finite x and NaN for NaN and Inf."""
+    if keys.numel() + values.numel() <= _SMALL:
+        ok = not math.isnan(float((keys * 0).sum() + (values * 0).sum()))
+    else:
+        ok = bool(torch.isfinite(keys).all() & torch.isfinite(values).all())
+    if not ok:
         name = "keys" if not bool(torch.isfinite(keys).all()) else "values"
         raise InputError(name, "contains NaN or Inf")
 
@@ -489,15 +529,18 @@ def _tiled_attention(
     q: torch.Tensor,
     index: torch.Tensor,
     buffers: tuple[torch.Tensor, torch.Tensor],
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     unit: int,
     scale: float,
     workspace: dict | None = None,
+    tail: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Attention of q [N, R, D] over rows gathered at index [N, m] (each `unit` tokens) with
     mask [N, m * unit]: the keys chunk by chunk of items (each chunk gathered whole, with one
     index_select, into a reused buffer, then one bmm while it is in cache), one softmax, then
-    the values in one fused gather-and-sum (`bag_values`)."""
+    the values in one fused gather-and-sum (`bag_values`). `mask=None`: every selected token
+    is visible, but for `tail` = (buffer tokens per row, tokens in use): the tokens of a
+    partial last unit past the cache's end."""
     n_batch, r, d = q.shape
     m = index.shape[1]
     n = m * unit
@@ -514,14 +557,17 @@ def _tiled_attention(
         )
         kt = rows.view(e - s, n, d).to(q.dtype)
         torch.bmm(qs[s:e], kt.transpose(1, 2), out=logits[s:e])
-    if not bool(mask.all()):
+    tokens = index if unit == 1 else (index[:, :, None] * unit + _offsets(unit, index)).flatten(1)
+    if mask is None and tail is not None:  # only the tokens past the cache's end are hidden
+        logits.masked_fill_((tokens % tail[0] >= tail[1])[:, None, :], float("-inf"))
+    elif mask is not None and not bool(mask.all()):
         logits.masked_fill_(~mask[:, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    seen = mask.any(-1)
-    if not bool(seen.all()):
-        # A query that sees none of its selection (a fully padded row) gives zeros, not NaN.
-        probs = torch.where(seen[:, None, None], probs, torch.zeros_like(probs))
-    tokens = index if unit == 1 else (index[:, :, None] * unit + _offsets(unit, index)).flatten(1)
+    if mask is not None:
+        seen = mask.any(-1)
+        if not bool(seen.all()):
+            # A query that sees none of its selection (a fully padded row) gives zeros.
+            probs = torch.where(seen[:, None, None], probs, torch.zeros_like(probs))
     return bag_values(probs, tokens, values.view(-1, values.shape[-1] // unit))
 
 
@@ -537,8 +583,14 @@ def sparse_attention(
     scale: float | None = None,
     workspace: dict | None = None,
     checked: bool = False,
+    unmasked: bool = False,
 ) -> torch.Tensor:
     """Attention over the selected tokens only (Apply to Inference); [B, Hq, T, D].
+
+    `unmasked`: the caller knows that every selected unit is valid and every token of the
+    cache visible to every query (a decode step's plan at the end of rows of equal length,
+    `StepPlan.at_end` with `KVCache.full`): no mask is built, only a partial last unit's
+    tokens past the end are hidden (the lean decode path).
 
     Selected tokens that are invalid, padding, or in the future of the query are masked,
     so causality is exact whatever the selection holds. A selection shared by a KV group
@@ -550,6 +602,8 @@ def sparse_attention(
         q, positions = check_query(q, kv, positions)
     if isinstance(selection, Bitmap):
         selection = selection.to_topk()
+    if unmasked and selection.indices.shape[1] in (1, kv.kv_heads):
+        return _lean_attention(q, kv, selection, scale, workspace)
     tokens, valid = expand_units(selection)
     if tokens.shape[0] != q.shape[0] or tokens.shape[2] != q.shape[2]:
         raise InputError(
@@ -582,6 +636,32 @@ def sparse_attention(
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     out = (probs.unsqueeze(-2) @ values).squeeze(-2)
     return out.flatten(1, 2)
+
+
+def _lean_attention(
+    q: torch.Tensor, kv: KVCache, selection: TopK, scale: float | None, workspace: dict | None
+) -> torch.Tensor:
+    """`sparse_attention` of a selection shared by each KV group when nothing is masked
+    (`unmasked`): the rows gathered and attended with no mask."""
+    hq, hkv = q.shape[1], kv.kv_heads
+    b, t, r = q.shape[0], q.shape[2], hq // hkv
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    unit = selection.unit
+    cap = kv._keys.buffer.shape[2]
+    rows, mask, tail = selection.indices, None, None
+    used = kv.capacity
+    if unit > 1 and cap % unit:  # the buffer is not laid out in whole units: token rows,
+        rows, _ = expand_units(selection)  # and those of a partial last unit past the end
+        unit = 1  # are hidden (before `_row_index` clamps them into the buffer)
+        if used % selection.unit:
+            mask = (rows < used).expand(b, hkv, *rows.shape[2:]).reshape(b * hkv * t, -1)
+    elif used % unit:  # whole units: a partial last unit's tokens past the end are hidden
+        tail = (cap, used)
+    rows = rows.expand(b, hkv, *rows.shape[2:]) if rows.shape[1] == 1 else rows
+    index, buffers = _row_index(kv, rows, unit)
+    qt = q.unflatten(1, (hkv, r)).transpose(2, 3).reshape(b * hkv * t, r, -1)
+    out = _tiled_attention(qt, index, buffers, mask, unit, scale, workspace, tail)
+    return out.view(b, hkv, t, r, -1).transpose(2, 3).flatten(1, 2)
 
 
 def attention_probs(

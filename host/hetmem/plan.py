@@ -59,8 +59,25 @@ class StepPlan:
         return got
 
     def all_visible(self, unit: int, candidates: int) -> bool:
-        """Whether every query sees all `candidates` units (no mask needed)."""
-        return bool((self.seen(unit) >= candidates).all())
+        """Whether every query sees all `candidates` units (no mask needed); once per step,
+        unit and count."""
+        key = (unit, f"all {candidates}")
+        got = self._visible.get(key)
+        if got is None:
+            got = self._visible[key] = bool((self.seen(unit) >= candidates).all())
+        return bool(got)
+
+    @property
+    def at_end(self) -> bool:
+        """One query per row, at its row's last token (a decode step): it sees its whole
+        row."""
+        key = (0, "at end")
+        got = self._visible.get(key)
+        if got is None:
+            got = self._visible[key] = self.queries == 1 and bool(
+                (self.positions[:, 0] == self.lengths - 1).all()
+            )
+        return bool(got)
 
     def rows(self, rows: slice) -> StepPlan:
         """The plan of some batch rows (a micro-batch)."""

@@ -24,6 +24,9 @@ class Scores:
 
     values: torch.Tensor
     unit: int = 1
+    #: False when Relevancy masked nothing (every query sees every candidate): Retrieval then
+    #: knows every pick is valid without looking.
+    masked: bool = True
 
     @property
     def candidates(self) -> int:
@@ -45,6 +48,8 @@ class TopK:
     indices: torch.Tensor
     valid: torch.Tensor
     unit: int = 1
+    #: Every slot is valid (known without a device sync): the lean Apply needs no mask.
+    all_valid: bool = False
 
     @property
     def k(self) -> int:
@@ -97,11 +102,12 @@ def budget_units(budget: int, unit: int = 1, candidates: int | None = None) -> i
 
 
 def topk_select(
-    scores: torch.Tensor, k: int, *, name: str = "k"
+    scores: torch.Tensor, k: int, *, name: str = "k", masked: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k over the last axis by the contract: returns (indices ascending, valid).
 
     Ties go to the lower index (a stable descending sort keeps index order among equals).
+    `masked=False`: no score is -inf, so every pick is valid (not looked up).
     """
     check_tensor("scores", scores)
     k = check_k(name, k, scores.shape[-1])
@@ -109,6 +115,10 @@ def topk_select(
         raise InputError("scores", "contain NaN (a method's weights or inputs are not finite)")
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
     indices = order.sort(dim=-1).values
+    if not masked:
+        return indices, torch.ones((), dtype=torch.bool, device=indices.device).expand(
+            indices.shape
+        )
     picked = torch.gather(scores, -1, indices)
     valid = (
         picked > float("-inf")

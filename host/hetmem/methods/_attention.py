@@ -89,15 +89,33 @@ class SparseAttentionMethod(Method):
     def retrieve(self, scores: Scores, budget: int) -> Selection:
         """Top-k units under a token budget: k = budget // unit (at least one unit)."""
         k = budget_units(budget, self.unit, scores.values.shape[-1])
-        indices, valid = topk_select(scores.values, k, name="budget")
-        return TopK(indices, valid, self.unit)
+        indices, valid = topk_select(scores.values, k, name="budget", masked=scores.masked)
+        return TopK(indices, valid, self.unit, all_valid=not scores.masked)
 
     def apply(self, memory: Memory, selection: Selection, query: Any) -> torch.Tensor:
         assert isinstance(memory, AttentionMemory)
         positions = self.positions(memory, query)
         return sparse_attention(
-            query.q, memory.kv, selection, positions, self.scale, memory.workspace, checked=True
+            query.q, memory.kv, selection, positions, self.scale, memory.workspace,
+            checked=True, unmasked=self.unmasked(memory, selection, query),
+        )  # fmt: skip
+
+    def unmasked(self, memory: AttentionMemory, selection: Selection, query: Any) -> bool:
+        """Whether Apply needs no mask: every pick valid, and the step's plan puts each query
+        at the end of rows of equal length (so every token is visible to it)."""
+        plan = getattr(query, "plan", None)
+        return (
+            isinstance(selection, TopK)
+            and selection.all_valid
+            and plan is not None
+            and plan.at_end
+            and memory.kv.full
         )
+
+    def sees_all(self, plan: Any, candidates: int) -> bool:
+        """Whether the step's plan lets every query see all `candidates` units (then
+        Relevancy masks nothing)."""
+        return plan is not None and plan.all_visible(self.unit, candidates)
 
     def apply_nbytes(self, memory: Memory, selection: Selection) -> int:
         assert isinstance(memory, AttentionMemory)
@@ -162,6 +180,8 @@ def block_reductions(
     n_blocks = -(-kv.capacity // block)
     first_block = min(first_block, n_blocks)
     start = first_block * block
+    if kv.full:  # no padding: whole blocks as a view, a partial last block on its own
+        return _full_reductions(kv, block, start, reducers)
     keys = kv.keys[:, :, start:]
     pad = (n_blocks - first_block) * block - keys.shape[2]
     keys = torch.nn.functional.pad(keys, (0, 0, 0, pad))
@@ -171,6 +191,28 @@ def block_reductions(
     keys = keys.view(b, h, -1, block, d)
     valid = valid.view(b, 1, -1, block, 1)
     return {name: reduce(keys, valid) for name, reduce in reducers.items()}
+
+
+def _full_reductions(
+    kv: KVCache, block: int, start: int, reducers: dict[str, Callable[..., torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """`block_reductions` of a cache without padding (`KVCache.full`): no mask. A decode
+    step's append re-reduces one block: one reduction per reducer over a view."""
+    keys = kv.keys[:, :, start:]
+    b, h, n, d = keys.shape
+    whole, rest = divmod(n, block)
+    parts = []
+    if whole:
+        view = keys.narrow(2, 0, whole * block).view(b, h, whole, block, d)
+        parts.append({name: reduce(view, None) for name, reduce in reducers.items()})
+    if rest:
+        view = keys.narrow(2, whole * block, rest).view(b, h, 1, rest, d)
+        parts.append({name: reduce(view, None) for name, reduce in reducers.items()})
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return {name: keys.new_zeros(b, h, 0, d) for name in reducers}
+    return {name: torch.cat([p[name] for p in parts], dim=2) for name in reducers}
 
 
 class BlockSummary:
@@ -218,17 +260,25 @@ class BlockSummary:
         return out
 
 
-def block_min(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+# The reducers take keys [B, Hkv, blocks, block, D] and the valid tokens' mask [B, 1, blocks,
+# block, 1], or None when every token is valid; a block without a valid token gives zeros.
+def block_min(keys: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    if valid is None:
+        return keys.amin(dim=3)
     out = keys.masked_fill(~valid, float("inf")).amin(dim=3)
     return torch.where(torch.isinf(out), torch.zeros_like(out), out)
 
 
-def block_max(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def block_max(keys: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    if valid is None:
+        return keys.amax(dim=3)
     out = keys.masked_fill(~valid, float("-inf")).amax(dim=3)
     return torch.where(torch.isinf(out), torch.zeros_like(out), out)
 
 
-def block_mean(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def block_mean(keys: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    if valid is None:
+        return keys.mean(dim=3)
     count = valid.sum(dim=3).clamp(min=1)
     # where, not a product: a padding slot may hold NaN, and NaN * 0 is NaN.
     return torch.where(valid, keys, torch.zeros_like(keys)).sum(dim=3) / count

@@ -270,12 +270,17 @@ class DSA(SparseAttentionMethod):
             feats = chunk.keys.permute(0, 2, 1, 3).flatten(2)  # [B, T, Hkv*D]
         else:
             check_features("features", feats, kv.batch, chunk.keys.shape[2])
+        full, start = kv.full, kv.capacity
         positions = kv.append(chunk.keys, chunk.values)  # [B, T], each row at its own length
         new_keys = feats.to(memory.keys.buffer.dtype) @ self._weights(kv).wk
         memory.keys.reserve(kv.capacity)
         memory.keys.length = kv.capacity
-        rows = torch.arange(kv.batch, device=kv.device)[:, None].expand_as(positions)
-        memory.keys.buffer[rows, positions] = new_keys
+        rows = None
+        if full:  # every row at the end: one slice
+            memory.keys.buffer.narrow(1, start, new_keys.shape[1]).copy_(new_keys)
+        else:
+            rows = torch.arange(kv.batch, device=kv.device)[:, None].expand_as(positions)
+            memory.keys.buffer[rows, positions] = new_keys
         store = memory.token_keys
         if store is not None:
             store.reserve(kv.capacity)
@@ -283,6 +288,8 @@ class DSA(SparseAttentionMethod):
                 store.buffer.narrow(1, store.length, kv.capacity - store.length).zero_()
                 store.length = kv.capacity
             new = chunk.keys.transpose(1, 2).flatten(2)  # [B, T, Hkv*D]
+            if rows is None:
+                rows = torch.arange(kv.batch, device=kv.device)[:, None].expand_as(positions)
             store.buffer[rows, positions, : new.shape[-1]] = new.to(store.buffer.dtype)
 
     def indexer_query(
@@ -321,6 +328,8 @@ class DSA(SparseAttentionMethod):
         logits.relu_()
         scaled = w / math.sqrt(di)
         scores = torch.einsum("bsth,bth->bts", logits.view(b, -1, t, h), scaled)  # [B, T, S]
+        if self.sees_all(query.plan, scores.shape[-1]):
+            return Scores(scores[:, None], unit=1, masked=False)
         visible = self.unit_visible(memory, positions, scores.shape[-1], query.plan)
         scores = scores.masked_fill(~visible, float("-inf"))
         return Scores(scores[:, None], unit=1)
@@ -347,8 +356,9 @@ class DSA(SparseAttentionMethod):
                 q, memory.kv, selection, positions, self.scale, memory.workspace, checked=True
             )
         return shared_decode_attention(
-            q, memory, idx[:, 0, 0], selection.valid[:, 0, 0], positions, self.scale
-        )
+            q, memory, idx[:, 0, 0], selection.valid[:, 0, 0], positions, self.scale,
+            unmasked=self.unmasked(memory, selection, query),
+        )  # fmt: skip
 
     def kernel_memory(self, memory: DSAMemory) -> dict[str, torch.Tensor]:
         """Float rows the token_indexer kernel holds, per slot: {"keys": [B, 1, S, Di]}."""
@@ -396,9 +406,11 @@ def shared_decode_attention(
     valid: torch.Tensor,
     positions: torch.Tensor,
     scale: float | None,
+    unmasked: bool = False,
 ) -> torch.Tensor:
     """One query per row q [B, Hq, 1, D] over its selected tokens [B, k] (shared by every
-    head) with exact causal and padding masks; [B, Hq, 1, D].
+    head) with exact causal and padding masks; [B, Hq, 1, D]. `unmasked`: every selected
+    token is valid and visible (the lean decode path): no mask is built.
 
     Keys row by row and tile by tile: gather the tile's selected keys into one reused buffer
     (one index_select: with the token-major copy, one row of Hkv*D per token, else Hkv rows
@@ -413,9 +425,12 @@ def shared_decode_attention(
     k = tokens.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     # Masked: invalid slots, padding, and (for a query before the row's end) the future.
-    hidden = ~(valid & (tokens <= positions) & (tokens < kv.lengths[:, None]))  # [B, k]
-    masked = bool(hidden.any())  # (check_query has synchronized already)
-    tokens = tokens.clamp(0, kv.capacity - 1)
+    if unmasked:
+        masked = False
+    else:
+        hidden = ~(valid & (tokens <= positions) & (tokens < kv.lengths[:, None]))  # [B, k]
+        masked = bool(hidden.any())  # (check_query has synchronized already)
+        tokens = tokens.clamp(0, kv.capacity - 1)
     qs = (q * scale).reshape(b, hkv, r, d)
     cap = kv._keys.buffer.shape[2]
     token_major = memory.token_keys is not None

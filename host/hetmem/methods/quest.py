@@ -92,19 +92,22 @@ class Quest(SparseAttentionMethod):
         hkv = memory.kv.kv_heads
         # The group's R query heads and T queries share the M side of one matmul per (row,
         # KV head): broadcasting the summaries over R instead would copy them R times.
-        qg = q.reshape(b, hkv, hq // hkv * t, d)  # [B, Hkv, R*T, D]
-        mins = memory.mins.to(q.dtype)  # [B, Hkv, P, D]
-        maxs = memory.maxs.to(q.dtype)
-        pos, neg = qg.clamp(min=0), qg.clamp(max=0)
-        bound = torch.matmul(pos, maxs.transpose(-1, -2))
-        bound += torch.matmul(neg, mins.transpose(-1, -2))
-        return bound.view(b, hkv, hq // hkv, t, -1)
+        qg = q.reshape(b * hkv, hq // hkv * t, d)  # [B*Hkv, R*T, D]
+        mins, maxs = memory.mins, memory.maxs  # [B, Hkv, P, D]
+        if mins.dtype != q.dtype:
+            mins, maxs = mins.to(q.dtype), maxs.to(q.dtype)
+        p = mins.shape[2]
+        bound = torch.bmm(qg.clamp(min=0), maxs.reshape(b * hkv, p, d).transpose(1, 2))
+        bound = torch.baddbmm(bound, qg.clamp(max=0), mins.reshape(b * hkv, p, d).transpose(1, 2))
+        return bound.view(b, hkv, hq // hkv, t, p)
 
     def relevancy(self, memory: Any, query: Any) -> Scores:
         assert isinstance(memory, QuestMemory)
         positions = self.positions(memory, query)
         bound = self.bounds(memory, query.q)  # [B, Hkv, R, T, P]
         scores = bound.flatten(1, 2) if self.per_query_head else bound.amax(dim=2)
+        if self.sees_all(query.plan, scores.shape[-1]):
+            return Scores(scores, unit=self.unit, masked=False)
         visible = self.unit_visible(memory, positions, scores.shape[-1], query.plan)[:, None]
         return Scores(scores.masked_fill(~visible, float("-inf")), unit=self.unit)
 

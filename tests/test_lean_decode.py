@@ -1,0 +1,105 @@
+"""The lean decode path: when a step's plan puts every query at the end of rows of equal
+length (`StepPlan.at_end`, `KVCache.full`), Relevancy masks nothing, Retrieval knows every
+pick is valid, Apply builds no mask (only a partial last unit's tokens past the end are
+hidden) and an append writes one slice. Its outputs equal the masked path's exactly, over
+cache layouts whose buffers are and are not whole units, for every attention method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hetmem.methods._attention as attention_methods
+from hetmem.attention import AttentionQuery, Growth, KVCache, KVChunk, dense_attention
+from hetmem.methods import get
+from hetmem.pipeline import Pipeline
+from hetmem.plan import StepPlan
+
+METHODS = {
+    "quest": lambda: get("quest", page_size=8),
+    "seer": lambda: get("seer", block_size=8),
+    "dsa": lambda: get("dsa"),
+}
+
+
+def decode(method, length, growth, budget, batch=1, steps=6, seed=0):
+    """Outputs of `steps` decode steps (append one token, then select and attend)."""
+    gen = torch.Generator().manual_seed(seed)
+    kv = KVCache(
+        torch.randn(batch, 2, length, 16, generator=gen),
+        torch.randn(batch, 2, length, 16, generator=gen),
+        growth=growth,
+    )
+    pipe = Pipeline(METHODS[method](), "cpu/cpu/cpu/cpu")
+    pipe.prepare(kv)
+    outs = []
+    for _ in range(steps):
+        pipe.append(
+            KVChunk(
+                torch.randn(batch, 2, 1, 16, generator=gen),
+                torch.randn(batch, 2, 1, 16, generator=gen),
+            )
+        )
+        q = torch.randn(batch, 4, 1, 16, generator=gen)
+        plan = StepPlan.decode(pipe.memory.kv.lengths, budget)
+        outs.append(pipe.decode(AttentionQuery(q, plan.positions, None, plan), plan))
+        if budget >= length + steps:
+            torch.testing.assert_close(outs[-1], dense_attention(q, pipe.memory.kv))
+    return outs, pipe
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("growth", [None, "unit"])
+@pytest.mark.parametrize("length", [27, 32, 40, 61])
+@pytest.mark.parametrize("budget", [16, 24, 128])
+def test_the_lean_path_equals_the_masked_path(method, growth, length, budget, monkeypatch):
+    unit = METHODS[method]().unit
+    growth = Growth(align=unit) if growth == "unit" else None
+    lean, pipe = decode(method, length, growth, budget)
+    assert pipe.memory.kv.full
+    monkeypatch.setattr(attention_methods.SparseAttentionMethod, "sees_all", lambda *a: False)
+    monkeypatch.setattr(attention_methods.SparseAttentionMethod, "unmasked", lambda *a: False)
+    masked, _ = decode(method, length, growth, budget)
+    for a, b in zip(lean, masked, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_lean_path_is_taken_only_when_nothing_needs_a_mask():
+    calls = []
+    original = attention_methods.SparseAttentionMethod.unmasked
+
+    def spy(self, *args):
+        calls.append(original(self, *args))
+        return calls[-1]
+
+    attention_methods.SparseAttentionMethod.unmasked = spy
+    try:
+        decode("quest", 40, None, 16, batch=1, steps=2)
+        assert calls == [True, True]
+        calls.clear()
+        gen = torch.Generator().manual_seed(1)
+        kv = KVCache(
+            torch.randn(2, 2, 40, 16, generator=gen),
+            torch.randn(2, 2, 40, 16, generator=gen),
+            lengths=torch.tensor([40, 33]),
+        )
+        pipe = Pipeline(METHODS["quest"](), "cpu/cpu/cpu/cpu")
+        pipe.prepare(kv)
+        assert not pipe.memory.kv.full
+        pipe.step(AttentionQuery(torch.randn(2, 4, 1, 16, generator=gen)), 16)
+        assert calls == [False]  # rows of different lengths: the masked path
+    finally:
+        attention_methods.SparseAttentionMethod.unmasked = original
+
+
+def test_full_follows_the_lengths():
+    kv = KVCache(torch.randn(2, 2, 10, 4), torch.randn(2, 2, 10, 4))
+    assert kv.full
+    kv.append(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4))
+    assert kv.full and kv.lengths.tolist() == [11, 11]
+    kv.truncate(torch.tensor([11, 7]))
+    assert not kv.full
+    kv.append(torch.randn(2, 2, 4, 4), torch.randn(2, 2, 4, 4))
+    assert kv.lengths.tolist() == [15, 11] and not kv.full
+    kv.select_rows(torch.tensor([0, 0]))
+    assert kv.full and kv.lengths.tolist() == [15, 15]
