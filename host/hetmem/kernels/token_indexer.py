@@ -5,16 +5,19 @@ Float semantics: memory {"keys": [N, Di]} (per-token indexer keys), query
 {"q": [Q, H, Di], "w": [Q, H]} (H indexer heads; w may be negative).
 
 Formats:
-- keys int8 [n, Di] in block floating point (as `vector_search`): per-channel scales s_c
-  and one power-of-two exponent per token, shifts uint8 [n]; a token up to 4x beyond the
-  fitted channel range takes a negative exponent, beyond that it saturates to +-127.
-- q int8 [Q, H, Di]: the channel scales are folded in (q'_hc = q_hc * s_c) and each head
-  gets its own absmax scale t_h, Q_hc = rint(q'_hc / t_h), so
-  q_h . k_s ~= t_h * 2**-5 * ((Q_h . K_s) << shift_s), the dot in int32.
+- keys int8 [n, Di] in block floating point in the stored basis of `vector_search`
+  (channels balanced by rms ** 1/2, the randomized Hadamard rotation, per-channel scales s_c)
+  and one power-of-two exponent per token, shifts uint8 [n]; a token up to 8x beyond the
+  fitted range of the stored basis takes a negative exponent, beyond that it saturates to
+  +-127.
+- q int8 [Q, H, Di]: each head in the stored basis with the scales folded in,
+  q'_h = (R (q_h * b)) * s (`spec.fold`), and each head gets its own absmax scale t_h,
+  Q_hc = rint(q'_hc / t_h), so q_h . k_s ~= t_h * 2**-4 * ((Q_h . K_s) << shift_s), the
+  dot in int32.
 - w int16 [Q, H]: since ReLU(c x) = c ReLU(x) for c > 0, the head scale is folded into the
   weight, w'_h = w_h * t_h, then quantized with one absmax scale u per query,
   W_h = rint(w'_h / u) in [-32767, 32767].
-- score(s) = (sum_h W_h * ReLU(Q_h . K_s)) << shift_s ~= score_float(s) * 2**5 / u, exact
+- score(s) = (sum_h W_h * ReLU(Q_h . K_s)) << shift_s ~= score_float(s) * 2**4 / u, exact
   in int64: the sum needs 1 + 15 + 14 + log2(Di) + log2(H) bits (43 for Di = 128, H = 64,
   inside a DSP48's 48-bit accumulator), the shift 7 more.
 
@@ -22,7 +25,8 @@ Measured recall of the float64 top-k (tests/test_kernel_quant.py, seed 0: N=1638
 H=8 heads, Di=128, 4 queries, w in +-[0.2, 1] with a quarter negative; keys Student-t(3)
 with 4 outlier channels x20, a relevant quarter of the tokens moved by 8 * Pareto(2) along a
 random mix of the query's head directions): 0.996 / 0.995 / 0.994 for k = 64 / 256 / 2048
-(the test asserts >= 0.98).
+(the test asserts >= 0.98). On random heavy-tailed cases without planted structure, where
+the per-channel format it replaced lost most (bench/quant_recall.py), see `vector_search`.
 """
 
 from __future__ import annotations
