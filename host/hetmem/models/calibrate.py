@@ -198,14 +198,26 @@ def capture(
     seed: int = 0,
     batch_size: int = 1,
     progress: Callable[[int], None] | None = None,
+    positions: torch.Tensor | None = None,
 ) -> list[LayerActivations]:
     """Run the frozen model over `input_ids` [N, S] and return each attention layer's
-    activations, with `queries` sampled query positions per sequence."""
+    activations, with `queries` sampled query positions per sequence, or at `positions`
+    [N, T] (ascending, each in [0, S)) when given."""
     check_tensor("input_ids", input_ids, dims=("sequences", "tokens"), floating=False)
     n, s = input_ids.shape
     if n == 0 or s < 2:
         raise InputError("input_ids", f"expected at least one sequence of 2+ tokens, got {n}x{s}")
-    positions = sample_positions(n, s, min(queries, s - 1 - max(s // 8, 1) + 1), seed)
+    if positions is None:
+        positions = sample_positions(n, s, min(queries, s - 1 - max(s // 8, 1) + 1), seed)
+    else:
+        check_tensor("positions", positions, dims=("sequences", "queries"), floating=False)
+        if positions.shape[0] != n or positions.shape[1] == 0:
+            raise InputError(
+                "positions", f"expected [{n}, T>0] query positions, got {tuple(positions.shape)}"
+            )
+        if bool((positions < 0).any() | (positions >= s).any()):
+            raise InputError("positions", f"expected positions in [0, {s}), got out of range")
+        positions = positions.long().cpu()
     device = next(model.parameters()).device
     per_batch: list[list[tuple[torch.Tensor, torch.Tensor, float, bool]]] = []
     model_was_training = model.training
@@ -321,15 +333,31 @@ def gate_logits(
     return logits.masked_fill(later, float("-inf"))
 
 
-def block_target(act: LayerActivations, block: int) -> torch.Tensor:
-    """The gate's teacher: attention mass per block, summed over each KV group's query
-    heads and normalized, [N, Hkv, T, Nb]."""
+#: How the gate's teacher combines the query heads of a KV group (`block_target`).
+GROUP_TEACHERS = ("max", "mean")
+
+
+def block_target(act: LayerActivations, block: int, group: str = "max") -> torch.Tensor:
+    """The gate's teacher, [N, Hkv, T, Nb]: each query head's attention mass per block,
+    combined over each KV group's query heads and normalized.
+
+    group="max" (the default): the largest mass any head of the group puts on the block.
+    One selection serves the whole group, so a block that one head needs (a retrieval head
+    on the needle, while its neighbours read the local text) must rank high for the group;
+    the group's mean would divide that head's need by the group size. group="mean": the
+    group's mean mass (the earlier teacher).
+    """
+    if group not in GROUP_TEACHERS:
+        raise InputError("group", f"expected one of {GROUP_TEACHERS}, got {group!r}")
     probs = act.attention()  # [N, Hq, T, S]
     n, hq, t, s = probs.shape
-    grouped = probs.unflatten(1, (act.kv_heads, -1)).mean(dim=2)  # [N, Hkv, T, S]
     nb = -(-s // block)
-    padded = torch.nn.functional.pad(grouped, (0, nb * block - s))
-    return padded.view(n, act.kv_heads, t, nb, block).sum(-1)
+    padded = torch.nn.functional.pad(probs, (0, nb * block - s))
+    per_head = padded.view(n, act.kv_heads, hq // act.kv_heads, t, nb, block).sum(-1)
+    if group == "mean":
+        return per_head.mean(dim=2)
+    most = per_head.amax(dim=2)  # [N, Hkv, T, Nb]
+    return most / most.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
 def kl_divergence(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -525,11 +553,13 @@ def train_gate(
     block_size: int = 64,
     config: TrainConfig | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    group: str = "max",
 ) -> tuple[GateWeights, TrainLog]:
     """Train a SeerAttention-R AttnGate on one layer's activations by self-distillation.
 
     Starts from the untrained mean-pool gate and minimizes KL(block attention mass ||
-    softmax(gate logits)), the query at each sampled decode position.
+    softmax(gate logits)), the query at each sampled decode position; `group` says how
+    the teacher combines a KV group's query heads (`block_target`).
     """
     config = config or TrainConfig()
     block = check_positive_int("block_size", block_size)
@@ -538,8 +568,8 @@ def train_gate(
     wq = torch.nn.Parameter(base.wq.clone())
     wk = torch.nn.Parameter(base.wk.clone())
     pools = block_pools(train, block)
-    teacher = block_target(train, block)
-    held_pools, held_teacher = block_pools(held, block), block_target(held, block)
+    teacher = block_target(train, block, group)
+    held_pools, held_teacher = block_pools(held, block), block_target(held, block, group)
     with torch.no_grad():
         log = TrainLog(
             untrained=float(kl_divergence(held_teacher, gate_logits(base, held, held_pools, block)))
@@ -783,6 +813,116 @@ def task_sequences(
     return torch.tensor(rows) if rows else None
 
 
+def answer_queries(task: Any, tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """Positions of the queries that write the task's final answer when decoding: the
+    token before each of the answer's tokens, in `ids` (the tokens of `task.text`)."""
+    start, end = next((a, b) for a, b, role in reversed(task.spans) if role == "answer")
+    try:
+        enc = tokenizer(task.text, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, TypeError, KeyError, ValueError):
+        offsets = None
+    if offsets is not None and len(offsets) == len(ids):
+        inside = [i for i, (a, b) in enumerate(offsets) if b > a and a >= start and b <= end]
+    else:  # a tokenizer without offsets: count the tokens before and through the answer
+        first = len(tokenizer(task.text[:start])["input_ids"])
+        last = len(tokenizer(task.text[:end])["input_ids"])
+        inside = list(range(first, last))
+    return [i - 1 for i in inside if 0 < i < len(ids)]
+
+
+def gate_sequences(
+    tokenizer: Any, sequences: int, tokens: int, queries: int = 64, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the Seer gate trains on at one context length: (input_ids [N, S], query
+    positions [N, T]), S a few tokens over `tokens`.
+
+    Half the sequences are passkey / associative-recall examples with their answers
+    written out (`Task.text`), and their query positions hold the decode queries that
+    write the final answer (the queries a sparse decode step asks: the prompt's last
+    token is prefill's), the rest sampled over the sequence as `sample_positions` does;
+    the other half is real text with sampled positions. A task prompt stops before the
+    answer, so without these rows no query the gate trains on reads the needle back.
+    """
+    from .. import tasks
+
+    check_positive_int("sequences", sequences)
+    check_positive_int("tokens", tokens)
+    rows: list[list[int]] = []
+    wanted: list[list[int]] = []
+    for i in range(2 * (sequences // 2)):
+        if len(rows) == sequences // 2:
+            break
+        kind = tasks.KINDS[i % 2]
+        try:
+            task = tasks.make_task(kind, tokens, CALIBRATION_SEED + seed + i, tokenizer)
+        except InputError:  # too short a context for this task under this tokenizer
+            continue
+        ids = tokenizer(task.text)["input_ids"]
+        asked = answer_queries(task, tokenizer, ids)
+        if asked:
+            rows.append(ids)
+            wanted.append(asked[: max(queries // 4, 1)])
+    # Right-padded to the longest: a causal query never sees the tokens after it.
+    length = max([len(r) for r in rows], default=tokens)
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    rows = [r + [pad] * (length - len(r)) for r in rows]
+    text = text_sequences(tokenizer, sequences - len(rows), length, seed + tokens)
+    drawn = sample_positions(sequences, length, queries, seed + tokens)
+    positions = []
+    for j in range(sequences):
+        if j < len(rows):
+            fill = sample_positions(1, length, queries - len(wanted[j]), seed + tokens + j)[0]
+            positions.append(torch.sort(torch.cat([torch.tensor(wanted[j]), fill])).values)
+        else:
+            positions.append(drawn[j])
+    ids = torch.cat([torch.tensor(rows, dtype=torch.long).view(-1, length), text])
+    # Interleaved, so the held-out sixth of the sequences mixes both kinds.
+    order = torch.randperm(sequences, generator=torch.Generator().manual_seed(seed + tokens))
+    return ids[order], torch.stack(positions)[order]
+
+
+def merge_activations(parts: Sequence[list[LayerActivations]]) -> list[LayerActivations]:
+    """One list of layer activations from captures at several context lengths: keys
+    zero-padded to the longest (no query sees past its own position, so never padding)."""
+    if not parts:
+        raise InputError("parts", "expected at least one capture")
+    longest = max(p[0].k.shape[2] for p in parts)
+    width = {p[0].q.shape[2] for p in parts}
+    if len(width) != 1:
+        raise InputError("parts", f"captures have different query counts {sorted(width)}")
+    out = []
+    for layer in range(len(parts[0])):
+        acts = [p[layer] for p in parts]
+        k = torch.cat(
+            [torch.nn.functional.pad(a.k, (0, 0, 0, longest - a.k.shape[2])) for a in acts]
+        )
+        out.append(
+            LayerActivations(
+                torch.cat([a.q for a in acts]),
+                k,
+                torch.cat([a.positions for a in acts]),
+                acts[0].scale,
+                acts[0].causal,
+            )
+        )
+    return out
+
+
+def gate_calibration_data(
+    tokenizer: Any,
+    sequences: int,
+    lengths: Sequence[int],
+    queries: int = 64,
+    seed: int = 0,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`gate_sequences` at each context length (the gate learns at every length it will
+    rank blocks at: trained at one, it ranks a needle far worse at four times it)."""
+    if tokenizer is None:
+        raise InputError("model", "has no tokenizer in its directory: calibration needs one")
+    return [gate_sequences(tokenizer, sequences, n, queries, seed) for n in lengths]
+
+
 @dataclass
 class CalibrationReport:
     path: Path
@@ -804,12 +944,26 @@ def calibrate(
     block_size: int = 16,
     seed: int = 0,
     progress: Any = None,
+    gate_data: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    gate_group: str = "max",
+    train: Sequence[str] = TRAINED_METHODS,
+    base: Selectors | None = None,
 ) -> tuple[Selectors, CalibrationReport]:
     """Capture the frozen model's activations on `input_ids` [N, S], train one indexer and
     one gate per layer, and save them to `out` (default: beside the model).
 
     `progress`: a rich `Progress` to show capture and per-layer training with the loss.
+    `gate_data`: (input_ids, query positions) pairs, one per context length
+    (`gate_calibration_data`), that the gate trains on instead of `input_ids`;
+    `gate_group`: how its teacher combines a KV group's heads (`block_target`).
+    `train`: the selectors to train; the others are kept from `base` (e.g. the file
+    already beside the model).
     """
+    train = tuple(train)
+    if not train or set(train) - set(TRAINED_METHODS):
+        raise InputError("train", f"expected some of {TRAINED_METHODS}, got {train!r}")
+    if set(TRAINED_METHODS) - set(train) and base is None:
+        raise InputError("base", f"keeping {set(TRAINED_METHODS) - set(train)} needs a base")
     target = Path(out) if out is not None else None
     if target is None:
         directory = model_dir(model)
@@ -829,9 +983,34 @@ def calibrate(
         seed=seed,
         progress=(lambda done: progress.advance(task, done)) if progress else None,
     )
+    gate_acts = acts
+    if gate_data is not None and "seer" in train:
+        parts = []
+        for ids, positions in gate_data:
+            bar = progress.add_task(f"capture gate data ({ids.shape[1]} tokens)",
+                                    total=ids.shape[0]) if progress else None  # fmt: skip
+            parts.append(
+                capture(
+                    model,
+                    ids,
+                    positions=positions,
+                    progress=(lambda done, bar=bar: progress.advance(bar, done))
+                    if progress
+                    else None,
+                )
+            )
+        gate_acts = merge_activations(parts)
     indexers, gates, dsa_logs, seer_logs = [], [], [], []
     for i, act in enumerate(acts):
         for kind in ("dsa", "seer"):
+            if kind not in train:
+                assert base is not None
+                (indexers if kind == "dsa" else gates).append(
+                    base.indexers[i] if kind == "dsa" else base.gates[i]
+                )
+                continue
+            if kind == "seer":
+                act = gate_acts[i]
             label = f"layer {i}: {'DSA indexer' if kind == 'dsa' else 'Seer AttnGate'}"
             # The indexer trains two students (learned and equal head weights) in turn.
             total = 2 * steps if kind == "dsa" else steps
@@ -848,17 +1027,41 @@ def calibrate(
                 indexers.append(w)
                 dsa_logs.append(log)
             else:
-                g, log = train_gate(act, block_size=block_size, config=config, on_step=tick)
+                g, log = train_gate(
+                    act, block_size=block_size, config=config, on_step=tick, group=gate_group
+                )
                 gates.append(g)
                 seer_logs.append(log)
+    old = base.meta if base is not None else {}
     info = {
         "sequences": int(input_ids.shape[0]),
         "tokens": int(input_ids.shape[1]),
         "queries_per_sequence": int(acts[0].q.shape[2]),
         "steps": steps,
-        "dsa_kl": [[log.untrained, log.losses[-1], log.held_out] for log in dsa_logs],
-        "seer_kl": [[log.untrained, log.losses[-1], log.held_out] for log in seer_logs],
+        "dsa_kl": [[log.untrained, log.losses[-1], log.held_out] for log in dsa_logs]
+        if "dsa" in train
+        else old.get("dsa_kl"),
+        "seer_kl": [[log.untrained, log.losses[-1], log.held_out] for log in seer_logs]
+        if "seer" in train
+        else old.get("seer_kl"),
     }
+    if "seer" in train:
+        info["seer_data"] = {
+            "teacher": f"group {gate_group}",
+            "lengths": [int(ids.shape[1]) for ids, _ in gate_data]
+            if gate_data is not None
+            else [int(input_ids.shape[1])],
+            "sequences": [int(ids.shape[0]) for ids, _ in gate_data]
+            if gate_data is not None
+            else [int(input_ids.shape[0])],
+            "answer_queries": gate_data is not None,
+            "steps": steps,
+        }
+    else:
+        info["seer_data"] = old.get("seer_data")
+    if "dsa" not in train:  # the kept indexer's own training set
+        info |= {k: old[k] for k in ("sequences", "tokens", "queries_per_sequence") if k in old}
+        info["steps"] = old.get("steps", steps)
     selectors = Selectors(indexers, gates, block_size, info)
     path = save_selectors(selectors, target)
     report = CalibrationReport(path, dsa_logs, seer_logs, time.perf_counter() - started)
@@ -909,9 +1112,15 @@ def calibrate_dir(
     seed: int = 0,
     out: str | os.PathLike | None = None,
     console: Any = None,
+    gate_lengths: Sequence[int] | None = None,
+    train: Sequence[str] = TRAINED_METHODS,
 ) -> CalibrationReport:
     """`hetmem calibrate`: load a local model, train its selectors with a progress display,
-    save them beside it (or to `out`) and print the losses."""
+    save them beside it (or to `out`) and print the losses.
+
+    The gate trains on `gate_calibration_data` at `gate_lengths` (default: `tokens`, twice
+    and four times that, those the model's positions hold), `sequences` at each. `train`:
+    the selectors to train; the others are kept from the file already at the target."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -921,11 +1130,32 @@ def calibrate_dir(
     console = console or Console()
     model, tokenizer = load_local(directory, torch_device("gpu"))
     input_ids = calibration_ids(tokenizer, sequences, tokens, seed)
-    console.print(
-        f"calibrating [bold]{directory}[/bold]: {input_ids.shape[0]} sequences x "
-        f"{input_ids.shape[1]} tokens (pydoc text and task prompts), {queries} query positions "
-        f"each, {steps} steps per selector per layer; the model stays frozen"
-    )
+    target = Path(out) if out is not None else Path(directory) / SELECTORS_FILE
+    base = None
+    if set(TRAINED_METHODS) - set(train):
+        base = load_selectors(target)
+    gate_data = None
+    if "seer" in train:
+        if gate_lengths is None:
+            text = model.config.get_text_config(decoder=True)
+            most = getattr(text, "max_position_embeddings", None) or tokens
+            # a few tokens of room: a task's answer follows its prompt
+            gate_lengths = [n for n in (tokens, 2 * tokens, 4 * tokens) if n + 16 <= most]
+            gate_lengths = gate_lengths or [tokens]
+        gate_data = gate_calibration_data(tokenizer, sequences, gate_lengths, queries, seed)
+    if "dsa" in train:
+        console.print(
+            f"calibrating [bold]{directory}[/bold]: DSA indexer on {input_ids.shape[0]} "
+            f"sequences x {input_ids.shape[1]} tokens (pydoc text and task prompts), {queries} "
+            f"query positions each, {steps} steps per layer; the model stays frozen"
+        )
+    if gate_data is not None:
+        console.print(
+            f"calibrating [bold]{directory}[/bold]: Seer AttnGate on {sequences} sequences at "
+            f"each of {[int(ids.shape[1]) for ids, _ in gate_data]} tokens (pydoc text; task "
+            f"examples with their answers, the queries that write them among the {queries}), "
+            f"{steps} steps per layer; the model stays frozen"
+        )
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -936,7 +1166,7 @@ def calibrate_dir(
         _, report = calibrate(
             model,
             input_ids,
-            out=out if out is not None else Path(directory) / SELECTORS_FILE,
+            out=target,
             queries=queries,
             steps=steps,
             lr=lr,
@@ -945,6 +1175,9 @@ def calibrate_dir(
             block_size=block_size,
             seed=seed,
             progress=progress,
+            gate_data=gate_data,
+            train=train,
+            base=base,
         )
     table = Table(title="selector loss: KL(dense attention || selector), nats")
     for col in (
