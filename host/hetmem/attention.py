@@ -86,8 +86,21 @@ class Growable:
         return out
 
     @property
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    @buffer.setter
+    def buffer(self, value: torch.Tensor) -> None:
+        self._buffer = value
+        self._view = None  # a view of the old buffer would keep it alive
+
+    @property
     def data(self) -> torch.Tensor:
-        return self.buffer.narrow(self.axis, 0, self.length)
+        """The items in use: a view of the buffer (kept while buffer and length stay)."""
+        view = self._view
+        if view is None or view[0] != self.length:
+            view = self._view = (self.length, self._buffer.narrow(self.axis, 0, self.length))
+        return view[1]
 
     @property
     def capacity(self) -> int:

@@ -60,12 +60,25 @@ class StepPlan:
 
     def all_visible(self, unit: int, candidates: int) -> bool:
         """Whether every query sees all `candidates` units (no mask needed); once per step,
-        unit and count."""
+        unit and count (a decode plan answers from its row lengths, no tensor work)."""
         key = (unit, f"all {candidates}")
         got = self._visible.get(key)
         if got is None:
-            got = self._visible[key] = bool((self.seen(unit) >= candidates).all())
+            if self.at_end:  # each query sees its whole row: ceil(length / unit) units
+                shortest = min(self.lengths_list, default=0)
+                got = -(-shortest // unit) >= candidates
+            else:
+                got = bool((self.seen(unit) >= candidates).all())
+            self._visible[key] = got
         return bool(got)
+
+    @property
+    def lengths_list(self) -> list[int]:
+        """The row lengths as Python ints (read once per step)."""
+        got = self._visible.get((0, "lengths"))
+        if got is None:
+            got = self._visible[(0, "lengths")] = self.lengths.tolist()
+        return got  # type: ignore[return-value]
 
     @property
     def at_end(self) -> bool:
@@ -88,4 +101,7 @@ class StepPlan:
         """The plan of a step whose queries are the last `queries` tokens of each row."""
         lengths = lengths.detach().to("cpu", torch.long)
         positions = lengths[:, None] - queries + torch.arange(queries)[None, :]
-        return cls(positions, lengths, budget)
+        plan = cls(positions, lengths, budget)
+        if queries == 1:  # each query at its row's last token, by construction
+            plan._visible[(0, "at end")] = True
+        return plan
