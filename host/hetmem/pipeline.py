@@ -36,6 +36,7 @@ from .methods.base import STEPS, Memory, Method
 from .plan import StepPlan
 from .profile import Profile, StepRecord, Timeline, device_label
 from .selection import Bitmap, Selection, TopK
+from .warn import warn
 
 Policy = Literal["fallback", "raise"]
 
@@ -410,8 +411,6 @@ class Pipeline:
     def _fault(self, profile: Profile, exc: FpgaError, what: str) -> None:
         """An FPGA fault: raise it (on_fpga_error="raise"), or count it, warn, and forget
         the card's state so that the next FPGA step rebuilds it from the host's memory."""
-        import warnings
-
         if self.on_fpga_error == "raise":
             raise exc
         self.counters["fpga_fallbacks"] += 1
@@ -426,11 +425,10 @@ class Pipeline:
                 f"{type(exc).__name__}: {exc}",
             )
         )
-        warnings.warn(
+        warn(
             f"hetmem: FPGA fault while {what} ({type(exc).__name__}: {exc}); the card's memory "
             "will be restored from the host copy",
             RuntimeWarning,
-            stacklevel=3,
         )
 
     def _finish(self, profile: Profile) -> None:
