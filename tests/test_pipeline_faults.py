@@ -317,3 +317,10 @@ def test_breaker_options_are_checked():
         Pipeline(get("quest"), HYBRID, fpga={"target": "emu", "fault_limit": 0})
     with pytest.raises(InputError, match="cooldown"):
         Pipeline(get("quest"), HYBRID, fpga={"target": "emu", "cooldown": "long"})
+
+
+def test_the_fault_warning_points_at_the_caller():
+    hybrid, _, query, _ = pipelines()
+    with xrt_emu.inject("timeout"), pytest.warns(RuntimeWarning, match="FpgaTimeout") as caught:
+        hybrid.step(query, 256)
+    assert caught[0].filename == __file__
