@@ -309,6 +309,30 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Per kernel, distribution and k: two runs' statistics on the same cases, and the mean
+    of the per-case differences (after - before) with its standard error."""
+    lines = [
+        "| kernel | dist | k | before mean / p5 / worst | after mean / p5 / worst "
+        "| paired diff +- s.e. |",
+        "|---|---|---|---|---|---|",
+    ]
+    old = {(r["kernel"], r["dist"], r["k"]): r for r in before["rows"]}
+    for r in after["rows"]:
+        b = old.get((r["kernel"], r["dist"], r["k"]))
+        if b is None or len(b["recalls"]) != len(r["recalls"]):
+            continue
+        diff = np.asarray(r["recalls"]) - np.asarray(b["recalls"])
+        se = diff.std(ddof=1) / math.sqrt(diff.size) if diff.size > 1 else 0.0
+        lines.append(
+            f"| {r['kernel']} | {r['dist']} | {r['k']} "
+            f"| {b['mean']:.4f} / {b['p5']:.3f} / {b['worst']:.3f} "
+            f"| {r['mean']:.4f} / {r['p5']:.3f} / {r['worst']:.3f} "
+            f"| {diff.mean():+.4f} +- {se:.4f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=200)
@@ -317,7 +341,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="base seed of the cases")
     parser.add_argument("--no-faiss", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("BEFORE", "AFTER"),
+        help="print the paired comparison of two result files (same cases) and exit",
+    )
     args = parser.parse_args(argv)
+    if args.compare:
+        before, after = (json.loads(p.read_text()) for p in args.compare)
+        print(compare(before, after))
+        return 0
     start = time.perf_counter()
     rows = run(args.kernels, args.dists, args.cases, args.seed, not args.no_faiss)
     text = table(rows)

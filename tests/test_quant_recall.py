@@ -9,6 +9,7 @@ cases append rows up to the headroom after the fit. vector_search's mean is at l
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +89,15 @@ def test_saturation_is_counted(bench):
     pages = {"mins": -np.abs(keys), "maxs": np.abs(keys)}
     assert bench.saturated_rows("page_indexer", {"memory": pages, "fitted": 250}) == 50
     assert kernels.get("vector_search").candidates(case["memory"]) == 300
+
+
+def test_bench_writes_its_table_and_compares_runs(bench, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["--cases", "3", "--kernels", "block_gate", "--dists", "gauss", "--no-faiss"]
+    assert bench.main([*args, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["source"] == "measured" and len(result["rows"]) == 2
+    assert [len(r["recalls"]) for r in result["rows"]] == [3, 3]
+    assert "| block_gate | gauss | 64 |" in capsys.readouterr().out
+    assert bench.main(["--compare", str(out), str(out)]) == 0
+    assert "+0.0000 +- 0.0000" in capsys.readouterr().out
