@@ -22,6 +22,21 @@ class PlacementError(InputError):
     """A placement maps a step to a device that cannot run it."""
 
 
+class UnsupportedModel(InputError):
+    """`hetmem.models.wrap` was given a model whose attention hetmem cannot decode exactly.
+
+    `architecture` is the model's class, `feature` the attention feature it refuses, `reason`
+    why; raised before anything on the model is changed."""
+
+    def __init__(self, architecture: str, feature: str, reason: str):
+        self.architecture = architecture
+        self.feature = feature
+        self.reason = reason
+        super().__init__(
+            "model", f"{architecture} uses {feature}, which hetmem does not support: {reason}"
+        )
+
+
 class FpgaError(HetmemError):
     """A fault on the FPGA card or in its driver."""
 

@@ -34,6 +34,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from ..attention import AttentionQuery, KVCache, expand_units, gather_tokens, visible_mask
+from ..errors import UnsupportedModel
 from ..profile import Profile
 from ..selection import Bitmap, Selection
 from .cache import HetmemLayer, claim
@@ -79,8 +80,6 @@ class Extras:
     def of(cls, module: torch.nn.Module, kwargs: dict[str, Any]) -> Extras:
         for name, what in _REFUSED_KWARGS.items():
             if kwargs.get(name) is not None:
-                from .wrap import UnsupportedModel
-
                 raise UnsupportedModel(
                     type(module).__name__, what, "hetmem's attention would not apply it"
                 )

@@ -38,6 +38,7 @@ from ..errors import InputError
 from ..methods.base import Method
 from ..methods.dsa import DSA, IndexerWeights
 from ..methods.seer import GateWeights, SeerAttention
+from .attn_impl import restore_attn, saved_attn
 
 SELECTORS_FILE = "hetmem_selectors.safetensors"
 FORMAT = "hetmem-selectors/1"
@@ -151,11 +152,9 @@ def _capturing(model: Any) -> Iterator[None]:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    from .wrap import _configs, _restore_attn
-
     AttentionInterface.register(CAPTURE, _capture_forward)
     AttentionMaskInterface.register(CAPTURE, sdpa_mask)
-    saved = [(config, config._attn_implementation_internal) for config in _configs(model)]
+    saved = saved_attn(model)
     try:
         model.set_attn_implementation(CAPTURE)
         if model.config._attn_implementation != CAPTURE:
@@ -166,7 +165,7 @@ def _capturing(model: Any) -> Iterator[None]:
             )
         yield
     finally:
-        _restore_attn(saved)
+        restore_attn(saved)
 
 
 def sample_positions(

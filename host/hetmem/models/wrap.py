@@ -29,10 +29,11 @@ import torch
 
 from .. import methods as registry
 from ..checks import check_positive_int
-from ..errors import InputError
+from ..errors import InputError, UnsupportedModel
 from ..methods._attention import SparseAttentionMethod
 from ..methods.base import STEPS, Method
 from ..pipeline import Policy, normalize_placement
+from .attn_impl import restore_attn, saved_attn
 from .settings import SparseDecode
 
 if TYPE_CHECKING:
@@ -81,21 +82,6 @@ _STATE = "_hetmem_wrap"
 _HOOK = "_prepare_cache_for_generation"
 
 MethodSpec = str | Method | Callable[[int], Method]
-
-
-class UnsupportedModel(InputError):
-    """`wrap` was given a model whose attention hetmem cannot decode exactly.
-
-    `architecture` is the model's class, `feature` the attention feature it refuses, `reason`
-    why; raised before anything on the model is changed."""
-
-    def __init__(self, architecture: str, feature: str, reason: str):
-        self.architecture = architecture
-        self.feature = feature
-        self.reason = reason
-        super().__init__(
-            "model", f"{architecture} uses {feature}, which hetmem does not support: {reason}"
-        )
 
 
 @dataclass(frozen=True)
@@ -224,14 +210,14 @@ def wrap(
     from . import attention_fn
 
     attention_fn.register()
-    saved = [(config, config._attn_implementation_internal) for config in _configs(model)]
+    saved = saved_attn(model)
     try:
         model.set_attn_implementation(attention_fn.NAME)
     except Exception:
-        _restore_attn(saved)
+        restore_attn(saved)
         raise
     if model.config._attn_implementation != attention_fn.NAME:
-        _restore_attn(saved)
+        restore_attn(saved)
         raise InputError(
             "model",
             f"{type(model).__name__} does not dispatch attention through transformers' "
@@ -250,7 +236,7 @@ def unwrap(model: Any) -> Any:
     state = _state(model)
     if state is None:
         raise InputError("model", "is not wrapped by hetmem")
-    _restore_attn(state.attn)
+    restore_attn(state.attn)
     state.settings.close()
     if state.hook is None:
         delattr(model, _HOOK)
@@ -468,29 +454,6 @@ def _default_placement(model: Any) -> dict[str, str] | None:
     if device.type == "cuda":
         return dict.fromkeys(STEPS, str(device))
     return None
-
-
-def _configs(model: Any) -> list[Any]:
-    """Every config `set_attn_implementation` may change: submodels' and sub-configs."""
-    from transformers import PreTrainedModel
-
-    stack = [m.config for m in model.modules() if isinstance(m, PreTrainedModel)]
-    seen: dict[int, Any] = {}
-    while stack:
-        config = stack.pop()
-        if id(config) in seen:
-            continue
-        seen[id(config)] = config
-        for key in getattr(config, "sub_configs", {}) or {}:
-            sub = getattr(config, key, None)
-            if sub is not None:
-                stack.append(sub)
-    return list(seen.values())
-
-
-def _restore_attn(saved: list[tuple[Any, Any]]) -> None:
-    for config, value in saved:
-        config._attn_implementation_internal = value
 
 
 def _prepare_cache_with_hetmem(
