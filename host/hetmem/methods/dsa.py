@@ -137,8 +137,12 @@ class IndexerWeights:
             return (feats.to(self._wq.dtype) @ self._wq).unflatten(-1, (self.heads, self.dim))
         hkv, d, di = self.blocks.shape
         lead = feats.shape[:-1]
-        grouped = feats.to(self.blocks.dtype).reshape(-1, hkv, self.heads // hkv, d)
-        out = torch.matmul(grouped.transpose(0, 1), self.blocks[:, None])  # [Hkv, N, G, Di]
+        if feats.dtype != self.blocks.dtype:
+            feats = feats.to(self.blocks.dtype)
+        g = self.heads // hkv
+        # [N, Hkv, G, D] -> [Hkv, N*G, D]: one bmm with the Hkv blocks [Hkv, D, Di]
+        grouped = feats.reshape(-1, hkv, g, d).transpose(0, 1).reshape(hkv, -1, d)
+        out = torch.bmm(grouped, self.blocks).view(hkv, -1, g, di)  # [Hkv, N, G, Di]
         return out.transpose(0, 1).reshape(*lead, self.heads, di)
 
     def to(self, device: torch.device) -> IndexerWeights:
@@ -223,6 +227,10 @@ class DSA(SparseAttentionMethod):
     ):
         if kv_layout not in KV_LAYOUTS:
             raise InputError("kv_layout", f"expected one of {KV_LAYOUTS}, got {kv_layout!r}")
+        if weights is not None and not isinstance(weights, IndexerWeights):
+            raise InputError(
+                "weights", f"expected IndexerWeights or None, got {type(weights).__name__}"
+            )
         self.weights = weights
         self._default = weights is None
         self.scale = scale
@@ -324,10 +332,16 @@ class DSA(SparseAttentionMethod):
         # One bmm of every token's key with the T*H indexer queries ([B, S, T*H], S-major as
         # the keys are), ReLU in place, then the head weights; the 1/sqrt(Di) scale commutes
         # with ReLU and rides on the [B, T, H] weights.
-        logits = torch.bmm(keys.to(qi.dtype), qi.reshape(b, t * h, di).transpose(1, 2))
+        if keys.dtype != qi.dtype:
+            keys = keys.to(qi.dtype)
+        logits = torch.bmm(keys, qi.reshape(b, t * h, di).transpose(1, 2))
         logits.relu_()
-        scaled = w / math.sqrt(di)
-        scores = torch.einsum("bsth,bth->bts", logits.view(b, -1, t, h), scaled)  # [B, T, S]
+        if self.weights is not None and self.weights.ww is None:  # every head weighs 1/H
+            scores = logits.view(b, -1, t, h).sum(-1).transpose(1, 2)  # [B, T, S]
+            scores.mul_(1.0 / (h * math.sqrt(di)))
+        else:
+            scaled = w / math.sqrt(di)
+            scores = torch.einsum("bsth,bth->bts", logits.view(b, -1, t, h), scaled)
         if self.sees_all(query.plan, scores.shape[-1]):
             return Scores(scores[:, None], unit=1, masked=False)
         visible = self.unit_visible(memory, positions, scores.shape[-1], query.plan)
