@@ -10,6 +10,7 @@ h // (q_heads // kv_heads).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -514,7 +515,7 @@ def bag_values(probs: torch.Tensor, rows: torch.Tensor, table: torch.Tensor) -> 
         probs = F.pad(probs, (0, pad))
     bags = rows.reshape(n_items, pieces, 1, length).expand(n_items, pieces, r, length)
     weights = probs.to(table.dtype).reshape(n_items, r, pieces, length).transpose(1, 2)
-    offsets = torch.arange(0, bags.numel(), length, device=probs.device)
+    offsets = _bases(bags.numel() // length, length, probs.device)
     out = F.embedding_bag(
         bags.reshape(-1),
         table,
@@ -526,16 +527,25 @@ def bag_values(probs: torch.Tensor, rows: torch.Tensor, table: torch.Tensor) -> 
     return out.to(probs.dtype)
 
 
-def _row_index(kv: KVCache, rows: torch.Tensor, unit: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_index(
+    kv: KVCache, rows: torch.Tensor, unit: int, clamp: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat row numbers into the cache buffers viewed as [rows, unit * D], for selections
-    [B, Hkv, T, m] of `unit`-token rows; returns (index [B*Hkv*T, m], the buffer view pair)."""
+    [B, Hkv, T, m] of `unit`-token rows; returns (index [B*Hkv*T, m], the buffer view pair).
+    `clamp=False`: every row is known to lie in the buffer (the lean path's units)."""
     b, h = kv.batch, kv.kv_heads
     # The whole buffers (contiguous), not the `keys` view: reshaping a narrowed view copies.
     kbuf, vbuf = kv._keys.buffer, kv._values.buffer
     per_row = kbuf.shape[2] // unit
-    base = torch.arange(b * h, device=kv.device).view(b, h, 1, 1) * per_row
-    flat = (base + rows.clamp(0, per_row - 1)).reshape(-1, rows.shape[-1])
+    base = _bases(b * h, per_row, kv.device).view(b, h, 1, 1)
+    flat = (base + (rows.clamp(0, per_row - 1) if clamp else rows)).reshape(-1, rows.shape[-1])
     return flat, (kbuf.reshape(-1, unit * kv.dim), vbuf.reshape(-1, unit * kv.value_dim))
+
+
+@functools.lru_cache(maxsize=64)
+def _bases(items: int, per_item: int, device: torch.device) -> torch.Tensor:
+    """0, per_item, 2 per_item, ...: the first row of each (batch row, KV head) item."""
+    return torch.arange(items, device=device) * per_item
 
 
 def _tiled_attention(
@@ -671,7 +681,7 @@ def _lean_attention(
     elif used % unit:  # whole units: a partial last unit's tokens past the end are hidden
         tail = (cap, used)
     rows = rows.expand(b, hkv, *rows.shape[2:]) if rows.shape[1] == 1 else rows
-    index, buffers = _row_index(kv, rows, unit)
+    index, buffers = _row_index(kv, rows, unit, clamp=mask is not None)
     qt = q.unflatten(1, (hkv, r)).transpose(2, 3).reshape(b * hkv * t, r, -1)
     out = _tiled_attention(qt, index, buffers, mask, unit, scale, workspace, tail)
     return out.view(b, hkv, t, r, -1).transpose(2, 3).flatten(1, 2)
