@@ -21,6 +21,7 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from .checks import check_positive_int
@@ -132,13 +133,18 @@ def filler_words() -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(p.split()) for p in pydoc_paragraphs())
 
 
+#: The bundled model's tokenizer (`hetmem.models.bundled.path() / "tokenizer.json"`), named by
+#: its place in the package: tasks sit below the models layer and do not import it.
+BUNDLED_TOKENIZER = (
+    Path(__file__).resolve().parent / "models" / "bundled" / "hetmem-lm" / "tokenizer.json"
+)
+
+
 @functools.cache
 def _bundled_counter() -> TokenCounter:
     from tokenizers import Tokenizer
 
-    from .models.bundled import path
-
-    file = path() / "tokenizer.json"
+    file = BUNDLED_TOKENIZER
     if not file.exists():
         raise InputError("tokenizer", f"no tokenizer given and the bundled one is missing ({file})")
     return TokenCounter(Tokenizer.from_file(str(file)))

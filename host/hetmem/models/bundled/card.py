@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .shape import ModelShape, previous_token_heads, retrieval_heads
+
 
 def _size_mb(file: Path) -> str:
     return f"{file.stat().st_size / 1e6:.1f} MB" if file.exists() else "?"
@@ -36,8 +38,6 @@ def write_card(out: Path, record: dict[str, Any], ev: dict[str, Any]) -> Path:
     )
     longest = max(n for lengths, _ in cfg["curriculum"] for n in lengths)
     machine = record.get("machine", {})
-    from .train import ModelShape, previous_token_heads, retrieval_heads
-
     retrieval = retrieval_heads(ModelShape(**shape))
     previous = previous_token_heads(ModelShape(**shape))
     planned = record.get("planned_steps", record["steps"])

@@ -34,30 +34,12 @@ from ...tasks import KINDS, TokenCounter, make_task
 from . import NAME, path
 from .data import BOS, EOS, PAD, as_transformers, machine_text, train_tokenizer
 from .evaluate import evaluate_tasks
+from .shape import ModelShape, previous_token_heads, retrieval_heads
 
 #: Training tasks draw their seeds from here up; evaluation sets use small seeds.
 TRAIN_SEED_BASE = 2**32
 #: What a training token is, for the progress figures: text, a copied span, a task's answer.
 LM, COPY, ANSWER = 0, 1, 2
-
-
-@dataclass
-class ModelShape:
-    """The architecture: a Llama small enough to train on two CPU cores."""
-
-    vocab_size: int = 4096
-    hidden_size: int = 256
-    intermediate_size: int = 512
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 2
-    head_dim: int = 32
-    max_position_embeddings: int = 16384
-    rope_theta: float = 500_000.0
-    tie_embeddings: bool = False
-    #: Std of the input embeddings at init: large, so a token's identity dominates its
-    #: residual stream and a head that attends to it can copy it (tied, it must stay small).
-    embed_std: float = 1.0
 
 
 @dataclass
@@ -95,19 +77,6 @@ class TrainConfig:
     eval_n: int = 50
     eval_n_long: int = 50
     shape: ModelShape = field(default_factory=ModelShape)
-
-
-def retrieval_heads(shape: ModelShape) -> list[tuple[int, int]]:
-    """(layer, query head) pairs whose attention is supervised onto the source of copies:
-    one head in each of the last two layers, in different KV groups."""
-    last = shape.num_hidden_layers - 1
-    return [(last, 0), (last - 1, shape.num_attention_heads - 1)]
-
-
-def previous_token_heads(shape: ModelShape) -> list[tuple[int, int]]:
-    """(layer, query head) pairs supervised to attend to the previous token: the other half
-    of an induction circuit (the key at a copy's source must know the token before it)."""
-    return [(0, 0)]
 
 
 def build_model(shape: ModelShape, tok: Any, seed: int) -> Any:
