@@ -42,6 +42,7 @@ constants of every kernel live in `ENGINES`, which the RTL bench calibrates.
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -431,6 +432,7 @@ def slot_arrays(
 ROTATE_CHUNK = 1 << 17
 
 
+@functools.lru_cache(maxsize=32)
 def rotation_signs(dim: int) -> np.ndarray:
     """The fixed +-1 of each channel that precedes the Hadamard blocks: the top bit of the
     splitmix64 hash of the channel index (reproducible everywhere, no random generator)."""
@@ -438,7 +440,9 @@ def rotation_signs(dim: int) -> np.ndarray:
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z ^= z >> np.uint64(31)
-    return np.where(z >> np.uint64(63), -1.0, 1.0)
+    signs = np.where(z >> np.uint64(63), -1.0, 1.0)
+    signs.flags.writeable = False
+    return signs
 
 
 def rotation_blocks(dim: int) -> list[int]:
@@ -447,24 +451,37 @@ def rotation_blocks(dim: int) -> list[int]:
     return [1 << b for b in range(int(dim).bit_length() - 1, -1, -1) if int(dim) >> b & 1]
 
 
-def _walsh_hadamard(x: np.ndarray) -> None:
-    """In place over the last axis (a power of two, m): x <- H_m x / sqrt(m), H_m the
-    Sylvester Hadamard matrix (symmetric; H_m H_m = m I). Butterflies of adds and
-    subtracts: each output is the same sequence of float operations whatever the number
-    of rows, so a row's result never depends on the rows beside it."""
-    m = x.shape[-1]
-    flat = x.reshape(-1, m)
-    cols = np.ascontiguousarray(flat.T)  # [m, rows]: each butterfly runs along the rows
-    h = 1
-    while h < m:
-        view = cols.reshape(m // (2 * h), 2, h, cols.shape[1])
-        a = view[:, 0].copy()
-        view[:, 0] += view[:, 1]
-        np.subtract(a, view[:, 1], out=view[:, 1])
-        h *= 2
-    if m > 1:
-        cols *= 1.0 / math.sqrt(m)
-    flat[...] = cols.T
+@functools.lru_cache(maxsize=32)
+def _hadamard_factors(m: int) -> tuple[np.ndarray, np.ndarray]:
+    """(H_a, H_b^T / sqrt(m)) with a * b = m, a = 2**floor(log2(m) / 2): the Sylvester
+    Hadamard matrix H_m = H_a (x) H_b (Kronecker), so H_m x / sqrt(m) over a row x viewed
+    as [a, b] is H_a X H_b^T / sqrt(m). Read-only."""
+    a = 1 << (m.bit_length() - 1) // 2
+    b = m // a
+
+    def sylvester(n: int) -> np.ndarray:
+        h = np.ones((1, 1))
+        while h.shape[0] < n:
+            h = np.block([[h, h], [h, -h]])
+        return h
+
+    left, right = sylvester(a), sylvester(b).T / math.sqrt(m)
+    left.flags.writeable = right.flags.writeable = False
+    return left, right
+
+
+def _walsh_hadamard(x: np.ndarray) -> np.ndarray:
+    """H_m x / sqrt(m) over the last axis of a 2-D array (m a power of two), H_m the
+    Sylvester Hadamard matrix (symmetric; H_m H_m = m I); a new array. Two small matrix
+    products per row (`_hadamard_factors`), stacked: every row is its own product of the
+    same shapes, so a row's result never depends on the rows beside it (appended rows
+    quantize alone as within the whole memory) and no product is large enough to thread."""
+    rows, m = x.shape
+    if m == 1:
+        return np.array(x, dtype=np.float64, copy=True)
+    left, right = _hadamard_factors(m)
+    a = left.shape[0]
+    return np.matmul(np.matmul(left, x.reshape(rows, a, m // a)), right).reshape(rows, m)
 
 
 def rotate(x: np.ndarray, inverse: bool = False) -> np.ndarray:
@@ -472,7 +489,10 @@ def rotate(x: np.ndarray, inverse: bool = False) -> np.ndarray:
     (a new float64 array): R = blockdiag(H_b / sqrt(b)) diag(signs), the Hadamard blocks of
     `rotation_blocks`. A randomized Hadamard transform: it spreads a channel far larger
     than the others (an outlier channel, or one heavy-tailed entry) over every channel of
-    its block, so no channel's range is set by a few values. `inverse`: R^T = R^-1."""
+    its block, so no channel's range is set by a few values. `inverse`: R^T = R^-1.
+
+    Each row's result is the same float operations whatever rows surround it
+    (`_walsh_hadamard`)."""
     x = np.asarray(x, dtype=np.float64)
     dim = x.shape[-1]
     signs = rotation_signs(dim)
@@ -482,16 +502,15 @@ def rotate(x: np.ndarray, inverse: bool = False) -> np.ndarray:
     step = max(1, ROTATE_CHUNK // max(dim, 1))
     for first in range(0, flat.shape[0], step):  # rows in cache-sized chunks
         part = flat[first : first + step]
-        part = part * signs if not inverse else part.copy()
+        part = part * signs if not inverse else part
         if len(blocks) == 1:
-            _walsh_hadamard(part)
+            part = _walsh_hadamard(part)
         else:
-            start = 0
+            pieces, start = [], 0
             for size in blocks:
-                block = np.ascontiguousarray(part[:, start : start + size])
-                _walsh_hadamard(block)
-                part[:, start : start + size] = block
+                pieces.append(_walsh_hadamard(part[:, start : start + size]))
                 start += size
+            part = np.concatenate(pieces, axis=1)
         out[first : first + step] = part * signs if inverse else part
     return out.reshape(x.shape)
 
