@@ -30,9 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionQuery
-from .device import ALL_NAMES, torch_device
+from .device import torch_device
 from .errors import FpgaError, PlacementError
-from .methods.base import STEPS, Memory, Method
+from .methods.base import Memory, Method
+from .placement import DEFAULT_PLACEMENT as DEFAULT_PLACEMENT  # re-exported
+from .placement import normalize_placement
 from .plan import StepPlan
 from .profile import Profile, StepRecord, Timeline, device_label
 from .selection import Bitmap, Selection, TopK
@@ -40,44 +42,8 @@ from .warn import warn
 
 Policy = Literal["fallback", "raise"]
 
-DEFAULT_PLACEMENT = {step: "gpu" for step in STEPS}
 #: Profiles kept in `Pipeline.history` (a long generation must not grow it without bound).
 HISTORY = 1024
-
-
-def normalize_placement(placement: Mapping[str, str] | str | None) -> dict[str, str]:
-    """Fill a partial placement with `gpu`; accept 'gpu/fpga/fpga/gpu' shorthand."""
-    if placement is None:
-        return dict(DEFAULT_PLACEMENT)
-    if isinstance(placement, str):
-        parts = placement.split("/")
-        if len(parts) != len(STEPS):
-            raise PlacementError(
-                "placement", f"expected 4 devices like 'gpu/fpga/fpga/gpu', got {placement!r}"
-            )
-        placement = dict(zip(STEPS, parts, strict=True))
-    if not isinstance(placement, Mapping):
-        raise PlacementError("placement", f"expected a mapping step -> device, got {placement!r}")
-    out = dict(DEFAULT_PLACEMENT)
-    for step, device in placement.items():
-        if step not in STEPS:
-            raise PlacementError("placement", f"unknown step {step!r}; steps are {STEPS}")
-        if not isinstance(device, str) or device.split(":")[0] not in (*ALL_NAMES, "cuda"):
-            raise PlacementError(
-                "placement", f"step {step!r}: unknown device {device!r}; expected gpu, cpu or fpga"
-            )
-        out[step] = device
-    for step in ("prepare", "apply"):
-        if out[step] == "fpga":
-            raise PlacementError(
-                "placement", f"{step!r} runs on a torch device (gpu or cpu), not on the FPGA"
-            )
-    if (out["relevancy"] == "fpga") != (out["retrieval"] == "fpga"):
-        raise PlacementError(
-            "placement",
-            "relevancy and retrieval are one fused kernel on the FPGA: place both on 'fpga' or neither",
-        )
-    return out
 
 
 def _serialized(fn: Any) -> Any:

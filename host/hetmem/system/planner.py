@@ -1,6 +1,6 @@
 """placement="auto": evaluate every placement of the four steps on the system's devices
 (2^4 assignments of gpu / fpga), reject the invalid ones with the reason
-(`hetmem.pipeline.normalize_placement`), cost the valid ones by their schedule, rank them by
+(`hetmem.placement.normalize_placement`), cost the valid ones by their schedule, rank them by
 latency or energy, and say why the first won."""
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def plan(method: Any, shape: Shape, system: System, *, objective: str = "latency
     """Rank every valid placement of `method` for `shape` on `system` by `objective`
     (ties: the GPU alone first, then fewer steps moved). `overlap`: offloaded placements run
     the overlapped schedule (else the paper's sequential one)."""
-    from ..pipeline import normalize_placement
+    from ..placement import normalize_placement
 
     if objective not in OBJECTIVES:
         raise InputError("objective", f"expected one of {OBJECTIVES}, got {objective!r}")

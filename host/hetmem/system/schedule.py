@@ -132,7 +132,7 @@ def _method(method: Any) -> Any:
 
 
 def _placement(placement: str | Mapping[str, str]) -> dict[str, str]:
-    from ..pipeline import normalize_placement
+    from ..placement import normalize_placement
 
     place = normalize_placement(placement)
     for step, dev in place.items():
