@@ -61,6 +61,7 @@ from ..kernels import KernelInputs, KernelSpec
 from ..kernels.spec import CAPACITY, SEGS, Arg
 from .device import Buffer, FpgaDevice, Timing, as_count
 from .emu import BANK_BYTES, EmuDevice, view_inputs
+from .implementations import RTL_KERNELS as RTL_KERNELS  # re-exported
 from .manifest import sha256_file
 from .pcie import GEN3_X16, PcieLink
 
@@ -69,8 +70,6 @@ ROOT = Path(__file__).resolve().parents[3]
 RTL_DIR = ROOT / "fpga" / "rtl"
 #: The Verilator harness around a kernel top.
 HARNESS = ROOT / "fpga" / "cosim" / "harness.cpp"
-#: Kernels with RTL; every other spec (bm25) raises XclbinError here.
-RTL_KERNELS = ("token_indexer", "page_indexer", "vector_search", "block_gate")
 #: Harness port numbers: the engine's AXI masters.
 PORT_A, PORT_B, PORT_QUERY, PORT_OUT = 0, 1, 2, 3
 #: Buffers are mapped whole, rounded up to this (an XRT bo's granularity).

@@ -47,13 +47,12 @@ from ..kernels.spec import MAX_SHIFT, MODE_THRESHOLD, MODE_TOPK, SEGS, Arg
 from ..kernels.topk import check_k
 from .device import Buffer
 from .emu import BANK_BYTES, EmuDevice, view_inputs
+from .implementations import HLS_KERNELS as HLS_KERNELS  # re-exported
 from .pcie import GEN3_X16, PcieLink
 
 ROOT = Path(__file__).resolve().parents[3]
 #: The HLS C++ kernels and their Makefile.
 HLS_DIR = ROOT / "hls"
-#: Kernels with an HLS implementation (hls/<kernel>.cpp); every other spec raises XclbinError.
-HLS_KERNELS = ("bm25", "block_gate")
 #: The library the Makefile builds.
 LIBRARY = "libhetmem_hls.so"
 

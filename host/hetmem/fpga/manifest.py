@@ -29,6 +29,7 @@ from typing import Any
 
 from .. import kernels
 from ..errors import InputError, XclbinError
+from .implementations import HLS_KERNELS, RTL_KERNELS
 
 #: The repository's bitstreams/ folder (an editable install keeps it beside host/).
 BITSTREAMS = Path(__file__).resolve().parents[3] / "bitstreams"
@@ -334,10 +335,7 @@ def expected_entry(
 
 def kernel_sources() -> dict[str, str]:
     """What implements each kernel in the one xclbin: its RTL where fpga/rtl has it
-    (`hetmem.fpga.cosim.RTL_KERNELS`), else its HLS C++ (`hetmem.fpga.hls.HLS_KERNELS`)."""
-    from .cosim import RTL_KERNELS
-    from .hls import HLS_KERNELS
-
+    (`RTL_KERNELS`), else its HLS C++ (`HLS_KERNELS`)."""
     return {
         k: "rtl" if k in RTL_KERNELS else "hls"
         for k in kernels.names()
