@@ -11,7 +11,8 @@ pipeline selected and prints, per layer:
   keys up to the query, `relevancy`, `retrieve`) on the very same query: both must agree;
 - for the retrieval heads (query heads putting >= 0.3 of their dense mass on the needle:
   the fact's tokens), how often the needle's block is selected and the rank the gate gives
-  it among the visible blocks (1 = first);
+  it among the visible blocks (1 = first), beside the rank the gate's teacher gives it (its
+  block mass, the most any head of the KV group puts there) and Quest's bound;
 - the answers: dense `generate()` and Seer's, scored against the task.
 No figure here is a time.
 """
@@ -30,6 +31,7 @@ import torch
 
 from hetmem import tasks
 from hetmem.attention import AttentionQuery, KVCache, attention_probs, attention_recall
+from hetmem.methods import get
 from hetmem.methods.seer import SeerAttention
 from hetmem.models import bundled, unwrap, wrap
 from hetmem.models import calibrate as cal
@@ -186,6 +188,17 @@ def main(argv: list[str] | None = None) -> int:
                 sums["bench"][layer] += float(bench.mean())
                 sums["abs_diff"][layer] += float((in_gen - bench).abs().max())
                 counts[layer] += 1
+                # The teacher's ranking (block mass, max over the group's heads) and Quest's
+                # bound over the same keys, for the same query.
+                s_len = probs.shape[-1]
+                n_blocks = -(-s_len // unit)
+                per_head = torch.nn.functional.pad(probs, (0, n_blocks * unit - s_len))
+                per_head = per_head.view(probs.shape[0], n_blocks, unit).sum(-1)
+                teacher = per_head.view(groups, rep, n_blocks).amax(1)
+                quest = get("quest", page_size=unit)
+                quest.scale = scale
+                bound = quest.relevancy(quest.prepare(kv), AttentionQuery(q, positions))
+                bound = bound.values[0, :, 0]
                 for h in heads:
                     g = h // rep
                     # The needle's block holding the most of this head's mass.
@@ -197,11 +210,13 @@ def main(argv: list[str] | None = None) -> int:
                     sums["retrieval_heads"][layer] += 1
                     sums["needle_hit"][layer] += hit
                     sums["needle_rank"][layer] += rank
+                    sums["teacher_rank"][layer] += int((teacher[g] > teacher[g, block]).sum()) + 1
+                    sums["quest_rank"][layer] += int((bound[g] > bound[g, block]).sum()) + 1
                     sums["retrieval_in_gen"][layer] += float(in_gen[h])
     print(f"answers right: dense {right['dense']}/{len(items)}, seer {right['seer']}/{len(items)}")
     header = ("layer", "steps", "recall in generate()", "recall bench path", "max |diff|",
               "retrieval head-steps", "needle block selected", "mean gate rank",
-              "retrieval heads' recall")  # fmt: skip
+              "retrieval heads' recall", "teacher rank", "Quest rank")  # fmt: skip
     print(" | ".join(header))
     for layer in range(layers):
         n = max(counts[layer], 1)
@@ -213,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{sums['abs_diff'][layer] / n:.2e}", f"{int(r)}",
             f"{sums['needle_hit'][layer] / rr:.2f}", f"{sums['needle_rank'][layer] / rr:.1f}",
             f"{sums['retrieval_in_gen'][layer] / rr:.3f}",
+            f"{sums['teacher_rank'][layer] / rr:.1f}", f"{sums['quest_rank'][layer] / rr:.1f}",
         ]))  # fmt: skip
     return 0
 
