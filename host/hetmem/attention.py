@@ -161,6 +161,13 @@ class KVCache:
     ):
         check_tensor("keys", keys, dims=("batch", "kv_heads", "tokens", "dim"), floating=True)
         check_tensor("values", values, dims=("batch", "kv_heads", "tokens", "dim"), floating=True)
+        for name, t in (("keys", keys), ("values", values)):
+            if t.shape[1] == 0 or t.shape[3] == 0:
+                raise InputError(
+                    name, f"needs at least one KV head and channel, got {tuple(t.shape)}"
+                )
+        if growth is not None and not isinstance(growth, Growth):
+            raise InputError("growth", f"expected a hetmem Growth or None, got {growth!r}")
         if values.shape[:3] != keys.shape[:3]:
             raise InputError(
                 "values", f"shape {tuple(values.shape)} does not match keys {tuple(keys.shape)}"
@@ -379,6 +386,10 @@ def check_query(
     check_tensor(
         "query", q, dims=("batch", "q_heads", "queries", "dim"), floating=True, finite=True
     )
+    if q.shape[1] == 0 or q.shape[2] == 0:
+        raise InputError(
+            "query", f"needs at least one head and one query, got {tuple(q.shape)}"
+        )
     check_dim("query", q, 0, kv.batch, "batch of the KV cache")
     check_dim("query", q, 3, kv.dim, "head dim of the KV cache")
     check_divides("query", kv.kv_heads, q.shape[1], "q_heads (kv_heads must divide q_heads)")

@@ -109,7 +109,9 @@ def check_calibrate(args: argparse.Namespace) -> Path:
         raise InputError(
             "--block-size", f"{args.block_size} exceeds the {args.tokens} tokens of a sequence"
         )
-    check_out("--out", directory if args.out is None else args.out, SELECTORS_FILE)
+    target = check_out("--out", directory if args.out is None else args.out, SELECTORS_FILE)
+    if args.out is not None:  # a directory given: the file in it (calibration writes a file)
+        args.out = str(target)
     return directory
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionQuery
 from .device import torch_device
-from .errors import FpgaError, PlacementError
+from .errors import FpgaError, InputError, PlacementError
 from .methods.base import Memory, Method
 from .placement import DEFAULT_PLACEMENT as DEFAULT_PLACEMENT  # re-exported
 from .placement import normalize_placement
@@ -403,7 +403,7 @@ class Pipeline:
 
     def _require_memory(self) -> Memory:
         if self.memory is None:
-            raise PlacementError("memory", "is empty: call prepare() before step() or append()")
+            raise InputError("memory", "is empty: call prepare() before step() or append()")
         return self.memory
 
 

@@ -9,6 +9,7 @@ opening it raises NoDeviceError.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -81,7 +82,14 @@ def open_device(target: str | FpgaDevice = "auto", **options: Any) -> FpgaDevice
             from .cosim import open_xrt_cosim
 
             return open_xrt_cosim(executor, **options)
-    return _factory(target)(**options)
+    factory = _factory(target)
+    try:
+        inspect.signature(factory).bind(**options)
+    except TypeError as exc:
+        raise InputError("options", f"{target}: {exc}") from None
+    except ValueError:  # no signature to check (a builtin): the factory checks
+        pass
+    return factory(**options)
 
 
 def list_devices() -> list[DeviceInfo]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from .base import STEPS, Memory, Method
@@ -30,8 +31,16 @@ def method_class(name: str) -> type[Method]:
 
 
 def get(name: str, **kwargs: Any) -> Method:
-    """Build a method by name, e.g. get("quest", page_size=16)."""
-    return method_class(name)(**kwargs)
+    """Build a method by name, e.g. get("quest", page_size=16). An option the method does
+    not take is an `InputError` naming it."""
+    cls = method_class(name)
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as exc:
+        from ..errors import InputError
+
+        raise InputError("options", f"{name}: {exc}") from None
+    return cls(**kwargs)
 
 
 def names() -> list[str]:

@@ -4,6 +4,7 @@ reference, and per-block key summaries (Quest pages, SeerAttention-R blocks)."""
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -74,7 +75,23 @@ class SparseAttentionMethod(Method):
     """Shared steps of the sparse-attention methods; subclasses supply the index."""
 
     family = "sparse attention"
-    scale: float | None = None
+
+    @property
+    def scale(self) -> float | None:
+        """The softmax scale (None: 1/sqrt(head dim)); a positive finite number."""
+        return self.__dict__.get("_scale")
+
+    @scale.setter
+    def scale(self, value: float | None) -> None:
+        ok = value is None or value is self.__dict__.get("_scale") or (
+            not isinstance(value, bool)
+            and isinstance(value, int | float)
+            and math.isfinite(value)
+            and value > 0
+        )
+        if not ok:
+            raise InputError("scale", f"expected a positive finite number or None, got {value!r}")
+        self.__dict__["_scale"] = value
 
     def check_query(self, memory: Memory, query: Any) -> None:
         if not isinstance(query, AttentionQuery):

@@ -186,6 +186,13 @@ class BM25RAG(Method):
         if not isinstance(fold_accents, bool):
             raise InputError("fold_accents", f"expected a bool, got {fold_accents!r}")
         self.fold_accents = fold_accents
+        if stopwords is not None:
+            words = None
+            if not isinstance(stopwords, str) and isinstance(stopwords, Iterable):
+                words = list(stopwords)
+            if words is None or not all(isinstance(w, str) for w in words):
+                raise InputError("stopwords", f"expected an iterable of words, got {stopwords!r}")
+            stopwords = words
         self.stopwords = frozenset(stopwords) if stopwords else frozenset()
         self.max_chars = check_max_chars(max_chars)
         try:

@@ -19,6 +19,7 @@ import torch
 
 from ..attention import AttentionQuery, KVCache
 from ..checks import check_positive_int
+from ..errors import InputError
 from ..selection import Scores
 from ._attention import (
     AttentionMemory,
@@ -72,6 +73,8 @@ class Quest(SparseAttentionMethod):
         self, page_size: int = 16, *, per_query_head: bool = False, scale: float | None = None
     ):
         self.unit = check_positive_int("page_size", page_size)
+        if not isinstance(per_query_head, bool):
+            raise InputError("per_query_head", f"expected a bool, got {per_query_head!r}")
         self.per_query_head = per_query_head
         self.scale = scale
 

@@ -38,6 +38,10 @@ class SparseDecode:
     _cards: Cards | None = field(default=None, repr=False)
     _plan: tuple[tuple[Any, ...], StepPlan] | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.uses_fpga:
+            self.cards  # noqa: B018 - the fpga argument checked now; devices open on first use
+
     @property
     def layers(self) -> int:
         return len(self.methods)

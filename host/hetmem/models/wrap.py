@@ -386,8 +386,10 @@ def _build_method(spec: MethodSpec, options: Mapping[str, Any] | None, layer_idx
             )
         try:
             method = registry.get(spec, **dict(options or {}))
-        except TypeError as exc:
-            raise InputError("method_options", f"{spec}: {exc}") from exc
+        except InputError as exc:  # an option the method does not take: the user's argument
+            if exc.argument != "options":
+                raise
+            raise InputError("method_options", str(exc).split(": ", 1)[1]) from None
     elif options:
         raise InputError("method_options", "apply only to a method given by name")
     elif isinstance(spec, Method):
