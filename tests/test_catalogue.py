@@ -292,6 +292,47 @@ def plan(method_name="quest", **kw):
     return run(method_name, shape(), system(), **kw)
 
 
+def _system_mod():
+    import hetmem.system
+
+    return hetmem.system
+
+
+def _synthetic(**kw):
+    from hetmem.synthetic import synthetic_kv
+
+    return synthetic_kv(**kw)
+
+
+def _tasks():
+    import hetmem.tasks
+
+    return hetmem.tasks
+
+
+def _text():
+    import hetmem.text
+
+    return hetmem.text
+
+
+def _models():
+    import hetmem.models
+
+    return hetmem.models
+
+
+def _reretriever(*args, **kw):
+    from hetmem.methods.bm25_rag import ReRetriever
+
+    return ReRetriever(*args, **kw)
+
+
+def _reretriever_both():
+    p = rag("bm25_rag")
+    return _reretriever(p, 2, every=1, memory=p.memory)
+
+
 def _growth(**kw):
     from hetmem.attention import Growth
 
@@ -747,6 +788,50 @@ API = [
         InputError, "positions"),
     case("dense-attention-query-dim", lambda: dense_attention(torch.randn(B, HQ, 1, D + 1), kv()),
          InputError, "query"),
+    # synthetic data, tasks and text
+    case("synthetic-batch-negative", lambda: _synthetic(batch=-1), InputError, "batch"),
+    case("synthetic-dim-zero", lambda: _synthetic(dim=0), InputError, "dim"),
+    case("synthetic-length-float", lambda: _synthetic(length=64.0), InputError, "length"),
+    case("synthetic-hitters-negative", lambda: _synthetic(length=64, hitters=-1), InputError,
+         "hitters"),
+    case("passkey-length-zero", lambda: _tasks().passkey(0), InputError, "length"),
+    case("passkey-depth-above-one", lambda: _tasks().passkey(500, depth=2.0), InputError,
+         "depth"),
+    case("passkey-depth-nan", lambda: _tasks().passkey(500, depth=NAN), InputError, "depth"),
+    case("task-kind-unknown", lambda: _tasks().make_task("bogus", 500), InputError, "kind"),
+    case("task-score-int", lambda: _tasks().score(5, "1234"), InputError, "task"),
+    case("task-accuracy-count", lambda: _tasks().accuracy([_tasks().passkey(500)], ["a", "b"]),
+         InputError, "completions"),
+    case("recall-length-zero", lambda: _tasks().associative_recall(0), InputError, "length"),
+    case("tokenize-none", lambda: _text().tokenize(None), InputError, "text: expected a str"),
+    case("tokenize-bytes", lambda: _text().tokenize(b"abc def"), InputError,
+         "text: expected a str"),
+    case("normalize-int", lambda: _text().normalize(5), InputError, "text: expected a str"),
+    case("last-words-negative", lambda: _text().last_words("a b c", -1), InputError, "window"),
+    case("max-chars-str", lambda: _text().check_max_chars("10"), InputError, "max_chars"),
+    # RAG re-retrieval
+    case("reretriever-source-str", lambda: _reretriever("x", 2), InputError, "source"),
+    case("reretriever-method-without-memory", lambda: _reretriever(get("bm25_rag"), 2),
+         InputError, "memory"),
+    case("reretriever-pipeline-and-memory", lambda: _reretriever_both(), InputError, "memory"),
+    case("reretriever-k-zero", lambda: _reretriever(rag("bm25_rag"), 0, every=1), InputError,
+         "k"),
+    case("reretriever-never-fires", lambda: _reretriever(rag("bm25_rag"), 2), InputError,
+         "every"),
+    case("reretriever-min-prob", lambda: _reretriever(rag("bm25_rag"), 2, min_prob=2.0),
+         InputError, "min_prob"),
+    case("reretriever-every-negative", lambda: _reretriever(rag("bm25_rag"), 2, every=-1),
+         InputError, "every"),
+    case("reretriever-window-negative", lambda: _reretriever(rag("bm25_rag"), 2, every=1,
+                                                             window=-3),
+         InputError, "window"),
+    case("reretriever-question-int", lambda: _reretriever(rag("bm25_rag"), 2, every=1,
+                                                          question=5),
+         InputError, "question"),
+    case("reretriever-generated-int", lambda: _reretriever(rag("bm25_rag"), 2, every=1)(5),
+         InputError, "generated"),
+    case("new-cache-unwrapped", lambda: _models().new_cache(tiny()), InputError,
+         "model: is not wrapped"),
     # kernel specs' golden inputs
     case("kernel-unknown", lambda: _kernel("nope"), InputError, "kernel"),
     case("kernel-none", lambda: _kernel(None), InputError, "kernel"),
@@ -811,6 +896,32 @@ API = [
     case("plan-per", lambda: plan(per="second"), InputError, "per"),
     case("plan-new-tokens-negative", lambda: plan(per="request", new_tokens=-1), InputError,
          "new_tokens"),
+    case("plan-shape-str", lambda: _system_mod().plan("quest", "big", system()), InputError,
+         "shape: expected a hetmem.system.Shape"),
+    case("plan-system-str", lambda: _system_mod().plan("quest", shape(), "MI210"), InputError,
+         "system: expected a hetmem.system.System"),
+    case("shape-model-str", lambda: _system_mod().Shape("Llama-3.1-8B", 4096), InputError,
+         "model: expected a ModelConfig"),
+    case("schedule-kind", lambda: _system_mod().schedule("quest", shape(), system(), "bogus"),
+         InputError, "kind"),
+    case("schedule-method", lambda: _system_mod().schedule("flash", shape(), system(), "gpu"),
+         InputError, "method: unknown method 'flash'"),
+    case("schedule-offload-without-card", lambda: _system_mod().schedule(
+        "quest", shape(), system(card=None), "sequential"), InputError, "need a card"),
+    case("schedule-placement", lambda: _system_mod().schedule(
+        "quest", shape(), system(), "sequential", placement="tpu/x/y/z"), PlacementError,
+        "unknown device 'tpu'"),
+    case("schedule-gpu-with-offload", lambda: _system_mod().schedule(
+        "quest", shape(), system(), "gpu", placement="gpu/fpga/fpga/gpu"), InputError, "kind"),
+    case("schedule-system-tuple", lambda: _system_mod().schedule(
+        "quest", shape(), ("MI210", "U55C"), "gpu"), InputError, "system"),
+    case("device-wrong-kind", lambda: _system_mod().get_device("MI210", "fpga"),
+         _profile_error(), "is a gpu"),
+    case("device-int", lambda: _system_mod().get_device(5), _profile_error(), "unknown device"),
+    case("device-register-str", lambda: _system_mod().register("MI210"), _profile_error(),
+         "expected a DeviceProfile"),
+    case("profile-path-int", lambda: _system_mod().load_profile(5), _profile_error(),
+         "expected a file path"),
     case("parse-tokens-suffix", lambda: _parse_tokens("4g"), InputError, "contexts"),
     case("parse-tokens-negative", lambda: _parse_tokens(-4), InputError, "contexts"),
 ]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from .attention import AttentionQuery, KVCache
+from .checks import check_positive_int
+from .errors import InputError
 
 
 def synthetic_kv(
@@ -31,6 +33,12 @@ def synthetic_kv(
     Each row's query heads share a direction with `hitters` random earlier tokens of their
     KV head, so dense attention mass concentrates there.
     """
+    for name, value in (("batch", batch), ("q_heads", q_heads), ("kv_heads", kv_heads),
+                        ("length", length), ("dim", dim)):  # fmt: skip
+        check_positive_int(name, value)
+    for name, value in (("hitters", hitters), ("outliers", outliers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InputError(name, f"expected an int >= 0, got {value!r}")
     gen = torch.Generator().manual_seed(seed)
     t = torch.distributions.StudentT(3.0)
     torch.manual_seed(seed)

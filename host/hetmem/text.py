@@ -94,6 +94,7 @@ def _word_re() -> re.Pattern[str]:
 
 def normalize(text: str, fold_accents: bool = True) -> str:
     """NFKC, case folded, accents folded (unless `fold_accents` is False)."""
+    _check_str("text", text)
     text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
     if fold_accents:
         text = unicodedata.normalize("NFC", _DIACRITICS.sub("", unicodedata.normalize("NFD", text)))
@@ -108,6 +109,7 @@ def tokenize(
 
     `stopwords` (default none) are normalized the same way and dropped.
     """
+    _check_str("text", text)
     tokens: list[str] = []
     if text.isascii():  # nothing to normalize, no marks, no CJK: bm25s's split as it is
         tokens = _ASCII_RE.findall(text.lower())
@@ -156,8 +158,16 @@ class Documents:
 
 def last_words(text: str, window: int) -> str:
     """The last `window` whitespace-separated words of `text` (the re-retrieval query)."""
+    _check_str("text", text)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise InputError("window", f"expected an int >= 0, got {window!r}")
     words = text.split()
     return " ".join(words[-window:]) if window > 0 else ""
+
+
+def _check_str(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise InputError(name, f"expected a str, got {type(value).__name__}")
 
 
 def best_first(indices: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor) -> list[list[int]]:

@@ -412,6 +412,8 @@ def profile_from_dict(data: Any, origin: str = "profile") -> DeviceProfile:
 
 def load_profile(path: str | Path) -> DeviceProfile:
     """Read a profile from a .json or .toml file (ProfileError naming the file and field)."""
+    if not isinstance(path, str | Path):
+        raise ProfileError("profile", f"expected a file path, got {type(path).__name__}")
     path = Path(path)
     try:
         text = path.read_text()

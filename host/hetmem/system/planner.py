@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import InputError, PlacementError
 from ..methods.base import STEPS
 from .energy import schedule_energy
-from .schedule import GPU_ONLY, Schedule, System, _method, schedule
+from .schedule import GPU_ONLY, Schedule, System, _method, check_shape_system, schedule
 from .shape import Shape
 
 OBJECTIVES = ("latency", "energy")
@@ -85,6 +85,7 @@ def plan(method: Any, shape: Shape, system: System, *, objective: str = "latency
 
     if objective not in OBJECTIVES:
         raise InputError("objective", f"expected one of {OBJECTIVES}, got {objective!r}")
+    check_shape_system(shape, system)
     method = _method(method)
     out = Plan(objective)
     for placement in placements():

@@ -272,6 +272,17 @@ def prefill_timeline(method: Any, shape: Shape, system: System,
     return b.tl
 
 
+def check_shape_system(shape: Any, system: Any) -> None:
+    """`shape` a `Shape`, `system` a `System` (named errors, not an AttributeError later)."""
+    if not isinstance(shape, Shape):
+        raise InputError("shape", f"expected a hetmem.system.Shape, got {type(shape).__name__}")
+    if not isinstance(system, System):
+        raise InputError(
+            "system", f"expected a hetmem.system.System (System.of(gpu, card)), got "
+            f"{type(system).__name__}",
+        )  # fmt: skip
+
+
 def schedule(method: Any, shape: Shape, system: System, kind: str = "sequential", *,
              per: str = "token", new_tokens: int = 256,
              placement: str | Mapping[str, str] | None = None) -> Schedule:  # fmt: skip
@@ -280,6 +291,7 @@ def schedule(method: Any, shape: Shape, system: System, kind: str = "sequential"
     context)."""
     if kind not in SCHEDULES:
         raise InputError("kind", f"expected one of {SCHEDULES}, got {kind!r}")
+    check_shape_system(shape, system)
     if per not in ("token", "request"):
         raise InputError("per", f"expected 'token' or 'request', got {per!r}")
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:

@@ -222,6 +222,10 @@ class Shape:
     question_tokens: int = 64
 
     def __post_init__(self) -> None:
+        if not isinstance(self.model, ModelConfig):
+            raise InputError(
+                "model", f"expected a ModelConfig (get_model(name)), got {type(self.model).__name__}"
+            )
         for name in ("context", "batch", "budget", "queries", "doc_tokens", "rag_k",
                      "embed_dim", "query_terms"):  # fmt: skip
             v = getattr(self, name)
