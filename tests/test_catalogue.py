@@ -240,6 +240,45 @@ def _token_inputs():
     return spec, state, spec.bind(resident, query)
 
 
+KERNEL_MEMORY = {
+    "vector_search": (lambda r: {"keys": r.standard_normal((40, 8))}, (2, 8)),
+    "page_indexer": (lambda r: {"mins": -np.abs(r.standard_normal((10, 8))),
+                                "maxs": np.abs(r.standard_normal((10, 8)))}, (2, 3, 8)),
+    "block_gate": (lambda r: {"keys": r.standard_normal((10, 8))}, (2, 8)),
+}  # fmt: skip
+
+
+@functools.cache
+def _kernel_inputs(name):
+    from hetmem import kernels
+
+    spec = kernels.get(name)
+    rng = np.random.default_rng(1)
+    make, qshape = KERNEL_MEMORY[name]
+    memory = make(rng)
+    state = spec.fit(memory)
+    query = spec.quantize_query({"q": rng.standard_normal(qshape)}, state, k=3)
+    return spec, state, memory, spec.bind(spec.quantize_memory(memory, state), query)
+
+
+def kernel_golden(name, arrays=None, scalars=None):
+    from hetmem.kernels import KernelInputs
+
+    spec, _, _, inputs = _kernel_inputs(name)
+    return spec.golden(KernelInputs({**inputs.arrays, **(arrays or {})},
+                                    {**inputs.scalars, **(scalars or {})}))  # fmt: skip
+
+
+def kernel_query(name, query, **params):
+    spec, state, _, _ = _kernel_inputs(name)
+    return spec.quantize_query(query, state, **{"k": 3, **params})
+
+
+def kernel_memory(name, memory):
+    spec, state, _, _ = _kernel_inputs(name)
+    return spec.quantize_memory(memory, state)
+
+
 def golden_with(arrays=None, scalars=None, drop=None):
     from hetmem.kernels import KernelInputs
 
@@ -861,6 +900,41 @@ API = [
         "keys", {"dim": 8}), InputError, "capacity"),
     case("kernel-buffer-of-a-scalar", lambda: _token_inputs()[0].buffer_nbytes("n", {}),
          InputError, "arg"),
+    *[case(f"{k}-golden-q-int32", lambda k=k: kernel_golden(k, arrays={
+        "q": _kernel_inputs(k)[3].arrays["q"].astype(np.int32)}), InputError,
+        "q: expected dtype int8") for k in KERNEL_MEMORY],
+    *[case(f"{k}-golden-q-rows", lambda k=k: kernel_golden(k, arrays={
+        "q": _kernel_inputs(k)[3].arrays["q"][:1]}), InputError, "q: axis 0 has length 1")
+      for k in KERNEL_MEMORY],
+    *[case(f"{k}-golden-dim", lambda k=k: kernel_golden(k, scalars={"dim": 16}), InputError,
+           "expected 16 (dim)") for k in KERNEL_MEMORY],
+    *[case(f"{k}-golden-segment-rows", lambda k=k: kernel_golden(k, arrays={
+        "segs": np.array([[5, 1000]] * 2, dtype=np.uint32)}), InputError,
+        "segs: query 0 scans 1000 rows") for k in KERNEL_MEMORY],
+    *[case(f"{k}-golden-segs-shape", lambda k=k: kernel_golden(k, arrays={
+        "segs": np.zeros(2, dtype=np.uint32)}), InputError, "segs: expected shape")
+      for k in KERNEL_MEMORY],
+    *[case(f"{k}-golden-queries-zero", lambda k=k: kernel_golden(k, scalars={"queries": 0}),
+           InputError, "segs") for k in KERNEL_MEMORY],
+    *[case(f"{k}-fit-inf", lambda k=k: _kernel_inputs(k)[0].fit({
+        a: np.full_like(v, INF) for a, v in _kernel_inputs(k)[2].items()}), InputError,
+        "contains NaN or Inf") for k in KERNEL_MEMORY],
+    *[case(f"{k}-memory-channels", lambda k=k: kernel_memory(k, {
+        a: v[:, :5] for a, v in _kernel_inputs(k)[2].items()}), InputError,
+        "channels of the fitted memory") for k in KERNEL_MEMORY],
+    *[case(f"{k}-query-nan", lambda k=k: kernel_query(k, {"q": np.full(
+        KERNEL_MEMORY[k][1], NAN)}), InputError, "q: contains NaN or Inf") for k in KERNEL_MEMORY],
+    *[case(f"{k}-query-k-str", lambda k=k: kernel_query(k, {"q": np.ones(
+        KERNEL_MEMORY[k][1])}, k="3"), InputError, "k: expected an int") for k in KERNEL_MEMORY],
+    case("vector_search-golden-shifts", lambda: kernel_golden("vector_search", arrays={
+        "shifts": np.full_like(_kernel_inputs("vector_search")[3].arrays["shifts"], 100)}),
+        InputError, "shifts: expected row shifts"),
+    case("kernel-query-without-q", lambda: kernel_query("vector_search", {}), InputError, "q",
+         marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+             "kernels/* (another helper's): a query mapping without 'q' is a KeyError"))),
+    case("kernel-memory-without-keys", lambda: kernel_memory("block_gate", {}), InputError,
+         "keys", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+             "kernels/* (another helper's): a memory mapping without 'keys' is a KeyError"))),
     # the system model
     case("shape-context-zero", lambda: shape(context=0), InputError, "context"),
     case("shape-batch-negative", lambda: shape(batch=-1), InputError, "batch"),
