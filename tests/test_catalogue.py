@@ -1208,6 +1208,8 @@ def argv_case(id, argv, fragment, status=2, marks=()):
     return pytest.param(tuple(argv), fragment, status, id=id, marks=marks)
 
 
+MANIFEST_CLI = "python -m hetmem.fpga.manifest"
+
 #: {tmp}: the test's tmp_path; {garbage}: a file of garbage text in it; {empty}: an empty file;
 #: {dir}: a directory; {tiny}: a tiny transformers model directory with garbage selectors.
 CLI = [
@@ -1294,6 +1296,22 @@ CLI = [
     argv_case("devices-manifest-schema", ["devices", "--manifest", "{schema}"], "schema"),
     argv_case("devices-manifest-bank-map", ["devices", "--manifest", "{bankmap}"],
               "disagrees with the kernel specs", status=1),
+    # python -m hetmem.fpga.manifest record
+    argv_case("manifest-record-not-listed", [MANIFEST_CLI, "record", "{tmp}/other.xclbin",
+                                             "--manifest", "{manifest}"],
+              "is not in the manifest"),
+    argv_case("manifest-record-missing-xclbin", [MANIFEST_CLI, "record",
+                                                 "{tmp}/hetmem_hw.xclbin", "--manifest",
+                                                 "{manifest}"], "No such file"),
+    argv_case("manifest-record-garbage-manifest", [MANIFEST_CLI, "record", "{garbage}",
+                                                   "--manifest", "{garbage}"],
+              "cannot read the bitstream manifest"),
+    argv_case("manifest-record-no-manifest", [MANIFEST_CLI, "record", "{garbage}",
+                                              "--manifest", "{tmp}/none.json"],
+              "no bitstream manifest"),
+    argv_case("manifest-record-schema", [MANIFEST_CLI, "record", "{garbage}", "--manifest",
+                                         "{schema}"], "schema"),
+    argv_case("manifest-no-command", [MANIFEST_CLI], "required"),
 ]
 
 
@@ -1310,7 +1328,12 @@ def files(tmp_path):
 
     entry = _entry_json(kernels=_bad_bank_map())
     (tmp_path / "bankmap.json").write_text(json.dumps({"schema": SCHEMA, "xclbins": [entry]}))
+    from hetmem.fpga.manifest import Manifest, expected_entry
+
+    good = expected_entry()
+    Manifest({good.name: good}).save(tmp_path / "manifest.json")
     return {
+        "{manifest}": str(tmp_path / "manifest.json"),
         "{tmp}": str(tmp_path),
         "{garbage}": str(tmp_path / "garbage.txt"),
         "{empty}": str(tmp_path / "empty.txt"),
@@ -1367,9 +1390,15 @@ def test_cli(argv, fragment, status, files, nothing_runs, capsys, monkeypatch, r
     argv = [_fill(a, names) for a in argv]
     fragment = _fill(fragment, names)
 
+    main = cli.main
+    if argv and argv[0] == MANIFEST_CLI:
+        from hetmem.fpga.manifest import main
+
+        argv = argv[1:]
+
     def run():
         try:
-            return cli.main(argv)
+            return main(argv)
         except SystemExit as exc:  # argparse's own errors
             return exc.code
 

@@ -22,13 +22,14 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .. import kernels
-from ..errors import InputError, XclbinError
+from ..errors import HetmemError, InputError, XclbinError
 from .implementations import HLS_KERNELS, RTL_KERNELS
 
 #: The repository's bitstreams/ folder (an editable install keeps it beside host/).
@@ -351,10 +352,14 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("xclbin", type=Path)
     rec.add_argument("--manifest", type=Path, default=MANIFEST)
     args = parser.parse_args(argv)
-    manifest = Manifest.load(args.manifest)
-    entry = manifest.entry(args.xclbin.name)
-    digest = sha256_file(args.xclbin)
-    manifest.with_checksum(entry.name, digest).save(args.manifest)
+    try:
+        manifest = Manifest.load(args.manifest)
+        entry = manifest.entry(args.xclbin.name)
+        digest = sha256_file(args.xclbin)
+        manifest.with_checksum(entry.name, digest).save(args.manifest)
+    except (HetmemError, OSError) as exc:  # an error line and status 2, not a traceback
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     print(f"{entry.name}: sha256 {digest} recorded in {args.manifest}")
     return 0
 
