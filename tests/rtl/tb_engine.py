@@ -463,7 +463,13 @@ def edge_cases(rng: np.random.Generator, params: dict, kernel_names) -> list[Cas
             ),
             # (the width is the edge here, not the count: 4 x LANES + 3 rows)
             make_case(
-                kernel, rng, n=lanes * 4 + 3, dim=dmax, heads=hv, k=20, label=f"{kernel} dim = DMAX"
+                kernel,
+                rng,
+                n=lanes * 4 + 3,
+                dim=dmax,
+                heads=hv,
+                k=min(20, lanes * 4 + 3),
+                label=f"{kernel} dim = DMAX",
             ),
             make_case(kernel, rng, n=n, dim=3, heads=hv, k=20, label=f"{kernel} dim = 3"),
             make_case(
