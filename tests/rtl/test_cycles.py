@@ -1,188 +1,68 @@
 """Cycle efficiency of the RTL engine and calibration of the cycle models.
 
-`test_rtl_cycle_counts` runs the engine (Verilator, default parameters, no backpressure) on
-every kernel at n = 4k, 16k and 64k, checks the outputs against the golden models, and writes
-the counts with their breakdown to bench/results/rtl_cycles.json (source: simulated, RTL
-cycles). The efficiency targets (steady state >= 0.95 x LANES lane scores per cycle, drain and
-control under 5% at 64k) are reported there, not asserted: speed targets live in bench/.
-`test_cycle_model_calibrated` checks every spec's `cycles` within 5% of those counts.
+The shapes, the summary and the results file are bench/rtl_cycles.py's, the only writer of
+bench/results/rtl_cycles.json (source: simulated, RTL cycles). Here `test_rtl_cycle_counts`
+runs the same engine calls (Verilator, default parameters, no backpressure; outputs checked
+against the golden models in the cocotb bench) and checks what the bench would record,
+writing only under tmp_path; `test_cycle_model_calibrated` checks every spec's `cycles`
+within 5% of the counts; `test_recorded_counts_match_the_model` checks the committed file
+against today's models without a simulator. The efficiency targets are reported in the
+file, not asserted: speed targets live in bench/.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import sim
 
 from hetmem import kernels
-from hetmem.kernels import spec as kspec
 
 pytestmark = pytest.mark.rtl
 
-RESULTS = sim.ROOT / "bench" / "results" / "rtl_cycles.json"
-PARAMS = {"LANES": 8, "SLOTS": 8, "NMAX": 65536, "DMAX": 512, "SCAN": 64}
-SIZES = (4096, 16384, 65536)
-#: Shapes that fill the lanes (dim 64: one beat per row, LANES query vectors per pass); k as
-#: the methods use it (2048 of 64k).
-SHAPES = [
-    {"kernel": "token_indexer", "dim": 64, "heads": 8, "queries": 1, "k": 2048},
-    # 2 passes (heads > LANES), at 4k and 16k: the pass overhead is per pass, not per row
-    {"kernel": "token_indexer", "dim": 64, "heads": 16, "queries": 1, "k": 2048, "max_n": 16384},
-    {"kernel": "page_indexer", "dim": 64, "heads": 8, "queries": 1, "k": 2048},
-    {"kernel": "vector_search", "dim": 64, "queries": 8, "k": 2048},
-    {"kernel": "block_gate", "dim": 64, "queries": 8, "mode": kspec.MODE_THRESHOLD},
-]
-#: Multi-segment launches (one memory, several slots at row offsets, queries of a slot
-#: consecutive): the model sums the groups' streams and passes and each query's selection.
-SEGMENT_SHAPES = [
-    {
-        # k as the single-memory shapes: the select overhead is fitted there, and it depends
-        # on k (with k = 512 this call measured 4.7% above the model)
-        "kernel": "vector_search",
-        "dim": 64,
-        "queries": 8,
-        "k": 2048,
-        "segments": [[0, 4096]] * 3 + [[4096, 4096]] * 2 + [[8192, 3072]] * 3,
-    },
-    {
-        "kernel": "token_indexer",
-        "dim": 64,
-        "heads": 8,
-        "queries": 3,
-        "k": 512,
-        "segments": [[0, 4096], [4096, 2048], [6144, 4096]],
-    },
-    {
-        "kernel": "block_gate",
-        "dim": 64,
-        "queries": 8,
-        "mode": kspec.MODE_THRESHOLD,
-        "segments": [[0, 4096]] * 4 + [[4096, 1024]] * 2 + [[8192, 4096]] * 2,
-    },
-]
-TOLERANCE = 0.05
-TARGET_LANE_RATE = 0.95
-TARGET_OVERHEAD = 0.05
+SCRIPT = sim.ROOT / "bench" / "rtl_cycles.py"
 
 
-def model_shape(record: dict) -> dict:
-    """The keyword arguments of the kernel's `cycles` for one bench record."""
-    shape = {"n": record["n"], "k": record["k"], "queries": record["queries"], "dim": record["dim"]}
-    if record["kernel"] in ("token_indexer", "page_indexer"):
-        shape["heads"] = record["heads"]
-    if record["kernel"] == "block_gate":
-        shape["mode"] = record.get("mode", kspec.MODE_TOPK)
-    if "segments" in record:
-        shape["segs"] = np.array(record["segments"])
-    return shape
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_rtl_cycles", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def rows_scored(record: dict) -> int:
-    """Rows the lanes score in a call: each group's rows, once per pass."""
-    spec = kernels.get(record["kernel"])
-    segs = np.array(record["segments"]) if "segments" in record else None
-    rows, counts = kspec.segment_groups(segs, n=record["n"], queries=record["queries"])
-    passes = kspec.engine_passes(spec.engine, queries=counts, heads=record.get("heads", 1))
-    return int((rows * passes).sum())
-
-
-def lanes_in_use(record: dict) -> int:
-    vectors = record.get("heads", 1) * record["queries"]
-    return min(vectors, PARAMS["LANES"])
-
-
-def summarize(record: dict) -> dict:
-    """Efficiency figures of one count: lane scores per streaming cycle (one lane score is a
-    dot product of one 64-byte beat), and the share of cycles outside streaming."""
-    chunks = max(
-        1, math.ceil(record["dim"] * (2 if record["kernel"] == "page_indexer" else 1) / 64)
-    )
-    lane_scores = record["score_rows"] * chunks * lanes_in_use(record)
-    model = kernels.get(record["kernel"]).cycles(**model_shape(record))
-    return {
-        **record,
-        "source": "simulated",
-        "lane_scores_per_cycle": round(lane_scores / record["stream_cycles"], 4),
-        "overhead_fraction": round(1 - record["stream_cycles"] / record["cycles"], 4),
-        "model_cycles": model,
-        "model_error": round(model / record["cycles"] - 1, 4),
-    }
+bench = _load_bench()
 
 
 @pytest.fixture(scope="module")
 def counts(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    reason = sim.missing("verilator")
+    reason = bench.missing()
     if reason:
         pytest.skip(f"verilator: {reason}")
-    shapes = [
-        {**{k: v for k, v in s.items() if k != "max_n"}, "n": n}
-        for s in SHAPES
-        for n in SIZES
-        if n <= s.get("max_n", n)
-    ] + [{**s, "n": max(r for _, r in s["segments"])} for s in SEGMENT_SHAPES]
-    out = tmp_path_factory.mktemp("cycles") / "counts.json"
-    ran = sim.run(
-        "verilator",
-        "hm_engine",
-        "tb_engine",
-        "cycle_counts",
-        env={"HM_SHAPES": json.dumps(shapes), "HM_OUT": str(out), "HM_PARAMS": json.dumps(PARAMS)},
-    )
-    assert ran == ["cycle_counts"]
-    return [summarize(r) for r in json.loads(out.read_text())]
+    return bench.run_counts(tmp_path_factory.mktemp("cycles"))
 
 
-def test_rtl_cycle_counts(counts: list[dict]) -> None:
-    """Every shape ran (outputs checked bit-exact in the bench) and the counts are on record."""
-    assert len(counts) == sum(n <= s.get("max_n", n) for s in SHAPES for n in SIZES) + len(
-        SEGMENT_SHAPES
+def test_rtl_cycle_counts(counts: list[dict], tmp_path: Path) -> None:
+    """Every shape ran (outputs checked bit-exact in the bench), and the document the bench
+    writes holds every count with its model figures."""
+    assert (
+        len(counts)
+        == len(bench.bench_shapes())
+        == sum(n <= s.get("max_n", n) for s in bench.SHAPES for n in bench.SIZES)
+        + len(bench.SEGMENT_SHAPES)
     )
     for r in counts:
         assert r["cycles"] > r["stream_cycles"] > 0
-        assert r["score_rows"] == rows_scored(r)
-    full = [r for r in counts if lanes_in_use(r) == PARAMS["LANES"]]
-    at_64k = [r for r in full if r["n"] == 65536 and r["queries"] == 1]
-    document = {
-        "source": "simulated",
-        "what": "RTL cycles from ap_start to ap_done (Verilator, default parameters, no "
-        "backpressure); seconds = cycles / clock_hz",
-        "clock_hz": kspec.DEFAULT_CLOCK_HZ,
-        "parameters": PARAMS,
-        "targets": {
-            "lane_scores_per_cycle": TARGET_LANE_RATE * PARAMS["LANES"],
-            "overhead_fraction_at_64k": TARGET_OVERHEAD,
-            "model_error": TOLERANCE,
-        },
-        "met": {
-            "lane_scores_per_cycle": all(
-                r["lane_scores_per_cycle"] >= TARGET_LANE_RATE * PARAMS["LANES"] for r in full
-            ),
-            "overhead_fraction_at_64k": all(
-                r["overhead_fraction"] < TARGET_OVERHEAD for r in at_64k
-            ),
-            "model_error": all(abs(r["model_error"]) <= TOLERANCE for r in counts),
-        },
-        "counts": counts,
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(document, indent=1) + "\n")
-    print(table(counts))
-
-
-def table(counts: list[dict]) -> str:
-    head = f"{'kernel':<14}{'n':>7}{'q':>3}{'h':>3}{'k':>6}{'cycles':>9}{'stream':>9}{'lane/cyc':>9}{'ovh %':>7}{'model':>9}{'err %':>7}"
-    rows = [head]
-    for r in counts:
-        rows.append(
-            f"{r['kernel']:<14}{r['n']:>7}{r['queries']:>3}{r.get('heads', 1):>3}{r['k']:>6}"
-            f"{r['cycles']:>9}{r['stream_cycles']:>9}{r['lane_scores_per_cycle']:>9.2f}"
-            f"{100 * r['overhead_fraction']:>7.2f}{r['model_cycles']:>9}{100 * r['model_error']:>7.2f}"
-        )
-    return "\n".join(rows)
+        assert r["score_rows"] == bench.rows_scored(r)
+    out = tmp_path / "rtl_cycles.json"
+    out.write_text(json.dumps(bench.document(counts, "test"), indent=1) + "\n")
+    written = json.loads(out.read_text())
+    assert written["source"] == "simulated"
+    assert [r["cycles"] for r in written["counts"]] == [r["cycles"] for r in counts]
+    assert set(written["met"]) == set(written["targets"])
+    print(bench.table(counts))
 
 
 def test_cycle_model_calibrated(counts: list[dict]) -> None:
@@ -190,18 +70,23 @@ def test_cycle_model_calibrated(counts: list[dict]) -> None:
     off = [
         f"{r['kernel']} n={r['n']}: model {r['model_cycles']} vs RTL {r['cycles']}"
         for r in counts
-        if abs(r["model_error"]) > TOLERANCE
+        if abs(r["model_error"]) > bench.TOLERANCE
     ]
     assert not off, off
 
 
 def test_recorded_counts_match_the_model() -> None:
     """The committed bench/results/rtl_cycles.json agrees with today's cycle models (a model
-    change without re-running the RTL bench fails here, without a simulator)."""
-    if not RESULTS.exists():
-        pytest.skip("bench/results/rtl_cycles.json not written yet (run test_rtl_cycle_counts)")
-    recorded = json.loads(Path(RESULTS).read_text())
+    change without re-running `python bench/rtl_cycles.py` fails here, without a simulator)."""
+    if not bench.RESULTS.exists():
+        pytest.skip("bench/results/rtl_cycles.json not written yet (python bench/rtl_cycles.py)")
+    recorded = json.loads(Path(bench.RESULTS).read_text())
     assert recorded["source"] == "simulated"
     for r in recorded["counts"]:
-        model = kernels.get(r["kernel"]).cycles(**model_shape(r))
-        assert abs(model / r["cycles"] - 1) <= TOLERANCE, (r["kernel"], r["n"], model, r["cycles"])
+        model = kernels.get(r["kernel"]).cycles(**bench.model_shape(r))
+        assert abs(model / r["cycles"] - 1) <= bench.TOLERANCE, (
+            r["kernel"],
+            r["n"],
+            model,
+            r["cycles"],
+        )
