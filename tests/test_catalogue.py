@@ -412,6 +412,18 @@ def _open_card(options):
         cards.close()
 
 
+def card_of(target, **options):
+    from hetmem.fpga.cards import Card
+
+    return Card(target, options)
+
+
+def _cards_layer():
+    from hetmem.fpga.cards import Cards
+
+    return Cards.open("emu").for_layer(5, 2)
+
+
 def _device_with_options():
     from hetmem.fpga.cards import Card
     from hetmem.fpga.targets import open_device
@@ -679,6 +691,33 @@ API = [
          "bogus"),
     case("fpga-emu-clock-zero", lambda: _open_card({"target": "emu", "clock_hz": 0}),
          InputError, "clock_hz"),
+    case("fpga-emu-clock-str", lambda: _open_card({"target": "emu", "clock_hz": "fast"}),
+         InputError, "clock_hz"),
+    case("fpga-emu-clock-inf", lambda: _open_card({"target": "emu", "clock_hz": INF}),
+         InputError, "clock_hz"),
+    case("fpga-emu-link-str", lambda: _open_card({"target": "emu", "link": "gen3"}),
+         InputError, "link: expected a PcieLink"),
+    case("fpga-stage-option-in-card", lambda: fpga_pipe({"target": "emu", "timeout_s": 1}),
+         InputError, "options: emu: got an unexpected keyword argument 'timeout_s'"),
+    case("fpga-cosim-unknown-option", lambda: card_of("cosim", simulator="bogus"), InputError,
+         "options: cosim"),
+    case("fpga-xrt-emu-executor", lambda: _open_card({"target": "xrt_emu", "executor": "gpu"}),
+         InputError, "executor"),
+    case("fpga-cards-str", lambda: fpga_pipe({"target": "emu", "cards": "2"}), InputError,
+         "'cards' must be a positive int"),
+    case("fpga-cards-empty-list", lambda: fpga_pipe([]), InputError,
+         "fpga: needs at least one card"),
+    case("fpga-int", lambda: fpga_pipe(5), InputError, "fpga: expected a target name"),
+    case("fpga-list-with-unknown", lambda: fpga_pipe(["emu", "bogus"]), InputError,
+         "unknown FPGA target 'bogus'"),
+    case("cards-layer-out-of-range", lambda: _cards_layer(), InputError, "layer"),
+    case("placement-auto-system-str", lambda: Pipeline(method("quest"), "auto", system="MI210"),
+         InputError, "system"),
+    case("placement-auto-shape-str", lambda: Pipeline(method("quest"), "auto", shape="big"),
+         InputError, "shape"),
+    case("placement-auto-unknown-card", lambda: Pipeline(method("quest"), "auto",
+                                                         system=("MI210", "NoSuchCard")),
+         _profile_error(), "NoSuchCard"),
     case("fpga-emu-bank-bytes-zero", lambda: _open_card({"target": "emu", "bank_bytes": 0}),
          InputError, "bank_bytes"),
     case("card-fault-limit-zero", lambda: card(fault_limit=0), InputError, "fpga fault_limit"),

@@ -131,6 +131,7 @@ class Pipeline:
         auto.check_objective(objective)
         if system is None or isinstance(system, tuple | list):
             system = auto.auto_system(*(system or ()))
+        auto.check_system(system)
         self._auto = {"system": system, "objective": objective, "fpga": fpga}
         if shape is None:
             return "gpu/gpu/gpu/gpu"  # until prepare

@@ -96,6 +96,9 @@ class Card:
                 raise InputError("fpga", "options given with an already-open device")
             self.device, self._owned, self.target = target, False, target.target
         elif isinstance(target, str) and (target == "auto" or target in TARGETS):
+            from .targets import check_options
+
+            check_options(target, self.options)  # an unknown option now, not at first use
             self.target = target
         else:
             known = ", ".join(["auto", *TARGETS])

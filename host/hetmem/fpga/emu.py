@@ -10,6 +10,7 @@ it too, so xrt-over-xrt_emu and emu compute the same way. A cosim target can sub
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -104,9 +105,15 @@ class EmuDevice(FpgaDevice):
         platform: str = PLATFORM,
     ) -> None:
         super().__init__()
+        ok = clock_hz is None or (
+            isinstance(clock_hz, int | float) and not isinstance(clock_hz, bool)
+            and math.isfinite(clock_hz) and clock_hz > 0
+        )  # fmt: skip
+        if not ok:
+            raise InputError("clock_hz", f"expected a positive clock in Hz, got {clock_hz!r}")
         self.clock_hz = float(clock_hz) if clock_hz is not None else DEFAULT_CLOCK_HZ
-        if not self.clock_hz > 0:
-            raise InputError("clock_hz", f"expected a positive clock, got {clock_hz}")
+        if not isinstance(link, PcieLink):
+            raise InputError("link", f"expected a PcieLink (hetmem.fpga.pcie), got {link!r}")
         self.link = link
         self.bank_bytes = as_count("bank_bytes", bank_bytes, minimum=1)
         self.name = f"emu (modeled {platform})"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import InputError, NoDeviceError
@@ -82,14 +82,28 @@ def open_device(target: str | FpgaDevice = "auto", **options: Any) -> FpgaDevice
             from .cosim import open_xrt_cosim
 
             return open_xrt_cosim(executor, **options)
-    factory = _factory(target)
+    check_options(target, options)
+    return _factory(target)(**options)
+
+
+def check_options(target: str, options: Mapping[str, Any]) -> None:
+    """An `InputError` naming an option that target's device does not take (checked before
+    anything opens; a target whose module is missing, or "auto", is checked when opened)."""
+    options = dict(options)
+    if target == "xrt_emu" and options.pop("executor", None) not in (None, "emu"):
+        return  # the cosim executor takes its own options (open_xrt_cosim checks them)
+    if target not in TARGETS:
+        return
+    try:
+        factory = _factory(target)
+    except (NoDeviceError, ImportError):  # said when the device opens
+        return
     try:
         inspect.signature(factory).bind(**options)
     except TypeError as exc:
         raise InputError("options", f"{target}: {exc}") from None
     except ValueError:  # no signature to check (a builtin): the factory checks
         pass
-    return factory(**options)
 
 
 def list_devices() -> list[DeviceInfo]:

@@ -66,6 +66,15 @@ class AutoChoice:
     system: System
 
 
+def check_system(system: Any) -> System:
+    if not isinstance(system, System):
+        raise InputError(
+            "system", "expected a hetmem.system.System or a (gpu, card) pair of profile names, "
+            f"got {system!r}",
+        )  # fmt: skip
+    return system
+
+
 def check_objective(objective: str) -> str:
     if objective not in OBJECTIVES:
         raise InputError("objective", f"expected one of {OBJECTIVES}, got {objective!r}")
