@@ -74,15 +74,18 @@ module hm_axil_ctrl #(
     // -- read channel ------------------------------------------------------------------------
     assign s_arready = !s_rvalid;
     wire do_read = s_arvalid && s_arready;
-    wire [5:0] rdec = hm_reg_decode(kernel, s_araddr);
+    // registers are 32-bit words: the low two address bits of an access are its byte lanes
+    // (AXI4-Lite allows an unaligned address; the strobes say which bytes are written)
+    wire [ADDR_W-1:0] raddr = {s_araddr[ADDR_W-1:2], 2'b00};
+    wire [5:0] rdec = hm_reg_decode(kernel, raddr);
     reg [31:0] rvalue;
     always @(*) begin
         rvalue = 32'd0;
-        if (s_araddr == HM_CTRL)
+        if (raddr == HM_CTRL)
             rvalue = {28'd0, ap_ready, engine_idle && !ap_start, ap_done, ap_start};
-        else if (s_araddr == HM_GIE) rvalue = {31'd0, gie};
-        else if (s_araddr == HM_IER) rvalue = {30'd0, ier};
-        else if (s_araddr == HM_ISR) rvalue = {30'd0, isr};
+        else if (raddr == HM_GIE) rvalue = {31'd0, gie};
+        else if (raddr == HM_IER) rvalue = {30'd0, ier};
+        else if (raddr == HM_ISR) rvalue = {30'd0, isr};
         else if (rdec[5]) begin
             if (rdec[3:0] < 4'd7) rvalue = rdec[4] ? buf_reg[rdec[2:0]][63:32] : buf_reg[rdec[2:0]][31:0];
             else rvalue = scal_reg[rdec[3:0] - 4'd7];
@@ -107,7 +110,7 @@ module hm_axil_ctrl #(
         end else begin
             if (s_awvalid && s_awready) begin
                 aw_held <= 1'b1;
-                aw_addr <= s_awaddr;
+                aw_addr <= {s_awaddr[ADDR_W-1:2], 2'b00};
             end
             if (s_wvalid && s_wready) begin
                 w_held <= 1'b1;
@@ -144,7 +147,7 @@ module hm_axil_ctrl #(
             if (do_read) begin
                 s_rdata  <= rvalue;
                 s_rvalid <= 1'b1;
-                if (s_araddr == HM_CTRL) begin
+                if (raddr == HM_CTRL) begin
                     ap_done  <= 1'b0;
                     ap_ready <= 1'b0;
                 end

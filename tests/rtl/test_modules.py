@@ -20,6 +20,7 @@ BENCHES: dict[str, tuple[str, str, list[dict[str, int]], dict[str, str]]] = {
         [{"WIDTH": 517, "DEPTH": 32}, {"WIDTH": 8, "DEPTH": 4}, {"WIDTH": 64, "DEPTH": 2}],
         {"HM_WORDS": "600"},
     ),
+    "hm_axil_ctrl": ("tb_axil_ctrl", "registers_and_handshake", [{}], {}),
     "hm_row_aligner": ("tb_row_aligner", "rows_match_model", [{}], {"HM_STREAMS": "40"}),
     "hm_index_packer": (
         "tb_index_packer",
