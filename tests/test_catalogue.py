@@ -545,6 +545,10 @@ API = [
                                                   torch.randn(B, HKV, S, D),
                                                   torch.tensor([4.0, 4.0])),
          InputError, "lengths"),
+    case("kvcache-lengths-bool", lambda: KVCache(torch.randn(B, HKV, S, D),
+                                                 torch.randn(B, HKV, S, D),
+                                                 torch.tensor([True, True])),
+         InputError, "lengths: expected an integer dtype, got torch.bool"),
     case("kvcache-lengths-2d", lambda: KVCache(torch.randn(B, HKV, S, D),
                                                torch.randn(B, HKV, S, D),
                                                torch.full((B, 1), 4)),
@@ -597,6 +601,9 @@ API = [
         positions=torch.tensor([[-1], [3]]))), InputError, "positions") for m in ATTENTION],
     *[case(f"{m}-positions-float", lambda m=m: step(m, q(
         positions=torch.tensor([[1.0], [3.0]]))), InputError, "positions") for m in ATTENTION],
+    *[case(f"{m}-positions-bool", lambda m=m: step(m, q(
+        positions=torch.tensor([[True], [False]]))), InputError,
+        "positions: expected an integer dtype, got torch.bool") for m in ATTENTION],
     *[case(f"{m}-positions-shape", lambda m=m: step(m, q(
         positions=torch.zeros(B, 3, dtype=torch.long))), InputError, "positions")
       for m in ATTENTION],

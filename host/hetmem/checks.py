@@ -39,7 +39,9 @@ def check_tensor(
         )
     if floating is True and value.dtype not in FLOAT_DTYPES:
         raise InputError(name, f"expected a floating dtype, got {value.dtype}")
-    if floating is False and (value.is_floating_point() or value.is_complex()):
+    if floating is False and (
+        value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
+    ):
         raise InputError(name, f"expected an integer dtype, got {value.dtype}")
     if finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
         raise InputError(name, "contains NaN or Inf")
