@@ -157,3 +157,45 @@ def test_teacher_keeps_one_heads_needle():
     assert torch.allclose(mean, torch.tensor([0.75, 0.25]))
     with pytest.raises(Exception, match="group"):
         cal.block_target(act, 2, "median")
+
+
+def test_gate_trains_alone_on_several_lengths(tmp_path):
+    """`calibrate(train=("seer",))` keeps the base's DSA indexers and trains the gate on
+    captures at two lengths merged (keys zero-padded: a query's logits are the same as in
+    its own capture)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=512,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(0)
+    short, long = (torch.randint(3, 128, (6, n), generator=gen) for n in (96, 160))
+    data = [(ids, cal.sample_positions(6, ids.shape[1], 8, seed=1)) for ids in (short, long)]
+    merged = cal.merge_activations([cal.capture(model, i, positions=p) for i, p in data])
+    alone = cal.capture(model, data[0][0], positions=data[0][1])
+    assert merged[0].k.shape[2] == 160 and merged[0].q.shape[0] == 12
+    gate = cal.GateWeights.mean_pool(4, 2, 16)
+    for m, a in zip(merged, alone, strict=True):
+        got = cal.gate_logits(
+            gate, m.subset(slice(0, 6)), cal.block_pools(m.subset(slice(0, 6)), 16), 16
+        )
+        want = cal.gate_logits(gate, a, cal.block_pools(a, 16), 16)
+        assert torch.allclose(got[..., : want.shape[-1]], want, atol=1e-5)
+        assert bool(torch.isinf(got[..., want.shape[-1] :]).all())  # padding never visible
+
+    base, _ = cal.calibrate(model, short, out=tmp_path / "a.safetensors", steps=2, queries=8)
+    trained, _ = cal.calibrate(
+        model, short, out=tmp_path / "b.safetensors", steps=4, queries=8, gate_data=data,
+        train=("seer",), base=base,
+    )  # fmt: skip
+    again = cal.load_selectors(tmp_path / "b.safetensors")
+    for new, old in zip(again.indexers, base.indexers, strict=True):
+        assert torch.equal(new.wq, old.wq) and torch.equal(new.wk, old.wk)
+    assert not torch.equal(again.gates[0].wq, base.gates[0].wq)
+    assert again.meta["seer_data"]["lengths"] == [96, 160]
+    assert again.meta["dsa_kl"] == base.meta["dsa_kl"]
+    with pytest.raises(Exception, match="base"):
+        cal.calibrate(model, short, out=tmp_path / "c.safetensors", steps=1, train=("seer",))
