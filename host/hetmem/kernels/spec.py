@@ -52,6 +52,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from ..errors import InputError
+from . import engine as _engine
 from . import topk as _topk
 
 CTRL = 0x00
@@ -163,14 +164,14 @@ class EngineParams:
         return replace(self, **changes)
 
 
-#: The RTL engine's constants (fpga/rtl/hm_engine.v at its default parameters: 8 lanes, 8
-#: slots, 64 scores per scan cycle, 16 indices per output beat), calibrated against its cycle
-#: counts (tests/rtl/test_cycles.py, bench/results/rtl_cycles.json: within 5%).
+#: The RTL engine's constants (fpga/rtl/hm_engine.v at its default parameters,
+#: `engine.PARAMS`: 8 lanes, 8 slots, 64 scores per scan cycle, 16 indices per output beat),
+#: calibrated against its cycle counts (tests/rtl/test_cycles.py, bench/results/rtl_cycles.json: within 5%).
 _RTL = {
-    "lanes": 8,
+    "lanes": _engine.LANES,
     "ports": 2,
-    "slots": 8,
-    "scan_bits": 64,
+    "slots": _engine.SLOTS,
+    "scan_bits": _engine.SCAN,
     "drain_per_k": 1 / 16,
     "pipeline_latency": 8,
     "control_overhead": 25,
