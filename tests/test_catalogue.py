@@ -464,6 +464,29 @@ def _wrapped_fpga(fpga):
                 placement="cpu/fpga/fpga/cpu", fpga=fpga)  # fmt: skip
 
 
+def _wrapped_forward(bad):
+    """A wrapped model's cache after a 40-token prefill of 2 rows, then a decode step with a
+    third row (`batch`) or a NaN in the new token's embedding (`nan`)."""
+    import hetmem
+    from hetmem.models import new_cache
+    from hetmem.models.wrap import cache_kwarg
+
+    model = hetmem.wrap(tiny(), method="quest", budget=16, method_options={"page_size": 4})
+    try:
+        kw = cache_kwarg(model)
+        cache = new_cache(model)
+        gen = torch.Generator().manual_seed(0)
+        model(torch.randint(3, 60, (2, 40), generator=gen), **{kw: cache}, use_cache=True)
+        if bad == "batch":
+            return model(torch.randint(3, 60, (3, 1), generator=gen), **{kw: cache},
+                         use_cache=True)  # fmt: skip
+        embeds = model.get_input_embeddings()(torch.randint(3, 60, (2, 1), generator=gen))
+        embeds[0, 0, 3] = NAN
+        return model(inputs_embeds=embeds.detach(), **{kw: cache}, use_cache=True)
+    finally:
+        hetmem.unwrap(model)
+
+
 def _budget_units(*args):
     from hetmem.selection import budget_units
 
@@ -851,6 +874,10 @@ API = [
     case("wrap-fpga-unknown", lambda: _wrapped_fpga("bogus"), InputError, "fpga"),
     case("wrap-fpga-fault-limit", lambda: _wrapped_fpga({"target": "emu", "fault_limit": -2}),
          InputError, "fpga fault_limit"),
+    case("wrapped-cache-batch-change", lambda: _wrapped_forward("batch"), InputError,
+         "keys: expected shape (2, 2, 1, 8), got (3, 2, 1, 8)"),
+    case("wrapped-decode-nan", lambda: _wrapped_forward("nan"), InputError,
+         "keys: contains NaN or Inf"),
     case("wrap-mla-refused", lambda: unsupported("DeepseekV3", q_lora_rank=None,
                                                  kv_lora_rank=16, qk_rope_head_dim=8,
                                                  qk_nope_head_dim=8, v_head_dim=8,
@@ -1287,6 +1314,14 @@ CLI = [
     argv_case("run-selectors-garbage", ["run", "--model", "{tiny}", "--method", "dsa",
                                         "--context", "256"],
               "not a readable safetensors file"),
+    argv_case("run-context-beyond-tiny-model", ["run", "--model", "{tiny}", "--method", "quest",
+                                                "--context", "4096"],
+              "exceed the model's 2048 positions"),
+    argv_case("run-seer-selectors-garbage", ["run", "--model", "{tiny}", "--method", "seer",
+                                             "--context", "256"],
+              "not a readable safetensors file"),
+    argv_case("calibrate-tiny-tokens-beyond", ["calibrate", "--model", "{tiny}", "--tokens",
+                                               "4096"], "exceed the model's 2048 positions"),
     argv_case("calibrate-sequences-zero", ["calibrate", "--sequences", "0"], "--sequences"),
     argv_case("calibrate-queries-zero", ["calibrate", "--queries", "0"], "--queries"),
     argv_case("calibrate-tokens-one", ["calibrate", "--tokens", "1"], "1-token sequences"),

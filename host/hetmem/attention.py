@@ -366,7 +366,7 @@ def _check_finite(keys: torch.Tensor, values: torch.Tensor) -> None:
     """One `InputError` for NaN or Inf in keys or values (one device sync for both):
     x * 0 is 0 for every finite x and NaN for NaN and Inf."""
     if keys.numel() + values.numel() <= _SMALL:
-        ok = not math.isnan(float((keys * 0).sum() + (values * 0).sum()))
+        ok = not math.isnan(float((keys.detach() * 0).sum() + (values.detach() * 0).sum()))
     else:
         ok = bool(torch.isfinite(keys).all() & torch.isfinite(values).all())
     if not ok:
