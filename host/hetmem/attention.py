@@ -37,8 +37,9 @@ class Growth:
     fraction: int = 64
 
     def __post_init__(self) -> None:
-        if self.align < 1 or self.fraction < 1:
-            raise InputError("growth", f"align and fraction must be >= 1, got {self}")
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (self.align, self.fraction))
+        if not ints or self.align < 1 or self.fraction < 1:
+            raise InputError("growth", f"align and fraction must be ints >= 1, got {self}")
 
     def capacity(self, length: int) -> int:
         spare = max(-(-length // self.fraction), 1)

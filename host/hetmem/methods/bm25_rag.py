@@ -26,6 +26,7 @@ without touching the index.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -177,8 +178,8 @@ class BM25RAG(Method):
     ):
         """`fold_accents`: "café" and "cafe" are one term (default); False keeps them apart
         (for languages where the accent makes another word)."""
-        if isinstance(k1, bool) or not isinstance(k1, (int, float)) or not k1 >= 0:
-            raise InputError("k1", f"expected a number >= 0, got {k1!r}")
+        if isinstance(k1, bool) or not isinstance(k1, (int, float)) or not 0 <= k1 < math.inf:
+            raise InputError("k1", f"expected a finite number >= 0, got {k1!r}")
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b <= 1:
             raise InputError("b", f"expected a number in [0, 1], got {b!r}")
         self.k1 = float(k1)

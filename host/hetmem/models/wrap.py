@@ -430,7 +430,13 @@ def _auto_placement(model: Any, method: Method, budget: int,
     text = model.config.get_text_config(decoder=True)
     config = auto_mod.model_from_hf_config(text)
     context = opts.get("context") or getattr(text, "max_position_embeddings", None) or 4096
-    shape = Shape(config, int(context), int(opts.get("batch", 1)), budget=budget)
+    sizes = {"context": context, "batch": opts.get("batch", 1)}
+    for key, value in sizes.items():
+        try:
+            sizes[key] = int(value)
+        except (TypeError, ValueError):
+            raise InputError("auto_options", f"{key}: expected an int, got {value!r}") from None
+    shape = Shape(config, sizes["context"], sizes["batch"], budget=budget)
     system = opts.get("system")
     if system is None:
         system = auto_mod.auto_system(opts.get("gpu"), opts.get("card", auto_mod.DEFAULT_CARD))

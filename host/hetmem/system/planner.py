@@ -86,6 +86,8 @@ def plan(method: Any, shape: Shape, system: System, *, objective: str = "latency
     if objective not in OBJECTIVES:
         raise InputError("objective", f"expected one of {OBJECTIVES}, got {objective!r}")
     check_shape_system(shape, system)
+    if not isinstance(overlap, bool):
+        raise InputError("overlap", f"expected True or False, got {overlap!r}")
     method = _method(method)
     out = Plan(objective)
     for placement in placements():
