@@ -28,7 +28,7 @@ C_TYPES = {
 
 
 def load_generator():
-    spec = importlib.util.spec_from_file_location("vitis_generate", VITIS / "generate.py")
+    spec = importlib.util.spec_from_file_location("hetmem_fpga_gen", ROOT / "fpga" / "gen.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

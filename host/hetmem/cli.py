@@ -149,6 +149,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"[yellow]note:[/yellow] --fpga {args.fpga} has no effect: the placement puts no "
             "step on the fpga (e.g. --placement gpu/fpga/fpga/gpu)"
         )
+        args.fpga = None  # said once here
 
     def show(result) -> None:
         console.rule(f"[bold]{result.method}[/bold]")
@@ -228,7 +229,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
         console.print(
             f"[red]{escape(name)}: the manifest's bank map disagrees with the kernel specs[/red] "
             "(the runtime allocates by the specs: regenerate the link config with "
-            "`python fpga/vitis/generate.py`, rebuild, and record the entry that "
+            "`python fpga/gen.py`, rebuild, and record the entry that "
             "hetmem.fpga.manifest.expected_entry() gives):",
             highlight=False,
         )

@@ -15,11 +15,11 @@ import cocotb
 from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, FallingEdge, RisingEdge
 from cocotbext.axi import AxiLiteBus, AxiLiteMaster
-from regmap import FIELD_IDS, FORMATS, KERNEL_IDS
 from streams import pauses, quiet
 
 from hetmem import kernels
 from hetmem.kernels import spec as kspec
+from hetmem.kernels.engine import FIELD_IDS, FORMATS, KERNEL_IDS
 
 
 @cocotb.test(timeout_time=20, timeout_unit="ms")

@@ -30,11 +30,11 @@ from cocotbext.axi import (
     AxiReadBus,
     AxiWriteBus,
 )
-from regmap import KERNEL_IDS
 
 from hetmem import kernels
 from hetmem.kernels import KernelInputs
 from hetmem.kernels import spec as kspec
+from hetmem.kernels.engine import KERNEL_IDS
 
 MEM_SIZE = 2**24
 QUERY_SIZE = 2**20

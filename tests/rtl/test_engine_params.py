@@ -11,7 +11,8 @@ import json
 
 import pytest
 import sim
-from regmap import KERNEL_IDS
+
+from hetmem.kernels.engine import KERNEL_IDS
 
 pytestmark = pytest.mark.rtl
 

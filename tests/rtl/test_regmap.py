@@ -1,68 +1,17 @@
-"""The RTL follows the kernel specs: its register map and wrappers are generated from
-hetmem.kernels (and must be current), a spec whose formats change is refused, and every
-kernel's top level (the generated wrapper) lints on Verilator and runs on Icarus."""
+"""Every kernel's generated top level (fpga/gen.py: hm_<kernel>.v over the one parametrized
+top, hm_top.vh) lints on Verilator and runs on Icarus with its own register map. That the
+generated files are current and follow the specs is tests/test_generated_hw.py's."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 
 import pytest
-import regmap
 import sim
-from regmap import KERNEL_IDS
 
-from hetmem import kernels
-from hetmem.kernels import Arg
+from hetmem.kernels.engine import KERNEL_IDS
 
 pytestmark = pytest.mark.rtl
-
-
-def test_generated_files_are_current() -> None:
-    for fname, text in regmap.rendered().items():
-        path = regmap.RTL_DIR / fname
-        assert path.read_text() == text, f"{path} is stale: run python tests/rtl/regmap.py"
-
-
-def test_decoder_offsets_are_the_specs() -> None:
-    """Parse hm_reg_decode back out of the include: every argument word at the spec's
-    offset, nothing else decoded."""
-    text = (regmap.RTL_DIR / "hm_regmap.vh").read_text()
-    blocks = re.split(r"2'd(\d):  // (\w+)", text)[1:]
-    seen = set()
-    for kid, name, body in zip(blocks[0::3], blocks[1::3], blocks[2::3], strict=True):
-        seen.add(name)
-        assert KERNEL_IDS[name] == int(kid)
-        decoded = {
-            int(off, 16): (int(hi), int(field))
-            for off, hi, field in re.findall(
-                r"12'h([0-9a-f]+): hm_reg_decode = \{1'b1, 1'b(\d), 4'd(\d+)\}", body
-            )
-        }
-        spec = kernels.get(name)
-        want = {}
-        for arg in spec.args:
-            field = regmap.FIELD_IDS[dict((a, f) for a, f, _ in regmap.FORMATS[name])[arg.name]]
-            want[spec.registers()[arg.name]] = (0, field)
-            if arg.is_buffer:
-                want[spec.registers()[arg.name] + 4] = (1, field)
-        assert decoded == want, name
-    assert seen == set(KERNEL_IDS)
-
-
-def test_spec_drift_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A spec whose argument dtype or order changes no longer matches the RTL."""
-    spec = kernels.get("vector_search")
-    changed = tuple(
-        Arg(a.name, "int16", a.layout, a.direction, a.bank) if a.name == "keys" else a
-        for a in spec.args
-    )
-    monkeypatch.setattr(type(spec), "args", changed)
-    with pytest.raises(regmap.SpecDrift):
-        regmap.render_regmap()
-    monkeypatch.setattr(type(spec), "args", tuple(reversed(spec.args)))
-    with pytest.raises(regmap.SpecDrift):
-        regmap.render_wrapper("vector_search")
 
 
 @pytest.mark.parametrize("kernel", list(KERNEL_IDS))
@@ -71,7 +20,7 @@ def test_wrapper_lints_on_verilator(kernel: str) -> None:
     if reason:
         pytest.skip(f"verilator: {reason}")
     verilator = sim.verilator_bin() / "verilator"
-    sources = [str(p) for p in sorted(regmap.RTL_DIR.glob("hm_*.v"))]
+    sources = [str(p) for p in sorted(sim.RTL_DIR.glob("hm_*.v"))]
     args = [a for a in sim.VERILATOR_ARGS if a.startswith("-Wno")]
     run = subprocess.run(
         [
@@ -79,7 +28,7 @@ def test_wrapper_lints_on_verilator(kernel: str) -> None:
             "--lint-only",
             "-Wall",
             *args,
-            f"-I{regmap.RTL_DIR}",
+            f"-I{sim.RTL_DIR}",
             "--top-module",
             f"hm_{kernel}",
             *sources,
