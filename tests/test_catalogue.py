@@ -1548,3 +1548,28 @@ def test_calibrate_out_directory_writes_the_file_inside_it(tmp_path, monkeypatch
     monkeypatch.setattr(calibrate, "calibrate_dir", lambda directory, **kw: seen.update(kw))
     assert cli.main(["calibrate", "--out", str(tmp_path)]) == 0
     assert seen["out"] == str(tmp_path / calibrate.SELECTORS_FILE)
+
+
+@pytest.mark.parametrize(
+    "fpga", ["emu", {"target": "emu"}], ids=["name", "mapping"]
+)
+def test_an_fpga_no_step_uses_is_said(fpga):
+    """A card given to a placement that puts no step on it is not used: a warning says so
+    (instead of running on the GPU silently), once per wrap."""
+    with pytest.warns(UserWarning, match=r"fpga=.* is not used: the placement puts no step"):
+        Pipeline(method("quest"), "cpu/cpu/cpu/cpu", fpga=fpga)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        Pipeline(method("quest"), "cpu/cpu/cpu/cpu")  # no card given: nothing to say
+        Pipeline(method("quest"), "cpu/cpu/cpu/cpu", fpga="auto")  # whatever card there is
+    assert not [w for w in seen if "is not used" in str(w.message)]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model = wrap(method="quest", budget=64, method_options={"page_size": 8}, fpga=fpga)
+    try:
+        said = [w for w in seen if "is not used" in str(w.message)]
+        assert len(said) == 1 and said[0].filename == __file__
+    finally:
+        __import__("hetmem").unwrap(model)

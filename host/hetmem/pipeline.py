@@ -99,13 +99,17 @@ class Pipeline:
         self._lock = threading.RLock()
         self.plan_explanation: str | None = None
         self._auto: dict[str, Any] | None = None
-        if isinstance(placement, str) and placement == "auto":
+        planned = isinstance(placement, str) and placement == "auto"
+        if planned:
             placement = self._auto_placement(shape, system, objective, fpga)
         self.on_fpga_error: Policy = on_fpga_error
         if not isinstance(overlap, bool):
             raise PlacementError("overlap", f"expected True or False, got {overlap!r}")
         self.overlap = overlap
         self._place(placement, fpga)
+        if fpga not in (None, "auto") and not self.uses_fpga and not planned:
+            warn(f"hetmem: fpga={fpga!r} is not used: the placement puts no step on 'fpga' "
+                 "(e.g. placement='gpu/fpga/fpga/gpu')")  # fmt: skip
         self.memory: Memory | None = None
         self.profile = Profile()
         self.history: deque[Profile] = deque(maxlen=HISTORY)

@@ -18,6 +18,7 @@ from ..fpga.cards import Cards
 from ..methods.base import Method
 from ..pipeline import Pipeline, Policy
 from ..plan import StepPlan
+from ..warn import warn
 
 
 @dataclass
@@ -41,6 +42,9 @@ class SparseDecode:
     def __post_init__(self) -> None:
         if self.uses_fpga:
             self.cards  # noqa: B018 - the fpga argument checked now; devices open on first use
+        elif self.fpga not in (None, "auto"):  # said once, at wrap time (not once per layer)
+            warn(f"hetmem: fpga={self.fpga!r} is not used: the placement puts no step on "
+                 "'fpga' (e.g. placement='gpu/fpga/fpga/gpu')")  # fmt: skip
 
     @property
     def layers(self) -> int:
@@ -58,7 +62,7 @@ class SparseDecode:
         return self._cards
 
     def pipeline(self, layer_idx: int) -> Pipeline:
-        fpga = self.fpga
+        fpga = None
         if self.uses_fpga:
             fpga = self.cards.for_layer(layer_idx, self.layers)
         pipe = Pipeline(
