@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 
 from hetmem import kernels
+from hetmem.kernels import engine
 from hetmem.kernels import spec as kspec
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "rtl_cycles.json"
-PARAMS = {"LANES": 8, "SLOTS": 8, "NMAX": 65536, "DMAX": 512, "SCAN": 64}
+PARAMS = dict(engine.PARAMS)  # the engine at its defaults
 SIZES = (4096, 16384, 65536)
 #: Shapes that fill the lanes (dim 64: one beat per row, LANES query vectors per pass); k as
 #: the methods use it (2048 of 64k).

@@ -34,7 +34,7 @@ from cocotbext.axi import (
 from hetmem import kernels
 from hetmem.kernels import KernelInputs
 from hetmem.kernels import spec as kspec
-from hetmem.kernels.engine import KERNEL_IDS
+from hetmem.kernels.engine import KERNEL_IDS, PARAMS
 
 MEM_SIZE = 2**24
 QUERY_SIZE = 2**20
@@ -178,8 +178,8 @@ def segmented_case(
 
 def segment_cases(rng: np.random.Generator, params: dict, kernel_names) -> list[Case]:
     """Multi-segment calls of every kernel (sizes scaled by HM_SEGMENT_ROWS)."""
-    lanes, slots = params.get("LANES", 8), params.get("SLOTS", 8)
-    nmax, dmax = params.get("NMAX", 65536), params.get("DMAX", 512)
+    lanes, slots = params.get("LANES", PARAMS["LANES"]), params.get("SLOTS", PARAMS["SLOTS"])
+    nmax, dmax = params.get("NMAX", PARAMS["NMAX"]), params.get("DMAX", PARAMS["DMAX"])
     top = min(int(os.environ.get("HM_SEGMENT_ROWS", "300")), nmax)
     cases = []
     for kernel in kernel_names:
@@ -387,8 +387,8 @@ async def check(engine: Engine, cases: list[Case]) -> None:
 
 
 def random_cases(rng: np.random.Generator, count: int, params: dict, kernel_names) -> list[Case]:
-    lanes, slots = params.get("LANES", 8), params.get("SLOTS", 8)
-    nmax, dmax = params.get("NMAX", 65536), params.get("DMAX", 512)
+    lanes, slots = params.get("LANES", PARAMS["LANES"]), params.get("SLOTS", PARAMS["SLOTS"])
+    nmax, dmax = params.get("NMAX", PARAMS["NMAX"]), params.get("DMAX", PARAMS["DMAX"])
     n_hi = min(nmax, int(os.environ.get("HM_RANDOM_N", "600")))
     dims = [
         min(int(d), dmax)
@@ -412,8 +412,8 @@ def random_cases(rng: np.random.Generator, count: int, params: dict, kernel_name
 
 
 def edge_cases(rng: np.random.Generator, params: dict, kernel_names) -> list[Case]:
-    lanes, slots = params.get("LANES", 8), params.get("SLOTS", 8)
-    nmax, dmax = params.get("NMAX", 65536), params.get("DMAX", 512)
+    lanes, slots = params.get("LANES", PARAMS["LANES"]), params.get("SLOTS", PARAMS["SLOTS"])
+    nmax, dmax = params.get("NMAX", PARAMS["NMAX"]), params.get("DMAX", PARAMS["DMAX"])
     n = min(nmax, 300)
     cases = []
     for kernel in kernel_names:
@@ -538,7 +538,7 @@ def edge_cases(rng: np.random.Generator, params: dict, kernel_names) -> list[Cas
 
 def largest_cases(rng: np.random.Generator, params: dict, kernel_names) -> list[Case]:
     """One call per kernel at the largest n the build allows (n = NMAX)."""
-    lanes, nmax = params.get("LANES", 8), params.get("NMAX", 65536)
+    lanes, nmax = params.get("LANES", PARAMS["LANES"]), params.get("NMAX", PARAMS["NMAX"])
     cases = []
     for kernel in kernel_names:
         hv = lanes if kernel in ("token_indexer", "page_indexer") else 1
@@ -595,7 +595,7 @@ async def invalid_scalars_end_the_call(dut):
     engine = Engine(dut, 5, backpressure=False)
     await engine.reset()
     rng = np.random.default_rng(5)
-    nmax = engine.params.get("NMAX", 65536)
+    nmax = engine.params.get("NMAX", PARAMS["NMAX"])
     kernel = os.environ.get("HM_KERNELS", "vector_search").split(",")[0]
     base = make_case(kernel, rng, n=50, dim=16, k=5)
     for change in ({"k": 51}, {"k": 0}, {"n": 0}, {"n": nmax + 1, "k": 1}):

@@ -9,6 +9,7 @@ import json
 import pytest
 import sim
 
+from hetmem.kernels import engine
 from hetmem.kernels.engine import KERNEL_IDS
 
 pytestmark = pytest.mark.rtl
@@ -19,7 +20,7 @@ PARAMS = {
     "verilator": {},
     "icarus": {"NMAX": 2048},
 }
-DEFAULTS = {"LANES": 8, "SLOTS": 8, "NMAX": 65536, "DMAX": 512, "SCAN": 64}
+DEFAULTS = dict(engine.PARAMS)
 
 
 def assert_passes(simulator: str, testcase: str, **env: str) -> None:

@@ -4,12 +4,13 @@ generated files are current and follow the specs is tests/test_generated_hw.py's
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
 import sim
 
-from hetmem.kernels.engine import KERNEL_IDS
+from hetmem.kernels.engine import KERNEL_IDS, PARAMS
 
 pytestmark = pytest.mark.rtl
 
@@ -58,7 +59,7 @@ def test_wrapper_runs_on_icarus(kernel: str) -> None:
             "HM_SUITE": "smoke",
             "HM_KERNELS": kernel,
             "HM_WRAPPER": "1",
-            "HM_PARAMS": '{"LANES": 8, "SLOTS": 8, "NMAX": 1024, "DMAX": 512}',
+            "HM_PARAMS": json.dumps({**PARAMS, **params}),
             "HM_SEED": str(31 + KERNEL_IDS[kernel]),
         },
     )
