@@ -277,7 +277,7 @@ def test_unwrap_restores_the_model_exactly():
     assert unwrap(model) is model
     assert model.config._attn_implementation == attn
     assert not is_wrapped(model)
-    assert "_prepare_cache_for_generation" not in model.__dict__
+    assert "generate" not in model.__dict__
     after = generate(model, ids, mask)
     assert type(cache_of(model, after)) is DynamicCache
     assert torch.equal(after.sequences, before.sequences)
@@ -309,6 +309,78 @@ def test_a_static_cache_is_left_alone_and_runs_dense():
     out = generate(model, ids, mask, cache_implementation="static")
     assert type(cache_of(model, out)) is StaticCache
     assert torch.equal(out.sequences, dense.sequences)
+
+
+def test_wrap_overrides_no_private_transformers_method():
+    """Only public API: the instance gets `generate` (and hetmem's own state), nothing else."""
+    model = tiny("llama")
+    before = dict(model.__dict__)
+    wrap(model, "dsa", budget=8)
+    added = set(model.__dict__) - set(before)
+    assert added == {"generate", "_hetmem_wrap"}
+    changed = {k for k in before if model.__dict__[k] is not before[k]}
+    assert changed == set()
+    unwrap(model)
+    assert set(model.__dict__) == set(before)
+
+
+def test_an_explicit_dynamic_cache_implementation_gets_the_hetmem_cache():
+    model = tiny("llama")
+    ids, mask = left_pad(prompts(20, 12))
+    dense = generate(model, ids, mask)
+    wrap(model, "dsa", budget=64)
+    out = generate(model, ids, mask, cache_implementation="dynamic")
+    assert isinstance(cache_of(model, out), HetmemCache)
+    assert torch.equal(out.sequences, dense.sequences)  # the budget covers the context
+
+
+def test_a_generation_config_asking_for_a_dynamic_cache_gets_the_hetmem_cache():
+    """Given by position or by name, the caller's config is used (and left unchanged)."""
+    model = wrap(tiny("llama"), "dsa", budget=8)
+    ids, mask = left_pad(prompts(20))
+    config = transformers.GenerationConfig(
+        max_new_tokens=NEW,
+        do_sample=False,
+        pad_token_id=PAD,
+        return_dict_in_generate=True,
+        cache_implementation="dynamic",
+    )
+    by_position = model.generate(ids, config, attention_mask=mask)
+    by_name = model.generate(ids, generation_config=config, attention_mask=mask)
+    for out in (by_position, by_name):
+        assert isinstance(cache_of(model, out), HetmemCache)
+        assert out.sequences.shape == (1, 20 + NEW)
+    assert torch.equal(by_position.sequences, by_name.sequences)
+    assert config.cache_implementation == "dynamic"
+
+
+def test_the_model_s_own_dynamic_cache_default_gets_the_hetmem_cache():
+    model = wrap(tiny("llama"), "dsa", budget=8)
+    model.generation_config.cache_implementation = "dynamic"
+    ids, mask = left_pad(prompts(20))
+    assert isinstance(cache_of(model, generate(model, ids, mask)), HetmemCache)
+    assert model.generation_config.cache_implementation == "dynamic"
+
+
+def test_use_cache_false_gets_no_cache_and_runs_dense():
+    model = tiny("llama")
+    ids, mask = left_pad(prompts(20, 12))
+    dense = generate(model, ids, mask, use_cache=False)
+    wrap(model, "dsa", budget=8)
+    out = generate(model, ids, mask, use_cache=False)
+    assert cache_of(model, out) is None
+    assert torch.equal(out.sequences, dense.sequences)
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+def test_a_cache_passed_by_the_legacy_name_is_left_alone():
+    """transformers >= 5.24 still takes `past_key_values` (deprecated): hetmem gives none."""
+    model = wrap(tiny("llama"), "dsa", budget=8)
+    ids, mask = left_pad(prompts(20))
+    given = DynamicCache()
+    out = generate(model, ids, mask, past_key_values=given)
+    assert cache_of(model, out) is given
+    assert given.get_seq_length() == 20 + NEW - 1
 
 
 def test_cache_kwarg_is_the_name_forward_takes_the_cache_by():

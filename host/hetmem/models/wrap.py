@@ -3,11 +3,15 @@
 `wrap` touches three things on the model, all undone by `unwrap`:
 - `config._attn_implementation` (and that of its sub-configs) becomes `hetmem`, the
   attention function `attention_fn` registers with transformers' `AttentionInterface`;
-- `generate()` gets a `HetmemCache` instead of a plain `DynamicCache` (an instance-level
-  override of `_prepare_cache_for_generation` that defers to the class's own first, then
-  swaps the cache it made under the name the model takes its cache by, `cache_kwarg`);
+- `generate()` gets a `HetmemCache` instead of a plain `DynamicCache`: the instance
+  attribute `generate` becomes a thin function that passes `new_cache(model)` to the
+  class's own `generate` under the name the model takes its cache by (`cache_kwarg`), as a
+  caller may, when the caller passed no cache and asked for the default dynamic one;
 - the attribute `_hetmem_wrap` holds the settings and what to restore.
-Model code and weights are never changed.
+Model code and weights are never changed, and only transformers' public API is used: the
+attention function goes through `AttentionInterface` and `set_attn_implementation`, the
+cache through `generate`'s own cache argument (transformers has no public registry of
+cache implementations that `generate` would build by name).
 
 Before anything is changed, `wrap` reads the architecture's attention (`attention_features`):
 what hetmem decodes exactly it accepts (causal softmax attention, grouped queries, attention
@@ -79,7 +83,11 @@ REFUSED_LAYER_TYPES = {
     ),
 }
 _STATE = "_hetmem_wrap"
-_HOOK = "_prepare_cache_for_generation"
+_GENERATE = "generate"
+#: `cache_implementation` values for which `generate` would build a plain dynamic cache,
+#: the one hetmem's cache replaces ("hybrid" only as the model's own default, which
+#: transformers drops; asked for explicitly it is a static cache).
+_DYNAMIC = (None, "dynamic", "dynamic_full")
 
 MethodSpec = str | Method | Callable[[int], Method]
 
@@ -130,7 +138,7 @@ class AttentionFeatures:
 class _Wrapped:
     settings: SparseDecode
     attn: list[tuple[Any, Any]]  # (config, its _attn_implementation_internal before wrap)
-    hook: Any  # the instance attribute `_HOOK` had before wrap, or None
+    generate: Any  # the instance attribute `generate` had before wrap, or None
     plan: str | None = None  # placement="auto": why the planner chose the placement
     features: AttentionFeatures | None = None
 
@@ -223,9 +231,9 @@ def wrap(
             f"{type(model).__name__} does not dispatch attention through transformers' "
             "AttentionInterface, so hetmem cannot register with it",
         )
-    state = _Wrapped(settings, saved, model.__dict__.get(_HOOK), explanation, features)
+    state = _Wrapped(settings, saved, model.__dict__.get(_GENERATE), explanation, features)
     setattr(model, _STATE, state)
-    setattr(model, _HOOK, types.MethodType(_prepare_cache_with_hetmem, model))
+    setattr(model, _GENERATE, types.MethodType(_generate_with_hetmem, model))
     for note in notes:
         warnings.warn(f"hetmem: {note}", UserWarning, stacklevel=2)
     return model
@@ -238,10 +246,10 @@ def unwrap(model: Any) -> Any:
         raise InputError("model", "is not wrapped by hetmem")
     restore_attn(state.attn)
     state.settings.close()
-    if state.hook is None:
-        delattr(model, _HOOK)
+    if state.generate is None:
+        delattr(model, _GENERATE)
     else:
-        setattr(model, _HOOK, state.hook)
+        setattr(model, _GENERATE, state.generate)
     delattr(model, _STATE)
     return model
 
@@ -464,33 +472,58 @@ def _default_placement(model: Any) -> dict[str, str] | None:
     return None
 
 
-def _prepare_cache_with_hetmem(
-    self: Any, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any
-) -> Any:
-    """generate()'s cache preparation, with the plain dynamic cache it makes swapped for ours.
+def _generate_with_hetmem(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """`generate()` with a fresh `HetmemCache` passed as the cache, when the caller passed
+    none and `generate` would have built a plain dynamic one.
 
     Bound to the model (so a deep copy rebinds to the copy) and reading the settings from
-    it at call time. A cache the caller passed, a static, quantized or offloaded one is
-    left alone: those layers run dense sdpa.
+    it at call time. A cache the caller passed, `use_cache=False`, a static, quantized or
+    offloaded `cache_implementation` are left to `generate`: those layers run dense sdpa.
     """
-    from transformers import DynamicCache
-
-    from .cache import HetmemCache
-
     state = _state(self)
     previous = (
-        types.MethodType(type(self)._prepare_cache_for_generation, self)
-        if state is None or state.hook is None
-        else state.hook
+        types.MethodType(type(self).generate, self)
+        if state is None or state.generate is None
+        else state.generate
     )
-    result = previous(generation_config, model_kwargs, *args, **kwargs)
-    name = cache_kwarg(self)
-    cache = model_kwargs.get(name)
-    if (
-        state is not None
-        and type(cache) is DynamicCache
-        and not getattr(cache, "_is_user_defined", False)
-        and not cache.offloading
-    ):
-        model_kwargs[name] = HetmemCache(state.settings)
-    return result
+    if state is not None:
+        args = _give_cache(self, state, previous, args, kwargs)
+    return previous(*args, **kwargs)
+
+
+def _give_cache(model: Any, state: _Wrapped, generate: Any, args: tuple, kwargs: dict) -> tuple:
+    """Put a `HetmemCache` into `kwargs` (edited in place) where `generate` would build a
+    plain dynamic cache of its own; return the positional arguments to call it with."""
+    from .cache import HetmemCache
+
+    if any(kwargs.get(name) is not None for name in ("cache", "past_key_values")):
+        return args  # the caller's own cache (by either name, old or new)
+    try:
+        bound = inspect.signature(generate).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return args  # arguments generate itself refuses, with its own error
+    given = bound.get("generation_config")
+    config = model.generation_config if given is None else given
+    if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+        return args
+    if "cache_implementation" in kwargs:
+        implementation = kwargs["cache_implementation"]
+    else:
+        implementation = getattr(config, "cache_implementation", None)
+        if implementation == "hybrid" and given is None:
+            implementation = None  # the model's own default, which generate drops
+    if implementation not in _DYNAMIC:
+        return args
+    if implementation is not None:  # generate refuses a cache beside a cache_implementation
+        if "cache_implementation" in kwargs or given is None:
+            kwargs["cache_implementation"] = None
+        else:  # the caller's generation config: a copy without it
+            config = copy.deepcopy(given)
+            config.cache_implementation = None
+            if "generation_config" in kwargs:
+                kwargs["generation_config"] = config
+            else:
+                at = list(bound).index("generation_config")
+                args = (*args[:at], config, *args[at + 1 :])
+    kwargs[cache_kwarg(model)] = HetmemCache(state.settings)
+    return args
