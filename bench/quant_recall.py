@@ -114,7 +114,12 @@ def scale_appended(rng, arrays: list[np.ndarray], fitted: int) -> None:
 
 #: Candidates per case (log-uniform: rows, or pages of page_indexer) and keys per page of
 #: the bench; tests/test_quant_recall.py draws smaller cases.
-SIZES = {"candidates": (2048, 8192), "pages": (2048, 8192), "page_sizes": (8, 16, 32)}
+SIZES = {
+    "candidates": (2048, 8192),
+    "pages": (2048, 8192),
+    "page_sizes": (8, 16, 32),
+    "indexer_heads": (4, 8, 16),
+}
 
 
 def make_case(
@@ -146,7 +151,7 @@ def make_case(
     fitted = append_split(rng, n)
     scale_appended(rng, [keys], fitted)
     if kernel == "token_indexer":
-        heads = int(rng.choice([4, 8, 16]))
+        heads = int(rng.choice(sizes.get("indexer_heads", SIZES["indexer_heads"])))
         q = draw_query(rng, dist, (1, heads, d), info)
         w = rng.uniform(0.2, 1.0, (1, heads)) * rng.choice([1.0, 1.0, 1.0, -1.0], (1, heads))
         reference = np.einsum("qh,qhn->qn", w, np.maximum(np.einsum("qhd,nd->qhn", q, keys), 0))
