@@ -295,7 +295,7 @@ UINT16_MAX = 65535
 #: fitted range of the stored basis quantizes without saturating; beyond that it saturates.
 #: In the original channels that is statistical: a row within 4x of the fitted per-channel
 #: range lands beyond 8x in the stored basis only when most of its channels sit at their
-#: extremes together (bench/quant_recall.py: none of ~1.6M such appended rows did).
+#: extremes together (bench/quant_recall.py: none of ~1.2M such appended rows did).
 #: ROW_EXP_MAX: a row up to 16x below the fitted range still gets the full int8 range.
 ROW_EXP_MIN = -3
 ROW_EXP_MAX = 4
