@@ -55,6 +55,7 @@ from .spec import (
     engine_cycles,
     engine_passes,
     fold_query,
+    need,
     segment_groups,
     with_segs,
 )
@@ -104,7 +105,7 @@ class BlockGate(VectorSearch):
         """Top-k with `k`, or threshold mode with `tau` in (0, 1]; exactly one of them."""
         if (k is None) == (tau is None):
             raise InputError("k", "give exactly one of k (top-k) or tau (threshold)")
-        q, t = fold_query("q", query["q"], state, 2, (1,), slots)
+        q, t = fold_query("q", need(query, "q", "query"), state, 2, (1,), slots)
         if tau is None:
             delta = np.zeros(q.shape[0], dtype=np.uint32)
             scalars = {"k": as_k(k), "mode": MODE_TOPK}

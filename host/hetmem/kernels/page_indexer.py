@@ -66,6 +66,7 @@ from .spec import (
     exact_dot,
     fit_channels,
     fold_query,
+    need,
     segment_groups,
     shape_segs,
     slot_scale,
@@ -110,14 +111,14 @@ class PageIndexer(KernelSpec):
     }
 
     def fit(self, memory: Mapping[str, Any]) -> ChannelState:
-        named = (("mins", memory["mins"]), ("maxs", memory["maxs"]))
+        named = (("mins", need(memory, "mins", "memory")), ("maxs", need(memory, "maxs", "memory")))
         return fit_channels(*named, qmax=INT16_MAX, headroom=HEADROOM, balance=BALANCE)
 
     def quantize_memory(
         self, memory: Mapping[str, Any], state: ChannelState, slots: Any = None
     ) -> dict:
-        mins = _to_int16("mins", memory["mins"], state, np.floor, slots)
-        maxs = _to_int16("maxs", memory["maxs"], state, np.ceil, slots)
+        mins = _to_int16("mins", need(memory, "mins", "memory"), state, np.floor, slots)
+        maxs = _to_int16("maxs", need(memory, "maxs", "memory"), state, np.ceil, slots)
         check_dim("maxs", maxs, 0, mins.shape[0], "pages of mins")
         if (mins > maxs).any():
             raise InputError("mins", "exceeds maxs in some page and channel")
@@ -136,12 +137,12 @@ class PageIndexer(KernelSpec):
         slots: Any = None,
         segs: Any = None,
     ) -> KernelInputs:
-        q, _ = fold_query("q", query["q"], state, 3, (1, 2), slots)
+        q, _ = fold_query("q", need(query, "q", "query"), state, 3, (1, 2), slots)
         scalars = {"k": as_k(k), "queries": q.shape[0], "heads": q.shape[1], "dim": state.dim}
         return KernelInputs(with_segs({"q": q}, segs, q.shape[0]), scalars)
 
     def candidates(self, memory: Mapping[str, Any]) -> int:
-        return int(np.shape(memory["mins"])[0])
+        return int(np.shape(need(memory, "mins", "memory"))[0])
 
     def scores(self, inputs: KernelInputs) -> np.ndarray:
         mins, maxs, q = (inputs.arrays[a] for a in ("mins", "maxs", "q"))

@@ -598,6 +598,16 @@ def fit_rotated(name: str, value: Any) -> ChannelState:
     return ChannelState(_nonzero(absmax) / INT8_MAX, balance)
 
 
+def need(mapping: Mapping[str, Any], name: str, what: str) -> Any:
+    """mapping[name], or an `InputError` naming what is missing (a kernel's memory or query
+    given as a mapping of arrays)."""
+    if not isinstance(mapping, Mapping):
+        raise InputError(what, f"expected a mapping of arrays, got {type(mapping).__name__}")
+    if name not in mapping:
+        raise InputError(name, f"missing from the {what} (has {sorted(mapping)})")
+    return mapping[name]
+
+
 def quantize_rows(
     state: ChannelState,
     named: Sequence[tuple[str, Any]],

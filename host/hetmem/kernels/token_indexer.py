@@ -57,6 +57,7 @@ from .spec import (
     fit_rotated,
     fold_query,
     magnitude,
+    need,
     quantize_rows,
     segment_groups,
     shape_segs,
@@ -91,12 +92,12 @@ class TokenIndexer(KernelSpec):
     }
 
     def fit(self, memory: Mapping[str, Any]) -> ChannelState:
-        return fit_rotated("keys", memory["keys"])
+        return fit_rotated("keys", need(memory, "keys", "memory"))
 
     def quantize_memory(
         self, memory: Mapping[str, Any], state: ChannelState, slots: Any = None
     ) -> dict:
-        (keys,), shifts = quantize_rows(state, [("keys", memory["keys"])], slots=slots)
+        (keys,), shifts = quantize_rows(state, [("keys", need(memory, "keys", "memory"))], slots=slots)
         return {"keys": keys, "shifts": shifts}
 
     def quantize_query(
@@ -108,8 +109,8 @@ class TokenIndexer(KernelSpec):
         slots: Any = None,
         segs: Any = None,
     ) -> KernelInputs:
-        q, t = fold_query("q", query["q"], state, 3, (2,), slots)  # t: [Q, H, 1]
-        w = as_float64("w", query["w"], ndim=2)
+        q, t = fold_query("q", need(query, "q", "query"), state, 3, (2,), slots)  # t: [Q, H, 1]
+        w = as_float64("w", need(query, "w", "query"), ndim=2)
         check_dim("w", w, 0, q.shape[0], "queries of q")
         check_dim("w", w, 1, q.shape[1], "heads of q")
         folded = w * t[..., 0]
@@ -119,7 +120,7 @@ class TokenIndexer(KernelSpec):
         return KernelInputs(with_segs({"q": q, "w": w_int}, segs, q.shape[0]), scalars)
 
     def candidates(self, memory: Mapping[str, Any]) -> int:
-        return int(np.shape(memory["keys"])[0])
+        return int(np.shape(need(memory, "keys", "memory"))[0])
 
     def scores(self, inputs: KernelInputs) -> np.ndarray:
         keys, q, w = (inputs.arrays[a] for a in ("keys", "q", "w"))

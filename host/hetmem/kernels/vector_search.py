@@ -61,6 +61,7 @@ from .spec import (
     fit_rotated,
     fold_query,
     int_dot,
+    need,
     quantize_rows,
     segment_groups,
     shape_segs,
@@ -92,12 +93,12 @@ class VectorSearch(KernelSpec):
     }
 
     def fit(self, memory: Mapping[str, Any]) -> ChannelState:
-        return fit_rotated("keys", memory["keys"])
+        return fit_rotated("keys", need(memory, "keys", "memory"))
 
     def quantize_memory(
         self, memory: Mapping[str, Any], state: ChannelState, slots: Any = None
     ) -> dict:
-        (keys,), shifts = quantize_rows(state, [("keys", memory["keys"])], slots=slots)
+        (keys,), shifts = quantize_rows(state, [("keys", need(memory, "keys", "memory"))], slots=slots)
         return {"keys": keys, "shifts": shifts}
 
     def quantize_query(
@@ -109,12 +110,12 @@ class VectorSearch(KernelSpec):
         slots: Any = None,
         segs: Any = None,
     ) -> KernelInputs:
-        q, _ = fold_query("q", query["q"], state, 2, (1,), slots)
+        q, _ = fold_query("q", need(query, "q", "query"), state, 2, (1,), slots)
         scalars = {"k": as_k(k), "queries": q.shape[0], "dim": state.dim}
         return KernelInputs(with_segs({"q": q}, segs, q.shape[0]), scalars)
 
     def candidates(self, memory: Mapping[str, Any]) -> int:
-        return int(np.shape(memory["keys"])[0])
+        return int(np.shape(need(memory, "keys", "memory"))[0])
 
     def scores(self, inputs: KernelInputs) -> np.ndarray:
         keys, q = inputs.arrays["keys"], inputs.arrays["q"]
