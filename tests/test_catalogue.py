@@ -777,18 +777,14 @@ API = [
     case("seer-threshold-above-one", lambda: get("seer", mode="threshold", threshold=1.5),
          InputError, "threshold"),
     case("seer-threshold-str", lambda: get("seer", mode="threshold", threshold="0.5"),
-         InputError, "threshold", marks=pytest.mark.xfail(
-             strict=True, raises=AssertionError,
-             reason="seer.py (another helper's): `0.0 < threshold` on a str is Python's "
-                    "TypeError")),
+         InputError, "threshold"),
     case("seer-threshold-nan", lambda: get("seer", mode="threshold", threshold=NAN),
          InputError, "threshold"),
     case("dsa-kv-layout", lambda: get("dsa", kv_layout="diagonal"), InputError, "kv_layout"),
     case("dsa-weights-tensor", lambda: get("dsa", weights=torch.randn(4, 4)), InputError,
          "weights"),
     case("seer-weights-tensor", lambda: get("seer", weights=torch.randn(4, 4)), InputError,
-         "weights", marks=pytest.mark.xfail(strict=True, reason="seer.py is another helper's: "
-                                           "SeerAttention does not check `weights`")),
+         "weights"),
     case("dsa-indexer-shapes", lambda: _indexer(torch.randn(16, 30), torch.randn(16, 8),
                                                 torch.randn(16, 4)), InputError, "wq"),
     case("dsa-indexer-nan", lambda: _indexer(torch.randn(16, 32),
@@ -884,9 +880,7 @@ API = [
                                               auto_options={"system": "MI210"}),
          InputError, "system"),
     case("seer-threshold-bool", lambda: get("seer", mode="threshold", threshold=True),
-         InputError, "threshold", marks=pytest.mark.xfail(
-             strict=True, raises=AssertionError,
-             reason="seer.py (another helper's): threshold=True is taken as 1.0")),
+         InputError, "threshold"),
     case("wrap-overlap-str", lambda: wrap(method="quest", budget=64, overlap="yes"),
          InputError, "overlap"),
     case("wrap-placement-unknown-device", lambda: wrap(method="quest", budget=64,
@@ -1228,10 +1222,7 @@ FILES = [
     case("selectors-missing-tensor", lambda t: load_selectors(_good_selectors(
         t, _drop=("seer.0.wk",))), InputError, "lacks tensor"),
     case("selectors-bad-info", lambda t: load_selectors(_good_selectors(t, info="{not json")),
-         InputError, "malformed metadata", marks=pytest.mark.xfail(
-             strict=True, raises=AssertionError,
-             reason="calibrate.py (another helper's): load_selectors parses the 'info' "
-                    "metadata with json.loads unguarded")),
+         InputError, "malformed metadata"),
     case("selectors-negative-block", lambda t: load_selectors(_good_selectors(
         t, seer_block_size="-4")).method("seer", 0), InputError, "block_size"),
     case("manifest-missing", lambda t: load_manifest(t / "none.json"), XclbinError,

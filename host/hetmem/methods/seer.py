@@ -129,13 +129,21 @@ class SeerAttention(SparseAttentionMethod):
         threshold: float = 0.01,
         scale: float | None = None,
     ):
+        if weights is not None and not isinstance(weights, GateWeights):
+            raise InputError(
+                "weights", f"expected GateWeights or None, got {type(weights).__name__}"
+            )
         self.weights = weights
         self._default = weights is None
         self.unit = check_positive_int("block_size", block_size)
         if mode not in ("topk", "threshold"):
             raise InputError("mode", f"expected 'topk' or 'threshold', got {mode!r}")
-        if not 0.0 < threshold <= 1.0:
-            raise InputError("threshold", f"expected a value in (0, 1], got {threshold}")
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not 0.0 < threshold <= 1.0
+        ):
+            raise InputError("threshold", f"expected a number in (0, 1], got {threshold!r}")
         self.mode = mode
         self.threshold = threshold
         self.scale = scale
@@ -193,6 +201,8 @@ class SeerAttention(SparseAttentionMethod):
         positions = self.positions(memory, query)
         qg = self.gate_query(memory, query.q)
         logits = qg @ memory.gate_keys.transpose(-1, -2).to(qg.dtype) / math.sqrt(qg.shape[-1])
+        if self.sees_all(query.plan, logits.shape[-1]):
+            return Scores(logits, unit=self.unit, masked=False)
         visible = self.unit_visible(memory, positions, logits.shape[-1], query.plan)[:, None]
         return Scores(logits.masked_fill(~visible, float("-inf")), unit=self.unit)
 

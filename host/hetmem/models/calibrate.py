@@ -690,7 +690,11 @@ def load_selectors(path: str | os.PathLike) -> Selectors:
         ]
     except KeyError as exc:
         raise InputError("path", f"{path} lacks tensor {exc}") from exc
-    return Selectors(indexers, gates, block_size, json.loads(meta.get("info", "{}")))
+    try:
+        info = json.loads(meta.get("info", "{}"))
+    except ValueError as exc:
+        raise InputError("path", f"{path} has malformed metadata: info: {exc}") from exc
+    return Selectors(indexers, gates, block_size, info)
 
 
 @functools.lru_cache(maxsize=8)
