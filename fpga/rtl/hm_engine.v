@@ -535,9 +535,12 @@ module hm_engine #(
                     sb = scan[64*(ls-(1<<lv))+:64];
                     scan[64*ls+:64] = is_quest ? (($signed(sb) > $signed(sa)) ? sb : sa) : sa + sb;
                 end
+        // a slot's last ACTIVE lane: idle lanes hold the identity and never end a slot (with
+        // more lanes than 2^SW x heads their slot ids wrap onto an active slot's)
         lane_end = {LANES{1'b0}};
         for (ls = 0; ls < LANES; ls = ls + 1)
-            lane_end[ls] = (ls == LANES - 1) || (lane_slot[(ls+1)%LANES] != lane_slot[ls]);
+            lane_end[ls] = lane_act[ls] && ((ls == LANES - 1) || !lane_act[(ls+1)%LANES] ||
+                (lane_slot[(ls+1)%LANES] != lane_slot[ls]));
     end
 
     reg [63:0] sacc;
