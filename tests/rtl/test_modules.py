@@ -17,7 +17,7 @@ BENCHES: dict[str, tuple[str, str, list[dict[str, int]], dict[str, str]]] = {
     "hm_fifo": (
         "tb_fifo",
         "stream_matches_model",
-        [{"WIDTH": 517, "DEPTH": 32}, {"WIDTH": 8, "DEPTH": 4}, {"WIDTH": 64, "DEPTH": 2}],
+        [{"WIDTH": 517, "DEPTH": 32}, {"WIDTH": 64, "DEPTH": 2}],
         {"HM_WORDS": "600"},
     ),
     "hm_axil_ctrl": ("tb_axil_ctrl", "registers_and_handshake", [{}], {}),
@@ -25,7 +25,7 @@ BENCHES: dict[str, tuple[str, str, list[dict[str, int]], dict[str, str]]] = {
     "hm_index_packer": (
         "tb_index_packer",
         "packing_matches_model",
-        [{"W": 64}, {"W": 32}, {"W": 16}],
+        [{"W": 64}, {"W": 16}],
         {"HM_CALLS": "30"},
     ),
     "hm_histogram": (
