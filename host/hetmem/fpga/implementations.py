@@ -7,7 +7,10 @@ that the manifest (data about bitstreams) does not import a target.
 
 from __future__ import annotations
 
-#: Kernels with RTL (fpga/rtl/hm_<kernel>.v); cosim raises XclbinError for every other spec.
-RTL_KERNELS = ("token_indexer", "page_indexer", "vector_search", "block_gate")
+from ..kernels.engine import KERNEL_IDS
+
+#: Kernels with RTL (fpga/rtl/hm_<kernel>.v: the engine's kernel ids); cosim raises
+#: XclbinError for every other spec.
+RTL_KERNELS = tuple(KERNEL_IDS)
 #: Kernels with an HLS implementation (hls/<kernel>.cpp); every other spec raises XclbinError.
 HLS_KERNELS = ("bm25", "block_gate")
