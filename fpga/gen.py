@@ -81,7 +81,7 @@ def render_regmap() -> str:
     """The Verilog include: control offsets, kernel ids and `hm_reg_decode`."""
     lines = [
         HEADER,
-        "// The register map of each kernel's spec; tests/test_generated_hw.py checks it is current.",
+        "// The register map of each kernel's spec (tests/test_generated_hw.py: it is current).",
         f"localparam [11:0] HM_CTRL = 12'h{kspec.CTRL:03x};",
         f"localparam [11:0] HM_GIE = 12'h{kspec.GIE:03x};",
         f"localparam [11:0] HM_IER = 12'h{kspec.IER:03x};",

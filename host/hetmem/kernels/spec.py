@@ -166,7 +166,8 @@ class EngineParams:
 
 #: The RTL engine's constants (fpga/rtl/hm_engine.v at its default parameters,
 #: `engine.PARAMS`: 8 lanes, 8 slots, 64 scores per scan cycle, 16 indices per output beat),
-#: calibrated against its cycle counts (tests/rtl/test_cycles.py, bench/results/rtl_cycles.json: within 5%).
+#: calibrated against its cycle counts (tests/rtl/test_cycles.py,
+#: bench/results/rtl_cycles.json: within 5%).
 _RTL = {
     "lanes": _engine.LANES,
     "ports": 2,
