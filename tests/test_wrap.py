@@ -324,6 +324,22 @@ def test_wrap_overrides_no_private_transformers_method():
     assert set(model.__dict__) == set(before)
 
 
+def test_new_cache_passed_to_generate_decodes_as_the_default():
+    """The public way, `generate(..., **{cache_kwarg(model): new_cache(model)})`: that cache
+    is the one used, and it decodes the same tokens as the one `generate` gets by default."""
+    import hetmem.models
+
+    model = wrap(tiny("llama"), "quest", budget=16, method_options=METHODS["quest"])
+    ids, mask = left_pad(prompts(30, 18))
+    default = generate(model, ids, mask)
+    given = hetmem.models.new_cache(model)
+    out = generate(model, ids, mask, **{hetmem.models.cache_kwarg(model): given})
+    assert cache_of(model, out) is given
+    assert given.stats() == cache_of(model, default).stats()
+    assert given.stats()["sparse_steps"] > 0
+    assert torch.equal(out.sequences, default.sequences)
+
+
 def test_an_explicit_dynamic_cache_implementation_gets_the_hetmem_cache():
     model = tiny("llama")
     ids, mask = left_pad(prompts(20, 12))

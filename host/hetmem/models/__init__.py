@@ -2,6 +2,8 @@
 
     model = hetmem.models.wrap(model, method="quest", budget=2048)
     model.generate(**inputs)      # prefill dense, decode sparse through hetmem Pipelines
+    cache = hetmem.models.new_cache(model)  # or a cache of one's own, passed to generate()
+    model.generate(**inputs, **{hetmem.models.cache_kwarg(model): cache})  # or forward()
     hetmem.models.unwrap(model)   # the model exactly as before
 
 Importing this package does not import transformers; `wrap` does.
@@ -11,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .wrap import is_wrapped, new_cache, unwrap, wrap
+from .wrap import cache_kwarg, is_wrapped, new_cache, unwrap, wrap
 
-__all__ = ["HetmemCache", "is_wrapped", "new_cache", "unwrap", "wrap"]
+__all__ = ["HetmemCache", "cache_kwarg", "is_wrapped", "new_cache", "unwrap", "wrap"]
 
 
 def __getattr__(name: str) -> Any:
