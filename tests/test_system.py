@@ -126,7 +126,9 @@ def test_method_costs_follow_the_shape(name):
     assert {"prepare", "relevancy", "retrieval", "apply", "fpga"} <= set(small)
     assert large["relevancy"].nbytes > small["relevancy"].nbytes  # scans the whole memory
     assert large["fpga"].kernel == get(name).kernel
-    assert fpga_seconds(large["fpga"], get_device("U55C")) > fpga_seconds(small["fpga"], get_device("U55C"))
+    assert fpga_seconds(large["fpga"], get_device("U55C")) > fpga_seconds(
+        small["fpga"], get_device("U55C")
+    )
 
 
 @pytest.mark.parametrize(
@@ -203,9 +205,15 @@ def test_measured_power_readers_with_stand_ins(monkeypatch):
     )
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     assert NvmlMeter(0).watts() == 250.0
-    rocm = RocmSmiMeter(runner=lambda cmd: json.dumps({"card0": {"Average Graphics Package Power (W)": "123.0"}}))
+    rocm = RocmSmiMeter(
+        runner=lambda cmd: json.dumps({"card0": {"Average Graphics Package Power (W)": "123.0"}})
+    )
     assert rocm.watts() == 123.0
-    xrt = XrtMeter(runner=lambda cmd: json.dumps({"devices": [{"electrical": {"power_consumption_watts": "31.5"}}]}))
+    xrt = XrtMeter(
+        runner=lambda cmd: json.dumps(
+            {"devices": [{"electrical": {"power_consumption_watts": "31.5"}}]}
+        )
+    )
     assert xrt.watts() == 31.5
     result, energy = measure_energy(lambda: 7, {"gpu": NvmlMeter(0)}, interval_s=0.01)
     assert result == 7 and energy.source == "measured"

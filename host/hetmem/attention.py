@@ -37,7 +37,9 @@ class Growth:
     fraction: int = 64
 
     def __post_init__(self) -> None:
-        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (self.align, self.fraction))
+        ints = all(
+            isinstance(v, int) and not isinstance(v, bool) for v in (self.align, self.fraction)
+        )
         if not ints or self.align < 1 or self.fraction < 1:
             raise InputError("growth", f"align and fraction must be ints >= 1, got {self}")
 
@@ -388,9 +390,7 @@ def check_query(
         "query", q, dims=("batch", "q_heads", "queries", "dim"), floating=True, finite=True
     )
     if q.shape[1] == 0 or q.shape[2] == 0:
-        raise InputError(
-            "query", f"needs at least one head and one query, got {tuple(q.shape)}"
-        )
+        raise InputError("query", f"needs at least one head and one query, got {tuple(q.shape)}")
     check_dim("query", q, 0, kv.batch, "batch of the KV cache")
     check_dim("query", q, 3, kv.dim, "head dim of the KV cache")
     check_divides("query", kv.kv_heads, q.shape[1], "q_heads (kv_heads must divide q_heads)")

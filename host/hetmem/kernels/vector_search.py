@@ -98,7 +98,9 @@ class VectorSearch(KernelSpec):
     def quantize_memory(
         self, memory: Mapping[str, Any], state: ChannelState, slots: Any = None
     ) -> dict:
-        (keys,), shifts = quantize_rows(state, [("keys", need(memory, "keys", "memory"))], slots=slots)
+        (keys,), shifts = quantize_rows(
+            state, [("keys", need(memory, "keys", "memory"))], slots=slots
+        )
         return {"keys": keys, "shifts": shifts}
 
     def quantize_query(

@@ -83,11 +83,15 @@ class SparseAttentionMethod(Method):
 
     @scale.setter
     def scale(self, value: float | None) -> None:
-        ok = value is None or value is self.__dict__.get("_scale") or (
-            not isinstance(value, bool)
-            and isinstance(value, int | float)
-            and math.isfinite(value)
-            and value > 0
+        ok = (
+            value is None
+            or value is self.__dict__.get("_scale")
+            or (
+                not isinstance(value, bool)
+                and isinstance(value, int | float)
+                and math.isfinite(value)
+                and value > 0
+            )
         )
         if not ok:
             raise InputError("scale", f"expected a positive finite number or None, got {value!r}")

@@ -510,16 +510,25 @@ def _bm25_costs(self: BM25RAG, shape: Any) -> dict:
     k = min(budget_units(shape.rag_k), n)
     return {
         "prepare": StepCost(0, launches=0, note="the inverted index is built once, offline"),
-        "relevancy": StepCost(postings * (8 + 8 + 8) + b * n * 8, 8 * postings,
-                              launches=2 * terms, dtype="fp32",
-                              note=f"{postings} postings scattered into {n} scores per query"),
+        "relevancy": StepCost(
+            postings * (8 + 8 + 8) + b * n * 8,
+            8 * postings,
+            launches=2 * terms,
+            dtype="fp32",
+            note=f"{postings} postings scattered into {n} scores per query",
+        ),
         "retrieval": topk_cost(b * n),
-        "apply": StepCost(b * k * shape.doc_tokens * 4, launches=0,
-                          note="prompt assembly from the retrieved texts (host)"),
+        "apply": StepCost(
+            b * k * shape.doc_tokens * 4,
+            launches=0,
+            note="prompt assembly from the retrieved texts (host)",
+        ),
         "to_fpga": StepCost(b * terms * (4 + 2), note="term ids, idf"),
-        "fpga": StepCost(postings * 6 + b * terms * 8, kernel=self.kernel,
-                         call={"n": n, "k": k, "postings": postings, "terms": b * terms,
-                               "queries": b}),
+        "fpga": StepCost(
+            postings * 6 + b * terms * 8,
+            kernel=self.kernel,
+            call={"n": n, "k": k, "postings": postings, "terms": b * terms, "queries": b},
+        ),
         "from_fpga": StepCost(b * k * INDEX_BYTES, note="selected document ids"),
     }
 

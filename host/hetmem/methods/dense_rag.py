@@ -279,14 +279,19 @@ def _dense_rag_costs(self: DenseRAG, shape: Any) -> dict:
     k = min(budget_units(shape.rag_k), n)
     return {
         "prepare": StepCost(0, launches=0, note="the index is built once, offline"),
-        "relevancy": StepCost(n * dim * 2 + b * n * 4, 2 * b * n * dim, launches=1,
-                              note=f"{n} documents x {dim}"),
+        "relevancy": StepCost(
+            n * dim * 2 + b * n * 4, 2 * b * n * dim, launches=1, note=f"{n} documents x {dim}"
+        ),
         "retrieval": topk_cost(b * n),
-        "apply": StepCost(b * k * shape.doc_tokens * 4, launches=0,
-                          note="prompt assembly from the retrieved texts (host)"),
+        "apply": StepCost(
+            b * k * shape.doc_tokens * 4,
+            launches=0,
+            note="prompt assembly from the retrieved texts (host)",
+        ),
         "to_fpga": StepCost(b * (dim + SEG_BYTES), note="int8 query embeddings, segments"),
-        "fpga": StepCost(n * (dim + 1), kernel=self.kernel,
-                         call={"n": n, "k": k, "dim": dim, "queries": b}),
+        "fpga": StepCost(
+            n * (dim + 1), kernel=self.kernel, call={"n": n, "k": k, "dim": dim, "queries": b}
+        ),
         "from_fpga": StepCost(b * k * INDEX_BYTES, note="selected document ids"),
     }
 

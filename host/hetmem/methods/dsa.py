@@ -84,8 +84,9 @@ class IndexerWeights:
         if (wq is None) == (blocks is None):
             raise InputError("wq", "give either wq or its block-diagonal blocks, not both")
         if blocks is not None:
-            check_tensor("blocks", blocks, dims=("kv_heads", "dim", "index_dim"), floating=True,
-                         finite=True)
+            check_tensor(
+                "blocks", blocks, dims=("kv_heads", "dim", "index_dim"), floating=True, finite=True
+            )
             if blocks.shape[2] != wk.shape[1]:
                 raise InputError("blocks", f"have {blocks.shape[2]} columns, wk {wk.shape[1]}")
             if ww is not None or heads <= 0 or heads % blocks.shape[0]:
@@ -148,8 +149,9 @@ class IndexerWeights:
     def to(self, device: torch.device) -> IndexerWeights:
         ww = None if self.ww is None else self.ww.to(device)
         if self.blocks is not None:
-            return IndexerWeights(None, self.wk.to(device), None, self.heads,
-                                  blocks=self.blocks.to(device))
+            return IndexerWeights(
+                None, self.wk.to(device), None, self.heads, blocks=self.blocks.to(device)
+            )
         return IndexerWeights(self._wq.to(device), self.wk.to(device), ww, self.heads)
 
     @classmethod
@@ -517,22 +519,37 @@ def _dsa_costs(self: DSA, shape: Any) -> dict:
     kb, wb, tokens = m.kv_bytes, m.weight_bytes, b * t
     k = min(budget_units(shape.budget, 1), s)
     costs = {
-        "prepare": StepCost(fk * di * wb + tokens * di * kb, 2 * tokens * fk * di,
-                            note="indexer keys of the appended tokens"),
+        "prepare": StepCost(
+            fk * di * wb + tokens * di * kb,
+            2 * tokens * fk * di,
+            note="indexer keys of the appended tokens",
+        ),
         "relevancy": StepCost(
             wq_weights * wb + b * s * di * kb + tokens * s * 4,
             tokens * wq_flops + 2 * tokens * s * heads * (di + 1),
-            launches=3, note=f"{heads} indexer heads x {di} over {s} tokens"),
+            launches=3,
+            note=f"{heads} indexer heads x {di} over {s} tokens",
+        ),
         "retrieval": topk_cost(tokens * s),
         "apply": sparse_apply_cost(shape, b * hkv, k, m.q_heads // hkv),
     }
     if k < s:  # the stage runs no kernel when the budget covers the prefix
-        costs["to_fpga"] = StepCost(tokens * (heads * di + 2 * heads + SEG_BYTES) + tokens * (di + 1),
-                                    note="int8 queries, int16 weights, segments; appended keys")
+        costs["to_fpga"] = StepCost(
+            tokens * (heads * di + 2 * heads + SEG_BYTES) + tokens * (di + 1),
+            note="int8 queries, int16 weights, segments; appended keys",
+        )
         costs["fpga"] = StepCost(
-            b * s * (di + 1), kernel=self.kernel,
-            call={"n": s, "k": k, "dim": di, "heads": heads, "queries": tokens,
-                  "segs": segments(b, t, s)})
+            b * s * (di + 1),
+            kernel=self.kernel,
+            call={
+                "n": s,
+                "k": k,
+                "dim": di,
+                "heads": heads,
+                "queries": tokens,
+                "segs": segments(b, t, s),
+            },
+        )
         costs["from_fpga"] = StepCost(tokens * k * INDEX_BYTES, note="selected token indices")
     return costs
 

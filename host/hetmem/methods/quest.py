@@ -152,24 +152,43 @@ def _quest_costs(self: Quest, shape: Any) -> dict:
     k = min(budget_units(shape.budget, self.unit), pages)
     slots, r = (b * m.q_heads, 1) if self.per_query_head else (b * hkv, m.q_heads // hkv)
     costs = {
-        "prepare": StepCost(b * hkv * (self.unit + 4) * d * kb, 2 * b * t * hkv * d,
-                            note="min/max of the page each new token lands in"),
+        "prepare": StepCost(
+            b * hkv * (self.unit + 4) * d * kb,
+            2 * b * t * hkv * d,
+            note="min/max of the page each new token lands in",
+        ),
         "relevancy": StepCost(
             b * hkv * pages * 2 * d * kb + slots * t * pages * 4,
             2 * 2 * b * m.q_heads * t * pages * d,
-            launches=3, note=f"bounds of {pages} pages of {self.unit} tokens"),
+            launches=3,
+            note=f"bounds of {pages} pages of {self.unit} tokens",
+        ),
         "retrieval": topk_cost(slots * t * pages),
-        "apply": sparse_apply_cost(shape, b * m.q_heads if self.per_query_head else b * hkv,
-                                   k * self.unit, 1 if self.per_query_head else r),
+        "apply": sparse_apply_cost(
+            shape,
+            b * m.q_heads if self.per_query_head else b * hkv,
+            k * self.unit,
+            1 if self.per_query_head else r,
+        ),
     }
     if k < pages:
         queries = slots * t
-        costs["to_fpga"] = StepCost(queries * (r * d + SEG_BYTES) + b * hkv * 2 * 2 * d,
-                                    note="int8 queries, segments; the new page's int16 mins/maxs")
+        costs["to_fpga"] = StepCost(
+            queries * (r * d + SEG_BYTES) + b * hkv * 2 * 2 * d,
+            note="int8 queries, segments; the new page's int16 mins/maxs",
+        )
         costs["fpga"] = StepCost(
-            slots * pages * 4 * d, kernel=self.kernel,
-            call={"n": pages, "k": k, "dim": d, "heads": r, "queries": queries,
-                  "segs": segments(slots, t, pages)})
+            slots * pages * 4 * d,
+            kernel=self.kernel,
+            call={
+                "n": pages,
+                "k": k,
+                "dim": d,
+                "heads": r,
+                "queries": queries,
+                "segs": segments(slots, t, pages),
+            },
+        )
         costs["from_fpga"] = StepCost(queries * k * INDEX_BYTES, note="selected page indices")
     return costs
 

@@ -253,26 +253,40 @@ def _seer_costs(self: SeerAttention, shape: Any) -> dict:
     k = min(budget_units(shape.budget, self.unit), blocks)
     slots, threshold = b * hkv, self.mode == "threshold"
     costs = {
-        "prepare": StepCost(b * hkv * self.unit * d * kb + hkv * 3 * d * dg * wb,
-                            2 * b * hkv * 3 * d * dg, launches=2,
-                            note="re-pool and project the block each new token lands in"),
+        "prepare": StepCost(
+            b * hkv * self.unit * d * kb + hkv * 3 * d * dg * wb,
+            2 * b * hkv * 3 * d * dg,
+            launches=2,
+            note="re-pool and project the block each new token lands in",
+        ),
         "relevancy": StepCost(
             hkv * r * d * dg * wb + slots * blocks * dg * kb + slots * t * blocks * 4,
             2 * slots * t * (r * d * dg + blocks * dg),
-            launches=2, note=f"gate over {blocks} blocks of {self.unit} tokens"),
+            launches=2,
+            note=f"gate over {blocks} blocks of {self.unit} tokens",
+        ),
         "retrieval": topk_cost(slots * t * blocks),
         "apply": sparse_apply_cost(shape, slots, k * self.unit, r),
     }
     if threshold or k < blocks:
         queries = slots * t
         out = queries * (-(-blocks // 32) * 4 if threshold else k * INDEX_BYTES)
-        costs["to_fpga"] = StepCost(queries * (dg + SEG_BYTES + 4 * threshold) + slots * (dg + 1),
-                                    note="int8 gate queries, segments; the new block's key")
+        costs["to_fpga"] = StepCost(
+            queries * (dg + SEG_BYTES + 4 * threshold) + slots * (dg + 1),
+            note="int8 gate queries, segments; the new block's key",
+        )
         costs["fpga"] = StepCost(
-            slots * blocks * (dg + 1), kernel=self.kernel,
-            call={"n": blocks, "k": 0 if threshold else k, "dim": dg, "queries": queries,
-                  "mode": MODE_THRESHOLD if threshold else MODE_TOPK,
-                  "segs": segments(slots, t, blocks)})
+            slots * blocks * (dg + 1),
+            kernel=self.kernel,
+            call={
+                "n": blocks,
+                "k": 0 if threshold else k,
+                "dim": dg,
+                "queries": queries,
+                "mode": MODE_THRESHOLD if threshold else MODE_TOPK,
+                "segs": segments(slots, t, blocks),
+            },
+        )
         costs["from_fpga"] = StepCost(out, note="selection (indices or bitmap)")
     return costs
 

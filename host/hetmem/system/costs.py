@@ -115,8 +115,20 @@ def prefill_layer_cost(shape: Shape, layer: int, tokens: int) -> StepCost:
     else:
         ffn = weights = 3 * m.hidden * m.intermediate
     flops = 2 * b * tokens * (p_in + p_out + ffn)
-    span = min(tokens, m.sliding_window) if m.sliding_window and not method_layers(m)[layer] else tokens
-    flops += 2 * b * m.q_heads * (m.attn_qk_dim + m.attn_v_dim) * tokens * span // (1 if span < tokens else 2)
+    span = (
+        min(tokens, m.sliding_window)
+        if m.sliding_window and not method_layers(m)[layer]
+        else tokens
+    )
+    flops += (
+        2
+        * b
+        * m.q_heads
+        * (m.attn_qk_dim + m.attn_v_dim)
+        * tokens
+        * span
+        // (1 if span < tokens else 2)
+    )
     nbytes = (p_in + p_out) * m.weight_bytes + weights * m.expert_weight_bytes
     nbytes += b * tokens * m.kv_token_bytes
     return StepCost(nbytes, flops, launches=10, note=f"prefill of {tokens} tokens")

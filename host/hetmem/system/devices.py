@@ -106,7 +106,9 @@ class Efficiency:
             if not (isinstance(v, int | float) and 0 < v <= 1):
                 raise ProfileError(f"efficiency.{name}", f"expected a share in (0, 1], got {v!r}")
         if not (isinstance(self.launch_s, int | float) and 0 <= self.launch_s < 1):
-            raise ProfileError("efficiency.launch_s", f"expected seconds >= 0, got {self.launch_s!r}")
+            raise ProfileError(
+                "efficiency.launch_s", f"expected seconds >= 0, got {self.launch_s!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -383,7 +385,9 @@ def profile_from_dict(data: Any, origin: str = "profile") -> DeviceProfile:
     figures: dict[str, Figure] = {}
     for key, raw in figs.items():
         if key not in UNITS:
-            raise ProfileError(f"{origin}: figures.{key}", f"unknown figure; known: {sorted(UNITS)}")
+            raise ProfileError(
+                f"{origin}: figures.{key}", f"unknown figure; known: {sorted(UNITS)}"
+            )
         try:
             if isinstance(raw, Mapping):
                 figures[key] = Figure(

@@ -144,7 +144,16 @@ class XrtMeter(PowerMeter):
         self.device, self.runner, self.name = device, runner, f"xrt:{device or 0}"
 
     def watts(self) -> float:
-        cmd = ["xbutil", "examine", "-r", "electrical", "--format", "JSON", "--output", "/dev/stdout"]
+        cmd = [
+            "xbutil",
+            "examine",
+            "-r",
+            "electrical",
+            "--format",
+            "JSON",
+            "--output",
+            "/dev/stdout",
+        ]
         if self.device:
             cmd[2:2] = ["-d", self.device]
         w = _find_watts(_run_json(cmd, self.runner), ("power_consumption_watts", "power"))

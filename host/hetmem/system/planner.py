@@ -94,7 +94,9 @@ def plan(method: Any, shape: Shape, system: System, *, objective: str = "latency
         try:
             normalize_placement(placement)
         except PlacementError as exc:
-            out.candidates.append(Candidate(placement, False, exc.args[-1] if exc.args else str(exc)))
+            out.candidates.append(
+                Candidate(placement, False, exc.args[-1] if exc.args else str(exc))
+            )
             continue
         offload = placement != GPU_ONLY
         if offload and system.card is None:

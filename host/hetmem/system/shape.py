@@ -189,8 +189,11 @@ class ModelConfig:
         """Parameters of a layer's attention projections: (in: Q, K, V; out: O)."""
         h, hq = self.hidden, self.q_heads
         if self.mla:
-            q = (h * self.q_lora_rank + self.q_lora_rank * hq * (self.qk_nope_dim + self.qk_rope_dim)
-                 if self.q_lora_rank else h * hq * (self.qk_nope_dim + self.qk_rope_dim))
+            q = (
+                h * self.q_lora_rank + self.q_lora_rank * hq * (self.qk_nope_dim + self.qk_rope_dim)
+                if self.q_lora_rank
+                else h * hq * (self.qk_nope_dim + self.qk_rope_dim)
+            )
             kv = h * (self.kv_lora_rank + self.qk_rope_dim)
             kv += self.kv_lora_rank * hq * (self.qk_nope_dim + self.v_head_dim)
             return q + kv, hq * self.v_head_dim * h  # fmt: skip
@@ -224,7 +227,8 @@ class Shape:
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelConfig):
             raise InputError(
-                "model", f"expected a ModelConfig (get_model(name)), got {type(self.model).__name__}"
+                "model",
+                f"expected a ModelConfig (get_model(name)), got {type(self.model).__name__}",
             )
         for name in ("context", "batch", "budget", "queries", "doc_tokens", "rag_k",
                      "embed_dim", "query_terms"):  # fmt: skip
