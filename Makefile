@@ -35,6 +35,7 @@ run: setup
 
 test: setup
 	$(VENV)/bin/ruff check host tests bench fpga
+	$(VENV)/bin/ruff format --check host tests bench fpga README.md
 	PATH="$(VLTBIN):$$PATH" $(PY) -m pytest -q
 
 bench: setup
@@ -42,6 +43,7 @@ bench: setup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check host tests bench fpga
+	$(VENV)/bin/ruff format --check host tests bench fpga README.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info host/*.egg-info .pytest_cache
