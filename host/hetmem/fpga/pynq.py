@@ -37,10 +37,8 @@ from __future__ import annotations
 import importlib
 import os
 import re
-import tempfile
 import threading
 import time
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -50,7 +48,7 @@ from ..errors import AllocationError, AxiError, DeviceLost, FpgaTimeout, NoDevic
 from ..kernels import KernelSpec
 from ..kernels.spec import Arg
 from .device import Buffer, FpgaDevice, Launch, Timing, as_count
-from .manifest import Manifest, sha256_file
+from .manifest import Manifest
 from .pcie import GEN3_X16
 
 #: ERT command states (XRT's ert.h) a failed run reports, and what each means.
@@ -282,32 +280,11 @@ class PynqDevice(FpgaDevice):
             free()
 
 
-_EMULATED_BUILDS: dict[tuple[str, str], tuple[Path, str]] = {}
-
-
 def open_pynq_emu(**options: Any) -> PynqDevice:
-    """The pynq driver over `pynq_emu`. Without `xclbin`, an emulated build of the
-    manifest's xclbin is written (once per process) and its checksum recorded in a copy of
-    the manifest, as a build would; the driver then checks it like any xclbin."""
-    from . import pynq_emu, xrt_emu
+    """The pynq driver over `pynq_emu`, on an emulated build when no `xclbin` is given
+    (`xrt.with_emulated_build`: one build per process, shared with the xrt driver's)."""
+    from . import pynq_emu
+    from .xrt import with_emulated_build
 
-    if options.get("xclbin") is None:
-        manifest = Manifest.load(options.get("manifest"))
-        entry = manifest.default()
-        key = (str(manifest.path), entry.name)
-        if key not in _EMULATED_BUILDS or not _EMULATED_BUILDS[key][0].is_file():
-            directory = Path(tempfile.mkdtemp(prefix="hetmem-pynq-emu-"))
-            path = xrt_emu.write_xclbin(
-                directory / entry.name,
-                kernels=entry.kernels,
-                platform=entry.shell or entry.platform,
-                clock_hz=entry.clock_hz,
-            )
-            _EMULATED_BUILDS[key] = (path, sha256_file(path))
-        path, digest = _EMULATED_BUILDS[key]
-        options = {
-            **options,
-            "xclbin": path,
-            "manifest": manifest.with_checksum(entry.name, digest),
-        }
+    options = with_emulated_build(options)
     return PynqDevice(pynq=pynq_emu, **options)

@@ -273,31 +273,37 @@ def open_xrt(**options: Any) -> XrtDevice:
 _EMULATED_BUILDS: dict[tuple[str, str], tuple[Path, str]] = {}
 
 
-def open_xrt_emu(**options: Any) -> XrtDevice:
-    """The xrt driver over `xrt_emu`. Without `xclbin`, an emulated build of the manifest's
-    xclbin is written (once per process) and its checksum recorded in a copy of the
-    manifest, as a build would; the driver then checks it like any xclbin."""
+def with_emulated_build(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with an `xclbin`: without one, an emulated build of the manifest's xclbin is
+    written (once per process) and its checksum recorded in a copy of the manifest, as a
+    build would; a driver then checks it like any xclbin (the xrt and pynq drivers over
+    their emulated APIs)."""
     from . import xrt_emu
 
-    if options.get("xclbin") is None:
-        manifest = Manifest.load(options.get("manifest"))
-        entry = manifest.default()
-        key = (str(manifest.path), entry.name)
-        if key not in _EMULATED_BUILDS or not _EMULATED_BUILDS[key][0].is_file():
-            directory = Path(tempfile.mkdtemp(prefix="hetmem-xrt-emu-"))
-            path = xrt_emu.write_xclbin(
-                directory / entry.name,
-                kernels=entry.kernels,
-                platform=entry.shell or entry.platform,
-                clock_hz=entry.clock_hz,
-            )
-            _EMULATED_BUILDS[key] = (path, sha256_file(path))
-        path, digest = _EMULATED_BUILDS[key]
-        options = {
-            **options,
-            "xclbin": path,
-            "manifest": manifest.with_checksum(entry.name, digest),
-        }
+    if options.get("xclbin") is not None:
+        return options
+    manifest = Manifest.load(options.get("manifest"))
+    entry = manifest.default()
+    key = (str(manifest.path), entry.name)
+    if key not in _EMULATED_BUILDS or not _EMULATED_BUILDS[key][0].is_file():
+        directory = Path(tempfile.mkdtemp(prefix="hetmem-xrt-emu-"))
+        path = xrt_emu.write_xclbin(
+            directory / entry.name,
+            kernels=entry.kernels,
+            platform=entry.shell or entry.platform,
+            clock_hz=entry.clock_hz,
+        )
+        _EMULATED_BUILDS[key] = (path, sha256_file(path))
+    path, digest = _EMULATED_BUILDS[key]
+    return {**options, "xclbin": path, "manifest": manifest.with_checksum(entry.name, digest)}
+
+
+def open_xrt_emu(**options: Any) -> XrtDevice:
+    """The xrt driver over `xrt_emu`, on an emulated build when no `xclbin` is given
+    (`with_emulated_build`)."""
+    from . import xrt_emu
+
+    options = with_emulated_build(options)
     if "index" in options and not isinstance(options["index"], str):
         options["index"] = as_count("index", options["index"])
     return XrtDevice(xrt_emu, **options)
