@@ -99,39 +99,62 @@ def long_prompts(vocab, lengths=(384, 300), seed=3):
 # -- bytes -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["dsa", "quest", "seer"])
-def test_a_wrapped_cache_holds_at_most_1_1x_a_dynamic_caches_bytes(tiny_lm, method):
-    """Batch 2 (left padded), a few hundred tokens, default pages and blocks, a sparse
-    budget: the tensors a wrapped cache holds after generate() (its method index included)
-    against a plain DynamicCache's, at the same batch and context."""
-    model = tiny_lm
-    ids, mask = long_prompts(model.config.vocab_size)
-    plain = cache_of(model, generate(model, ids, mask, new=8))
-    assert type(plain) is DynamicCache
-    wrap(model, method, budget=128)
+def _wrapped_cache(model, method, ids, mask, **options):
+    wrap(model, method, budget=128, method_options=options or None)
     try:
         cache = cache_of(model, generate(model, ids, mask, new=8))
     finally:
         unwrap(model)
     assert isinstance(cache, HetmemCache) and cache.stats()["sparse_steps"] > 0
-    storages = held_storages(cache, NOT_THE_CACHE)
-    base = held_bytes(plain)
-    held = sum(n for n, _ in storages.values())
     for layer in cache.layers:
         assert "keys" not in vars(layer) and "values" not in vars(layer)
-    if method != "dsa":
-        assert held <= 1.1 * base, sorted(storages.values(), reverse=True)[:8]
-        return
-    # DSA's indexer keys are Di floats per token, as many as the keys of a layer here
-    # (Di = Hkv * D = 32): half a DynamicCache by construction. Everything else (the one KV
-    # copy) is within 1.1x, and the indexer keys within 1.1x of their own exact size.
+    return cache
+
+
+@pytest.mark.parametrize("method", ["dsa", "quest", "seer"])
+def test_a_wrapped_cache_holds_at_most_1_1x_a_dynamic_caches_bytes(tiny_lm, method):
+    """Batch 2 (left padded), a few hundred tokens, default pages and blocks, a sparse
+    budget: the tensors a wrapped cache holds after generate() (its method index included)
+    against a plain DynamicCache's, at the same batch and context. DSA's default indexer
+    here is as wide as a token's keys (Di = Hkv*D = 32), so its index is folded into the
+    keys and it holds nothing beyond them."""
+    model = tiny_lm
+    ids, mask = long_prompts(model.config.vocab_size)
+    plain = cache_of(model, generate(model, ids, mask, new=8))
+    assert type(plain) is DynamicCache
+    cache = _wrapped_cache(model, method, ids, mask)
+    storages = held_storages(cache, NOT_THE_CACHE)
+    held = sum(n for n, _ in storages.values())
+    assert held <= 1.1 * held_bytes(plain), sorted(storages.values(), reverse=True)[:8]
+    if method == "dsa":
+        assert all(layer.memory.folded for layer in cache.layers)
+
+
+def test_a_narrow_dsa_index_is_held_once_at_its_own_size(tiny_lm):
+    """An indexer narrower than a token's keys (Di = 8 < Hkv*D = 32) keeps its index: the
+    one KV copy within 1.1x of a DynamicCache, the index within 1.1x of its exact size."""
+    from hetmem.methods.dsa import IndexerWeights
+
+    model = tiny_lm
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    weights = IndexerWeights.from_attention(
+        config.num_attention_heads, config.num_key_value_heads, head_dim, dim=8
+    )
+    ids, mask = long_prompts(config.vocab_size)
+    plain = cache_of(model, generate(model, ids, mask, new=8))
+    cache = _wrapped_cache(model, "dsa", ids, mask, weights=weights)
+    storages = held_storages(cache, NOT_THE_CACHE)
+    held = sum(n for n, _ in storages.values())
+    assert not any(layer.memory.folded for layer in cache.layers)
     index = {
         layer.memory.keys.buffer.untyped_storage().data_ptr(): layer.memory.keys
         for layer in cache.layers
     }
     index_bytes = sum(storages[p][0] for p in index)
     exact = sum(keys.data.numel() * keys.data.element_size() for keys in index.values())
-    assert held - index_bytes <= 1.1 * base
+    assert index_bytes > 0
+    assert held - index_bytes <= 1.1 * held_bytes(plain)
     assert index_bytes <= 1.1 * exact
 
 

@@ -79,7 +79,8 @@ def check_golden_attention(pipe: Pipeline, query: AttentionQuery, budget: int) -
     Returns how many kernel calls the check covered."""
     stage, method, memory = pipe.fpga_stage, pipe.method, pipe.memory
     spec, sel, unit = stage.spec, pipe.last_selection, method.unit
-    floats = method.kernel_memory(memory)
+    # a unit's trailing dims are its row (a folded DSA index gives [Hkv, D] per token)
+    floats = {name: v.flatten(3) for name, v in method.kernel_memory(memory).items()}
     q = method.kernel_query(memory, query)
     b_, gm = next(iter(floats.values())).shape[:2]
     gq, t_ = next(iter(q.values())).shape[1:3]

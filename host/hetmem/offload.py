@@ -434,7 +434,7 @@ class FpgaStage:
         arrays = {k: v.detach() for k, v in floats.items()}
         g = int(next(iter(arrays.values())).shape[1])
         return [
-            {k: _numpy(v[s // g, s % g, :end]) for k, v in arrays.items()}
+            {k: _numpy(_flat_rows(v[s // g, s % g, :end])) for k, v in arrays.items()}
             for s, end in enumerate(ends)
         ]
 
@@ -459,7 +459,7 @@ class FpgaStage:
             )
         else:
             index = (torch.from_numpy(unit),)
-        part = {k: _numpy(v.detach()[index]) for k, v in floats.items()}
+        part = {k: _numpy(_flat_rows(v.detach()[index])) for k, v in floats.items()}
         return counts, self.spec.quantize_memory(part, self.stacked, slots=slot)
 
     def _write_appended(
@@ -859,6 +859,12 @@ class _Transfers:
 
 def _budget(budget: int | StepPlan) -> int:
     return budget.budget if isinstance(budget, StepPlan) else budget
+
+
+def _flat_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Rows [N, ...] of a slot as the kernel's [N, F] (a binding may give each row as several
+    dims, e.g. a folded DSA index's [Hkv, D] keys, so that its memory is a view)."""
+    return rows.flatten(1) if rows.dim() > 2 else rows
 
 
 def _numpy(value: Any) -> Any:

@@ -48,7 +48,9 @@ class KernelBinding:
 
     kernel: the spec's name in `hetmem.kernels` (fused Relevancy + Retrieval).
     layout: "slots": attention. `memory` gives float arrays [B, G, units, ...], one slot per
-        (batch row, KV group), each grown at its end by appends; `query` gives [B, Gq, T, ...]
+        (batch row, KV group), each grown at its end by appends; a unit's trailing dims,
+        flattened, are its row (so a memory may be a view: a folded DSA index gives the
+        cache's keys as [B, 1, S, Hkv, D]); `query` gives [B, Gq, T, ...]
         where query group gq reads slot group gq // (Gq // G); a query sees the prefix of its
         slot that the step's plan says (causal visibility, the row's length).
         "rows": one memory of rows [N, ...] grown at its end (documents); queries [Q, ...].

@@ -7,6 +7,14 @@ Retrieval: top-k tokens, one selection per query token shared by every head.
 Apply: attention over the selected tokens.
 
 The projections are inputs here (`IndexerWeights`); `hetmem calibrate` trains them.
+
+Folded index: with the default features (the cached keys, x_s = K_s flattened over KV heads,
+Fk = Hkv*D channels) and an indexer key projection no narrower than its input (Fk <= Di, as
+on small models whose KV row is itself short), the indexer keys hold no less than the keys
+they summarize. The memory then keeps no index: q . (K_s W_k) = (q W_k^T) . K_s, so
+Relevancy folds W_k into the indexer queries and scores the cache's keys directly. The
+scores are the same up to float rounding; the bytes of the index (Di floats per token) and
+Prepare's projection are gone, and the card holds the keys themselves.
 Without trained weights, `IndexerWeights.from_attention` builds an indexer that scores
 ReLU of the model's own attention logits through a random orthogonal projection, a sane
 untrained baseline.
@@ -114,6 +122,12 @@ class IndexerWeights:
         return self.wk.shape[1]
 
     @property
+    def foldable(self) -> bool:
+        """Whether the indexer keys are no narrower than the features they project (Fk <= Di):
+        then an index over the default features is folded into the queries (module docs)."""
+        return self.wk.shape[0] <= self.wk.shape[1]
+
+    @property
     def query_features(self) -> int:
         """Fq, the query features wq takes."""
         if self.blocks is not None:
@@ -171,9 +185,10 @@ class IndexerWeights:
 
 
 class DSAMemory(AttentionMemory):
-    def __init__(self, kv: KVCache, keys: Growable, token_keys: Growable | None = None):
+    def __init__(self, kv: KVCache, keys: Growable | None, token_keys: Growable | None = None):
         self.kv = kv
-        self.keys = keys  # [B, S, Di]
+        # [B, S, Di]; None for a folded index (the cache's keys are scored directly)
+        self.keys = keys
         # kv_layout="token": the cache's keys again, token-major [B, S, Hkv*D + pad], so that
         # a selected token's keys are one contiguous row to gather.
         self.token_keys = token_keys
@@ -183,8 +198,14 @@ class DSAMemory(AttentionMemory):
         return self.kv.capacity
 
     @property
+    def folded(self) -> bool:
+        """No index of its own: Relevancy scores the cache's keys (module docs)."""
+        return self.keys is None
+
+    @property
     def index_nbytes(self) -> int:
-        k = self.keys.data
+        """Bytes Relevancy reads: the indexer keys, or the cache's keys when folded."""
+        k = self.kv.keys if self.keys is None else self.keys.data
         return k.numel() * k.element_size()
 
     @property
@@ -205,7 +226,8 @@ class DSAMemory(AttentionMemory):
 
     def to(self, device: torch.device) -> DSAMemory:
         token_keys = None if self.token_keys is None else self.token_keys.to(device)
-        return DSAMemory(self.kv.to(device), self.keys.to(device), token_keys)
+        keys = None if self.keys is None else self.keys.to(device)
+        return DSAMemory(self.kv.to(device), keys, token_keys)
 
 
 class DSA(SparseAttentionMethod):
@@ -259,15 +281,18 @@ class DSA(SparseAttentionMethod):
 
     def prepare(self, data: Any) -> DSAMemory:
         kv, features = as_kv(data)
-        feats = self._features(kv, features)
         weights = self._weights(kv)
-        if feats.shape[-1] != weights.wk.shape[0]:
+        channels = kv.kv_heads * kv.dim if features is None else features.shape[-1]
+        if channels != weights.wk.shape[0]:
             raise InputError(
-                "features", f"have {feats.shape[-1]} channels, wk expects {weights.wk.shape[0]}"
+                "features", f"have {channels} channels, wk expects {weights.wk.shape[0]}"
             )
-        # The indexer keys grow like the cache (a bounded `Growth` follows the cache's).
-        growth = None if kv.growth is None else Growth(fraction=kv.growth.fraction)
-        keys = Growable(feats.to(weights.wk.dtype) @ weights.wk, axis=1, growth=growth)
+        keys = None
+        if features is not None or not weights.foldable:
+            feats = self._features(kv, features)
+            # The indexer keys grow like the cache (a bounded `Growth` follows the cache's).
+            growth = None if kv.growth is None else Growth(fraction=kv.growth.fraction)
+            keys = Growable(feats.to(weights.wk.dtype) @ weights.wk, axis=1, growth=growth)
         token_keys = token_major(kv) if self.kv_layout == "token" else None
         return DSAMemory(kv, keys, token_keys)
 
@@ -276,21 +301,20 @@ class DSA(SparseAttentionMethod):
         chunk = as_chunk(data)
         kv = memory.kv
         feats = chunk.features
-        if feats is None:
-            feats = chunk.keys.permute(0, 2, 1, 3).flatten(2)  # [B, T, Hkv*D]
-        else:
+        if feats is not None:
             check_features("features", feats, kv.batch, chunk.keys.shape[2])
+            if memory.folded:
+                raise InputError(
+                    "features", "this memory's index is folded into the keys (prepared "
+                    "without features): append keys and values only",
+                )  # fmt: skip
+        elif not memory.folded:
+            feats = chunk.keys.permute(0, 2, 1, 3).flatten(2)  # [B, T, Hkv*D]
         full, start = kv.full, kv.capacity
         positions = kv.append(chunk.keys, chunk.values)  # [B, T], each row at its own length
-        new_keys = feats.to(memory.keys.buffer.dtype) @ self._weights(kv).wk
-        memory.keys.reserve(kv.capacity)
-        memory.keys.length = kv.capacity
         rows = None
-        if full:  # every row at the end: one slice
-            memory.keys.buffer.narrow(1, start, new_keys.shape[1]).copy_(new_keys)
-        else:
-            rows = torch.arange(kv.batch, device=kv.device)[:, None].expand_as(positions)
-            memory.keys.buffer[rows, positions] = new_keys
+        if memory.keys is not None:  # a folded index is the cache's keys: nothing more to do
+            rows = self._append_keys(memory, feats, positions, full, start)
         store = memory.token_keys
         if store is not None:
             store.reserve(kv.capacity)
@@ -301,6 +325,27 @@ class DSA(SparseAttentionMethod):
             if rows is None:
                 rows = torch.arange(kv.batch, device=kv.device)[:, None].expand_as(positions)
             store.buffer[rows, positions, : new.shape[-1]] = new.to(store.buffer.dtype)
+
+    def _append_keys(
+        self,
+        memory: DSAMemory,
+        feats: torch.Tensor,
+        positions: torch.Tensor,
+        full: bool,
+        start: int,
+    ) -> torch.Tensor | None:
+        """The appended tokens' indexer keys into the index; the [B, T] row indices used (None
+        when every row was at the end: one slice)."""
+        kv, keys = memory.kv, memory.keys
+        new_keys = feats.to(keys.buffer.dtype) @ self._weights(kv).wk
+        keys.reserve(kv.capacity)
+        keys.length = kv.capacity
+        if full:  # every row at the end: one slice
+            keys.buffer.narrow(1, start, new_keys.shape[1]).copy_(new_keys)
+            return None
+        rows = torch.arange(kv.batch, device=kv.device)[:, None].expand_as(positions)
+        keys.buffer[rows, positions] = new_keys
+        return rows
 
     def indexer_query(
         self, memory: DSAMemory, query: AttentionQuery
@@ -325,18 +370,41 @@ class DSA(SparseAttentionMethod):
             w = feats.to(weights.ww.dtype) @ weights.ww
         return qi, w
 
+    def folded_query(self, qi: torch.Tensor) -> torch.Tensor:
+        """Indexer queries [..., H, Di] folded through wk^T onto the key features [..., H, Fk]
+        (a folded index scores the cache's keys with them)."""
+        wk = self.weights.wk
+        return qi.to(wk.dtype) @ wk.T
+
+    def index_logits(self, memory: DSAMemory, qi: torch.Tensor) -> torch.Tensor:
+        """q_h . k_s for every token and indexer query: [B, S, T*H] (S-major as the keys are).
+        One bmm with the indexer keys; a folded index: the folded queries times the cache's
+        head-major keys, one bmm over (row, KV head) and a sum over the KV heads."""
+        b, t, h, di = qi.shape
+        if memory.keys is not None:
+            keys = memory.keys.data  # [B, S, Di]
+            if keys.dtype != qi.dtype:
+                keys = keys.to(qi.dtype)
+            return torch.bmm(keys, qi.reshape(b, t * h, di).transpose(1, 2))
+        kv = memory.kv
+        hkv, d, s = kv.kv_heads, kv.dim, kv.capacity
+        keys = kv.keys  # [B, Hkv, S, D], a view of the cache's buffer
+        qf = self.folded_query(qi).view(b, t * h, hkv, d).permute(0, 2, 3, 1)
+        qf = qf.reshape(b * hkv, d, t * h).to(keys.dtype)
+        logits = torch.bmm(keys.reshape(b * hkv, s, d), qf).view(b, hkv, s, t * h)
+        if hkv == 1:
+            return logits[:, 0].float()
+        return logits.sum(1, dtype=torch.float32)
+
     def relevancy(self, memory: Any, query: Any) -> Scores:
         assert isinstance(memory, DSAMemory)
         positions = self.positions(memory, query)
         qi, w = self.indexer_query(memory, query)
-        keys = memory.keys.data  # [B, S, Di]
         b, t, h, di = qi.shape
-        # One bmm of every token's key with the T*H indexer queries ([B, S, T*H], S-major as
-        # the keys are), ReLU in place, then the head weights; the 1/sqrt(Di) scale commutes
-        # with ReLU and rides on the [B, T, H] weights.
-        if keys.dtype != qi.dtype:
-            keys = keys.to(qi.dtype)
-        logits = torch.bmm(keys, qi.reshape(b, t * h, di).transpose(1, 2))
+        # One bmm of every token's key with the T*H indexer queries ([B, S, T*H]), ReLU in
+        # place, then the head weights; the 1/sqrt(Di) scale commutes with ReLU and rides on
+        # the [B, T, H] weights.
+        logits = self.index_logits(memory, qi)
         logits.relu_()
         if self.weights is not None and self.weights.ww is None:  # every head weighs 1/H
             scores = logits.view(b, -1, t, h).sum(-1).transpose(1, 2)  # [B, T, S]
@@ -385,13 +453,20 @@ class DSA(SparseAttentionMethod):
         )  # fmt: skip
 
     def kernel_memory(self, memory: DSAMemory) -> dict[str, torch.Tensor]:
-        """Float rows the token_indexer kernel holds, per slot: {"keys": [B, 1, S, Di]}."""
+        """Float rows the token_indexer kernel holds, per slot: {"keys": [B, 1, S, Di]}; a
+        folded index: the cache's keys, [B, 1, S, Hkv, D] (a view; a row is Hkv*D long)."""
+        if memory.keys is None:
+            return {"keys": memory.kv.keys.permute(0, 2, 1, 3)[:, None]}
         return {"keys": memory.keys.data[:, None]}
 
     def kernel_query(self, memory: DSAMemory, query: AttentionQuery) -> dict[str, torch.Tensor]:
-        """Float query of the token_indexer kernel: q [B, 1, T, H, Di], w [B, 1, T, H]."""
+        """Float query of the token_indexer kernel: q [B, 1, T, H, Di] (folded: Fk), w
+        [B, 1, T, H]."""
         qi, w = self.indexer_query(memory, query)
-        return {"q": qi[:, None] / math.sqrt(qi.shape[-1]), "w": w[:, None]}
+        di = qi.shape[-1]
+        if memory.keys is None:
+            qi = self.folded_query(qi)
+        return {"q": qi[:, None] / math.sqrt(di), "w": w[:, None]}
 
 
 #: Bytes of padding after each row of the token-major keys: a row of Hkv*D floats is a
@@ -518,33 +593,43 @@ def _dsa_costs(self: DSA, shape: Any) -> dict:
     wq_flops = 2 * heads * m.head_dim * di if blocked else 2 * fq * heads * (di + 1)
     kb, wb, tokens = m.kv_bytes, m.weight_bytes, b * t
     k = min(budget_units(shape.budget, 1), s)
+    # A folded index (cached keys as features, Fk <= Di): no index kept or appended;
+    # Relevancy folds wk^T into the queries and scores the Fk = Hkv*D key channels.
+    folded = not m.index_heads and fk == hkv * d and fk <= di
+    scored = fk if folded else di
+    if folded:
+        wq_weights += fk * di
+        wq_flops += 2 * heads * fk * di
     costs = {
         "prepare": StepCost(
-            fk * di * wb + tokens * di * kb,
-            2 * tokens * fk * di,
-            note="indexer keys of the appended tokens",
+            0 if folded else fk * di * wb + tokens * di * kb,
+            0 if folded else 2 * tokens * fk * di,
+            note="none: the index is folded into the keys"
+            if folded
+            else "indexer keys of the appended tokens",
         ),
         "relevancy": StepCost(
-            wq_weights * wb + b * s * di * kb + tokens * s * 4,
-            tokens * wq_flops + 2 * tokens * s * heads * (di + 1),
-            launches=3,
-            note=f"{heads} indexer heads x {di} over {s} tokens",
+            wq_weights * wb + b * s * scored * kb + tokens * s * 4,
+            tokens * wq_flops + 2 * tokens * s * heads * (scored + 1),
+            launches=4 if folded else 3,
+            note=f"{heads} indexer heads x {scored} over {s} tokens"
+            + (" (folded into the cached keys)" if folded else ""),
         ),
         "retrieval": topk_cost(tokens * s),
         "apply": sparse_apply_cost(shape, b * hkv, k, m.q_heads // hkv),
     }
     if k < s:  # the stage runs no kernel when the budget covers the prefix
         costs["to_fpga"] = StepCost(
-            tokens * (heads * di + 2 * heads + SEG_BYTES) + tokens * (di + 1),
+            tokens * (heads * scored + 2 * heads + SEG_BYTES) + tokens * (scored + 1),
             note="int8 queries, int16 weights, segments; appended keys",
         )
         costs["fpga"] = StepCost(
-            b * s * (di + 1),
+            b * s * (scored + 1),
             kernel=self.kernel,
             call={
                 "n": s,
                 "k": k,
-                "dim": di,
+                "dim": scored,
                 "heads": heads,
                 "queries": tokens,
                 "segs": segments(b, t, s),
