@@ -24,7 +24,8 @@ Modes, per (method, context, batch):
   which is what a fair dense baseline does. (`dense_dynamic`, a `DynamicCache`, runs at the
   dispatch-overhead context to show what the copy costs.)
 - `torch`: `hetmem.wrap(model, method, budget, placement="cpu/cpu/cpu/cpu")` (every step on
-  the model's device) over `hetmem.models.wrap.new_cache(model)`.
+  the model's device) over `hetmem.models.wrap.new_cache(model, max_length)` (the same
+  final length as the static cache's max_cache_len: allocated once).
 - `emu`: placement "cpu/fpga/fpga/cpu", fpga="emu": Compute Relevancy + Retrieval run as the
   kernel's golden model. Reported apart: the measured host wall time (which includes the
   emulator's golden model on the host), the emulator's own compute (measured), the card time
@@ -168,7 +169,7 @@ def make_cache(kind: str, model: Any, max_len: int) -> Any:
         return StaticCache(config=model.config, max_cache_len=max_len)
     if kind == "dynamic":
         return DynamicCache(config=model.config)
-    return new_cache(model)
+    return new_cache(model, max_len)
 
 
 def held_bytes(root: Any, exclude: tuple = ()) -> dict[str, int]:
@@ -828,7 +829,7 @@ def _layer_case(args: argparse.Namespace, model: Any, batch: int, console: Conso
             fpga="emu" if mode == "emu" else None,
             on_fpga_error="raise",
         )
-        cache = new_cache(copy)
+        cache = new_cache(copy, context + total)
         cache.update(keys, values, 0)
         layer, i = cache.layers[0], [0]
 

@@ -14,8 +14,9 @@ pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from hetmem.attention import Growth, KVCache
+from hetmem.errors import InputError
 from hetmem.methods.base import Method
-from hetmem.models import HetmemCache, unwrap, wrap
+from hetmem.models import HetmemCache, new_cache, unwrap, wrap
 from hetmem.models.cache import HetmemLayer
 from hetmem.models.settings import SparseDecode
 from hetmem.models.wrap import cache_kwarg
@@ -374,3 +375,66 @@ def test_a_cache_filled_by_update_alone_decodes_sparse():
             model(ids, position_ids=positions, use_cache=True, **{name: cache})
     assert cache.stats() == {"sparse_steps": 2 * 3, "dense_steps": 0}
     assert cache.layers[0].memory.kv.lengths.tolist() == [43, 43]
+
+
+# -- a known final length is allocated once ----------------------------------------------
+
+
+def test_growth_takes_an_expected_length_whole_then_grows_by_its_fraction():
+    growth = Growth(align=8, fraction=64, expected=1000)
+    assert growth.capacity(10) == growth.capacity(1000) == 1000  # 1000 = 125 blocks of 8
+    # whole blocks where that costs at most a fraction more: 1024 is 24 more, 1008 is 8
+    assert Growth(align=64, expected=1000).capacity(1) == 1008
+    assert growth.capacity(1001) == Growth(align=8).capacity(1001) > 1001
+    assert Growth(fraction=64, expected=1000).within(16).expected == 63
+    with pytest.raises(InputError):
+        Growth(expected=-1)
+
+
+@pytest.mark.parametrize("method", ["dsa", "quest", "seer"])
+def test_generate_allocates_prompt_plus_new_tokens_once(tiny_lm, method):
+    """generate() tells the cache its final length (prompt + max_new_tokens): every layer's
+    keys and values are allocated for it at prefill and never reallocated while decoding,
+    and the output equals the cache grown step by step (no final length)."""
+    model = tiny_lm
+    ids, mask = long_prompts(model.config.vocab_size, lengths=(200, 150))
+    new = 12
+    wrap(model, method, budget=64, method_options=METHODS[method])
+    try:
+        buffers, calls = [], []
+        original = KVCache.append
+
+        def watch(kv, keys, values):
+            positions = original(kv, keys, values)
+            calls.append(1)
+            buffers.append((kv._keys.buffer.data_ptr(), kv._values.buffer.data_ptr()))
+            return positions
+
+        KVCache.append = watch
+        try:
+            out = generate(model, ids, mask, new=new)
+        finally:
+            KVCache.append = original
+        cache = cache_of(model, out)
+        grown = generate(model, ids, mask, new=new, **{cache_kwarg(model): new_cache(model)})
+    finally:
+        unwrap(model)
+    unit = cache.layers[0].pipeline.method.unit
+    final = ids.shape[1] + new
+    assert calls and len(set(buffers)) == model.config.num_hidden_layers
+    for layer in cache.layers:
+        assert layer.memory.kv.capacity <= final
+        room = layer.memory.kv._keys.buffer.shape[2] - final
+        assert 0 <= room < max(final // 64, 1) + unit
+    assert torch.equal(out.sequences, grown.sequences)
+
+
+def test_a_cache_refuses_a_bad_max_length(tiny_lm):
+    wrap(tiny_lm, "quest", budget=64)
+    try:
+        for bad in (0, -3, 2.5, True):
+            with pytest.raises(InputError, match="max_length"):
+                new_cache(tiny_lm, bad)
+        assert isinstance(new_cache(tiny_lm, 512), HetmemCache)
+    finally:
+        unwrap(tiny_lm)

@@ -31,27 +31,48 @@ class Growth:
     copies per append) and the spare room stays a few percent. The capacity is a multiple of
     `align` (whole blocks for a block gather) when that costs at most as much room again,
     else of the largest power-of-two divisor of `align` that does (a short buffer forgoes the
-    alignment rather than carry a block of padding)."""
+    alignment rather than carry a block of padding).
+
+    `expected`: the length the buffer is known to reach (a `generate()`'s prompt plus its
+    `max_new_tokens`, as a static cache's `max_cache_len`): up to it the capacity is that
+    length (aligned), so a run of appends that stays within it never reallocates; past it,
+    the fraction rule."""
 
     align: int = 1
     fraction: int = 64
+    expected: int = 0
 
     def __post_init__(self) -> None:
         ints = all(
-            isinstance(v, int) and not isinstance(v, bool) for v in (self.align, self.fraction)
+            isinstance(v, int) and not isinstance(v, bool)
+            for v in (self.align, self.fraction, self.expected)
         )
-        if not ints or self.align < 1 or self.fraction < 1:
-            raise InputError("growth", f"align and fraction must be ints >= 1, got {self}")
+        if not ints or self.align < 1 or self.fraction < 1 or self.expected < 0:
+            raise InputError(
+                "growth", f"align and fraction must be ints >= 1, expected >= 0, got {self}"
+            )
 
     def capacity(self, length: int) -> int:
-        spare = max(-(-length // self.fraction), 1)
+        if length <= self.expected:
+            return self._aligned(self.expected, 0)
+        return self._aligned(length, max(-(-length // self.fraction), 1))
+
+    def _aligned(self, length: int, spare: int) -> int:
+        """length + spare, rounded up to the alignment where that costs at most `spare` plus
+        a fraction's room more."""
+        room = spare + max(-(-length // self.fraction), 1)
         align = self.align
         while align > 1:
             capacity = -(-(length + spare) // align) * align
-            if capacity - length <= 2 * spare:
+            if capacity - length <= room:
                 return capacity
             align = align // 2 if align % 2 == 0 else 1
         return length + spare
+
+    def within(self, unit: int) -> Growth:
+        """The growth of an index with one entry per `unit` items of this buffer (same
+        fraction, the expected length in entries)."""
+        return Growth(fraction=self.fraction, expected=-(-self.expected // unit))
 
 
 class Growable:

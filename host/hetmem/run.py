@@ -375,7 +375,7 @@ def run(
             )
             for task in items:
                 ids = tokenizer(task.prompt, return_tensors="pt")["input_ids"].to(device)
-                cache = new_cache(lm)
+                cache = new_cache(lm, ids.shape[1] + new_tokens)
                 with _timed(times, "prefill_s"), torch.no_grad():
                     out = lm(input_ids=ids, use_cache=True, **{cache_kwarg(lm): cache})
                 first = out.logits[:, -1].argmax(-1)

@@ -187,10 +187,11 @@ class SparseAttentionMethod(Method):
         return (start[None, None, :] <= positions[:, :, None]) & (start[None, None, :] < lens)
 
 
-def index_growth(kv: KVCache) -> Growth:
-    """How an index over `kv` grows: as the cache does under a bounded `Growth`, else by a
-    bounded one of its own (an index never doubles: its spare room stays a few percent)."""
-    return Growth() if kv.growth is None else Growth(fraction=kv.growth.fraction)
+def index_growth(kv: KVCache, unit: int = 1) -> Growth:
+    """How an index over `kv` with one entry per `unit` tokens grows: as the cache does under
+    a bounded `Growth` (its expected length in entries), else by a bounded one of its own (an
+    index never doubles: its spare room stays a few percent)."""
+    return Growth() if kv.growth is None else kv.growth.within(unit)
 
 
 def block_reductions(
@@ -247,7 +248,7 @@ class BlockSummary:
     def __init__(self, kv: KVCache, block: int, reducers: dict[str, Callable[..., torch.Tensor]]):
         self.block = check_positive_int("block_size", block)
         self.reducers = reducers
-        self.growth = index_growth(kv)
+        self.growth = index_growth(kv, self.block)
         self.stores: dict[str, Growable] = {}
         self.update(kv, 0)
 

@@ -50,7 +50,6 @@ import torch
 from ..attention import (
     AttentionQuery,
     Growable,
-    Growth,
     KVCache,
     bag_values,
     sparse_attention,
@@ -291,7 +290,7 @@ class DSA(SparseAttentionMethod):
         if features is not None or not weights.foldable:
             feats = self._features(kv, features)
             # The indexer keys grow like the cache (a bounded `Growth` follows the cache's).
-            growth = None if kv.growth is None else Growth(fraction=kv.growth.fraction)
+            growth = None if kv.growth is None else kv.growth.within(1)
             keys = Growable(feats.to(weights.wk.dtype) @ weights.wk, axis=1, growth=growth)
         token_keys = token_major(kv) if self.kv_layout == "token" else None
         return DSAMemory(kv, keys, token_keys)

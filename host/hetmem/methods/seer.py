@@ -77,11 +77,11 @@ class SeerMemory(AttentionMemory):
     """The KV cache and the gate keys of its blocks (the pooled keys they are projected
     from are recomputed for the blocks an append touches, never kept)."""
 
-    def __init__(self, kv: KVCache, gate_keys: torch.Tensor | Growable):
+    def __init__(self, kv: KVCache, gate_keys: torch.Tensor | Growable, block: int = 1):
         self.kv = kv
         # [B, Hkv, Nb, Dg], grown in place (a few percent of spare room)
         if not isinstance(gate_keys, Growable):
-            gate_keys = Growable(gate_keys, axis=2, growth=index_growth(kv))
+            gate_keys = Growable(gate_keys, axis=2, growth=index_growth(kv, block))
         self._gate_keys = gate_keys
 
     @property
@@ -176,7 +176,7 @@ class SeerAttention(SparseAttentionMethod):
 
     def prepare(self, data: Any) -> SeerMemory:
         kv, _ = as_kv(data)
-        return SeerMemory(kv, self._gate_keys(kv))
+        return SeerMemory(kv, self._gate_keys(kv), self.unit)
 
     def append(self, memory: Any, data: Any) -> None:
         assert isinstance(memory, SeerMemory)

@@ -30,7 +30,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..attention import Growth, KVCache, KVChunk
-from ..errors import ConcurrentUse
+from ..errors import ConcurrentUse, InputError
 from ..pipeline import Pipeline
 from .layout import Validity, compact, padded
 from .settings import SparseDecode
@@ -108,13 +108,15 @@ def _alive(ident: int) -> bool:
 class HetmemLayer(DynamicLayer):
     """One decoder layer: its keys and values, held once, in the memory of one `Pipeline`."""
 
-    def __init__(self, pipeline: Pipeline, settings: SparseDecode):
+    def __init__(self, pipeline: Pipeline, settings: SparseDecode, max_length: int = 0):
         super().__init__()  # no dense `keys` / `values` are kept: the memory holds them
         self.pipeline = pipeline
         self.settings = settings
         self.sparse_steps = 0
         self.dense_steps = 0
-        self.growth = Growth(align=pipeline.method.unit)
+        # A known final length (generate's prompt + max_new_tokens) is allocated at prefill:
+        # decode then appends without reallocating, as a static cache does.
+        self.growth = Growth(align=pipeline.method.unit, expected=max_length)
         self._length = 0  # transformers' padded length of the tokens in the memory
         self._validity: Validity | None = None
         # The states of the last `update`, until the attention call takes them in.
@@ -347,10 +349,21 @@ class HetmemLayer(DynamicLayer):
 
 
 class HetmemCache(Cache):
-    """The cache `generate()` uses on a wrapped model: one `HetmemLayer` per decoder layer."""
+    """The cache `generate()` uses on a wrapped model: one `HetmemLayer` per decoder layer.
 
-    def __init__(self, settings: SparseDecode):
-        layers = [HetmemLayer(settings.pipeline(i), settings) for i in range(settings.layers)]
+    `max_length`: the tokens a row will hold at most (prompt + new tokens), when known: each
+    layer's memory is allocated for them at prefill and never reallocated within them
+    (without it, the memory keeps a few percent of spare room and grows by that)."""
+
+    def __init__(self, settings: SparseDecode, max_length: int | None = None):
+        if max_length is not None and (
+            not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1
+        ):
+            raise InputError("max_length", f"expected a positive int or None, got {max_length!r}")
+        expected = max_length or 0
+        layers = [
+            HetmemLayer(settings.pipeline(i), settings, expected) for i in range(settings.layers)
+        ]
         guard = UseGuard()
         for i, layer in enumerate(layers):
             layer._guard, layer._last = guard, i == len(layers) - 1

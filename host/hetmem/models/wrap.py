@@ -4,9 +4,10 @@
 - `config._attn_implementation` (and that of its sub-configs) becomes `hetmem`, the
   attention function `attention_fn` registers with transformers' `AttentionInterface`;
 - `generate()` gets a `HetmemCache` instead of a plain `DynamicCache`: the instance
-  attribute `generate` becomes a thin function that passes `new_cache(model)` to the
-  class's own `generate` under the name the model takes its cache by (`cache_kwarg`), as a
-  caller may, when the caller passed no cache and asked for the default dynamic one;
+  attribute `generate` becomes a thin function that passes `new_cache(model, length)` (the
+  prompt's length plus `max_new_tokens`: allocated once, as a static cache) to the class's
+  own `generate` under the name the model takes its cache by (`cache_kwarg`), as a caller
+  may, when the caller passed no cache and asked for the default dynamic one;
 - the attribute `_hetmem_wrap` holds the settings and what to restore.
 Model code and weights are never changed, and only transformers' public API is used: the
 attention function goes through `AttentionInterface` and `set_attn_implementation`, the
@@ -269,14 +270,15 @@ def cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def new_cache(model: Any) -> HetmemCache:
-    """A fresh `HetmemCache` for a wrapped model, for forward loops outside `generate()`."""
+def new_cache(model: Any, max_length: int | None = None) -> HetmemCache:
+    """A fresh `HetmemCache` for a wrapped model, for forward loops outside `generate()`;
+    `max_length` (the tokens a row will hold at most, when known) is allocated at prefill."""
     state = _state(model)
     if state is None:
         raise InputError("model", "is not wrapped by hetmem")
     from .cache import HetmemCache
 
-    return HetmemCache(state.settings)
+    return HetmemCache(state.settings, max_length)
 
 
 # -- checks ------------------------------------------------------------------------------
@@ -525,5 +527,26 @@ def _give_cache(model: Any, state: _Wrapped, generate: Any, args: tuple, kwargs:
             else:
                 at = list(bound).index("generation_config")
                 args = (*args[:at], config, *args[at + 1 :])
-    kwargs[cache_kwarg(model)] = HetmemCache(state.settings)
+    kwargs[cache_kwarg(model)] = HetmemCache(state.settings, _final_length(bound, config))
     return args
+
+
+def _final_length(bound: Mapping[str, Any], config: Any) -> int | None:
+    """The tokens a row holds at the end of this `generate()` (prompt + max_new_tokens, or
+    max_length), or None when the arguments do not say it plainly."""
+    inputs = bound.get("inputs")
+    extra = bound.get("kwargs") or {}
+    if inputs is None:
+        inputs = extra.get("input_ids", extra.get("inputs_embeds"))
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        return None
+    prompt = int(inputs.shape[1])
+    new = extra.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if "max_length" in extra and "max_new_tokens" not in extra:
+        new = None
+    if isinstance(new, int) and not isinstance(new, bool) and new >= 0:
+        return max(prompt + new, 1)
+    total = extra.get("max_length", getattr(config, "max_length", None))
+    if isinstance(total, int) and not isinstance(total, bool) and total > prompt:
+        return total
+    return None
