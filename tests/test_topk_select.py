@@ -1,0 +1,40 @@
+"""`topk_select`'s contract on both of its paths (a partial top-k for a few of many, a
+stable sort otherwise): the k highest scores' indices ascending, ties to the lower index,
+-inf picks invalid; equal to one stable descending sort on every input."""
+
+import pytest
+import torch
+
+from hetmem.selection import topk_select
+
+
+def reference(scores, k):
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return order.sort(dim=-1).values
+
+
+@pytest.mark.parametrize("levels", [3, 50, 10**6])  # many ties, some, almost none
+@pytest.mark.parametrize("n,k", [(1, 1), (64, 1), (64, 16), (64, 40), (1027, 128), (5000, 7)])
+def test_equals_a_stable_sort_with_ties(levels, n, k):
+    gen = torch.Generator().manual_seed(n * 31 + k + levels)
+    scores = torch.randint(0, levels, (3, 2, n), generator=gen).float()
+    indices, valid = topk_select(scores, k)
+    assert torch.equal(indices, reference(scores, k))
+    assert bool(valid.all())
+
+
+def test_ties_at_the_kth_score_go_to_the_lower_indices():
+    scores = torch.zeros(1, 1, 1, 400)
+    scores[..., 390:] = 2.0  # 10 clear winners, then 390 equal scores for 90 places
+    indices, _ = topk_select(scores, 100)
+    assert indices[0, 0, 0].tolist() == list(range(90)) + list(range(390, 400))
+
+
+def test_masked_scores_are_picked_last_and_marked_invalid():
+    scores = torch.full((2, 1, 1, 500), float("-inf"))
+    scores[0, ..., 7] = 1.0
+    scores[1, ..., 100:200] = torch.arange(100.0)
+    indices, valid = topk_select(scores, 50)
+    assert indices[0, 0, 0].tolist() == list(range(50))  # 7, then -inf ones, lowest first
+    assert valid[0, 0, 0].tolist() == [i == 7 for i in indices[0, 0, 0].tolist()]
+    assert indices[1, 0, 0].tolist() == list(range(150, 200)) and bool(valid[1].all())
