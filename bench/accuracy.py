@@ -52,10 +52,12 @@ from rich.table import Table
 from hetmem import tasks
 from hetmem.attention import AttentionQuery, KVCache, attention_probs, attention_recall
 from hetmem.methods import get
+from hetmem.methods._attention import AttentionMemory, SparseAttentionMethod, as_chunk, as_kv
 from hetmem.methods.base import Method
 from hetmem.models import calibrate as cal
 from hetmem.models import new_cache, unwrap, wrap
 from hetmem.models.wrap import cache_kwarg
+from hetmem.selection import Scores
 
 FRACTIONS = (2, 4, 8, 16, 32, 64)
 #: label -> (method name, use trained weights)
@@ -65,6 +67,7 @@ METHODS: dict[str, tuple[str, bool]] = {
     "seer": ("seer", True),
     "seer (untrained)": ("seer", False),
     "quest": ("quest", False),
+    "oracle": ("oracle", False),
 }
 #: The upper bound of the recall rows: each query head's own heaviest tokens, per budget.
 ORACLE = "oracle (per-head top-k)"
@@ -97,8 +100,57 @@ def budget_tokens(context: int, fraction: int, unit: int) -> int:
     return max(unit, context // fraction // unit * unit)
 
 
+class OracleMemory(AttentionMemory):
+    def __init__(self, kv: KVCache):
+        self.kv = kv
+
+    @property
+    def entries(self) -> int:
+        return self.kv.capacity
+
+    @property
+    def index_nbytes(self) -> int:
+        return 0
+
+
+class OracleAttention(SparseAttentionMethod):
+    """A reference, not a method: each KV group's k tokens with the most dense attention
+    probability at this very query (the most any of the group's query heads puts on the
+    token), read from every key at full precision. What no selection of k tokens per KV
+    group can beat on the attention mass it keeps; its task accuracy is what the budget
+    itself allows on this model."""
+
+    name = "oracle"
+    describe = {
+        "prepare": "the KV cache",
+        "relevancy": "dense attention probability, max over the KV group's heads",
+        "retrieval": "top-k tokens per KV group",
+        "apply": "attention over the selected tokens",
+    }
+
+    def __init__(self) -> None:
+        self.unit = 1
+
+    def prepare(self, data: Any) -> OracleMemory:
+        return OracleMemory(as_kv(data)[0])
+
+    def append(self, memory: Any, data: Any) -> None:
+        chunk = as_chunk(data)
+        memory.kv.append(chunk.keys, chunk.values)
+
+    def relevancy(self, memory: Any, query: Any) -> Scores:
+        kv = memory.kv
+        probs = attention_probs(query.q, kv, self.positions(memory, query), self.scale)
+        b, hq, t, s = probs.shape
+        best = probs.view(b, kv.kv_heads, hq // kv.kv_heads, t, s).amax(2)
+        seen = self.unit_visible(memory, self.positions(memory, query), s, query.plan)
+        return Scores(best.masked_fill(~seen[:, None], float("-inf")), unit=1)
+
+
 def build_method(label: str, selectors: cal.Selectors | None, unit: int, layer: int) -> Method:
     name, trained = METHODS[label]
+    if name == "oracle":
+        return OracleAttention()
     if name == "quest":
         return get("quest", page_size=unit)
     if trained:
@@ -290,11 +342,15 @@ def task_accuracy(
             )
             right: dict[str, Any] = {"dense": 0}
             right |= {label: dict.fromkeys(FRACTIONS, 0) for label in labels}
+            # Paired with dense on the same prompt: [dense right and the method wrong, the
+            # method right and dense wrong] (a sign test tells a real loss from noise).
+            paired = {label: {f: [0, 0] for f in FRACTIONS} for label in labels}
             for task in items:
                 ids = tokenizer(task.prompt, return_tensors="pt")["input_ids"]
                 cache, first = prefill(model, ids)
                 dense = decode(model, cache, first, steps, None, 0)
-                right["dense"] += tasks.score(task, tokenizer.decode(dense[0]))
+                dense_right = tasks.score(task, tokenizer.decode(dense[0]))
+                right["dense"] += dense_right
                 progress.advance(bar)
                 for label in labels:
                     for f in FRACTIONS:
@@ -302,12 +358,18 @@ def task_accuracy(
                         got = decode(
                             model, cache, first, steps, method_spec(label, selectors), budget
                         )
-                        right[label][f] += tasks.score(task, tokenizer.decode(got[0]))
+                        ok = tasks.score(task, tokenizer.decode(got[0]))
+                        right[label][f] += ok
+                        if bool(ok) != bool(dense_right):
+                            paired[label][f][0 if dense_right else 1] += 1
                         progress.advance(bar)
             n = len(items)
             row: dict[str, Any] = {"dense": right["dense"] / n, "prompts": n}
             for label in labels:
                 row[label] = {f"1/{f}": right[label][f] / n for f in FRACTIONS}
+            row["paired_with_dense"] = {
+                label: {f"1/{f}": paired[label][f] for f in FRACTIONS} for label in labels
+            }
             out[kind][str(context)] = row
     return out
 
@@ -373,9 +435,22 @@ def task_tables(result: dict[str, Any]) -> list[Table]:
             for f in FRACTIONS:
                 table.add_column(f"1/{f}", justify="right")
             table.add_row("dense", *([f"{row['dense']:.2f}"] * len(FRACTIONS)))
+            paired = row.get("paired_with_dense", {})
+            if paired:
+                table.add_column("lost / won vs dense at 1/2, 1/4", justify="right")
             for label, accs in row.items():
-                if isinstance(accs, dict):
-                    table.add_row(label, *(f"{accs[f'1/{f}']:.2f}" for f in FRACTIONS))
+                if isinstance(accs, dict) and label != "paired_with_dense":
+                    cells = [f"{accs[f'1/{f}']:.2f}" for f in FRACTIONS]
+                    if paired:
+                        pairs = paired.get(label, {})
+                        cells.append(
+                            ", ".join(
+                                "{}/{}".format(*pairs[frac])
+                                for frac in ("1/2", "1/4")
+                                if frac in pairs
+                            )
+                        )
+                    table.add_row(label, *cells)
             out.append(table)
     return out
 
@@ -412,7 +487,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         if by_context:
             context = max(by_context, key=int)
             row = by_context[context]
-            lines = {k: v for k, v in row.items() if isinstance(v, dict)}
+            lines = {
+                k: v for k, v in row.items() if isinstance(v, dict) and k != "paired_with_dense"
+            }
             panels.append((f"{kind} accuracy @ {context}", lines, row["dense"]))
     if result.get("agreement"):
         a = result["agreement"]
