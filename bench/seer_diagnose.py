@@ -29,13 +29,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from hetmem import tasks
+from hetmem import bundled, tasks
 from hetmem.attention import AttentionQuery, KVCache, attention_probs, attention_recall
 from hetmem.methods import get
 from hetmem.methods.seer import SeerAttention
-from hetmem.models import bundled, unwrap, wrap
-from hetmem.models import calibrate as cal
+from hetmem.models import unwrap, wrap
 from hetmem.selection import Bitmap
+from hetmem.selectors.weights import load_selectors, selectors_for
 
 RETRIEVAL = 0.3  # a query head is a retrieval head when this much of its mass is on the needle
 
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     model, tokenizer = bundled.load()
-    selectors = (cal.selectors_for(model) if args.selectors is None
-                 else cal.load_selectors(args.selectors))  # fmt: skip
+    selectors = (selectors_for(model) if args.selectors is None
+                 else load_selectors(args.selectors))  # fmt: skip
     budget = args.context // args.fraction
     items = tasks.task_set(args.kind, args.context, args.prompts, args.seed, tokenizer)
     gen = {"max_new_tokens": args.steps, "do_sample": False}

@@ -9,8 +9,8 @@ import socket
 
 import pytest
 
+from hetmem import bundled
 from hetmem.errors import InputError
-from hetmem.models import bundled
 
 pytest.importorskip("transformers", reason="the models extra (transformers) is not installed")
 
@@ -90,7 +90,7 @@ def test_tokenizer(loaded):
 def test_batched_generation_matches_one_by_one(loaded):
     """Left padding: a short prompt decodes the same alone and beside a longer one."""
     from hetmem import tasks
-    from hetmem.models.bundled.evaluate import complete
+    from hetmem.bundled.evaluate import complete
 
     model, tok = loaded
     short, long = tasks.passkey(300, 1, tok), tasks.passkey(420, 2, tok)

@@ -11,10 +11,25 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 from hetmem.attention import AttentionQuery, KVCache  # noqa: E402
 from hetmem.cli import main  # noqa: E402
 from hetmem.errors import InputError  # noqa: E402
-from hetmem.methods.dsa import DSA  # noqa: E402
-from hetmem.methods.seer import SeerAttention  # noqa: E402
-from hetmem.models import calibrate as cal  # noqa: E402
+from hetmem.methods.dsa import DSA, IndexerWeights  # noqa: E402
+from hetmem.methods.seer import GateWeights, SeerAttention  # noqa: E402
 from hetmem.models import unwrap, wrap  # noqa: E402
+from hetmem.selectors.activations import CAPTURE, LayerActivations, capture  # noqa: E402
+from hetmem.selectors.calibrate import load_local  # noqa: E402
+from hetmem.selectors.objective import (  # noqa: E402
+    block_pools,
+    gate_logits,
+    indexer_logits,
+    kl_divergence,
+)
+from hetmem.selectors.train import TrainConfig, train_gate, train_indexer  # noqa: E402
+from hetmem.selectors.weights import (  # noqa: E402
+    SELECTORS_FILE,
+    Selectors,
+    load_selectors,
+    save_selectors,
+    selectors_for,
+)
 from tiny_lm import make_tiny_lm  # noqa: E402
 
 BLOCK = 16
@@ -39,7 +54,7 @@ def tiny_model():
 @pytest.fixture(scope="module")
 def acts(tiny_model):
     ids = torch.randint(3, 128, (12, 192), generator=torch.Generator().manual_seed(0))
-    return cal.capture(tiny_model, ids, queries=24)
+    return capture(tiny_model, ids, queries=24)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +70,7 @@ def test_capture_shapes_and_model_restored(tiny_model, acts):
     assert bool((a.positions[:, -1] == 191).all())
     assert bool((a.positions.diff(dim=1) > 0).all())
     # Attention goes back to what it was, and the captured probabilities are distributions.
-    assert tiny_model.config._attn_implementation != cal.CAPTURE
+    assert tiny_model.config._attn_implementation != CAPTURE
     probs = a.attention()
     assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:-1]), atol=1e-5)
     assert bool((probs[0, :, 0, 1 + int(a.positions[0, 0]) :] == 0).all())
@@ -64,11 +79,11 @@ def test_capture_shapes_and_model_restored(tiny_model, acts):
 def test_training_objective_scores_what_the_methods_score(acts):
     """The scores the students train are exactly the methods' Relevancy at decode time."""
     a = acts[1]
-    dsa_w, _ = cal.train_indexer(a, dim=8, config=cal.TrainConfig(steps=5))
-    gate_w, _ = cal.train_gate(a, block_size=BLOCK, config=cal.TrainConfig(steps=5))
-    pools = cal.block_pools(a, BLOCK)
-    dsa_all = cal.indexer_scores(dsa_w, a)
-    gate_all = cal.gate_logits(gate_w, a, pools, BLOCK)
+    dsa_w, _ = train_indexer(a, dim=8, config=TrainConfig(steps=5))
+    gate_w, _ = train_gate(a, block_size=BLOCK, config=TrainConfig(steps=5))
+    pools = block_pools(a, BLOCK)
+    dsa_all = indexer_logits(dsa_w, a)
+    gate_all = gate_logits(gate_w, a, pools, BLOCK)
     for n, t in ((0, 0), (3, 7), (5, 23)):
         p = int(a.positions[n, t])
         kv = KVCache(a.k[n : n + 1, :, : p + 1], a.k[n : n + 1, :, : p + 1])
@@ -83,12 +98,12 @@ def test_training_objective_scores_what_the_methods_score(acts):
 
 @pytest.mark.parametrize("selector", ["dsa", "seer"])
 def test_loss_falls(acts, selector):
-    config = cal.TrainConfig(steps=80, lr=3e-3)
+    config = TrainConfig(steps=80, lr=3e-3)
     if selector == "dsa":
-        _, log = cal.train_indexer(acts[0], dim=16, config=config)
+        _, log = train_indexer(acts[0], dim=16, config=config)
         assert log.choice in ("learned head weights", "equal head weights")
     else:
-        _, log = cal.train_gate(acts[0], block_size=BLOCK, config=config)
+        _, log = train_gate(acts[0], block_size=BLOCK, config=config)
     first, last = sum(log.losses[:10]) / 10, sum(log.losses[-10:]) / 10
     assert last < 0.85 * first, (first, last)
     # The weights kept are never worse on held-out queries than the untrained default.
@@ -98,9 +113,9 @@ def test_loss_falls(acts, selector):
 def test_kl_is_zero_only_at_the_target():
     target = torch.tensor([[0.5, 0.5, 0.0]])
     same = torch.log(torch.tensor([[0.5, 0.5, 1e-12]]))
-    assert float(cal.kl_divergence(target, same)) == pytest.approx(0.0, abs=1e-6)
+    assert float(kl_divergence(target, same)) == pytest.approx(0.0, abs=1e-6)
     other = torch.tensor([[0.0, 1.0, float("-inf")]])
-    assert float(cal.kl_divergence(target, other)) > 0.1
+    assert float(kl_divergence(target, other)) > 0.1
 
 
 def test_calibrate_saves_and_wrap_picks_trained_weights(model_dir, capsys):
@@ -126,9 +141,9 @@ def test_calibrate_saves_and_wrap_picks_trained_weights(model_dir, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "Seer AttnGate" in out and "DSA indexer" in out and "saved" in out
-    path = model_dir / cal.SELECTORS_FILE
+    path = model_dir / SELECTORS_FILE
     assert path.is_file()
-    selectors = cal.load_selectors(path)
+    selectors = load_selectors(path)
     assert selectors.layers == 2 and selectors.block_size == 16
     assert selectors.meta["tokens"] == 160
 
@@ -158,32 +173,32 @@ def test_calibrate_saves_and_wrap_picks_trained_weights(model_dir, capsys):
 
 def test_bad_input(tmp_path, tiny_model, acts):
     with pytest.raises(InputError, match="path"):
-        cal.load_selectors(tmp_path / "missing.safetensors")
+        load_selectors(tmp_path / "missing.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InputError, match="path"):
-        cal.load_selectors(tmp_path / "junk.safetensors")
+        load_selectors(tmp_path / "junk.safetensors")
     with pytest.raises(InputError, match="steps"):
-        cal.TrainConfig(steps=0)
+        TrainConfig(steps=0)
     with pytest.raises(InputError, match="lr"):
-        cal.TrainConfig(lr=-1.0)
+        TrainConfig(lr=-1.0)
     with pytest.raises(InputError, match="input_ids"):
-        cal.capture(tiny_model, torch.zeros(2, 8))
+        capture(tiny_model, torch.zeros(2, 8))
     with pytest.raises(InputError, match="block_size"):
-        cal.train_gate(acts[0], block_size=0)
+        train_gate(acts[0], block_size=0)
     with pytest.raises(InputError, match="model"):
-        cal.load_local(tmp_path)
+        load_local(tmp_path)
     # Selectors for another number of layers are refused, naming the model.
-    selectors = cal.Selectors(
-        [cal.IndexerWeights.from_attention(4, 2, 16, 8)] * 3,
-        [cal.GateWeights.mean_pool(4, 2, 16)] * 3,
+    selectors = Selectors(
+        [IndexerWeights.from_attention(4, 2, 16, 8)] * 3,
+        [GateWeights.mean_pool(4, 2, 16)] * 3,
     )
     directory = tmp_path / "m"
     directory.mkdir()
-    cal.save_selectors(selectors, directory / cal.SELECTORS_FILE)
+    save_selectors(selectors, directory / SELECTORS_FILE)
     tiny_model.name_or_path = str(directory)
     try:
         with pytest.raises(InputError, match="model"):
-            cal.selectors_for(tiny_model)
+            selectors_for(tiny_model)
     finally:
         tiny_model.name_or_path = ""
 
@@ -193,11 +208,11 @@ def test_bidirectional_activations_train():
     g = torch.Generator().manual_seed(3)
     q = torch.randn(6, 4, 8, 16, generator=g) * 2
     k = torch.randn(6, 2, 128, 16, generator=g) * 2
-    act = cal.LayerActivations(q, k, torch.full((6, 8), 127), 0.25, causal=False)
+    act = LayerActivations(q, k, torch.full((6, 8), 127), 0.25, causal=False)
     probs = act.attention()
     assert bool((probs > 0).all())  # nothing masked
-    _, log = cal.train_gate(act, block_size=BLOCK, config=cal.TrainConfig(steps=30))
+    _, log = train_gate(act, block_size=BLOCK, config=TrainConfig(steps=30))
     assert all(torch.isfinite(torch.tensor(log.losses)))
     assert log.losses[-1] < log.losses[0]
-    _, log = cal.train_indexer(act, dim=8, config=cal.TrainConfig(steps=30))
+    _, log = train_indexer(act, dim=8, config=TrainConfig(steps=30))
     assert all(torch.isfinite(torch.tensor(log.losses)))

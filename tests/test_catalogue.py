@@ -1861,7 +1861,7 @@ def _selectors_file(tmp: Path, tensors=None, meta=None, raw: bytes | None = None
 def _good_selectors(tmp: Path, **meta) -> Path:
     from hetmem.methods.dsa import IndexerWeights
     from hetmem.methods.seer import GateWeights
-    from hetmem.models.calibrate import Selectors, save_selectors
+    from hetmem.selectors.weights import Selectors, save_selectors
 
     indexer = IndexerWeights(torch.randn(16, 32), torch.randn(16, 8), torch.randn(16, 4), 4)
     gate = GateWeights(torch.randn(2, 16, 8), torch.randn(2, 16, 8))
@@ -1881,7 +1881,7 @@ def _good_selectors(tmp: Path, **meta) -> Path:
 
 
 def load_selectors(path):
-    from hetmem.models.calibrate import load_selectors as load
+    from hetmem.selectors.weights import load_selectors as load
 
     return load(path)
 
@@ -2353,7 +2353,7 @@ def files(tmp_path):
 
 @functools.cache
 def _tiny_model_dir(root: str) -> str:
-    from hetmem.models.calibrate import SELECTORS_FILE
+    from hetmem.selectors.weights import SELECTORS_FILE
     from tiny_lm import make_tiny_lm
 
     model = make_tiny_lm(Path(root) / "tiny", layers=1, hidden=32)
@@ -2375,10 +2375,10 @@ def nothing_runs(monkeypatch):
         raise AssertionError("work started before the arguments were checked")
 
     import hetmem.demo
-    import hetmem.models.calibrate
+    import hetmem.selectors.calibrate
 
-    monkeypatch.setattr(hetmem.models.calibrate, "load_local", refuse)
-    monkeypatch.setattr(hetmem.models.calibrate, "calibrate_dir", refuse)
+    monkeypatch.setattr(hetmem.selectors.calibrate, "load_local", refuse)
+    monkeypatch.setattr(hetmem.selectors.calibrate, "calibrate_dir", refuse)
     monkeypatch.setattr(hetmem.demo, "run_demo", refuse)
     try:
         import hetmem.system.calibrate_device as calibrate_device
@@ -2441,8 +2441,9 @@ def test_a_query_with_no_indexable_term_warns(text):
 def test_calibrate_out_directory_writes_the_file_inside_it(tmp_path, monkeypatch, capsys):
     """`--out DIR` is accepted (the selectors file goes inside it): calibration is handed the
     file, not the directory (which it could not write after minutes of training)."""
-    import hetmem.models.calibrate as calibrate
+    import hetmem.selectors.calibrate as calibrate
     from hetmem.run import bundled_dir
+    from hetmem.selectors.weights import SELECTORS_FILE
 
     try:
         bundled_dir()
@@ -2451,7 +2452,7 @@ def test_calibrate_out_directory_writes_the_file_inside_it(tmp_path, monkeypatch
     seen = {}
     monkeypatch.setattr(calibrate, "calibrate_dir", lambda directory, **kw: seen.update(kw))
     assert cli.main(["calibrate", "--out", str(tmp_path)]) == 0
-    assert seen["out"] == str(tmp_path / calibrate.SELECTORS_FILE)
+    assert seen["out"] == str(tmp_path / SELECTORS_FILE)
 
 
 @pytest.mark.parametrize("fpga", ["emu", {"target": "emu"}], ids=["name", "mapping"])

@@ -62,10 +62,10 @@ def nothing_loads(monkeypatch):
         raise AssertionError("work started before the arguments were checked")
 
     import hetmem.demo
-    import hetmem.models.calibrate
+    import hetmem.selectors.calibrate
 
-    monkeypatch.setattr(hetmem.models.calibrate, "load_local", refuse)
-    monkeypatch.setattr(hetmem.models.calibrate, "calibrate_dir", refuse)
+    monkeypatch.setattr(hetmem.selectors.calibrate, "load_local", refuse)
+    monkeypatch.setattr(hetmem.selectors.calibrate, "calibrate_dir", refuse)
     monkeypatch.setattr(hetmem.demo, "run_demo", refuse)
 
 
@@ -152,8 +152,8 @@ def test_selectors_of_another_shape_are_refused_before_loading(run, nothing_load
     shape: the message says what does not match and how to regenerate."""
     import shutil
 
-    from hetmem.models.calibrate import SELECTORS_FILE
     from hetmem.run import bundled_dir
+    from hetmem.selectors.weights import SELECTORS_FILE
     from tiny_lm import make_tiny_lm
 
     try:

@@ -222,7 +222,7 @@ def test_selection_recall(seer0, acts, selectors):
     scores, visible = hg.seer_scores(act, seer0, block)
     golden, _ = hg.seer_scores(act, seer0, block, golden=True)
     assert (scores == golden).all()
-    from hetmem.models.calibrate import block_pools, gate_logits
+    from hetmem.selectors.objective import block_pools, gate_logits
 
     ref = gate_logits(selectors.gates[0], act, block_pools(act, block), block).numpy()
     r, rows = hg.recall(ref, scores, visible, 8)

@@ -21,16 +21,21 @@ in `MAY_IMPORT`):
 - costs: the system model's vocabulary (system/shape.py, system/accounting.py) in which each
   method states its own bytes and FLOPs.
 - tasks: the retrieval tasks (text only).
+- bundled/: the bundled LM (loading it, its training, its model card). Reads tasks.
 - methods/: one module per method, its four steps in float torch (the reference). Never the
   FPGA targets, the pipeline or the models.
 - placement: which device runs each step (placement.py).
 - system/: the system model (devices, costs, schedules, energy, the planner behind
   placement="auto").
 - pipeline: the four steps under a placement (pipeline.py, offload.py).
-- models/: the Hugging Face adapter, the selector trainer, the bundled LM.
+- selector weights: the trained selectors' weights file (selectors/weights.py), which the
+  adapter reads to give `wrap(model, method="dsa")` the weights beside the model.
+- models/: the Hugging Face adapter.
+- selectors/: training the learned selectors on a frozen model (`hetmem calibrate`); it
+  captures activations through the adapter's attention switching.
 - apps: the CLI, `hetmem run`, the demo, the root package, and the hls4ml converter of the
-  trained selectors (fpga/hls4ml_gate.py: a build tool over models/ and fpga/, which nothing
-  below it imports).
+  trained selectors (fpga/hls4ml_gate.py: a build tool over selectors/, bundled/ and fpga/,
+  which nothing below it imports).
 """
 
 from __future__ import annotations
@@ -65,11 +70,14 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "tensors": ("hetmem.attention", "hetmem.plan", "hetmem.synthetic"),
     "costs": ("hetmem.system.accounting", "hetmem.system.shape"),
     "tasks": ("hetmem.tasks",),
+    "bundled": ("hetmem.bundled",),
     "methods": ("hetmem.methods",),
     "placement": ("hetmem.placement",),
     "system": ("hetmem.system",),
     "pipeline": ("hetmem.offload", "hetmem.pipeline"),
+    "selector weights": ("hetmem.selectors.weights",),
     "models": ("hetmem.models",),
+    "selectors": ("hetmem.selectors",),
     "apps": ("hetmem", "hetmem.cli", "hetmem.demo", "hetmem.fpga.hls4ml_gate", "hetmem.run"),
 }
 
@@ -81,15 +89,20 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "tensors": frozenset({"base"}),
     "costs": frozenset({"base"}),
     "tasks": frozenset({"base"}),
+    "bundled": frozenset({"base", "tasks"}),
     "methods": frozenset({"base", "kernels", "tensors", "costs"}),
     "placement": frozenset({"base", "methods"}),
     "system": frozenset({"base", "kernels", "fpga", "tensors", "costs", "methods", "placement"}),
     "pipeline": frozenset(
         {"base", "kernels", "fpga", "tensors", "costs", "methods", "placement", "system"}
     ),
+    "selector weights": frozenset({"base", "kernels", "tensors", "costs", "methods"}),
     "models": frozenset(
         {"base", "kernels", "fpga", "tensors", "costs", "tasks", "methods", "placement"}
-        | {"system", "pipeline"}
+        | {"system", "pipeline", "selector weights"}
+    ),
+    "selectors": frozenset(
+        {"base", "kernels", "tensors", "costs", "tasks", "methods", "selector weights"} | {"models"}
     ),
     "apps": frozenset(LAYERS) - {"apps"},
 }
@@ -328,11 +341,9 @@ def test_kernels_and_fpga_import_no_torch(graph) -> None:
 def test_moved_names_are_still_where_users_import_them() -> None:
     """The circles were broken by moving names to neutral modules; the old homes re-export
     the same objects, and the tasks name the bundled tokenizer the bundled package holds."""
-    from hetmem import errors, pipeline, placement, tasks
+    from hetmem import bundled, errors, pipeline, placement, tasks
     from hetmem.fpga import cosim, hls, implementations
     from hetmem.methods import bm25_rag, reretrieve
-    from hetmem.models import bundled
-    from hetmem.models.bundled import shape, train
 
     wrap = importlib.import_module("hetmem.models.wrap")  # hetmem.models.wrap is the function
 
@@ -342,7 +353,6 @@ def test_moved_names_are_still_where_users_import_them() -> None:
     assert pipeline.normalize_placement is placement.normalize_placement
     assert pipeline.DEFAULT_PLACEMENT is placement.DEFAULT_PLACEMENT
     assert wrap.UnsupportedModel is errors.UnsupportedModel
-    assert train.ModelShape is shape.ModelShape
     assert cosim.RTL_KERNELS is implementations.RTL_KERNELS
     assert hls.HLS_KERNELS is implementations.HLS_KERNELS
     assert bundled.path() / "tokenizer.json" == tasks.BUNDLED_TOKENIZER

@@ -19,12 +19,21 @@ import torch
 pytest.importorskip("transformers", reason="the models extra (transformers) is not installed")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hetmem import tasks
+from hetmem import bundled, tasks
 from hetmem.attention import AttentionQuery, KVCache, attention_probs
-from hetmem.methods.seer import SeerAttention
-from hetmem.models import bundled, unwrap, wrap
-from hetmem.models import calibrate as cal
+from hetmem.methods.seer import GateWeights, SeerAttention
+from hetmem.models import unwrap, wrap
 from hetmem.selection import Bitmap
+from hetmem.selectors.activations import (
+    LayerActivations,
+    capture,
+    merge_activations,
+    sample_positions,
+)
+from hetmem.selectors.calibrate import calibrate
+from hetmem.selectors.data import gate_sequences
+from hetmem.selectors.objective import block_pools, block_target, gate_logits
+from hetmem.selectors.weights import load_selectors, selectors_for
 
 CONTEXT = 1024
 SEEDS = range(4)
@@ -82,7 +91,7 @@ def chosen_blocks(selection) -> torch.Tensor:
 @torch.no_grad()
 def test_seer_keeps_the_needle_at_half_budget(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    assert cal.selectors_for(model) is not None, "the bundled model ships trained selectors"
+    assert selectors_for(model) is not None, "the bundled model ships trained selectors"
     gen = {"max_new_tokens": 7, "do_sample": False}
     reading = 0
     for task in tasks.task_set("passkey", CONTEXT, len(SEEDS), SEEDS[0], tokenizer):
@@ -130,7 +139,7 @@ def test_gate_data_asks_for_the_answer(model_and_tokenizer):
     """The gate's task rows carry their answers, and their queries include those that
     write the final answer (each query predicts the next token: an answer token)."""
     _, tokenizer = model_and_tokenizer
-    ids, positions = cal.gate_sequences(tokenizer, 4, 512, queries=16, seed=3)
+    ids, positions = gate_sequences(tokenizer, 4, 512, queries=16, seed=3)
     assert ids.shape[0] == 4 and positions.shape == (4, 16)
     assert bool((positions[:, 1:] >= positions[:, :-1]).all())
     text = [tokenizer.decode(row) for row in ids]
@@ -148,15 +157,15 @@ def test_teacher_keeps_one_heads_needle():
     group-max teacher gives block 1 half the mass, the mean a quarter."""
     q = torch.zeros(1, 4, 1, 2)
     k = torch.zeros(1, 1, 4, 2)
-    act = cal.LayerActivations(q, k, torch.tensor([[3]]), 1.0)
+    act = LayerActivations(q, k, torch.tensor([[3]]), 1.0)
     probs = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 3 + [[0.0, 0.0, 1.0, 0.0]])
     act.attention = lambda: probs[None, :, None, :]  # type: ignore[method-assign]
-    most = cal.block_target(act, 2, "max")[0, 0, 0]
-    mean = cal.block_target(act, 2, "mean")[0, 0, 0]
+    most = block_target(act, 2, "max")[0, 0, 0]
+    mean = block_target(act, 2, "mean")[0, 0, 0]
     assert torch.allclose(most, torch.tensor([0.5, 0.5]))
     assert torch.allclose(mean, torch.tensor([0.75, 0.25]))
     with pytest.raises(Exception, match="group"):
-        cal.block_target(act, 2, "median")
+        block_target(act, 2, "median")
 
 
 def test_gate_trains_alone_on_several_lengths(tmp_path):
@@ -173,29 +182,27 @@ def test_gate_trains_alone_on_several_lengths(tmp_path):
     model = LlamaForCausalLM(config).eval()
     gen = torch.Generator().manual_seed(0)
     short, long = (torch.randint(3, 128, (6, n), generator=gen) for n in (96, 160))
-    data = [(ids, cal.sample_positions(6, ids.shape[1], 8, seed=1)) for ids in (short, long)]
-    merged = cal.merge_activations([cal.capture(model, i, positions=p) for i, p in data])
-    alone = cal.capture(model, data[0][0], positions=data[0][1])
+    data = [(ids, sample_positions(6, ids.shape[1], 8, seed=1)) for ids in (short, long)]
+    merged = merge_activations([capture(model, i, positions=p) for i, p in data])
+    alone = capture(model, data[0][0], positions=data[0][1])
     assert merged[0].k.shape[2] == 160 and merged[0].q.shape[0] == 12
-    gate = cal.GateWeights.mean_pool(4, 2, 16)
+    gate = GateWeights.mean_pool(4, 2, 16)
     for m, a in zip(merged, alone, strict=True):
-        got = cal.gate_logits(
-            gate, m.subset(slice(0, 6)), cal.block_pools(m.subset(slice(0, 6)), 16), 16
-        )
-        want = cal.gate_logits(gate, a, cal.block_pools(a, 16), 16)
+        got = gate_logits(gate, m.subset(slice(0, 6)), block_pools(m.subset(slice(0, 6)), 16), 16)
+        want = gate_logits(gate, a, block_pools(a, 16), 16)
         assert torch.allclose(got[..., : want.shape[-1]], want, atol=1e-5)
         assert bool(torch.isinf(got[..., want.shape[-1] :]).all())  # padding never visible
 
-    base, _ = cal.calibrate(model, short, out=tmp_path / "a.safetensors", steps=2, queries=8)
-    trained, _ = cal.calibrate(
+    base, _ = calibrate(model, short, out=tmp_path / "a.safetensors", steps=2, queries=8)
+    trained, _ = calibrate(
         model, short, out=tmp_path / "b.safetensors", steps=4, queries=8, gate_data=data,
         train=("seer",), base=base,
     )  # fmt: skip
-    again = cal.load_selectors(tmp_path / "b.safetensors")
+    again = load_selectors(tmp_path / "b.safetensors")
     for new, old in zip(again.indexers, base.indexers, strict=True):
         assert torch.equal(new.wq, old.wq) and torch.equal(new.wk, old.wk)
     assert not torch.equal(again.gates[0].wq, base.gates[0].wq)
     assert again.meta["seer_data"]["lengths"] == [96, 160]
     assert again.meta["dsa_kl"] == base.meta["dsa_kl"]
     with pytest.raises(Exception, match="base"):
-        cal.calibrate(model, short, out=tmp_path / "c.safetensors", steps=1, train=("seer",))
+        calibrate(model, short, out=tmp_path / "c.safetensors", steps=1, train=("seer",))

@@ -7,9 +7,8 @@ import re
 
 import pytest
 
-from hetmem import tasks
+from hetmem import bundled, tasks
 from hetmem.errors import InputError
-from hetmem.models import bundled
 
 pytestmark = pytest.mark.skipif(
     not (bundled.path() / "tokenizer.json").exists(), reason="the bundled tokenizer is missing"

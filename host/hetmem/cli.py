@@ -85,8 +85,8 @@ def check_demo(args: argparse.Namespace) -> None:
 
 def check_calibrate(args: argparse.Namespace) -> Path:
     """The model directory, after every calibrate option is checked against it."""
-    from .models.calibrate import SELECTORS_FILE
     from .run import bundled_dir, max_positions, model_config
+    from .selectors.weights import SELECTORS_FILE
 
     check_positive(
         args, "sequences", "tokens", "queries", "steps", "block_size", "indexer_dim",
@@ -172,7 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .models.calibrate import calibrate_dir
+    from .selectors.calibrate import calibrate_dir
 
     directory = check_calibrate(args)
     calibrate_dir(

@@ -111,7 +111,7 @@ def default_context(model_dir: Path, model: Any) -> int:
 def bundled_dir() -> Path:
     """The bundled model's directory, or an error that says how to run without it."""
     try:
-        from .models.bundled import path
+        from .bundled import path
     except ImportError as exc:
         raise InputError("model", "this checkout has no bundled model: pass --model DIR") from exc
     directory = path()
@@ -119,7 +119,7 @@ def bundled_dir() -> Path:
         raise InputError(
             "model",
             f"the bundled model's weights are not in {directory} "
-            "(python -m hetmem.models.bundled.train makes them): pass --model DIR",
+            "(python -m hetmem.bundled.train makes them): pass --model DIR",
         )
     return directory
 
@@ -200,7 +200,7 @@ def max_positions(config: dict[str, Any]) -> int | None:
 def check_selectors(model_dir: Path, config: dict[str, Any]) -> None:
     """The trained selectors beside the model, if any, fit its shape: layers, KV heads,
     query heads per group, head dim. Says what does not match and how to regenerate."""
-    from .models.calibrate import SELECTORS_FILE, load_selectors
+    from .selectors.weights import SELECTORS_FILE, load_selectors
 
     path = model_dir / SELECTORS_FILE
     if not path.is_file():
@@ -315,8 +315,9 @@ def run(
     from . import tasks
     from .device import torch_device
     from .models import new_cache, unwrap, wrap
-    from .models.calibrate import load_local, selectors_for
     from .models.wrap import cache_kwarg
+    from .selectors.calibrate import load_local
+    from .selectors.weights import selectors_for
 
     console = console or Console()
     model_dir = bundled_dir() if model is None else Path(model)

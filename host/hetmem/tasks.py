@@ -1,6 +1,6 @@
 """Long-context retrieval tasks: passkey retrieval and multi-query associative recall.
 
-One generator serves training (`hetmem.models.bundled.train`), the accuracy harness and
+One generator serves training (`hetmem.bundled.train`), the accuracy harness and
 `hetmem run`, so all three ask the model the same questions. A task is seeded and
 deterministic, and its prompt has exactly `length` tokens as the model sees them (the
 `<s>` token included) under the bundled tokenizer; under another tokenizer it has at most
@@ -133,11 +133,10 @@ def filler_words() -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(p.split()) for p in pydoc_paragraphs())
 
 
-#: The bundled model's tokenizer (`hetmem.models.bundled.path() / "tokenizer.json"`), named by
-#: its place in the package: tasks sit below the models layer and do not import it.
-BUNDLED_TOKENIZER = (
-    Path(__file__).resolve().parent / "models" / "bundled" / "hetmem-lm" / "tokenizer.json"
-)
+#: The bundled model's tokenizer (`hetmem.bundled.path() / "tokenizer.json"`), named by
+#: its place in the package: tasks sit below the bundled LM (which trains and evaluates on
+#: them) and do not import it.
+BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "bundled" / "hetmem-lm" / "tokenizer.json"
 
 
 @functools.cache

@@ -1,13 +1,13 @@
 """The bundled small causal LM: hetmem's main job runs with nothing downloaded.
 
 A 4-layer Llama (GQA: 8 query heads, 2 KV heads, head dim 32, RoPE theta 500k, 8192
-positions) trained in this repository by `python -m hetmem.models.bundled.train` on the
+positions) trained in this repository by `python -m hetmem.bundled.train` on the
 machine's own text and on passkey / associative-recall tasks (`hetmem.tasks`), so that its
 attention retrieves across long contexts. Weights, config, tokenizer and model card live in
 `path()`; its measured accuracy per context length is in `path() / "eval.json"`.
 
-    model, tok = hetmem.models.bundled.load()
-    acc = hetmem.models.bundled.evaluate(model, tok, length=2048, n=50)
+    model, tok = hetmem.bundled.load()
+    acc = hetmem.bundled.evaluate(model, tok, length=2048, n=50)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ...errors import InputError
+from ..errors import InputError
 from .evaluate import evaluate
 
 __all__ = ["card_accuracy", "evaluate", "load", "path"]

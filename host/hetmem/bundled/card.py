@@ -51,7 +51,7 @@ def write_card(out: Path, record: dict[str, Any], ev: dict[str, Any]) -> Path:
 
 A small causal LM that ships inside hetmem, so that the main job (`hetmem run`) and the
 sparse-attention accuracy harness run with nothing downloaded. It was trained from scratch
-in this repository by `python -m hetmem.models.bundled.train`, on text the machine already
+in this repository by `python -m hetmem.bundled.train`, on text the machine already
 has, together with synthetic long-context retrieval tasks, so that its attention really
 retrieves: the answer is a few tokens somewhere in thousands of tokens of filler, and only
 attention to them gives it.
@@ -59,7 +59,7 @@ attention to them gives it.
 Load it offline:
 
 ```python
-from hetmem.models import bundled
+from hetmem import bundled
 model, tok = bundled.load()             # float32, eval mode, greedy generation
 acc = bundled.evaluate(model, tok, length=2048, n=50, seed=0)   # the 2k figure below
 ```

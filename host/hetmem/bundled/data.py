@@ -12,7 +12,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from ...corpus import pydoc_paragraphs
+from ..corpus import pydoc_paragraphs
 
 #: Special tokens of the bundled tokenizer, in id order (0, 1, 2).
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ...checks import check_positive_int
-from ...errors import InputError
-from ...tasks import KINDS, Kind, Task, score, task_set
+from ..checks import check_positive_int
+from ..errors import InputError
+from ..tasks import KINDS, Kind, Task, score, task_set
 
 #: Tokens generated after each prompt: the answer (space + digits) and one more, so that an
 #: answer with extra digits is caught.

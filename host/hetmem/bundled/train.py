@@ -1,4 +1,4 @@
-"""Train the bundled model from scratch on this machine: `python -m hetmem.models.bundled.train`.
+"""Train the bundled model from scratch on this machine: `python -m hetmem.bundled.train`.
 
 Nothing is downloaded. The tokenizer is a byte-level BPE trained on the machine's text
 (`data.py`); the model a small Llama trained on that text and on the retrieval tasks of
@@ -8,6 +8,10 @@ phase at 2k-4k. Positions skip ahead at a random point in half the sequences (po
 skip-wise training), so relative distances up to 8k are seen without paying for 8k-token
 sequences. At the end the model is evaluated at each context length and the model card
 (README.md, eval.json) is written beside the weights.
+
+This module runs the job (the model, the optimizer loop, saving, the evaluation and the
+command line); the knobs are `config.py`'s, the batches `batches.py`'s and the losses
+`losses.py`'s.
 """
 
 from __future__ import annotations
@@ -16,67 +20,26 @@ import argparse
 import json
 import math
 import platform
-import random
 import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ...checks import check_positive_int
-from ...errors import InputError
-from ...tasks import KINDS, TokenCounter, make_task
+from ..checks import check_positive_int
+from ..tasks import KINDS
 from . import NAME, path
-from .data import BOS, EOS, PAD, as_transformers, machine_text, train_tokenizer
+from .batches import Batches
+from .config import TrainConfig, format_curriculum, parse_curriculum, parse_lengths
+from .data import BOS, EOS, PAD, as_transformers, train_tokenizer
 from .evaluate import evaluate_tasks
+from .losses import TAP, AttentionTap, held_out_loss, loss_fn
 from .shape import ModelShape, previous_token_heads, retrieval_heads
-
-#: Training tasks draw their seeds from here up; evaluation sets use small seeds.
-TRAIN_SEED_BASE = 2**32
-#: What a training token is, for the progress figures: text, a copied span, a task's answer.
-LM, COPY, ANSWER = 0, 1, 2
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a run; written to training.json beside the weights."""
-
-    steps: int = 2600
-    #: Phases in order: (sequence lengths drawn from, share of the steps).
-    curriculum: tuple[tuple[tuple[int, ...], float], ...] = (
-        ((128, 256), 0.35),
-        ((512, 1024), 0.45),
-        ((2048, 4096), 0.2),
-    )
-    batch_tokens: int = 1024
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 100
-    weight_decay: float = 0.1
-    seed: int = 0
-    answer_weight: float = 8.0
-    lm_fraction: float = 0.15
-    lm_keep: float = 0.15
-    repeat_prob: float = 0.8
-    copy_weight: float = 2.0
-    retrieval_weight: float = 1.0
-    previous_weight: float = 0.2
-    init: str | None = None  # start from these weights (same tokenizer) instead of random
-    skip_prob: float = 0.5
-    #: Positions skip ahead within this range: 8k contexts plus their answers.
-    skip_to: int = 8192 + 256
-    #: Training stops early (saving what it has) past this wall time.
-    max_minutes: float = 40.0
-    threads: int = 2  # the most; fewer when measured faster (see ThreadChooser)
-    eval_lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
-    eval_n: int = 50
-    eval_n_long: int = 50
-    shape: ModelShape = field(default_factory=ModelShape)
 
 
 def build_model(shape: ModelShape, tok: Any, seed: int) -> Any:
@@ -112,279 +75,6 @@ def build_model(shape: ModelShape, tok: Any, seed: int) -> Any:
         pad_token_id=config.pad_token_id,
     )
     return model
-
-
-class Batches:
-    """Training batches: LM windows of the machine's text and retrieval tasks, with a
-    per-token loss weight (answers up, unpredictable random values out, a sample of the
-    LM positions in) and position ids that may skip ahead."""
-
-    def __init__(self, tok: Any, cfg: TrainConfig):
-        self.tok, self.cfg = tok, cfg
-        self.counter = TokenCounter(tok)
-        self.rng = random.Random(cfg.seed)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        texts = machine_text()
-        held = max(1, len(texts) // 20)
-        self.held_out = texts[-held:]
-        ids = [
-            i
-            for e in tok.encode_batch(list(texts[:-held]), add_special_tokens=False)
-            for i in e.ids
-        ]
-        self.lm = torch.tensor(ids, dtype=torch.long)
-        self.bos, self.pad = tok.token_to_id(BOS), tok.token_to_id(PAD)
-
-    def _lm(self, length: int) -> Example:
-        """A window of text; usually with a few of its spans copied further on.
-
-        A copy is predictable only by looking back at the original (an induction head, the
-        mechanism retrieval runs on): its tokens are weighted up and linked to their source,
-        which teaches attention to look things up long before the tasks' sparse answers do.
-        """
-        start = self.rng.randrange(len(self.lm) - length)
-        ids = torch.cat([torch.tensor([self.bos]), self.lm[start : start + length - 1]])
-        weight = (torch.rand(length, generator=self.gen) < self.cfg.lm_keep).float()
-        role = torch.full((length,), LM)
-        links = []
-        if self.rng.random() < self.cfg.repeat_prob and length >= 64:
-            for _ in range(self.rng.randint(1, 3)):
-                m = self.rng.randint(8, max(8, min(64, length // 4)))
-                src = self.rng.randrange(1, length // 2 - m + 1)
-                dst = self.rng.randrange(src + m, length - m + 1)
-                ids[dst : dst + m] = ids[src : src + m].clone()
-                weight[dst + 1 : dst + m] = self.cfg.copy_weight
-                role[dst + 1 : dst + m] = COPY
-                k = torch.arange(1, m)
-                links.append(torch.stack([dst + k - 1, src + k], 1))
-        return Example(ids, weight, role, _cat_links(links))
-
-    def _task(self, length: int) -> Example:
-        """A passkey or recall task of about `length` tokens, every answer written out.
-
-        Each answer token is linked to the same token of the value where it was stated."""
-        kind = self.rng.choice(KINDS)
-        seed = TRAIN_SEED_BASE + self.rng.getrandbits(40)
-        if kind == "recall":
-            pairs = self.rng.randint(1, max(1, min(16, (length - 48) // 32)))
-            options = {"pairs": pairs, "queries": self.rng.randint(1, pairs)}
-        else:
-            options = {}
-        task = make_task(kind, length - 8, seed, self.counter, **options)
-        enc = self.tok.encode(task.text)
-        ids = torch.tensor(enc.ids[:length], dtype=torch.long)
-        starts = np.array([a for a, _ in enc.offsets[:length]])
-        weight = (torch.rand(len(ids), generator=self.gen) < self.cfg.lm_keep).numpy()
-        weight = weight.astype(np.float32)
-        role = np.full(len(ids), LM)
-        stated: dict[str, np.ndarray] = {}
-        links = []
-        for a, b, kind_ in task.spans:
-            inside = np.flatnonzero((starts >= a) & (starts < b))
-            value = task.text[a:b]
-            if kind_ == "answer":
-                weight[inside] = self.cfg.answer_weight
-                role[inside] = ANSWER
-                source = stated.get(value)
-                if source is not None and len(source) == len(inside):
-                    links.append(torch.from_numpy(np.stack([inside - 1, source], 1)))
-            else:
-                weight[inside] = 0.0
-                stated.setdefault(value, inside)
-        weight[0] = 0.0
-        return Example(ids, torch.from_numpy(weight), torch.from_numpy(role), _cat_links(links))
-
-    def _positions(self, length: int) -> torch.Tensor:
-        pos = torch.arange(length)
-        room = self.cfg.skip_to - length
-        if room > 0 and self.rng.random() < self.cfg.skip_prob:
-            cut = self.rng.randrange(1, length)
-            pos[cut:] += self.rng.randrange(room + 1)
-        return pos
-
-    def batch(self, length: int) -> dict[str, torch.Tensor]:
-        """`batch_tokens // length` sequences of `length` tokens (at least one)."""
-        rows = max(1, self.cfg.batch_tokens // length)
-        ids = torch.full((rows, length), self.pad, dtype=torch.long)
-        weight = torch.zeros(rows, length)
-        pos = torch.zeros(rows, length, dtype=torch.long)
-        roles = torch.zeros(rows, length, dtype=torch.long)
-        links = []
-        for r in range(rows):
-            lm = self.rng.random() < self.cfg.lm_fraction
-            ex = self._lm(length) if lm else self._task(length)
-            n = len(ex.ids)
-            ids[r, :n], weight[r, :n], roles[r, :n] = ex.ids, ex.weight, ex.role
-            pos[r] = self._positions(length)
-            if len(ex.links):
-                links.append(torch.cat([torch.full((len(ex.links), 1), r), ex.links], 1))
-        return {
-            "input_ids": ids,
-            "weight": weight,
-            "position_ids": pos,
-            "role": roles,
-            "links": torch.cat(links) if links else torch.zeros(0, 3, dtype=torch.long),
-            "previous": self._previous(rows, length),
-        }
-
-    def _previous(self, rows: int, length: int, per_row: int = 32) -> torch.Tensor:
-        """Links (row, p, p - 1) at random positions, for the previous-token heads."""
-        p = torch.randint(1, length, (rows, per_row), generator=self.gen)
-        r = torch.arange(rows)[:, None].expand(rows, per_row)
-        return torch.stack([r, p, p - 1], -1).reshape(-1, 3)
-
-
-@dataclass
-class Example:
-    """One training sequence: tokens, loss weight and role per token, and links (query
-    position, source position): where a retrieving head should look from that query."""
-
-    ids: torch.Tensor
-    weight: torch.Tensor
-    role: torch.Tensor
-    links: torch.Tensor
-
-
-def _cat_links(links: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(links).long() if links else torch.zeros(0, 2, dtype=torch.long)
-
-
-#: The name the training-time attention function registers under (see `AttentionTap`).
-TAP = "hetmem_train_tap"
-
-
-class AttentionTap:
-    """Keeps the post-RoPE queries and keys of some layers during a training forward.
-
-    Registered with transformers' `AttentionInterface` as `TAP`; attention itself is sdpa,
-    unchanged. The kept tensors feed `retrieval_loss`.
-    """
-
-    current: AttentionTap | None = None
-
-    def __init__(self, heads: Sequence[tuple[int, int]], previous: Sequence[tuple[int, int]] = ()):
-        self.heads = tuple(heads)
-        self.previous = tuple(previous)
-        self.layers = {layer for layer, _ in (*heads, *previous)}
-        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
-
-    @staticmethod
-    def register() -> None:
-        from transformers import AttentionInterface, AttentionMaskInterface
-        from transformers.masking_utils import sdpa_mask
-
-        AttentionInterface.register(TAP, _tap_forward)
-        AttentionMaskInterface.register(TAP, sdpa_mask)
-
-
-def _tap_forward(
-    module: Any,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Any,
-    **kwargs: Any,
-) -> Any:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    tap = AttentionTap.current
-    if tap is not None and module.layer_idx in tap.layers:
-        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        tap.kept[module.layer_idx] = (query, key, scaling)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def retrieval_loss(
-    tap: AttentionTap, links: torch.Tensor, heads: Sequence[tuple[int, int]]
-) -> torch.Tensor:
-    """Mean -log(attention weight on the source) over the links, for each of `heads`.
-
-    A link (row, query position p, source position j) says: the token after p is a copy of
-    the token at j. Supervising a few heads to attend there (and a first-layer head to the
-    previous token) is the shortcut that makes a small model's retrieval form within
-    minutes of CPU rather than days.
-    """
-    losses = []
-    for layer, head in heads:
-        q, k, scaling = tap.kept[layer]
-        group = q.shape[1] // k.shape[1]
-        for r in links[:, 0].unique().tolist():
-            mine = links[links[:, 0] == r]
-            p, j = mine[:, 1], mine[:, 2]
-            scores = (q[r, head, p] @ k[r, head // group].T) * scaling  # [n, L]
-            causal = torch.arange(k.shape[2])[None, :] <= p[:, None]
-            scores = scores.masked_fill(~causal, float("-inf"))
-            target = scores.gather(1, j[:, None])[:, 0]
-            losses.append(torch.logsumexp(scores, -1) - target)
-    return torch.cat(losses).mean()
-
-
-def loss_fn(
-    model: Any,
-    batch: dict[str, torch.Tensor],
-    tap: AttentionTap | None = None,
-    retrieval_weight: float = 1.0,
-    previous_weight: float = 0.2,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted next-token loss (logits only where the weight is set), plus the retrieval
-    loss of the tapped heads when `tap` is given."""
-    AttentionTap.current = tap
-    try:
-        # An explicit all-ones mask, so that no transformers version reads the jump in the
-        # position ids as the start of another packed sequence.
-        hidden = model.model(
-            input_ids=batch["input_ids"],
-            position_ids=batch["position_ids"],
-            attention_mask=torch.ones_like(batch["input_ids"]),
-        ).last_hidden_state
-    finally:
-        AttentionTap.current = None
-    w = batch["weight"][:, 1:]
-    where = w > 0
-    logits = model.lm_head(hidden[:, :-1][where])
-    target = batch["input_ids"][:, 1:][where]
-    ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
-    ww = w[where]
-    loss = (ce * ww).sum() / ww.sum()
-    role = batch["role"][:, 1:][where]
-    stats = {}
-    if tap is not None and len(batch["links"]):
-        attn = retrieval_loss(tap, batch["links"], tap.heads)
-        loss = loss + retrieval_weight * attn
-        stats["attn_loss"] = float(attn.detach())
-    if tap is not None and tap.previous and previous_weight > 0:
-        prev = retrieval_loss(tap, batch["previous"], tap.previous)
-        loss = loss + previous_weight * prev
-        stats["prev_loss"] = float(prev.detach())
-    if tap is not None:
-        tap.kept.clear()
-    stats["loss"] = float(loss.detach())
-    with torch.no_grad():
-        hit = logits.argmax(-1) == target
-        for code, name in ((ANSWER, "answer"), (COPY, "copy")):
-            mine = role == code
-            if bool(mine.any()):
-                stats[f"{name}_loss"] = float(ce[mine].mean())
-                stats[f"{name}_acc"] = float(hit[mine].float().mean())
-        if bool((role == LM).any()):
-            stats["lm_loss"] = float(ce[role == LM].mean())
-    return loss, stats
-
-
-def held_out_loss(
-    model: Any, tok: Any, texts: Sequence[str], length: int = 512, limit: int = 64
-) -> float:
-    """Mean next-token loss on held-out docstrings (the LM side of the model)."""
-    ids = [i for e in tok.encode_batch(list(texts), add_special_tokens=False) for i in e.ids]
-    bos = tok.token_to_id(BOS)
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for s in range(0, min(len(ids), limit * (length - 1)) - length, length - 1):
-            x = torch.tensor([[bos, *ids[s : s + length - 1]]])
-            logits = model(input_ids=x).logits[0, :-1]
-            total += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
-            count += length - 1
-    return total / max(count, 1)
 
 
 class ThreadChooser:
@@ -583,45 +273,13 @@ def run_eval(out: Path, cfg: TrainConfig, log: Any = None) -> dict[str, Any]:
     return {"tasks": results, "decoding": "greedy", "threads": cfg.threads}
 
 
-def parse_lengths(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise InputError("lengths", f"expected comma-separated integers, got {text!r}") from None
-    for v in values:
-        check_positive_int("lengths", v)
-    return values
-
-
-def parse_curriculum(text: str) -> tuple[tuple[tuple[int, ...], float], ...]:
-    """'128,256@0.4;512,1024@0.6' -> (((128, 256), 0.4), ((512, 1024), 0.6))."""
-    phases = []
-    for part in text.split(";"):
-        lengths, _, share = part.partition("@")
-        try:
-            value = float(share) if share else 1.0
-        except ValueError:
-            raise InputError("contexts", f"bad share {share!r} in {text!r}") from None
-        if not value > 0:
-            raise InputError("contexts", f"shares must be positive, got {value} in {text!r}")
-        values = parse_lengths(lengths)
-        if not values:
-            raise InputError("contexts", f"a phase without lengths in {text!r}")
-        phases.append((values, value))
-    return tuple(phases)
-
-
-def format_curriculum(curriculum: Sequence[tuple[Sequence[int], float]]) -> str:
-    return ";".join(f"{','.join(map(str, lengths))}@{share:g}" for lengths, share in curriculum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
 
     from .card import write_card
 
     p = argparse.ArgumentParser(
-        prog="python -m hetmem.models.bundled.train", description=__doc__.splitlines()[0]
+        prog="python -m hetmem.bundled.train", description=__doc__.splitlines()[0]
     )
     p.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimizer steps")
     p.add_argument(

@@ -632,17 +632,19 @@ class Calibration:
 
 
 def bundled_selectors() -> Any:
-    from ..models.bundled import path
-    from ..models.calibrate import load_selectors
+    from ..bundled import path
+    from ..selectors.weights import load_selectors
 
     return load_selectors(path())
 
 
 def capture_bundled(sequences: int, tokens: int, queries: int, seed: int) -> list[Any]:
-    """The bundled model's attention activations per layer (`calibrate.capture`) on the
-    calibration text and tasks of `seed`."""
-    from ..models.bundled import path
-    from ..models.calibrate import calibration_ids, capture, load_local
+    """The bundled model's attention activations per layer (`hetmem.selectors.activations`'s
+    `capture`) on the calibration text and tasks of `seed`."""
+    from ..bundled import path
+    from ..selectors.activations import capture
+    from ..selectors.calibrate import load_local
+    from ..selectors.data import calibration_ids
 
     model, tok = load_local(path())
     ids = calibration_ids(tok, sequences, tokens, seed=seed)
@@ -653,7 +655,7 @@ def seer_rows(act: Any, block: int) -> dict[str, np.ndarray]:
     """The AttnGate maps' input rows of one layer: "key" the pooled blocks (complete ones
     and each sampled query's partial block) [M, Hkv*3D], "query" the grouped queries
     [N*T, Hkv*R*D], each row all KV heads in order (as `block_diagonal` lays them)."""
-    from ..models.calibrate import block_pools
+    from ..selectors.objective import block_pools
 
     full, partial = block_pools(act, block)  # [N, Hkv, Nb, 3D], [N, Hkv, T, 3D]
     hkv = act.k.shape[1]
@@ -668,7 +670,7 @@ def seer_rows(act: Any, block: int) -> dict[str, np.ndarray]:
 def dsa_rows(act: Any) -> dict[str, np.ndarray]:
     """The lightning indexer maps' input rows of one layer: "key" every token's keys over
     the KV heads [N*S, Hkv*D], "query" the sampled queries over the query heads [N*T, Hq*D]
-    (the default features, as `calibrate.indexer_scores` takes them)."""
+    (the default features, as `hetmem.selectors.objective.indexer_logits` takes them)."""
     kf = act.k.permute(0, 2, 1, 3).flatten(2).flatten(0, 1)
     qf = act.q.permute(0, 2, 1, 3).flatten(2).flatten(0, 1)
     return {"key": kf.double().numpy(), "query": qf.double().numpy()}
@@ -697,8 +699,8 @@ def profile_bundled(
 ) -> dict[str, Any]:
     """Profile every map of the bundled model's trained selectors on calibration
     activations and choose its precision; write them to `out` (hls/attngate/precision.json)."""
-    from ..models.bundled import path
-    from ..models.calibrate import SELECTORS_FILE
+    from ..bundled import path
+    from ..selectors.weights import SELECTORS_FILE
 
     selectors = bundled_selectors()
     c = calibration
@@ -789,7 +791,8 @@ def seer_scores(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Integer gate logits of one layer from the fixed-point maps: (scores int64
     [N, Hkv, T, Nb] = Q . K of the result types' integers, the query's own block from its
-    partial pooling as `calibrate.gate_logits` does; visible bool [N, Hkv, T, Nb])."""
+    partial pooling as `hetmem.selectors.objective.gate_logits` does; visible bool
+    [N, Hkv, T, Nb])."""
     n, hkv, s, _ = act.k.shape
     t = act.q.shape[2]
     nb = -(-s // block)

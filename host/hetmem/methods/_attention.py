@@ -285,25 +285,27 @@ class BlockSummary:
 # The reducers take keys [B, Hkv, blocks, block, D] and the valid tokens' mask [B, 1, blocks,
 # block, 1], or None when every token is valid; a block without a valid token gives zeros.
 def block_min(keys: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Reductions over a block's tokens: keys [..., block, D], valid [..., block, 1] or None
+    (every token valid) -> [..., D]; a block without a valid token reduces to zeros."""
     if valid is None:
-        return keys.amin(dim=3)
-    out = keys.masked_fill(~valid, float("inf")).amin(dim=3)
+        return keys.amin(dim=-2)
+    out = keys.masked_fill(~valid, float("inf")).amin(dim=-2)
     return torch.where(torch.isinf(out), torch.zeros_like(out), out)
 
 
 def block_max(keys: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     if valid is None:
-        return keys.amax(dim=3)
-    out = keys.masked_fill(~valid, float("-inf")).amax(dim=3)
+        return keys.amax(dim=-2)
+    out = keys.masked_fill(~valid, float("-inf")).amax(dim=-2)
     return torch.where(torch.isinf(out), torch.zeros_like(out), out)
 
 
 def block_mean(keys: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     if valid is None:
-        return keys.mean(dim=3)
-    count = valid.sum(dim=3).clamp(min=1)
+        return keys.mean(dim=-2)
+    count = valid.sum(dim=-2).clamp(min=1)
     # where, not a product: a padding slot may hold NaN, and NaN * 0 is NaN.
-    return torch.where(valid, keys, torch.zeros_like(keys)).sum(dim=3) / count
+    return torch.where(valid, keys, torch.zeros_like(keys)).sum(dim=-2) / count
 
 
 def check_features(name: str, features: torch.Tensor, kv_or_q_batch: int, tokens: int) -> None:

@@ -2,7 +2,7 @@
 
 Prepare: per-token indexer keys k_s = x_s W_k from per-token features x_s.
 Relevancy: score(t, s) = sum_h w_{t,h} * ReLU(q_{t,h} . k_s), with q_{t,h} and w_{t,h}
-projected from the query token's features.
+projected from the query token's features (`indexer_scores`, which calibration trains on).
 Retrieval: top-k tokens, one selection per query token shared by every head.
 Apply: attention over the selected tokens.
 
@@ -181,6 +181,38 @@ class IndexerWeights:
         proj = torch.linalg.qr(torch.randn(fk, fk, generator=gen))[0][:, :dim]  # [Fk, Di]
         blocks = proj.reshape(kv_heads, head_dim, dim).clone()
         return cls(None, proj.clone(), None, q_heads, blocks=blocks)
+
+
+def query_key_logits(qi: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """q_{t,h} . k_s of every indexer query and key, [..., S, T, H] (S-major, as the keys
+    are): one matmul of the keys [..., S, Di] with the T*H queries qi [..., T, H, Di]."""
+    *lead, t, h, di = qi.shape
+    if keys.dtype != qi.dtype:
+        keys = keys.to(qi.dtype)
+    return (keys @ qi.reshape(*lead, t * h, di).transpose(-1, -2)).unflatten(-1, (t, h))
+
+
+def indexer_scores(
+    logits: torch.Tensor, w: torch.Tensor | None, dim: int, *, inplace: bool = False
+) -> torch.Tensor:
+    """The lightning indexer's score of every key for every query, [..., T, S]:
+    sum_h w[..., t, h] * ReLU(logits[..., s, t, h]) / sqrt(dim).
+
+    logits [..., S, T, H]: q_{t,h} . k_s (`query_key_logits`, or a folded index's);
+    w [..., T, H]: the head weights, or None when every head weighs 1/H; dim: Di.
+
+    The one definition of DSA's score: `DSA.relevancy` scores with it (inplace=True: ReLU
+    and scale written into the fresh logits, on the no-grad decode path), and `hetmem
+    calibrate` trains the indexer against it (inplace=False: differentiable). The
+    1/sqrt(Di) scale commutes with ReLU and rides on the [..., T, H] weights (on the head
+    sum when every head weighs 1/H).
+    """
+    logits = logits.relu_() if inplace else torch.relu(logits)
+    if w is None:
+        scores = logits.sum(-1).transpose(-1, -2)  # [..., T, S]
+        scale = 1.0 / (logits.shape[-1] * math.sqrt(dim))
+        return scores.mul_(scale) if inplace else scores * scale
+    return torch.einsum("...sth,...th->...ts", logits, w / math.sqrt(dim))
 
 
 class DSAMemory(AttentionMemory):
@@ -380,11 +412,8 @@ class DSA(SparseAttentionMethod):
         One bmm with the indexer keys; a folded index: the folded queries times the cache's
         head-major keys, one bmm over (row, KV head) and a sum over the KV heads."""
         b, t, h, di = qi.shape
-        if memory.keys is not None:
-            keys = memory.keys.data  # [B, S, Di]
-            if keys.dtype != qi.dtype:
-                keys = keys.to(qi.dtype)
-            return torch.bmm(keys, qi.reshape(b, t * h, di).transpose(1, 2))
+        if memory.keys is not None:  # [B, S, Di]
+            return query_key_logits(qi, memory.keys.data).flatten(-2)
         kv = memory.kv
         hkv, d, s = kv.kv_heads, kv.dim, kv.capacity
         keys = kv.keys  # [B, Hkv, S, D], a view of the cache's buffer
@@ -400,17 +429,9 @@ class DSA(SparseAttentionMethod):
         positions = self.positions(memory, query)
         qi, w = self.indexer_query(memory, query)
         b, t, h, di = qi.shape
-        # One bmm of every token's key with the T*H indexer queries ([B, S, T*H]), ReLU in
-        # place, then the head weights; the 1/sqrt(Di) scale commutes with ReLU and rides on
-        # the [B, T, H] weights.
-        logits = self.index_logits(memory, qi)
-        logits.relu_()
-        if self.weights is not None and self.weights.ww is None:  # every head weighs 1/H
-            scores = logits.view(b, -1, t, h).sum(-1).transpose(1, 2)  # [B, T, S]
-            scores.mul_(1.0 / (h * math.sqrt(di)))
-        else:
-            scaled = w / math.sqrt(di)
-            scores = torch.einsum("bsth,bth->bts", logits.view(b, -1, t, h), scaled)
+        logits = self.index_logits(memory, qi).view(b, -1, t, h)  # [B, S, T, H]
+        equal = self.weights is not None and self.weights.ww is None  # every head weighs 1/H
+        scores = indexer_scores(logits, None if equal else w, di, inplace=True)
         if self.sees_all(query.plan, scores.shape[-1]):
             return Scores(scores[:, None], unit=1, masked=False)
         visible = self.unit_visible(memory, positions, scores.shape[-1], query.plan)

@@ -3,6 +3,8 @@
 Prepare: per block of `block_size` tokens, keys pooled by max, min and mean (concatenated),
 projected by the gate's key map to Dg dimensions, per KV head.
 Relevancy: gate logits q_g . k_g / sqrt(Dg), where q_g projects the KV group's query heads.
+The pooling (`pool_blocks`), the two maps (`gate_queries`, `gate_keys`) and the score
+(`gate_scores`) are module functions, differentiable, that `hetmem calibrate` trains on.
 Retrieval: top-k blocks under a token budget, or (mode="threshold") a bitmap of the blocks
 whose gate probability is at least `threshold` times the largest (logit >= max + ln tau).
 Apply: block-sparse attention over the selected blocks.
@@ -38,6 +40,30 @@ from ._attention import (
 
 #: How a block's keys are pooled before the gate's key map (concatenated in this order).
 POOLS = {"max": block_max, "min": block_min, "mean": block_mean}
+
+
+def pool_blocks(blocks: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Pooled keys [..., 3D] of blocks of keys [..., block, D]: max, min and mean over each
+    block's valid tokens (valid [..., block, 1]; None: every token), in `POOLS` order."""
+    return torch.cat([reduce(blocks, valid) for reduce in POOLS.values()], dim=-1)
+
+
+def gate_queries(q: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """Gate queries [..., Hkv, T, Dg] of queries q [..., Hq, T, D]: each KV group's R query
+    heads side by side ([..., Hkv, T, R*D]) through its map wq [Hkv, R*D, Dg]."""
+    grouped = q.unflatten(-3, (wq.shape[0], -1)).transpose(-3, -2).flatten(-2)
+    return grouped.to(wq.dtype) @ wq
+
+
+def gate_keys(pooled: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
+    """Gate keys [..., Hkv, Nb, Dg] of pooled blocks [..., Hkv, Nb, 3D] through wk [Hkv, 3D, Dg]."""
+    return pooled.to(wk.dtype) @ wk
+
+
+def gate_scores(qg: torch.Tensor, kg: torch.Tensor) -> torch.Tensor:
+    """The gate's logits q_g . k_g / sqrt(Dg), [..., T, Nb], of gate queries [..., T, Dg] and
+    gate keys [..., Nb, Dg]."""
+    return qg @ kg.transpose(-1, -2).to(qg.dtype) / math.sqrt(qg.shape[-1])
 
 
 @dataclass
@@ -169,10 +195,8 @@ class SeerAttention(SparseAttentionMethod):
     def _gate_keys(self, kv: KVCache, first_block: int = 0) -> torch.Tensor:
         """Gate keys [B, Hkv, Nb', Dg] of the blocks from `first_block` on: their keys pooled
         by max, min and mean, through the gate's key map."""
-        v = block_reductions(kv, self.unit, first_block, POOLS)
-        pooled = torch.cat([v["max"], v["min"], v["mean"]], dim=-1)
-        w = self._weights(kv)
-        return pooled.to(w.wk.dtype) @ w.wk[None]  # [B, Hkv, Nb, Dg]
+        pooled = block_reductions(kv, self.unit, first_block, {"pools": pool_blocks})["pools"]
+        return gate_keys(pooled, self._weights(kv).wk)  # [B, Hkv, Nb, Dg]
 
     def prepare(self, data: Any) -> SeerMemory:
         kv, _ = as_kv(data)
@@ -189,18 +213,16 @@ class SeerAttention(SparseAttentionMethod):
         """Gate queries [B, Hkv, T, Dg] from q [B, Hq, T, D]."""
         w = self._weights(memory.kv, q.shape[1])
         hkv = memory.kv.kv_heads
-        grouped = q.unflatten(1, (hkv, -1)).permute(0, 1, 3, 2, 4).flatten(3)  # [B,Hkv,T,R*D]
-        if grouped.shape[-1] != w.wq.shape[1]:
-            raise InputError(
-                "query", f"group width {grouped.shape[-1]} does not fit wq {tuple(w.wq.shape)}"
-            )
-        return grouped.to(w.wq.dtype) @ w.wq[None]
+        width = q.shape[1] // hkv * q.shape[-1]  # R*D
+        if q.shape[1] % hkv or width != w.wq.shape[1]:
+            raise InputError("query", f"group width {width} does not fit wq {tuple(w.wq.shape)}")
+        return gate_queries(q, w.wq)
 
     def relevancy(self, memory: Any, query: Any) -> Scores:
         assert isinstance(memory, SeerMemory)
         positions = self.positions(memory, query)
         qg = self.gate_query(memory, query.q)
-        logits = qg @ memory.gate_keys.transpose(-1, -2).to(qg.dtype) / math.sqrt(qg.shape[-1])
+        logits = gate_scores(qg, memory.gate_keys)
         if self.sees_all(query.plan, logits.shape[-1]):
             return Scores(logits, unit=self.unit, masked=False)
         visible = self.unit_visible(memory, positions, logits.shape[-1], query.plan)[:, None]

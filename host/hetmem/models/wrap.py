@@ -192,7 +192,7 @@ def wrap(
     features = attention_features(model)
     layers = features.layers
     budget = check_positive_int("budget", budget)
-    from .calibrate import trained_spec
+    from ..selectors.weights import trained_spec
 
     # "dsa" / "seer" by name: the trained selectors beside the model's directory, if any.
     spec = trained_spec(model, method, method_options)
