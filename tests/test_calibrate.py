@@ -11,8 +11,20 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 from hetmem.attention import AttentionQuery, KVCache  # noqa: E402
 from hetmem.cli import main  # noqa: E402
 from hetmem.errors import InputError  # noqa: E402
-from hetmem.methods.dsa import DSA, IndexerWeights  # noqa: E402
-from hetmem.methods.seer import GateWeights, SeerAttention  # noqa: E402
+from hetmem.methods.dsa import (  # noqa: E402
+    DSA,
+    IndexerWeights,
+    indexer_scores,
+    query_key_logits,
+)
+from hetmem.methods.seer import (  # noqa: E402
+    GateWeights,
+    SeerAttention,
+    gate_keys,
+    gate_queries,
+    gate_scores,
+    pool_blocks,
+)
 from hetmem.models import unwrap, wrap  # noqa: E402
 from hetmem.selectors.activations import CAPTURE, LayerActivations, capture  # noqa: E402
 from hetmem.selectors.calibrate import load_local  # noqa: E402
@@ -76,10 +88,13 @@ def test_capture_shapes_and_model_restored(tiny_model, acts):
     assert bool((probs[0, :, 0, 1 + int(a.positions[0, 0]) :] == 0).all())
 
 
-def test_training_objective_scores_what_the_methods_score(acts):
-    """The scores the students train are exactly the methods' Relevancy at decode time."""
+@pytest.mark.parametrize("dim", [8, 32], ids=["indexer keys", "folded"])
+def test_training_objective_scores_what_the_methods_score(acts, dim):
+    """The scores the students train are exactly the methods' Relevancy at decode time: the
+    indexer with its own keys (Di < Hkv*D) and folded into the cache's keys (Di = Hkv*D),
+    the gate with the query's own block pooled up to the query."""
     a = acts[1]
-    dsa_w, _ = train_indexer(a, dim=8, config=TrainConfig(steps=5))
+    dsa_w, _ = train_indexer(a, dim=dim, config=TrainConfig(steps=5))
     gate_w, _ = train_gate(a, block_size=BLOCK, config=TrainConfig(steps=5))
     pools = block_pools(a, BLOCK)
     dsa_all = indexer_logits(dsa_w, a)
@@ -89,11 +104,66 @@ def test_training_objective_scores_what_the_methods_score(acts):
         kv = KVCache(a.k[n : n + 1, :, : p + 1], a.k[n : n + 1, :, : p + 1])
         query = AttentionQuery(a.q[n : n + 1, :, t : t + 1])
         dsa = DSA(dsa_w)
-        got = dsa.relevancy(dsa.prepare(kv), query).values[0, 0, 0]
+        memory = dsa.prepare(kv)
+        assert memory.folded == (dim == 32)
+        got = dsa.relevancy(memory, query).values[0, 0, 0]
         torch.testing.assert_close(got, dsa_all[n, t, : p + 1], atol=1e-5, rtol=1e-5)
         seer = SeerAttention(gate_w, block_size=BLOCK)
         got = seer.relevancy(seer.prepare(kv), query).values[0, :, 0]
         torch.testing.assert_close(got, gate_all[n, :, t, : p // BLOCK + 1], atol=1e-5, rtol=1e-5)
+        # The comparison can fail: the untrained gate scores these blocks otherwise.
+        untrained = SeerAttention(block_size=BLOCK)
+        other = untrained.relevancy(untrained.prepare(kv), query).values[0, :, 0]
+        assert not torch.allclose(other, gate_all[n, :, t, : p // BLOCK + 1], atol=1e-3)
+
+
+def test_shared_scores_are_the_formulas_and_train():
+    """The methods' scoring functions, which Relevancy and calibration share, compute the
+    published formulas over any leading dims, the in-place variant (the decode path's)
+    gives the same values, and gradients reach every input (double-precision gradcheck)."""
+    g = torch.Generator().manual_seed(5)
+    lead, t, h, di, s = (2, 3), 4, 3, 5, 7
+    qi = torch.randn(*lead, t, h, di, generator=g, dtype=torch.float64)
+    keys = torch.randn(*lead, s, di, generator=g, dtype=torch.float64)
+    w = torch.rand(*lead, t, h, generator=g, dtype=torch.float64)
+    dots = torch.einsum("abthd,absd->abtsh", qi, keys)  # q_{t,h} . k_s
+    want = (w[..., :, None, :] * dots.relu()).sum(-1) / di**0.5  # [.., T, S]
+    logits = query_key_logits(qi, keys)
+    assert logits.shape == (*lead, s, t, h)
+    torch.testing.assert_close(indexer_scores(logits, w, di), want)
+    equal = dots.relu().mean(-1) / di**0.5
+    torch.testing.assert_close(indexer_scores(logits, None, di), equal)
+    torch.testing.assert_close(indexer_scores(logits.clone(), None, di, inplace=True), equal)
+    torch.testing.assert_close(indexer_scores(logits.clone(), w, di, inplace=True), want)
+    assert torch.autograd.gradcheck(
+        lambda q, k, w: indexer_scores(query_key_logits(q, k), w, di),
+        (qi.requires_grad_(), keys.requires_grad_(), w.requires_grad_()),
+    )
+
+    hkv, r, d, dg, block = 2, 3, 4, 5, 4
+    q = torch.randn(*lead, hkv * r, t, d, generator=g, dtype=torch.float64)
+    wq = torch.randn(hkv, r * d, dg, generator=g, dtype=torch.float64)
+    wk = torch.randn(hkv, 3 * d, dg, generator=g, dtype=torch.float64)
+    blocks = torch.randn(*lead, hkv, 6, block, d, generator=g, dtype=torch.float64)
+    valid = torch.arange(block).view(1, block, 1) < torch.tensor([4, 4, 4, 4, 4, 2]).view(6, 1, 1)
+    pooled = pool_blocks(blocks, valid)  # the last block holds 2 tokens
+    torch.testing.assert_close(
+        pooled[..., 5, :],
+        torch.cat([blocks[..., 5, :2, :].amax(-2), blocks[..., 5, :2, :].amin(-2),
+                   blocks[..., 5, :2, :].mean(-2)], dim=-1),
+    )  # fmt: skip
+    torch.testing.assert_close(pooled[..., 0, d : 2 * d], blocks[..., 0, :, :].amin(-2))
+    qg = gate_queries(q, wq)  # group j's query heads jR..jR+R-1, side by side
+    grouped = torch.cat([q[..., 1 * r + i, :, :] for i in range(r)], dim=-1)
+    torch.testing.assert_close(qg[..., 1, :, :], grouped @ wq[1])
+    kg = gate_keys(pooled, wk)
+    torch.testing.assert_close(
+        gate_scores(qg, kg), torch.einsum("abhtd,abhnd->abhtn", qg, kg) / dg**0.5
+    )
+    assert torch.autograd.gradcheck(
+        lambda wq, wk: gate_scores(gate_queries(q, wq), gate_keys(pooled, wk)),
+        (wq.requires_grad_(), wk.requires_grad_()),
+    )
 
 
 @pytest.mark.parametrize("selector", ["dsa", "seer"])
