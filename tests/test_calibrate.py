@@ -128,15 +128,17 @@ def test_shared_scores_are_the_formulas_and_train():
     w = torch.rand(*lead, t, h, generator=g, dtype=torch.float64)
     dots = torch.einsum("abthd,absd->abtsh", qi, keys)  # q_{t,h} . k_s
     want = (w[..., :, None, :] * dots.relu()).sum(-1) / di**0.5  # [.., T, S]
-    logits = query_key_logits(qi, keys)
+    logits = query_key_logits(qi, keys).unflatten(-1, (t, h))
     assert logits.shape == (*lead, s, t, h)
+    flat = query_key_logits(qi[0], keys[0])  # three dims: the decode path's bmm
+    torch.testing.assert_close(flat.unflatten(-1, (t, h)), logits[0])
     torch.testing.assert_close(indexer_scores(logits, w, di), want)
     equal = dots.relu().mean(-1) / di**0.5
     torch.testing.assert_close(indexer_scores(logits, None, di), equal)
     torch.testing.assert_close(indexer_scores(logits.clone(), None, di, inplace=True), equal)
     torch.testing.assert_close(indexer_scores(logits.clone(), w, di, inplace=True), want)
     assert torch.autograd.gradcheck(
-        lambda q, k, w: indexer_scores(query_key_logits(q, k), w, di),
+        lambda q, k, w: indexer_scores(query_key_logits(q, k).unflatten(-1, (t, h)), w, di),
         (qi.requires_grad_(), keys.requires_grad_(), w.requires_grad_()),
     )
 

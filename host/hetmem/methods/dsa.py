@@ -184,12 +184,16 @@ class IndexerWeights:
 
 
 def query_key_logits(qi: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """q_{t,h} . k_s of every indexer query and key, [..., S, T, H] (S-major, as the keys
-    are): one matmul of the keys [..., S, Di] with the T*H queries qi [..., T, H, Di]."""
+    """q_{t,h} . k_s of every indexer query and key, [..., S, T*H] (S-major, as the keys
+    are; t major, h minor): one matmul of the keys [..., S, Di] with the T*H queries qi
+    [..., T, H, Di]."""
     *lead, t, h, di = qi.shape
     if keys.dtype != qi.dtype:
         keys = keys.to(qi.dtype)
-    return (keys @ qi.reshape(*lead, t * h, di).transpose(-1, -2)).unflatten(-1, (t, h))
+    queries = qi.reshape(*lead, t * h, di).transpose(-1, -2)
+    if keys.dim() == 3:  # the decode memory's [B, S, Di]: one bmm, no matmul dispatch
+        return torch.bmm(keys, queries)
+    return keys @ queries
 
 
 def indexer_scores(
@@ -198,7 +202,7 @@ def indexer_scores(
     """The lightning indexer's score of every key for every query, [..., T, S]:
     sum_h w[..., t, h] * ReLU(logits[..., s, t, h]) / sqrt(dim).
 
-    logits [..., S, T, H]: q_{t,h} . k_s (`query_key_logits`, or a folded index's);
+    logits [..., S, T, H]: q_{t,h} . k_s (`query_key_logits` viewed so, or a folded index's);
     w [..., T, H]: the head weights, or None when every head weighs 1/H; dim: Di.
 
     The one definition of DSA's score: `DSA.relevancy` scores with it (inplace=True: ReLU
@@ -413,7 +417,7 @@ class DSA(SparseAttentionMethod):
         head-major keys, one bmm over (row, KV head) and a sum over the KV heads."""
         b, t, h, di = qi.shape
         if memory.keys is not None:  # [B, S, Di]
-            return query_key_logits(qi, memory.keys.data).flatten(-2)
+            return query_key_logits(qi, memory.keys.data)
         kv = memory.kv
         hkv, d, s = kv.kv_heads, kv.dim, kv.capacity
         keys = kv.keys  # [B, Hkv, S, D], a view of the cache's buffer

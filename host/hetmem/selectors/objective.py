@@ -28,8 +28,9 @@ def indexer_logits(weights: IndexerWeights, act: LayerActivations) -> torch.Tens
     qf = act.q.permute(0, 2, 1, 3).flatten(2)  # [N, T, Hq*D]
     kf = act.k.permute(0, 2, 1, 3).flatten(2)  # [N, S, Hkv*D]
     w = None if weights.ww is None else qf @ weights.ww
-    logits = query_key_logits(weights.project(qf), kf @ weights.wk)  # [N, S, T, H]
-    scores = indexer_scores(logits, w, weights.dim)
+    qi = weights.project(qf)  # [N, T, H, Di]
+    logits = query_key_logits(qi, kf @ weights.wk).unflatten(-1, qi.shape[-3:-1])
+    scores = indexer_scores(logits, w, weights.dim)  # logits [N, S, T, H]
     if act.causal:
         scores = scores.masked_fill(~visible(act.positions, act.k.shape[2]), float("-inf"))
     return scores
