@@ -655,11 +655,11 @@ def seer_rows(act: Any, block: int) -> dict[str, np.ndarray]:
     """The AttnGate maps' input rows of one layer: "key" the pooled blocks (complete ones
     and each sampled query's partial block) [M, Hkv*3D], "query" the grouped queries
     [N*T, Hkv*R*D], each row all KV heads in order (as `block_diagonal` lays them)."""
+    from ..methods.seer import group_queries
     from ..selectors.objective import block_pools
 
     full, partial = block_pools(act, block)  # [N, Hkv, Nb, 3D], [N, Hkv, T, 3D]
-    hkv = act.k.shape[1]
-    grouped = act.q.unflatten(1, (hkv, -1)).permute(0, 1, 3, 2, 4).flatten(3)  # [N,Hkv,T,RD]
+    grouped = group_queries(act.q, act.k.shape[1])  # [N, Hkv, T, R*D]
 
     def rows(t: Any) -> np.ndarray:  # [N, H, M, F] -> [N*M, H*F]
         return t.permute(0, 2, 1, 3).flatten(2).flatten(0, 1).double().numpy()

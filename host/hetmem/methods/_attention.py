@@ -232,8 +232,9 @@ def _full_reductions(
         parts.append({name: reduce(view, None) for name, reduce in reducers.items()})
     if len(parts) == 1:
         return parts[0]
-    if not parts:
-        return {name: keys.new_zeros(b, h, 0, d) for name in reducers}
+    if not parts:  # no block: each reducer's output over no block (its own width)
+        empty = keys.new_zeros(b, h, 0, block, d)
+        return {name: reduce(empty, None) for name, reduce in reducers.items()}
     return {name: torch.cat([p[name] for p in parts], dim=2) for name in reducers}
 
 

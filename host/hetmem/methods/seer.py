@@ -48,11 +48,16 @@ def pool_blocks(blocks: torch.Tensor, valid: torch.Tensor | None = None) -> torc
     return torch.cat([reduce(blocks, valid) for reduce in POOLS.values()], dim=-1)
 
 
+def group_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The gate's query input, [..., Hkv, T, R*D], of queries q [..., Hq, T, D]: each KV
+    group's R query heads side by side."""
+    return q.unflatten(-3, (kv_heads, -1)).transpose(-3, -2).flatten(-2)
+
+
 def gate_queries(q: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
-    """Gate queries [..., Hkv, T, Dg] of queries q [..., Hq, T, D]: each KV group's R query
-    heads side by side ([..., Hkv, T, R*D]) through its map wq [Hkv, R*D, Dg]."""
-    grouped = q.unflatten(-3, (wq.shape[0], -1)).transpose(-3, -2).flatten(-2)
-    return grouped.to(wq.dtype) @ wq
+    """Gate queries [..., Hkv, T, Dg] of queries q [..., Hq, T, D]: each KV group's query
+    heads (`group_queries`) through its map wq [Hkv, R*D, Dg]."""
+    return group_queries(q, wq.shape[0]).to(wq.dtype) @ wq
 
 
 def gate_keys(pooled: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:

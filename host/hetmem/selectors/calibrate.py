@@ -14,7 +14,13 @@ an attention function registered with transformers (model code is never edited).
 
 The weights go beside the model, `<model_dir>/hetmem_selectors.safetensors`, and
 `wrap(model, method="dsa")` (or "seer") picks them up when the model was loaded from that
-directory (`trained_spec`).
+directory (`weights.trained_spec`).
+
+This module is the job: `calibrate` (capture, train every layer, save) and `calibrate_dir`
+(`hetmem calibrate`: a local model, its data, progress and the report). The capture is
+`activations.py`'s, the scores and teachers `objective.py`'s (the students score with the
+methods' own Relevancy functions), the loops `train.py`'s, the data `data.py`'s and the file
+`weights.py`'s.
 """
 
 from __future__ import annotations
