@@ -25,7 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-from hetmem.fpga import hls4ml_gate as hg
+from hetmem.fpga.hls4ml_gate.build import BACKEND, IO_TYPE, STRATEGY
+from hetmem.fpga.hls4ml_gate.bundled import (
+    SELECTORS,
+    bundled_maps,
+    bundled_selectors,
+    capture_bundled,
+    load_precisions,
+)
+from hetmem.fpga.hls4ml_gate.selection import dsa_scores, recall, seer_scores
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,33 +59,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="evaluation set (profile: 0)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--result-widths", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--kinds", nargs="+", default=["seer", "dsa"], choices=hg.SELECTORS)
+    parser.add_argument("--kinds", nargs="+", default=["seer", "dsa"], choices=SELECTORS)
     parser.add_argument("--out", type=Path, default=RESULTS / "hls4ml_gate.json")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    doc = hg.load_precisions()
-    selectors = hg.bundled_selectors()
+    doc = load_precisions()
+    selectors = bundled_selectors()
     block = selectors.block_size
-    acts = hg.capture_bundled(args.sequences, args.tokens, args.queries, args.seed)
+    acts = capture_bundled(args.sequences, args.tokens, args.queries, args.seed)
     rows = []
     for kind in args.kinds:
         for width in args.result_widths:
-            built = hg.bundled_maps(kind, result_width=width, selectors=selectors, precisions=doc)
+            built = bundled_maps(kind, result_width=width, selectors=selectors, precisions=doc)
             for layer, (act, maps) in enumerate(zip(acts, built, strict=True)):
                 if kind == "seer":
                     ref = float_seer(selectors, act, layer)
-                    scores, visible = hg.seer_scores(act, maps, block)
-                    golden, _ = hg.seer_scores(act, maps, block, golden=True)
+                    scores, visible = seer_scores(act, maps, block)
+                    golden, _ = seer_scores(act, maps, block, golden=True)
                     ks = [b // block for b in args.budgets]
                 else:
                     ix = selectors.indexers[layer]
                     ref = float_dsa(selectors, act, layer)
-                    scores, visible = hg.dsa_scores(act, maps, ix.heads)
-                    golden, _ = hg.dsa_scores(act, maps, ix.heads, golden=True)
+                    scores, visible = dsa_scores(act, maps, ix.heads)
+                    golden, _ = dsa_scores(act, maps, ix.heads, golden=True)
                     ks = list(args.budgets)
                 for budget, k in zip(args.budgets, ks, strict=True):
-                    r, n = hg.recall(ref, scores, visible, k)
+                    r, n = recall(ref, scores, visible, k)
                     rows.append(
                         {
                             "selector": kind,
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             "block_size": block,
         },
         "profile": doc["calibration"],
-        "hls4ml": {"backend": hg.BACKEND, "io_type": hg.IO_TYPE, "strategy": hg.STRATEGY},
+        "hls4ml": {"backend": BACKEND, "io_type": IO_TYPE, "strategy": STRATEGY},
         "seconds": seconds,
         "rows": rows,
     }

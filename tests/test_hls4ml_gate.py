@@ -17,10 +17,31 @@ import numpy as np
 import pytest
 
 from hetmem.errors import InputError
-from hetmem.fpga import hls4ml_gate as hg
 from hetmem.fpga.hls import ap_types_dir
+from hetmem.fpga.hls4ml_gate.build import build_map, hls4ml_missing
+from hetmem.fpga.hls4ml_gate.bundled import (
+    SELECTORS,
+    bundled_maps,
+    bundled_selectors,
+    capture_bundled,
+    dsa_rows,
+    layer_rows,
+    load_precisions,
+    seer_rows,
+    selector_maps,
+)
+from hetmem.fpga.hls4ml_gate.fixed import (
+    WIDTHS,
+    Fixed,
+    MapPrecision,
+    choose_precision,
+    golden_dense,
+    integer_bits,
+)
+from hetmem.fpga.hls4ml_gate.maps import profile, profiling_missing, seer_maps
+from hetmem.fpga.hls4ml_gate.selection import recall, seer_scores, stress_rows
 
-REASON = hg.hls4ml_missing()
+REASON = hls4ml_missing()
 pytestmark = [
     pytest.mark.hls,
     pytest.mark.skipif(REASON is not None, reason=f"hls4ml: {REASON}"),
@@ -32,23 +53,23 @@ ROWS = 1000
 
 @pytest.fixture(scope="module")
 def precisions():
-    return hg.load_precisions()
+    return load_precisions()
 
 
 @pytest.fixture(scope="module")
 def selectors():
-    return hg.bundled_selectors()
+    return bundled_selectors()
 
 
 @pytest.fixture(scope="module")
 def acts():
     """Held-out activations of the bundled model (seed 1; the profile used seed 0)."""
-    return hg.capture_bundled(2, 1024, 16, seed=1)
+    return capture_bundled(2, 1024, 16, seed=1)
 
 
 @pytest.fixture(scope="module")
 def seer0(precisions, selectors):
-    return hg.bundled_maps("seer", [0], precisions=precisions, selectors=selectors)[0]
+    return bundled_maps("seer", [0], precisions=precisions, selectors=selectors)[0]
 
 
 # -- the fixed-point arithmetic against ap_types --------------------------------------------------
@@ -125,32 +146,32 @@ def test_fixed_matches_ap_types_every_mode(tmp_path):
     assert len(lines) == len(cases)
     for ((w, i, signed), q, o), line in zip(cases, lines, strict=True):
         got = np.array(line, dtype=np.int64)
-        t = hg.Fixed(w, i, signed, q, o)
+        t = Fixed(w, i, signed, q, o)
         want = np.concatenate([t.quantize(xs), t.cast(rs, SRC_W - SRC_I)])
         assert (got == want).all(), (t.hls(), np.flatnonzero(got != want)[:5])
 
 
 def test_fixed_hand_cases():
-    t = hg.Fixed(4, 2, True, "RND_CONV", "SAT")  # LSB 0.25, range [-2, 1.75]
+    t = Fixed(4, 2, True, "RND_CONV", "SAT")  # LSB 0.25, range [-2, 1.75]
     assert t.hls() == "ap_fixed<4,2,AP_RND_CONV,AP_SAT>"
     assert t.quantize([0.125, 0.375, -0.125, 5.0, -5.0]).tolist() == [0, 2, 0, 7, -8]
-    w = hg.Fixed(4, 2)  # TRN, WRAP
+    w = Fixed(4, 2)  # TRN, WRAP
     assert w.quantize([0.2, -0.2, 2.0]).tolist() == [0, -1, -8]
     assert t.cast([3, 5, -3], 3).tolist() == [2, 2, -2]  # 0.375, 0.625, -0.375 -> even ties
     with pytest.raises(InputError):
-        hg.Fixed(8, 3, rounding="NEAREST")
+        Fixed(8, 3, rounding="NEAREST")
     with pytest.raises(InputError):
         t.quantize([np.nan])
 
 
 def test_integer_bits_hold_the_peak():
     for peak in (0.3, 0.5, 1.0, 1.08, 7.17, 8.0, 11.6):
-        i = hg.integer_bits(peak)
-        t = hg.Fixed(16, i, True, "RND_CONV", "SAT")
+        i = integer_bits(peak)
+        t = Fixed(16, i, True, "RND_CONV", "SAT")
         assert t.to_float(t.hi) >= peak * (1 - 2.0**-14) and t.to_float(t.lo) <= -peak
         assert 2.0 ** (i - 2) <= peak  # one bit fewer would not hold it
     with pytest.raises(InputError):
-        hg.integer_bits(0.0)
+        integer_bits(0.0)
 
 
 # -- conversion and C simulation -----------------------------------------------------------------
@@ -160,7 +181,7 @@ def test_generated_types_are_the_profiled_ones(seer0, precisions):
     """The C++ hls4ml wrote declares the chosen types; the accumulator it inferred is exact
     (product width + log2 of the fan-in); the block-diagonal zeros are declared to HLS."""
     for m, gate in seer0.items():
-        chosen = hg.MapPrecision.from_json(precisions["seer"][0][m]["precision"])
+        chosen = MapPrecision.from_json(precisions["seer"][0][m]["precision"])
         defines = (gate.project / "firmware" / "defines.h").read_text()
         for part in ("input", "result"):
             t = getattr(chosen, part)
@@ -179,9 +200,9 @@ def test_seer_csim_equals_golden(seer0, acts, selectors):
     """Layer 0's key and query maps: the C simulation equals the golden model on ROWS random
     rows (grid values, exact half-LSB ties, saturating inputs and results) and on every real
     activation row."""
-    real = hg.seer_rows(acts[0], selectors.block_size)
+    real = seer_rows(acts[0], selectors.block_size)
     for m, gate in seer0.items():
-        x = np.concatenate([hg.stress_rows(gate, ROWS, seed=1), real[m]])
+        x = np.concatenate([stress_rows(gate, ROWS, seed=1), real[m]])
         got, want = gate.csim(x), gate.golden(x)
         assert got.shape == (len(x), gate.n_out)
         assert (got == want).all(), f"{m}: {np.argwhere(got != want)[:5]}"
@@ -191,16 +212,16 @@ def test_seer_csim_equals_golden(seer0, acts, selectors):
         # ties were exercised in both casts: another rounding mode would disagree
         for part in ("input", "result"):
             other = {**gate.types, part: replace(gate.types[part], rounding="RND")}
-            assert (hg.golden_dense(x, gate.weight, other) != got).any(), part
+            assert (golden_dense(x, gate.weight, other) != got).any(), part
 
 
 def test_golden_is_not_the_float_map(seer0, acts, selectors):
     """The comparison is not vacuous: the fixed-point result is not the float projection
     rounded once (the input is quantized first), yet stays within a few result LSBs."""
     gate = seer0["key"]
-    x = hg.seer_rows(acts[0], selectors.block_size)["key"]
+    x = seer_rows(acts[0], selectors.block_size)["key"]
     t = gate.types["result"]
-    w = hg.seer_maps(selectors.gates[0].wq, selectors.gates[0].wk)["key"]
+    w = seer_maps(selectors.gates[0].wq, selectors.gates[0].wk)["key"]
     exact = t.quantize(x @ w)
     got = gate.golden(x)
     assert np.abs(got - exact).max() <= 2
@@ -208,10 +229,10 @@ def test_golden_is_not_the_float_map(seer0, acts, selectors):
 
 
 def test_dsa_csim_equals_golden(precisions, selectors, acts):
-    maps = hg.bundled_maps("dsa", [0], precisions=precisions, selectors=selectors)[0]
-    real = hg.dsa_rows(acts[0])
+    maps = bundled_maps("dsa", [0], precisions=precisions, selectors=selectors)[0]
+    real = dsa_rows(acts[0])
     for m, gate in maps.items():
-        x = np.concatenate([hg.stress_rows(gate, ROWS // 4, seed=2), real[m][:512]])
+        x = np.concatenate([stress_rows(gate, ROWS // 4, seed=2), real[m][:512]])
         assert (gate.csim(x) == gate.golden(x)).all(), m
 
 
@@ -219,16 +240,16 @@ def test_selection_recall(seer0, acts, selectors):
     """The gate's selection from the C-simulated int8 maps (scores = integer dot products,
     the block_gate kernel's) equals the golden model's and recalls the float gate's top-k."""
     act, block = acts[0], selectors.block_size
-    scores, visible = hg.seer_scores(act, seer0, block)
-    golden, _ = hg.seer_scores(act, seer0, block, golden=True)
+    scores, visible = seer_scores(act, seer0, block)
+    golden, _ = seer_scores(act, seer0, block, golden=True)
     assert (scores == golden).all()
     from hetmem.selectors.objective import block_pools, gate_logits
 
     ref = gate_logits(selectors.gates[0], act, block_pools(act, block), block).numpy()
-    r, rows = hg.recall(ref, scores, visible, 8)
+    r, rows = recall(ref, scores, visible, 8)
     assert rows > 0 and r >= 0.9, r
     # the measure can fail: the reverse order (the bottom k) recalls next to nothing
-    worst, _ = hg.recall(ref, -scores, visible, 8)
+    worst, _ = recall(ref, -scores, visible, 8)
     assert worst < 0.2 < r
 
 
@@ -246,7 +267,7 @@ def test_int8_maps_feed_block_gate(seer0, acts, selectors):
     assert all(g.types["result"].width == 8 for g in seer0.values())
     n, hkv, s, _ = act.k.shape
     nb, t = s // block, act.q.shape[2]
-    rows = hg.seer_rows(act, block)
+    rows = seer_rows(act, block)
     keys = seer0["key"].csim(rows["key"][: n * nb])  # the complete blocks
     query = seer0["query"].csim(rows["query"])
     dg = keys.shape[1] // hkv
@@ -280,7 +301,7 @@ def test_int8_maps_feed_block_gate(seer0, acts, selectors):
 
 
 def test_cache_reuses_the_build(seer0, precisions, selectors):
-    again = hg.bundled_maps("seer", [0], precisions=precisions, selectors=selectors)[0]
+    again = bundled_maps("seer", [0], precisions=precisions, selectors=selectors)[0]
     for m in seer0:
         assert not again[m].built and again[m].key == seer0[m].key
         assert again[m].library == seer0[m].library
@@ -293,25 +314,25 @@ def test_bad_input(seer0):
     with pytest.raises(InputError):
         gate.golden(np.full((1, gate.n_in), np.inf))
     with pytest.raises(InputError):
-        hg.build_map(
+        build_map(
             "not an identifier",
             np.eye(2),
-            hg.choose_precision({"input": 1.0, "weight": 1.0, "result": 1.0}),
+            choose_precision({"input": 1.0, "weight": 1.0, "result": 1.0}),
         )
 
 
-@pytest.mark.skipif(hg.profiling_missing() is not None, reason=str(hg.profiling_missing()))
+@pytest.mark.skipif(profiling_missing() is not None, reason=str(profiling_missing()))
 def test_profile_reproduces_committed_precisions(precisions, selectors):
     """hls4ml's profiling on the committed calibration activations chooses the committed
     types (layer 0 of both selectors)."""
     c = precisions["calibration"]
-    act = hg.capture_bundled(c["sequences"], c["tokens"], c["queries"], c["seed"])[0]
+    act = capture_bundled(c["sequences"], c["tokens"], c["queries"], c["seed"])[0]
     for kind in ("seer", "dsa"):
-        maps = hg.selector_maps(selectors, kind, 0)
-        rows = hg.layer_rows(act, kind, selectors.block_size)
-        for m in hg.SELECTORS[kind]:
-            peaks = hg.profile(maps[m], rows[m])
+        maps = selector_maps(selectors, kind, 0)
+        rows = layer_rows(act, kind, selectors.block_size)
+        for m in SELECTORS[kind]:
+            peaks = profile(maps[m], rows[m])
             committed = precisions[kind][0][m]
             assert peaks == pytest.approx(committed["peaks"], rel=1e-5)
-            assert hg.choose_precision(peaks).to_json() == committed["precision"]
-    assert json.loads(json.dumps(precisions))["widths"] == hg.WIDTHS
+            assert choose_precision(peaks).to_json() == committed["precision"]
+    assert json.loads(json.dumps(precisions))["widths"] == WIDTHS

@@ -34,7 +34,7 @@ in `MAY_IMPORT`):
 - selectors/: training the learned selectors on a frozen model (`hetmem calibrate`); it
   captures activations through the adapter's attention switching.
 - apps: the CLI, `hetmem run`, the demo, the root package, and the hls4ml converter of the
-  trained selectors (fpga/hls4ml_gate.py: a build tool over selectors/, bundled/ and fpga/,
+  trained selectors (fpga/hls4ml_gate/: a build tool over selectors/, bundled/ and fpga/,
   which nothing below it imports).
 """
 
