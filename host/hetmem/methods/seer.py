@@ -54,15 +54,30 @@ def group_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return q.unflatten(-3, (kv_heads, -1)).transpose(-3, -2).flatten(-2)
 
 
+def per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., Hkv, N, F] through each KV head's own map w [Hkv, F, G]: [..., Hkv, N, G].
+
+    One bmm over the Hkv heads with every leading row stacked into its M (`x @ w` would
+    broadcast w over the leading dims: a copy of the weights per batch row, 16 MiB a decode
+    step at B=8 on a Llama-3-8B layer, and B gemvs reading them again)."""
+    x = x.to(w.dtype)
+    if x.dim() == 3:
+        return torch.bmm(x, w)
+    lead, (h, n, f) = x.shape[:-3], x.shape[-3:]
+    stacked = x.movedim(-3, 0).reshape(h, -1, f)  # [Hkv, L*N, F]
+    out = torch.bmm(stacked, w).view(h, *lead, n, w.shape[-1])
+    return out.movedim(0, -3)
+
+
 def gate_queries(q: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     """Gate queries [..., Hkv, T, Dg] of queries q [..., Hq, T, D]: each KV group's query
     heads (`group_queries`) through its map wq [Hkv, R*D, Dg]."""
-    return group_queries(q, wq.shape[0]).to(wq.dtype) @ wq
+    return per_head(group_queries(q, wq.shape[0]), wq)
 
 
 def gate_keys(pooled: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
     """Gate keys [..., Hkv, Nb, Dg] of pooled blocks [..., Hkv, Nb, 3D] through wk [Hkv, 3D, Dg]."""
-    return pooled.to(wk.dtype) @ wk
+    return per_head(pooled, wk)
 
 
 def gate_scores(qg: torch.Tensor, kg: torch.Tensor) -> torch.Tensor:
