@@ -397,7 +397,7 @@ def _config_error():
 
 
 def _unsupported_model():
-    from hetmem.models.wrap import UnsupportedModel
+    from hetmem.errors import UnsupportedModel
 
     return UnsupportedModel
 

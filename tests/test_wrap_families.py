@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from hetmem.attention import KVCache, dense_attention  # noqa: E402
-from hetmem.errors import InputError  # noqa: E402
+from hetmem.errors import InputError, UnsupportedModel  # noqa: E402
 from hetmem.models import is_wrapped, unwrap, wrap  # noqa: E402
 from hetmem.models.attention_fn import (  # noqa: E402
     Extras,
@@ -21,7 +21,8 @@ from hetmem.models.attention_fn import (  # noqa: E402
     attend_selection,
     hetmem_attention_forward,
 )
-from hetmem.models.wrap import UnsupportedModel, attention_features, cache_kwarg  # noqa: E402
+from hetmem.models.features import attention_features  # noqa: E402
+from hetmem.models.wrap import cache_kwarg  # noqa: E402
 from hetmem.selection import TopK  # noqa: E402
 
 PAD = 0
