@@ -217,3 +217,33 @@ def test_many_tiles_and_a_partial_last_tile(layout, monkeypatch):
         out = method.apply(memory, selection, query)
         torch.testing.assert_close(out, sparse_attention(query.q, memory.kv, selection), **TOL)
     assert len(memory.workspace) == 1  # one keys buffer, kept
+
+
+@pytest.mark.parametrize("trained", [False, True])  # equal head weights; learned ones (ww)
+def test_relevancy_over_chunks_equals_the_whole_logits(monkeypatch, trained):
+    """A long context's Relevancy scores its indexer keys a chunk at a time (a reused
+    buffer); the scores equal those of the whole [B, S, T*H] logits at once, bit for bit,
+    padding and a query before its row's end included."""
+    gen = torch.Generator().manual_seed(5)
+    kv = KVCache(
+        torch.randn(2, 2, 2600, 16, generator=gen),
+        torch.randn(2, 2, 2600, 16, generator=gen),
+        torch.tensor([2600, 1900]),
+    )
+    weights = dsa.IndexerWeights(
+        torch.randn(4 * 16, 4 * 8, generator=gen),
+        torch.randn(2 * 16, 8, generator=gen),
+        torch.randn(4 * 16, 4, generator=gen) if trained else None,
+        heads=4,
+    )
+    method = DSA(weights)
+    memory = method.prepare(kv)
+    query = AttentionQuery(
+        torch.randn(2, 4, 2, 16, generator=gen), torch.tensor([[2598, 2599], [1200, 1899]])
+    )
+    whole = method.relevancy(memory, query).values
+    monkeypatch.setattr(dsa, "CHUNK_BYTES", 1)  # 1024-token chunks: 3 of them
+    assert dsa._chunk_tokens(2, 8) == 1024
+    chunked = method.relevancy(memory, query).values
+    assert torch.equal(chunked, whole)
+    assert ("index_logits", torch.float32, kv.device) in memory.workspace

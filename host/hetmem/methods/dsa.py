@@ -433,14 +433,41 @@ class DSA(SparseAttentionMethod):
         positions = self.positions(memory, query)
         qi, w = self.indexer_query(memory, query)
         b, t, h, di = qi.shape
-        logits = self.index_logits(memory, qi).view(b, -1, t, h)  # [B, S, T, H]
         equal = self.weights is not None and self.weights.ww is None  # every head weighs 1/H
-        scores = indexer_scores(logits, None if equal else w, di, inplace=True)
+        if memory.keys is not None and memory.keys.data.shape[1] > _chunk_tokens(b, t * h):
+            scores = self._chunked_scores(memory, qi, None if equal else w)
+        else:
+            logits = self.index_logits(memory, qi).view(b, -1, t, h)  # [B, S, T, H]
+            scores = indexer_scores(logits, None if equal else w, di, inplace=True)
         if self.sees_all(query.plan, scores.shape[-1]):
             return Scores(scores[:, None], unit=1, masked=False)
         visible = self.unit_visible(memory, positions, scores.shape[-1], query.plan)
         scores = scores.masked_fill(~visible, float("-inf"))
         return Scores(scores[:, None], unit=1)
+
+    def _chunked_scores(
+        self, memory: DSAMemory, qi: torch.Tensor, w: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`indexer_scores` [B, T, S] over the indexer keys a chunk of tokens at a time, the
+        chunk's logits in one buffer kept across steps (`memory.workspace`): a long context's
+        [B, S, T*H] logits are never allocated whole (64 MiB a layer-step at 64k, B=8: an
+        mmap and its page faults every step, and a pass through DRAM instead of cache)."""
+        b, t, h, di = qi.shape
+        keys = memory.keys.data  # [B, S, Di]
+        s = keys.shape[1]
+        if keys.dtype != qi.dtype:
+            keys = keys.to(qi.dtype)
+        queries = qi.reshape(b, t * h, di).transpose(1, 2)  # [B, Di, T*H]
+        step = _chunk_tokens(b, t * h)
+        buf = workspace_buffer(memory.workspace, "index_logits", b * step * t * h, queries)
+        scores = qi.new_empty(b, t, s)
+        for start in range(0, s, step):
+            n = min(step, s - start)
+            logits = buf[: b * n * t * h].view(b, n, t * h)
+            torch.bmm(keys.narrow(1, start, n), queries, out=logits)
+            part = indexer_scores(logits.view(b, n, t, h), w, di, inplace=True)
+            scores.narrow(2, start, n).copy_(part)
+        return scores
 
     def apply(self, memory: Any, selection: Selection, query: Any) -> torch.Tensor:
         """Attention over the selected tokens. A decode query (one per row) with DSA's shared
@@ -491,6 +518,17 @@ class DSA(SparseAttentionMethod):
         if memory.keys is None:
             qi = self.folded_query(qi)
         return {"q": qi[:, None] / math.sqrt(di), "w": w[:, None]}
+
+
+#: Bytes of one chunk of Relevancy's logits ([B, tokens, T*H] floats) on a long context:
+#: small enough to stay in the cores' caches, large enough that a chunk's few dispatches
+#: are nothing beside its matmul.
+CHUNK_BYTES = 2 << 20
+
+
+def _chunk_tokens(batch: int, queries: int) -> int:
+    """Tokens per chunk of Relevancy's logits (at least 1024)."""
+    return max(1024, CHUNK_BYTES // (4 * batch * queries))
 
 
 #: Bytes of padding after each row of the token-major keys: a row of Hkv*D floats is a
