@@ -458,6 +458,7 @@ class Runner:
                 self.model,
                 method=method,
                 budget=budget,
+                method_options=method_options(args, method),
                 placement=self.placement,
                 fpga="emu" if mode == "emu" else None,
                 on_fpga_error="raise",
@@ -717,7 +718,13 @@ def generate_bytes(args: argparse.Namespace, console: Console) -> list[dict]:
         del plain
         for method in args.methods:
             budget = min(args.budget, max(64, inputs["input_ids"].shape[1] // 8))
-            hetmem.wrap(model, method=method, budget=budget, placement="cpu/cpu/cpu/cpu")
+            hetmem.wrap(
+                model,
+                method=method,
+                budget=budget,
+                placement="cpu/cpu/cpu/cpu",
+                method_options=method_options(args, method),
+            )
             try:
                 result = model.generate(**inputs, **gen)
             finally:
@@ -825,6 +832,7 @@ def _layer_case(args: argparse.Namespace, model: Any, batch: int, console: Conso
             copy,
             method,
             budget=budget,
+            method_options=method_options(args, method),
             placement=placement,
             fpga="emu" if mode == "emu" else None,
             on_fpga_error="raise",
@@ -973,6 +981,7 @@ def run(args: argparse.Namespace, console: Console) -> dict:
         "torch": torch.__version__,
         "transformers": _version("transformers"),
         "model": layout,
+        "dsa_index_dtype": args.dsa_index_dtype,
         "dense_baseline": "the unwrapped model over transformers' StaticCache (max_cache_len = "
         "context + every step decoded): transformers 5.25's DynamicCache copies the whole cache "
         "every step (torch.cat); dense_dynamic rows (overhead context) use it",
@@ -1034,7 +1043,7 @@ def table(result: dict) -> Table:
     t = Table(
         title=f"decode e2e, tokens/s (measured on {result['device']}, median); x = over dense "
         "of the same group; emu: host wall (measured) and composite (host - emulator + "
-        "modeled card)"
+        f"modeled card); DSA's index in {result.get('dsa_index_dtype', 'float32')}"
     )
     columns = ("B", "context", "method", "dense", "torch", "x", "emu host", "x")
     columns += ("emu comp.", "x", "card/step", "PCIe tx/L/step")
@@ -1238,6 +1247,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "decode_e2e.json")
     parser.add_argument(
+        "--dsa-index-dtype",
+        choices=("float32", "bfloat16"),
+        default="bfloat16",
+        help="DSA's indexer keys (index_dtype; DeepSeek-V3.2 keeps them in FP8): bfloat16 "
+        "halves the bytes Relevancy reads; float32 is the model's own precision",
+    )
+    parser.add_argument(
         "--plot", type=Path, default=None, help="PNG path (default: beside --out); 'none' to skip"
     )
     args = parser.parse_args(argv)
@@ -1287,6 +1303,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if "dense" not in args.modes:
         parser.error("--modes must include dense (every speedup is over it)")
     return args
+
+
+def method_options(args: argparse.Namespace, method: str) -> dict[str, Any] | None:
+    """`hetmem.wrap`'s method_options for a method: DSA's index precision."""
+    if method == "dsa" and args.dsa_index_dtype != "float32":
+        return {"index_dtype": args.dsa_index_dtype}
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

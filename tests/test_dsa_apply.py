@@ -247,3 +247,69 @@ def test_relevancy_over_chunks_equals_the_whole_logits(monkeypatch, trained):
     chunked = method.relevancy(memory, query).values
     assert torch.equal(chunked, whole)
     assert ("index_logits", torch.float32, kv.device) in memory.workspace
+
+
+def _indexed(index_dtype, tokens=3000, seed=7):
+    """A DSA memory with its own index (Fk > Di: not folded) and a decode query."""
+    gen = torch.Generator().manual_seed(seed)
+    kv = KVCache(
+        torch.randn(2, 2, tokens, 16, generator=gen),
+        torch.randn(2, 2, tokens, 16, generator=gen),
+        torch.tensor([tokens, tokens // 2]),
+    )
+    weights = dsa.IndexerWeights(
+        torch.randn(4 * 16, 4 * 8, generator=gen),
+        torch.randn(2 * 16, 8, generator=gen),
+        None,
+        heads=4,
+    )
+    method = DSA(weights, index_dtype=index_dtype)
+    query = AttentionQuery(torch.randn(2, 4, 1, 16, generator=gen))
+    return method, method.prepare(kv), query
+
+
+@pytest.mark.parametrize("name", ["bfloat16", torch.bfloat16, torch.float16])
+def test_a_narrow_index_halves_the_bytes_and_keeps_the_selection(name, monkeypatch):
+    """index_dtype stores the indexer keys narrower (DeepSeek-V3.2 keeps FP8 indexer keys):
+    half the bytes, appends stored alike, scores in float32 and within the rounding of the
+    float32 index's, the top-k nearly the same; the chunked Relevancy equals the whole."""
+    method, memory, query = _indexed(name)
+    wide_method, wide_memory, _ = _indexed(None)
+    assert memory.keys.data.dtype == method.index_dtype != torch.float32
+    assert memory.index_nbytes * 2 == wide_memory.index_nbytes
+    torch.manual_seed(1)
+    grow(method, memory)
+    torch.manual_seed(1)  # the same appended rows
+    grow(wide_method, wide_memory)
+    assert memory.keys.data.dtype == method.index_dtype  # appends keep the index's dtype
+    narrow = method.relevancy(memory, query).values
+    wide = wide_method.relevancy(wide_memory, query).values
+    assert narrow.dtype == torch.float32
+    assert not torch.equal(narrow, wide)  # the index really is narrower
+    seen = wide.isfinite()
+    assert torch.equal(narrow.isfinite(), seen)
+    top = wide[seen].abs().max()
+    assert (narrow[seen] - wide[seen]).abs().max() < 0.02 * top
+    k = 256
+    picked = narrow.topk(k, -1).indices.sort(-1).values
+    ref = wide.topk(k, -1).indices.sort(-1).values
+    overlap = sum(
+        len(set(a.tolist()) & set(b.tolist()))
+        for a, b in zip(picked.reshape(-1, k), ref.reshape(-1, k), strict=True)
+    )
+    assert overlap >= 0.95 * picked.numel()
+    monkeypatch.setattr(dsa, "CHUNK_BYTES", 1)  # 1024-token chunks
+    assert torch.equal(method.relevancy(memory, query).values, narrow)
+
+
+def test_a_narrow_index_at_full_budget_equals_dense():
+    method, memory, query = _indexed("bfloat16", tokens=300)
+    selection = method.retrieve(method.relevancy(memory, query), 300)
+    out = method.apply(memory, selection, query)
+    torch.testing.assert_close(out, dense_attention(query.q, memory.kv), **TOL)
+
+
+@pytest.mark.parametrize("bad", ["int8", torch.int8, 3, "float99"])
+def test_a_bad_index_dtype_is_refused(bad):
+    with pytest.raises(InputError, match="index_dtype"):
+        DSA(index_dtype=bad)

@@ -15,6 +15,14 @@ they summarize. The memory then keeps no index: q . (K_s W_k) = (q W_k^T) . K_s,
 Relevancy folds W_k into the indexer queries and scores the cache's keys directly. The
 scores are the same up to float rounding; the bytes of the index (Di floats per token) and
 Prepare's projection are gone, and the card holds the keys themselves.
+
+Index precision: `index_dtype` (e.g. torch.bfloat16) stores the indexer keys in a narrower
+float than the model's, as DeepSeek-V3.2 keeps its indexer keys in FP8: Relevancy then
+reads half the bytes (the long-context decode step's largest read after Apply's) and runs
+its matmul in that dtype, the logits widened to float32 before the ReLU and the head sum.
+The selection can differ from a float32 index's only where two scores are within the
+rounding (~0.4% of the largest logit). A folded index has no keys of its own: the option
+does not apply to it.
 Without trained weights, `IndexerWeights.from_attention` builds an indexer that scores
 ReLU of the model's own attention logits through a random orthogonal projection, a sane
 untrained baseline.
@@ -183,17 +191,45 @@ class IndexerWeights:
         return cls(None, proj.clone(), None, q_heads, blocks=blocks)
 
 
+def _narrow(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def _common_dtype(keys: torch.Tensor, qi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and queries in one dtype: a narrow index (`index_dtype`) keeps its own and the
+    queries take it (the matmul reads the keys as stored); otherwise the keys take the
+    queries' dtype."""
+    if keys.dtype == qi.dtype:
+        return keys, qi
+    if _narrow(keys.dtype) and not _narrow(qi.dtype):
+        return keys, qi.to(keys.dtype)
+    return keys.to(qi.dtype), qi
+
+
+def _index_dtype(value: Any) -> torch.dtype | None:
+    """`index_dtype` as a floating torch dtype (a name such as "bfloat16" accepted)."""
+    if value is None:
+        return None
+    dtype = getattr(torch, value, None) if isinstance(value, str) else value
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(
+            "index_dtype", f"expected a floating torch dtype (e.g. torch.bfloat16), got {value!r}"
+        )
+    return dtype
+
+
 def query_key_logits(qi: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """q_{t,h} . k_s of every indexer query and key, [..., S, T*H] (S-major, as the keys
     are; t major, h minor): one matmul of the keys [..., S, Di] with the T*H queries qi
-    [..., T, H, Di]."""
+    [..., T, H, Di], in the queries' dtype (a narrow index's matmul runs in the index's
+    dtype, `_common_dtype`, and its logits are widened)."""
+    wide = qi.dtype
     *lead, t, h, di = qi.shape
-    if keys.dtype != qi.dtype:
-        keys = keys.to(qi.dtype)
+    keys, qi = _common_dtype(keys, qi)
     queries = qi.reshape(*lead, t * h, di).transpose(-1, -2)
-    if keys.dim() == 3:  # the decode memory's [B, S, Di]: one bmm, no matmul dispatch
-        return torch.bmm(keys, queries)
-    return keys @ queries
+    # the decode memory's [B, S, Di]: one bmm, no matmul dispatch
+    logits = torch.bmm(keys, queries) if keys.dim() == 3 else keys @ queries
+    return logits if logits.dtype == wide else logits.to(wide)
 
 
 def indexer_scores(
@@ -283,6 +319,7 @@ class DSA(SparseAttentionMethod):
         *,
         scale: float | None = None,
         kv_layout: str = "head",
+        index_dtype: torch.dtype | str | None = None,
     ):
         if kv_layout not in KV_LAYOUTS:
             raise InputError("kv_layout", f"expected one of {KV_LAYOUTS}, got {kv_layout!r}")
@@ -294,6 +331,7 @@ class DSA(SparseAttentionMethod):
         self._default = weights is None
         self.scale = scale
         self.kv_layout = kv_layout
+        self.index_dtype = _index_dtype(index_dtype)
         self.unit = 1
 
     def _weights(self, kv: KVCache, q_heads: int | None = None) -> IndexerWeights:
@@ -327,7 +365,10 @@ class DSA(SparseAttentionMethod):
             feats = self._features(kv, features)
             # The indexer keys grow like the cache (a bounded `Growth` follows the cache's).
             growth = None if kv.growth is None else kv.growth.within(1)
-            keys = Growable(feats.to(weights.wk.dtype) @ weights.wk, axis=1, growth=growth)
+            index = feats.to(weights.wk.dtype) @ weights.wk
+            if self.index_dtype is not None:
+                index = index.to(self.index_dtype)
+            keys = Growable(index, axis=1, growth=growth)
         token_keys = token_major(kv) if self.kv_layout == "token" else None
         return DSAMemory(kv, keys, token_keys)
 
@@ -372,7 +413,8 @@ class DSA(SparseAttentionMethod):
         """The appended tokens' indexer keys into the index; the [B, T] row indices used (None
         when every row was at the end: one slice)."""
         kv, keys = memory.kv, memory.keys
-        new_keys = feats.to(keys.buffer.dtype) @ self._weights(kv).wk
+        wk = self._weights(kv).wk
+        new_keys = (feats.to(wk.dtype) @ wk).to(keys.buffer.dtype)
         keys.reserve(kv.capacity)
         keys.length = kv.capacity
         if full:  # every row at the end: one slice
@@ -455,16 +497,23 @@ class DSA(SparseAttentionMethod):
         b, t, h, di = qi.shape
         keys = memory.keys.data  # [B, S, Di]
         s = keys.shape[1]
-        if keys.dtype != qi.dtype:
-            keys = keys.to(qi.dtype)
-        queries = qi.reshape(b, t * h, di).transpose(1, 2)  # [B, Di, T*H]
+        keys, cast = _common_dtype(keys, qi)
+        queries = cast.reshape(b, t * h, di).transpose(1, 2)  # [B, Di, T*H]
         step = _chunk_tokens(b, t * h)
-        buf = workspace_buffer(memory.workspace, "index_logits", b * step * t * h, queries)
+        size = b * step * t * h
+        buf = workspace_buffer(memory.workspace, "index_logits", size, qi)
+        narrow = None  # a narrow index's logits, widened into buf before the ReLU
+        if queries.dtype != qi.dtype:
+            narrow = workspace_buffer(memory.workspace, "index_logits_narrow", size, queries)
         scores = qi.new_empty(b, t, s)
         for start in range(0, s, step):
             n = min(step, s - start)
             logits = buf[: b * n * t * h].view(b, n, t * h)
-            torch.bmm(keys.narrow(1, start, n), queries, out=logits)
+            if narrow is None:
+                torch.bmm(keys.narrow(1, start, n), queries, out=logits)
+            else:
+                out = narrow[: b * n * t * h].view(b, n, t * h)
+                logits.copy_(torch.bmm(keys.narrow(1, start, n), queries, out=out))
             part = indexer_scores(logits.view(b, n, t, h), w, di, inplace=True)
             scores.narrow(2, start, n).copy_(part)
         return scores
