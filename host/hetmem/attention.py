@@ -132,6 +132,18 @@ class Growable:
         """Items the buffer holds before it must grow."""
         return self.buffer.shape[self.axis]
 
+    def padded(self, quantum: int) -> torch.Tensor:
+        """The items in use and some of the buffer's next ones, for a half-precision CPU
+        matmul, which builds its kernel per shape and copies an operand that is not one
+        contiguous block: the whole buffer when it holds at most a quarter more (a cache
+        allocated for its final length: one shape, no copy), else the items up to a multiple
+        of `quantum` (one shape for `quantum` steps). The items past `length` are zeros or
+        stale, finite items: slice their results away."""
+        n = -(-self.length // quantum) * quantum
+        if self.capacity <= n + self.length // 4:
+            return self._buffer
+        return self._buffer.narrow(self.axis, 0, n)
+
     def reserve(self, length: int) -> None:
         capacity = self.buffer.shape[self.axis]
         if length <= capacity:

@@ -18,8 +18,9 @@ Prepare's projection are gone, and the card holds the keys themselves.
 
 Index precision: `index_dtype` (e.g. torch.bfloat16) stores the indexer keys in a narrower
 float than the model's, as DeepSeek-V3.2 keeps its indexer keys in FP8: Relevancy then
-reads half the bytes (the long-context decode step's largest read after Apply's) and runs
-its matmul in that dtype, the logits widened to float32 before the ReLU and the head sum.
+reads half the bytes (the long-context decode step's largest read after Apply's) and, on
+a long context (`_chunked_scores`), runs its matmul in that dtype, the logits widened to
+float32 before the ReLU and the head sum (a short context converts its few keys).
 The selection can differ from a float32 index's only where two scores are within the
 rounding (~0.4% of the largest logit). A folded index has no keys of its own: the option
 does not apply to it.
@@ -221,15 +222,16 @@ def _index_dtype(value: Any) -> torch.dtype | None:
 def query_key_logits(qi: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """q_{t,h} . k_s of every indexer query and key, [..., S, T*H] (S-major, as the keys
     are; t major, h minor): one matmul of the keys [..., S, Di] with the T*H queries qi
-    [..., T, H, Di], in the queries' dtype (a narrow index's matmul runs in the index's
-    dtype, `_common_dtype`, and its logits are widened)."""
-    wide = qi.dtype
+    [..., T, H, Di], in the queries' dtype (keys of another dtype, e.g. a narrow index,
+    are converted: a short context's few keys; a long one goes through the chunks of
+    `DSA._chunked_scores`, whose matmul runs in the index's dtype)."""
     *lead, t, h, di = qi.shape
-    keys, qi = _common_dtype(keys, qi)
+    if keys.dtype != qi.dtype:
+        keys = keys.to(qi.dtype)
     queries = qi.reshape(*lead, t * h, di).transpose(-1, -2)
-    # the decode memory's [B, S, Di]: one bmm, no matmul dispatch
-    logits = torch.bmm(keys, queries) if keys.dim() == 3 else keys @ queries
-    return logits if logits.dtype == wide else logits.to(wide)
+    if keys.dim() == 3:  # the decode memory's [B, S, Di]: one bmm, no matmul dispatch
+        return torch.bmm(keys, queries)
+    return keys @ queries
 
 
 def indexer_scores(
@@ -459,7 +461,11 @@ class DSA(SparseAttentionMethod):
         head-major keys, one bmm over (row, KV head) and a sum over the KV heads."""
         b, t, h, di = qi.shape
         if memory.keys is not None:  # [B, S, Di]
-            return query_key_logits(qi, memory.keys.data)
+            keys = memory.keys
+            if not _narrow(keys.buffer.dtype):
+                return query_key_logits(qi, keys.data)
+            # A narrow index: the same shape for SHAPE_QUANTUM steps (`Growable.padded`).
+            return query_key_logits(qi, keys.padded(SHAPE_QUANTUM))[:, : keys.length]
         kv = memory.kv
         hkv, d, s = kv.kv_heads, kv.dim, kv.capacity
         keys = kv.keys  # [B, Hkv, S, D], a view of the cache's buffer
@@ -503,17 +509,22 @@ class DSA(SparseAttentionMethod):
         size = b * step * t * h
         buf = workspace_buffer(memory.workspace, "index_logits", size, qi)
         narrow = None  # a narrow index's logits, widened into buf before the ReLU
-        if queries.dtype != qi.dtype:
+        if _narrow(keys.dtype):
             narrow = workspace_buffer(memory.workspace, "index_logits_narrow", size, queries)
         scores = qi.new_empty(b, t, s)
         for start in range(0, s, step):
             n = min(step, s - start)
-            logits = buf[: b * n * t * h].view(b, n, t * h)
             if narrow is None:
+                logits = buf[: b * n * t * h].view(b, n, t * h)
                 torch.bmm(keys.narrow(1, start, n), queries, out=logits)
             else:
-                out = narrow[: b * n * t * h].view(b, n, t * h)
-                logits.copy_(torch.bmm(keys.narrow(1, start, n), queries, out=out))
+                # Every chunk exactly `step` tokens (the last one overlaps the one before):
+                # a narrow matmul's kernel is built per shape, and the context grows by a
+                # token a step.
+                logits = buf[: b * step * t * h].view(b, step, t * h)
+                out = narrow[: b * step * t * h].view(b, step, t * h)
+                torch.bmm(keys.narrow(1, start + n - step, step), queries, out=out)
+                logits = logits.copy_(out).narrow(1, step - n, n)  # widened (or copied)
             part = indexer_scores(logits.view(b, n, t, h), w, di, inplace=True)
             scores.narrow(2, start, n).copy_(part)
         return scores
@@ -568,6 +579,9 @@ class DSA(SparseAttentionMethod):
             qi = self.folded_query(qi)
         return {"q": qi[:, None] / math.sqrt(di), "w": w[:, None]}
 
+
+#: Tokens a narrow index's Relevancy matmul is padded to a multiple of (`Growable.padded`).
+SHAPE_QUANTUM = 256
 
 #: Bytes of one chunk of Relevancy's logits ([B, tokens, T*H] floats) on a long context:
 #: small enough to stay in the cores' caches, large enough that a chunk's few dispatches

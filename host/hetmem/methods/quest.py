@@ -57,6 +57,10 @@ class QuestMemory(AttentionMemory):
         return QuestMemory(self.kv.to(device), self.pages.to(device))
 
 
+#: Pages a half-precision bound's matmul is padded to a multiple of (`Growable.padded`).
+SHAPE_QUANTUM = 16
+
+
 class Quest(SparseAttentionMethod):
     """Quest page selection by the min/max upper bound."""
 
@@ -97,11 +101,24 @@ class Quest(SparseAttentionMethod):
         # KV head): broadcasting the summaries over R instead would copy them R times.
         qg = q.reshape(b * hkv, hq // hkv * t, d)  # [B*Hkv, R*T, D]
         mins, maxs = memory.mins, memory.maxs  # [B, Hkv, P, D]
+        p = mins.shape[2]
+        if q.dtype in (torch.bfloat16, torch.float16) and mins.dtype == q.dtype:
+            # A half-precision CPU matmul builds its kernel per shape and copies an operand
+            # that is not one block: the summaries' buffer (`Growable.padded`) as stored,
+            # and the small [P, R*T] result transposed instead.
+            stores = memory.pages.stores
+            maxs, mins = (stores[k].padded(SHAPE_QUANTUM) for k in ("max", "min"))
+            n = maxs.shape[2]
+            maxs, mins = maxs.reshape(b * hkv, n, d), mins.reshape(b * hkv, n, d)
+            bound = torch.bmm(maxs, qg.clamp(min=0).transpose(1, 2))
+            bound = torch.baddbmm(bound, mins, qg.clamp(max=0).transpose(1, 2))
+            bound = bound[:, :p].transpose(1, 2)
+            return bound.reshape(b, hkv, hq // hkv, t, p)
         if mins.dtype != q.dtype:
             mins, maxs = mins.to(q.dtype), maxs.to(q.dtype)
-        p = mins.shape[2]
-        bound = torch.bmm(qg.clamp(min=0), maxs.reshape(b * hkv, p, d).transpose(1, 2))
-        bound = torch.baddbmm(bound, qg.clamp(max=0), mins.reshape(b * hkv, p, d).transpose(1, 2))
+        maxs, mins = maxs.reshape(b * hkv, p, d), mins.reshape(b * hkv, p, d)
+        bound = torch.bmm(qg.clamp(min=0), maxs.transpose(1, 2))
+        bound = torch.baddbmm(bound, qg.clamp(max=0), mins.transpose(1, 2))
         return bound.view(b, hkv, hq // hkv, t, p)
 
     def relevancy(self, memory: Any, query: Any) -> Scores:

@@ -83,7 +83,14 @@ def gate_keys(pooled: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
 def gate_scores(qg: torch.Tensor, kg: torch.Tensor) -> torch.Tensor:
     """The gate's logits q_g . k_g / sqrt(Dg), [..., T, Nb], of gate queries [..., T, Dg] and
     gate keys [..., Nb, Dg]."""
-    return qg @ kg.transpose(-1, -2).to(qg.dtype) / math.sqrt(qg.shape[-1])
+    kg = kg.to(qg.dtype)
+    if qg.dtype in (torch.bfloat16, torch.float16):
+        # A half-precision CPU matmul copies a transposed operand whole: the gate keys stay
+        # as stored and the small [Nb, T] result is transposed instead.
+        logits = (kg @ qg.transpose(-1, -2)).transpose(-1, -2)
+    else:
+        logits = qg @ kg.transpose(-1, -2)
+    return logits / math.sqrt(qg.shape[-1])
 
 
 @dataclass
