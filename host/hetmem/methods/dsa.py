@@ -18,9 +18,8 @@ Prepare's projection are gone, and the card holds the keys themselves.
 
 Index precision: `index_dtype` (e.g. torch.bfloat16) stores the indexer keys in a narrower
 float than the model's, as DeepSeek-V3.2 keeps its indexer keys in FP8: Relevancy then
-reads half the bytes (the long-context decode step's largest read after Apply's) and, on
-a long context (`_chunked_scores`), runs its matmul in that dtype, the logits widened to
-float32 before the ReLU and the head sum (a short context converts its few keys).
+reads half the bytes (the long-context decode step's largest read after Apply's) and runs
+its matmul in that dtype, the logits widened to float32 before the ReLU and the head sum.
 The selection can differ from a float32 index's only where two scores are within the
 rounding (~0.4% of the largest logit). A folded index has no keys of its own: the option
 does not apply to it.
@@ -61,6 +60,7 @@ from ..attention import (
     Growable,
     KVCache,
     bag_values,
+    query_key_scores,
     sparse_attention,
     workspace_buffer,
 )
@@ -222,9 +222,8 @@ def _index_dtype(value: Any) -> torch.dtype | None:
 def query_key_logits(qi: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """q_{t,h} . k_s of every indexer query and key, [..., S, T*H] (S-major, as the keys
     are; t major, h minor): one matmul of the keys [..., S, Di] with the T*H queries qi
-    [..., T, H, Di], in the queries' dtype (keys of another dtype, e.g. a narrow index,
-    are converted: a short context's few keys; a long one goes through the chunks of
-    `DSA._chunked_scores`, whose matmul runs in the index's dtype)."""
+    [..., T, H, Di], in the queries' dtype (keys of another dtype are converted; Relevancy
+    gives a narrow index's matmul the index's dtype, `_common_dtype`)."""
     *lead, t, h, di = qi.shape
     if keys.dtype != qi.dtype:
         keys = keys.to(qi.dtype)
@@ -464,8 +463,11 @@ class DSA(SparseAttentionMethod):
             keys = memory.keys
             if not _narrow(keys.buffer.dtype):
                 return query_key_logits(qi, keys.data)
-            # A narrow index: the same shape for SHAPE_QUANTUM steps (`Growable.padded`).
-            return query_key_logits(qi, keys.padded(SHAPE_QUANTUM))[:, : keys.length]
+            # A narrow index: its matmul in its dtype, over the same shape for SHAPE_QUANTUM
+            # steps or more (`Growable.padded`); the logits widened to the queries' dtype.
+            padded, cast = _common_dtype(keys.padded(SHAPE_QUANTUM), qi)
+            logits = query_key_logits(cast, padded)[:, : keys.length]
+            return logits if logits.dtype == qi.dtype else logits.to(qi.dtype)
         kv = memory.kv
         hkv, d, s = kv.kv_heads, kv.dim, kv.capacity
         keys = kv.keys  # [B, Hkv, S, D], a view of the cache's buffer
@@ -677,7 +679,7 @@ def shared_decode_attention(
                 ix = (head_rows + tokens[i, s : s + n]).reshape(-1)
                 got = torch.index_select(kbuf[i], 0, ix, out=tile[: hkv * n * d].view(-1, d))
                 heads = got.view(hkv, n, d)
-            logits[i, :, :, s : s + n] = torch.bmm(qs[i], heads.to(q.dtype).transpose(1, 2))
+            query_key_scores(qs[i], heads.to(q.dtype), logits[i, :, :, s : s + n])
     if masked:
         logits.masked_fill_(hidden[:, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
