@@ -932,7 +932,7 @@ def run_group(
 def run(args: argparse.Namespace, console: Console) -> dict:
     device = torch_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
+        args.dtype or default_dtype(device)
     ]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -1043,7 +1043,8 @@ def table(result: dict) -> Table:
     t = Table(
         title=f"decode e2e, tokens/s (measured on {result['device']}, median); x = over dense "
         "of the same group; emu: host wall (measured) and composite (host - emulator + "
-        f"modeled card); DSA's index in {result.get('dsa_index_dtype', 'float32')}"
+        f"modeled card); model in {result['model'].get('dtype', '?')}, DSA's index in "
+        f"{result.get('dsa_index_dtype', 'float32')}"
     )
     columns = ("B", "context", "method", "dense", "torch", "x", "emu host", "x")
     columns += ("emu comp.", "x", "card/step", "PCIe tx/L/step")
@@ -1217,7 +1218,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         default=None,
-        help="default: float32 on the CPU, bfloat16 on a GPU",
+        help="default: bfloat16 on a GPU and on a CPU with bf16 matrix instructions "
+        "(AMX-BF16 / AVX512-BF16), else float32",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
@@ -1251,7 +1253,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         choices=("float32", "bfloat16"),
         default="bfloat16",
         help="DSA's indexer keys (index_dtype; DeepSeek-V3.2 keeps them in FP8): bfloat16 "
-        "halves the bytes Relevancy reads; float32 is the model's own precision",
+        "halves a float32 index's bytes; float32 keeps the untrained indexer's precision",
     )
     parser.add_argument(
         "--plot", type=Path, default=None, help="PNG path (default: beside --out); 'none' to skip"
@@ -1303,6 +1305,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if "dense" not in args.modes:
         parser.error("--modes must include dense (every speedup is over it)")
     return args
+
+
+def default_dtype(device: torch.device) -> str:
+    """bfloat16 on a GPU and on a CPU with bf16 matrix instructions (AMX-BF16 or AVX512-BF16,
+    from /proc/cpuinfo: there a bf16 FFN runs ~4x a float32 one at decode's few rows, and
+    bf16 is what inference runs in), else float32."""
+    if device.type != "cpu":
+        return "bfloat16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "float32"
 
 
 def method_options(args: argparse.Namespace, method: str) -> dict[str, Any] | None:
