@@ -623,7 +623,8 @@ def _tiled_attention(
         rows = torch.index_select(
             keys, 0, index[s:e].reshape(-1), out=tile[: (e - s) * per_item].view(-1, unit * d)
         )
-        query_key_scores(qs[s:e], rows.view(e - s, n, d).to(q.dtype), logits[s:e])
+        kt = rows.view(e - s, n, d).to(q.dtype)
+        torch.bmm(qs[s:e], kt.transpose(1, 2), out=logits[s:e])
     tokens = index if unit == 1 else (index[:, :, None] * unit + _offsets(unit, index)).flatten(1)
     if mask is None and tail is not None:  # only the tokens past the cache's end are hidden
         logits.masked_fill_((tokens % tail[0] >= tail[1])[:, None, :], float("-inf"))
@@ -636,18 +637,6 @@ def _tiled_attention(
             # A query that sees none of its selection (a fully padded row) gives zeros.
             probs = torch.where(seen[:, None, None], probs, torch.zeros_like(probs))
     return bag_values(probs, tokens, values.view(-1, values.shape[-1] // unit))
-
-
-HALF = (torch.bfloat16, torch.float16)
-
-
-def query_key_scores(q: torch.Tensor, keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out [N, R, n] = q [N, R, D] @ keys [N, n, D]^T. In half precision the product is
-    taken as keys @ q^T and its small [N, n, R] result written transposed: a half-precision
-    CPU matmul copies a transposed operand whole, and the keys are the large one."""
-    if q.dtype in HALF:
-        return out.copy_(torch.bmm(keys, q.transpose(1, 2)).transpose(1, 2))
-    return torch.bmm(q, keys.transpose(1, 2), out=out)
 
 
 def _offsets(unit: int, like: torch.Tensor) -> torch.Tensor:

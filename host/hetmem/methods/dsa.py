@@ -60,7 +60,6 @@ from ..attention import (
     Growable,
     KVCache,
     bag_values,
-    query_key_scores,
     sparse_attention,
     workspace_buffer,
 )
@@ -679,7 +678,7 @@ def shared_decode_attention(
                 ix = (head_rows + tokens[i, s : s + n]).reshape(-1)
                 got = torch.index_select(kbuf[i], 0, ix, out=tile[: hkv * n * d].view(-1, d))
                 heads = got.view(hkv, n, d)
-            query_key_scores(qs[i], heads.to(q.dtype), logits[i, :, :, s : s + n])
+            logits[i, :, :, s : s + n] = torch.bmm(qs[i], heads.to(q.dtype).transpose(1, 2))
     if masked:
         logits.masked_fill_(hidden[:, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
