@@ -93,8 +93,8 @@ def render_regmap() -> str:
         lines.append(f"localparam [1:0] HM_KERNEL_{name.upper()} = 2'd{kid};")
     lines += [
         "",
-        "// {hit, high word, field}: fields 0-6 buffers A, B, Q, W, D, OUT, S (segs); 7-12",
-        "// scalars N, K, QUERIES, HEADS, DIM, MODE.",
+        "// {hit, high word, field}: fields 0-7 buffers A, B, Q, W, D, OUT, S (segs), G (stage);",
+        "// 8-14 scalars N, K, QUERIES, HEADS, DIM, MODE, STAGED.",
         "function [5:0] hm_reg_decode;",
         "    input [1:0] kernel;",
         "    input [11:0] addr;",
@@ -363,8 +363,9 @@ def link_config(specs: list[KernelSpec], which: str = "the RTL kernels only") ->
         for port, used in banks.items():
             # A port that carries several arguments reaches their pseudo-channels through the
             # HBM switch: a contiguous range [first:last].
+            # (the staged beats share the segments' bank: a bank counts once)
             lo, hi = min(used), max(used)
-            if sorted(used) != list(range(lo, hi + 1)):
+            if sorted(set(used)) != list(range(lo, hi + 1)):
                 raise SpecDrift(f"{spec.name}.{port}: banks {used} are not contiguous")
             where = f"HBM[{lo}]" if lo == hi else f"HBM[{lo}:{hi}]"
             lines.append(f"sp={spec.name}_1.{port}:{where}")

@@ -36,13 +36,15 @@ typedef ap_uint<SCORE_BITS> order_t;
 
 extern "C" void block_gate(const int8_t *keys, const uint8_t *shifts, const int8_t *q,
                            const uint32_t *delta, uint32_t *out, uint32_t n, uint32_t k,
-                           uint32_t queries, uint32_t dim, uint32_t mode, const uint32_t *segs) {
+                           uint32_t queries, uint32_t dim, uint32_t mode, const uint32_t *segs,
+                           const uint32_t *stage, uint32_t staged) {
 #pragma HLS INTERFACE m_axi port = keys offset = slave bundle = keys
 #pragma HLS INTERFACE m_axi port = shifts offset = slave bundle = shifts
 #pragma HLS INTERFACE m_axi port = q offset = slave bundle = q
 #pragma HLS INTERFACE m_axi port = delta offset = slave bundle = delta
 #pragma HLS INTERFACE m_axi port = out offset = slave bundle = out
 #pragma HLS INTERFACE m_axi port = segs offset = slave bundle = segs
+#pragma HLS INTERFACE m_axi port = stage offset = slave bundle = stage
 #pragma HLS INTERFACE s_axilite port = keys bundle = control
 #pragma HLS INTERFACE s_axilite port = shifts bundle = control
 #pragma HLS INTERFACE s_axilite port = q bundle = control
@@ -54,6 +56,8 @@ extern "C" void block_gate(const int8_t *keys, const uint8_t *shifts, const int8
 #pragma HLS INTERFACE s_axilite port = dim bundle = control
 #pragma HLS INTERFACE s_axilite port = mode bundle = control
 #pragma HLS INTERFACE s_axilite port = segs bundle = control
+#pragma HLS INTERFACE s_axilite port = stage bundle = control
+#pragma HLS INTERFACE s_axilite port = staged bundle = control
 #pragma HLS INTERFACE s_axilite port = return bundle = control
 
   static order_t key[NMAX];  // scores, sign bit flipped: unsigned order == signed order
@@ -65,6 +69,9 @@ extern "C" void block_gate(const int8_t *keys, const uint8_t *shifts, const int8
   if (n == 0 || n > NMAX) HM_REFUSE(hm::BAD_N);
   if (dim == 0 || dim > DMAX) HM_REFUSE(hm::BAD_DIM);
   if (mode > 1) HM_REFUSE(hm::BAD_MODE);
+  // Staged memory beats (the RTL's pre-phase) are not implemented here: refused.
+  (void)stage;
+  if (staged != 0) HM_REFUSE(hm::BAD_STAGED);
   // Every segment is checked before any work: a refused call writes nothing.
 check_segs:
   for (unsigned i = 0; i < queries; ++i) {

@@ -33,9 +33,9 @@ int hm_csim_bm25(const uint32_t *term_offsets, const uint32_t *doc_ids, const ui
 int hm_csim_block_gate(const int8_t *keys, const uint8_t *shifts, const int8_t *q,
                        const uint32_t *delta, uint32_t *out, uint32_t n, uint32_t k,
                        uint32_t queries, uint32_t dim, uint32_t mode, const uint32_t *segs,
-                       uint64_t *cycles) {
+                       const uint32_t *stage, uint32_t staged, uint64_t *cycles) {
   start();
-  block_gate(keys, shifts, q, delta, out, n, k, queries, dim, mode, segs);
+  block_gate(keys, shifts, q, delta, out, n, k, queries, dim, mode, segs, stage, staged);
   return finish(cycles);
 }
 

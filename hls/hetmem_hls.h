@@ -28,6 +28,7 @@ enum Status {
   BAD_TERMS = 6,    // a term id outside [-1, vocab)
   BAD_DOC_IDS = 7,  // a posting names a document >= n
   BAD_QUERIES = 8,  // more query terms than the score width holds
+  BAD_STAGED = 9,   // staged memory beats: not implemented in HLS
 };
 
 // Schedule constants of the cycle count (see the file comment).

@@ -276,8 +276,8 @@ def test_run_async_returns_a_launch_to_wait_on():
     inputs = spec.bind(ints, spec.quantize_query({"q": rng.standard_normal((2, 32))}, state, k=5))
     with open_device("emu") as dev:
         bufs = {}
-        for arg, data in inputs.arrays.items():
-            bufs[arg] = dev.alloc(spec.name, arg, data.nbytes)
+        for arg, data in inputs.arrays.items():  # the stage is empty: nothing staged
+            bufs[arg] = dev.alloc(spec.name, arg, max(64, data.nbytes))
             dev.write(bufs[arg], data)
         bufs["out"] = dev.alloc(spec.name, "out", spec.buffer_nbytes("out", inputs.scalars))
         launch = dev.run_async(spec.name, bufs, inputs.scalars)

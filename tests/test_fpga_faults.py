@@ -49,6 +49,7 @@ def prepared(dev):
     }
     for name, buf in bufs.items():
         dev.write(buf, inputs.arrays[name])
+    bufs["stage"] = dev.alloc("vector_search", "stage", 64)  # staged = 0: never read
     bufs["out"] = dev.alloc("vector_search", "out", 24)
     return bufs, inputs.scalars, spec.golden(inputs).indices
 

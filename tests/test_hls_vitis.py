@@ -93,7 +93,8 @@ def test_one_link_config_reaches_every_kernel_buffer_in_its_spec_bank():
         for arg in kernels.get(name).args:
             if arg.is_buffer:
                 assert arg.bank in reach[(name, port_of[arg.name])], (name, arg.name)
-                banks.append(arg.bank)
+                if arg.name != "stage":  # the staged beats share the segments' bank
+                    banks.append(arg.bank)
     assert len(set(banks)) == len(banks) and all(0 <= b < 32 for b in banks)
     assert gen.hls_kernels() == ["bm25"]
     assert set(re.findall(r"^slr=(\w+)_1:SLR0$", text, re.M)) == set(kernels.names())

@@ -250,6 +250,8 @@ def test_golden_is_integer_only(name):
     assert np.issubdtype(spec.scores(inputs).dtype, np.integer)
     if spec.segmented:
         inputs.arrays["segs"] = kspec.whole_segments(2, 50)
+    if spec.staging:
+        inputs.arrays["stage"] = kspec.empty_stage()
     for arg in spec.args:
         if arg.direction != "in":
             continue
@@ -357,8 +359,16 @@ def test_banks(name):
 
 
 def test_kernels_do_not_share_banks():
-    banks = [a.bank for n in NAMES for a in kernels.get(n).args if a.is_buffer]
+    """Every buffer has a pseudo-channel of its own, except a kernel's staged beats, which
+    ride on the query port in its segments' bank."""
+    banks = [
+        a.bank for n in NAMES for a in kernels.get(n).args if a.is_buffer and a.name != "stage"
+    ]
     assert len(banks) == len(set(banks))
+    for name in NAMES:
+        spec = kernels.get(name)
+        if spec.staging:
+            assert spec.arg("stage").bank == spec.arg("segs").bank
 
 
 def test_registry():
@@ -596,7 +606,7 @@ def _one_segment(spec, inputs, i):
     base, rows = (int(v) for v in inputs.arrays["segs"][i])
     arrays = {a: inputs.arrays[a][base : base + rows] for a in spec.memory_args}
     for a in spec.query_args():
-        if a != "segs":
+        if a not in ("segs", "stage"):
             arrays[a] = inputs.arrays[a][i : i + 1]
     return kernels.KernelInputs(arrays, {**inputs.scalars, "n": rows, "queries": 1})
 

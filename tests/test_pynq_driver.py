@@ -129,6 +129,7 @@ def test_a_packed_allocation_is_one_buffer_per_argument_in_its_bank(dev):
         assert buf.parent is None and buf.handle.bo._group == spec.arg(arg).bank
     dev.write_packed({a: inputs.arrays[a] for a in packed}, packed)
     bufs.update(packed)
+    bufs["stage"] = dev.alloc("vector_search", "stage", 64)  # staged = 0: never read
     bufs["out"] = dev.alloc("vector_search", "out", 3 * 7 * 4)
     dev.run("vector_search", bufs, inputs.scalars)
     out, _ = dev.read(bufs["out"], np.uint32, 21)

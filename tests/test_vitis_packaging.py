@@ -70,7 +70,8 @@ def test_link_config_reaches_every_buffer_in_its_spec_bank():
         for arg in kernels.get(name).args:
             if arg.is_buffer:
                 assert arg.bank in reach[(name, port_of[arg.name])], (name, arg.name)
-                banks.append(arg.bank)
+                if arg.name != "stage":  # the staged beats share the segments' bank
+                    banks.append(arg.bank)
     assert len(set(banks)) == len(banks)  # one pseudo-channel per buffer
     assert all(0 <= bank < 32 for bank in banks)
 

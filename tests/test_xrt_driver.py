@@ -125,7 +125,7 @@ def _vector_call(dev):
         spec.quantize_query({"q": rng.standard_normal((2, 16))}, state, k=4),
     )
     bufs = {}
-    for name in ("keys", "shifts", "q", "segs"):
+    for name in ("keys", "shifts", "q", "segs", "stage"):
         bufs[name] = dev.alloc("vector_search", name, inputs.arrays[name].nbytes + 64)
         dev.write(bufs[name], inputs.arrays[name])
     bufs["out"] = dev.alloc("vector_search", "out", 64)
@@ -144,11 +144,17 @@ def test_kernel_arguments_go_in_spec_order(dev, monkeypatch):
     monkeypatch.setattr(xrt_emu.kernel, "__call__", spy)
     dev.run("vector_search", bufs, inputs.scalars)
     (args,) = seen
-    names = ["keys", "shifts", "q", "out", "n", "k", "queries", "dim", "segs"]
+    names = ["keys", "shifts", "q", "out", "n", "k", "queries", "dim", "segs", "stage", "staged"]
     assert [a.name for a in spec.args] == names
     assert args[:4] == tuple(bufs[n].handle for n in ("keys", "shifts", "q", "out"))
     assert args[4:8] == tuple(inputs.scalars[n] for n in ("n", "k", "queries", "dim"))
     assert args[8] is bufs["segs"].handle
+    assert args[9] is bufs["stage"].handle and args[10] == inputs.scalars["staged"] == 0
+    # nothing staged and no stage given: a stage buffer of the device's own is bound
+    del bufs["stage"]
+    dev.run("vector_search", bufs, {**inputs.scalars})
+    stage = dev._empty_stages["vector_search"]
+    assert seen[-1][9] is stage.handle and stage.bank == spec.arg("stage").bank
 
 
 def test_sync_directions_sizes_and_offsets(dev):
@@ -238,7 +244,7 @@ def test_xrt_emu_kernel_call_checks_types_like_pybind(dev):
     spec, inputs, bufs = _vector_call(dev)
     handle = dev._kernels["vector_search"]
     args = [bufs[a.name].handle if a.is_buffer else inputs.scalars[a.name] for a in spec.args]
-    with pytest.raises(TypeError, match="expected 9 arguments"):
+    with pytest.raises(TypeError, match="expected 11 arguments"):
         handle(*args[:-1])
     with pytest.raises(TypeError, match="must be a bo"):
         handle(5, *args[1:])
@@ -444,7 +450,9 @@ def test_pynq_allocates_in_banks_syncs_in_direction_and_passes_args_in_order(tmp
         start = [e for e in log if e[0] == "start"][-1]
         assert start[1] == "vector_search"
         assert start[2][:4] == (keys.handle, shifts.handle, q.handle, out.handle)
-        assert start[2][4:] == (4, 2, 1, 16, segs.handle)
+        stage = dev._empty_stages["vector_search"]  # nothing staged: the device's own
+        assert log[-2] == ("allocate", (64,), np.dtype(np.uint8), 17)
+        assert start[2][4:] == (4, 2, 1, 16, segs.handle, stage.handle, 0)
         assert timing.source == "measured" and timing.cycles is not None
     assert log[-1] == ("free",)
 

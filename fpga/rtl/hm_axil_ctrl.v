@@ -35,22 +35,22 @@ module hm_axil_ctrl #(
     input  wire          engine_idle,
     output wire          start,        // pulse: the engine takes the arguments and runs
     input  wire          done,         // pulse from the engine
-    output wire [7*64-1:0] buffers,    // A, B, Q, W, D, OUT, SEGS addresses
-    output wire [6*32-1:0] scalars     // N, K, QUERIES, HEADS, DIM, MODE
+    output wire [8*64-1:0] buffers,    // A, B, Q, W, D, OUT, SEGS, STAGE addresses
+    output wire [7*32-1:0] scalars     // N, K, QUERIES, HEADS, DIM, MODE, STAGED
 );
 `include "hm_regmap.vh"
 
-    reg [63:0] buf_reg[0:6];
-    reg [31:0] scal_reg[0:5];
+    reg [63:0] buf_reg[0:7];
+    reg [31:0] scal_reg[0:6];
     reg ap_start, ap_done, ap_ready, gie;
     reg [1:0] ier, isr;
 
     genvar f;
     generate
-        for (f = 0; f < 7; f = f + 1) begin : g_buf
+        for (f = 0; f < 8; f = f + 1) begin : g_buf
             assign buffers[64*f+:64] = buf_reg[f];
         end
-        for (f = 0; f < 6; f = f + 1) begin : g_scal
+        for (f = 0; f < 7; f = f + 1) begin : g_scal
             assign scalars[32*f+:32] = scal_reg[f];
         end
     endgenerate
@@ -87,8 +87,8 @@ module hm_axil_ctrl #(
         else if (raddr == HM_IER) rvalue = {30'd0, ier};
         else if (raddr == HM_ISR) rvalue = {30'd0, isr};
         else if (rdec[5]) begin
-            if (rdec[3:0] < 4'd7) rvalue = rdec[4] ? buf_reg[rdec[2:0]][63:32] : buf_reg[rdec[2:0]][31:0];
-            else rvalue = scal_reg[rdec[3:0] - 4'd7];
+            if (rdec[3:0] < 4'd8) rvalue = rdec[4] ? buf_reg[rdec[2:0]][63:32] : buf_reg[rdec[2:0]][31:0];
+            else rvalue = scal_reg[rdec[3:0] - 4'd8];
         end
     end
 
@@ -105,8 +105,8 @@ module hm_axil_ctrl #(
             gie      <= 1'b0;
             ier      <= 2'b00;
             isr      <= 2'b00;
-            for (i = 0; i < 7; i = i + 1) buf_reg[i] <= 64'd0;
-            for (i = 0; i < 6; i = i + 1) scal_reg[i] <= 32'd0;
+            for (i = 0; i < 8; i = i + 1) buf_reg[i] <= 64'd0;
+            for (i = 0; i < 7; i = i + 1) scal_reg[i] <= 32'd0;
         end else begin
             if (s_awvalid && s_awready) begin
                 aw_held <= 1'b1;
@@ -133,13 +133,13 @@ module hm_axil_ctrl #(
                 end else if (aw_addr == HM_ISR) begin
                     if (w_strb[0]) isr <= isr ^ w_data[1:0];
                 end else if (wdec[5]) begin
-                    if (wdec[3:0] < 4'd7) begin
+                    if (wdec[3:0] < 4'd8) begin
                         if (wdec[4])
                             buf_reg[wdec[2:0]][63:32] <= (buf_reg[wdec[2:0]][63:32] & ~bytemask) | (w_data & bytemask);
                         else
                             buf_reg[wdec[2:0]][31:0] <= (buf_reg[wdec[2:0]][31:0] & ~bytemask) | (w_data & bytemask);
                     end else begin
-                        scal_reg[wdec[3:0] - 4'd7] <= (scal_reg[wdec[3:0] - 4'd7] & ~bytemask) | (w_data & bytemask);
+                        scal_reg[wdec[3:0] - 4'd8] <= (scal_reg[wdec[3:0] - 4'd8] & ~bytemask) | (w_data & bytemask);
                     end
                 end
             end

@@ -139,8 +139,8 @@ module hm_engine #(
 
     // -- control ---------------------------------------------------------------------------
     wire start;
-    wire [7*64-1:0] buffers;
-    wire [6*32-1:0] scalars;
+    wire [8*64-1:0] buffers;
+    wire [7*32-1:0] scalars;
 
     hm_axil_ctrl #(
         .ADDR_W(12)
@@ -177,6 +177,7 @@ module hm_engine #(
     reg [1:0] kern;
     reg [63:0] a_addr, b_addr, q_addr, w_addr, d_addr, o_addr, s_addr;
     reg [31:0] n, k, nq, heads, dim, mode;
+    reg [31:0] staged;  // staged memory beats: not implemented here yet, so refused
 
     wire is_tok = kern == 2'd0;
     wire is_quest = kern == 2'd1;
@@ -188,7 +189,7 @@ module hm_engine #(
     wire [31:0] rb_a = is_quest ? {dim[30:0], 1'b0} : dim;  // row bytes, port A
     wire [31:0] rb_b = is_quest ? {dim[30:0], 1'b0} : 32'd1;  // row bytes, port B
     wire bad = n == 0 || n > NMAX || dim == 0 || dim > DMAX || nq == 0 || nh == 0 ||
-               (!bitmap && (k == 0 || k > n)) || (is_gate && mode > 32'd1);
+               (!bitmap && (k == 0 || k > n)) || (is_gate && mode > 32'd1) || staged != 0;
 
     reg [31:0] per_pass;  // queries per pass (heads <= LANES)
     // segments: the pass's candidates (queries q0 .., as loaded), the pass's own
@@ -657,6 +658,7 @@ module hm_engine #(
                     heads <= scalars[3*32+:32];
                     dim <= scalars[4*32+:32];
                     mode <= (kernel == 2'd3) ? scalars[5*32+:32] : 32'd0;
+                    staged <= scalars[6*32+:32];
                     run_cycles <= 1;
                     stream_cycles <= 0;
                     select_cycles <= 0;

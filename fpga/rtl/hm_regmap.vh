@@ -11,8 +11,8 @@ localparam [1:0] HM_KERNEL_PAGE_INDEXER = 2'd1;
 localparam [1:0] HM_KERNEL_VECTOR_SEARCH = 2'd2;
 localparam [1:0] HM_KERNEL_BLOCK_GATE = 2'd3;
 
-// {hit, high word, field}: fields 0-6 buffers A, B, Q, W, D, OUT, S (segs); 7-12
-// scalars N, K, QUERIES, HEADS, DIM, MODE.
+// {hit, high word, field}: fields 0-7 buffers A, B, Q, W, D, OUT, S (segs), G (stage);
+// 8-14 scalars N, K, QUERIES, HEADS, DIM, MODE, STAGED.
 function [5:0] hm_reg_decode;
     input [1:0] kernel;
     input [11:0] addr;
@@ -31,13 +31,16 @@ function [5:0] hm_reg_decode;
                 12'h038: hm_reg_decode = {1'b1, 1'b1, 4'd3};  // w high
                 12'h040: hm_reg_decode = {1'b1, 1'b0, 4'd5};  // out low
                 12'h044: hm_reg_decode = {1'b1, 1'b1, 4'd5};  // out high
-                12'h04c: hm_reg_decode = {1'b1, 1'b0, 4'd7};  // n
-                12'h054: hm_reg_decode = {1'b1, 1'b0, 4'd8};  // k
-                12'h05c: hm_reg_decode = {1'b1, 1'b0, 4'd9};  // queries
-                12'h064: hm_reg_decode = {1'b1, 1'b0, 4'd10};  // heads
-                12'h06c: hm_reg_decode = {1'b1, 1'b0, 4'd11};  // dim
+                12'h04c: hm_reg_decode = {1'b1, 1'b0, 4'd8};  // n
+                12'h054: hm_reg_decode = {1'b1, 1'b0, 4'd9};  // k
+                12'h05c: hm_reg_decode = {1'b1, 1'b0, 4'd10};  // queries
+                12'h064: hm_reg_decode = {1'b1, 1'b0, 4'd11};  // heads
+                12'h06c: hm_reg_decode = {1'b1, 1'b0, 4'd12};  // dim
                 12'h074: hm_reg_decode = {1'b1, 1'b0, 4'd6};  // segs low
                 12'h078: hm_reg_decode = {1'b1, 1'b1, 4'd6};  // segs high
+                12'h080: hm_reg_decode = {1'b1, 1'b0, 4'd7};  // stage low
+                12'h084: hm_reg_decode = {1'b1, 1'b1, 4'd7};  // stage high
+                12'h08c: hm_reg_decode = {1'b1, 1'b0, 4'd14};  // staged
                 default: hm_reg_decode = 6'd0;
             endcase
             2'd1:  // page_indexer
@@ -50,13 +53,16 @@ function [5:0] hm_reg_decode;
                 12'h02c: hm_reg_decode = {1'b1, 1'b1, 4'd2};  // q high
                 12'h034: hm_reg_decode = {1'b1, 1'b0, 4'd5};  // out low
                 12'h038: hm_reg_decode = {1'b1, 1'b1, 4'd5};  // out high
-                12'h040: hm_reg_decode = {1'b1, 1'b0, 4'd7};  // n
-                12'h048: hm_reg_decode = {1'b1, 1'b0, 4'd8};  // k
-                12'h050: hm_reg_decode = {1'b1, 1'b0, 4'd9};  // queries
-                12'h058: hm_reg_decode = {1'b1, 1'b0, 4'd10};  // heads
-                12'h060: hm_reg_decode = {1'b1, 1'b0, 4'd11};  // dim
+                12'h040: hm_reg_decode = {1'b1, 1'b0, 4'd8};  // n
+                12'h048: hm_reg_decode = {1'b1, 1'b0, 4'd9};  // k
+                12'h050: hm_reg_decode = {1'b1, 1'b0, 4'd10};  // queries
+                12'h058: hm_reg_decode = {1'b1, 1'b0, 4'd11};  // heads
+                12'h060: hm_reg_decode = {1'b1, 1'b0, 4'd12};  // dim
                 12'h068: hm_reg_decode = {1'b1, 1'b0, 4'd6};  // segs low
                 12'h06c: hm_reg_decode = {1'b1, 1'b1, 4'd6};  // segs high
+                12'h074: hm_reg_decode = {1'b1, 1'b0, 4'd7};  // stage low
+                12'h078: hm_reg_decode = {1'b1, 1'b1, 4'd7};  // stage high
+                12'h080: hm_reg_decode = {1'b1, 1'b0, 4'd14};  // staged
                 default: hm_reg_decode = 6'd0;
             endcase
             2'd2:  // vector_search
@@ -69,12 +75,15 @@ function [5:0] hm_reg_decode;
                 12'h02c: hm_reg_decode = {1'b1, 1'b1, 4'd2};  // q high
                 12'h034: hm_reg_decode = {1'b1, 1'b0, 4'd5};  // out low
                 12'h038: hm_reg_decode = {1'b1, 1'b1, 4'd5};  // out high
-                12'h040: hm_reg_decode = {1'b1, 1'b0, 4'd7};  // n
-                12'h048: hm_reg_decode = {1'b1, 1'b0, 4'd8};  // k
-                12'h050: hm_reg_decode = {1'b1, 1'b0, 4'd9};  // queries
-                12'h058: hm_reg_decode = {1'b1, 1'b0, 4'd11};  // dim
+                12'h040: hm_reg_decode = {1'b1, 1'b0, 4'd8};  // n
+                12'h048: hm_reg_decode = {1'b1, 1'b0, 4'd9};  // k
+                12'h050: hm_reg_decode = {1'b1, 1'b0, 4'd10};  // queries
+                12'h058: hm_reg_decode = {1'b1, 1'b0, 4'd12};  // dim
                 12'h060: hm_reg_decode = {1'b1, 1'b0, 4'd6};  // segs low
                 12'h064: hm_reg_decode = {1'b1, 1'b1, 4'd6};  // segs high
+                12'h06c: hm_reg_decode = {1'b1, 1'b0, 4'd7};  // stage low
+                12'h070: hm_reg_decode = {1'b1, 1'b1, 4'd7};  // stage high
+                12'h078: hm_reg_decode = {1'b1, 1'b0, 4'd14};  // staged
                 default: hm_reg_decode = 6'd0;
             endcase
             2'd3:  // block_gate
@@ -89,13 +98,16 @@ function [5:0] hm_reg_decode;
                 12'h038: hm_reg_decode = {1'b1, 1'b1, 4'd4};  // delta high
                 12'h040: hm_reg_decode = {1'b1, 1'b0, 4'd5};  // out low
                 12'h044: hm_reg_decode = {1'b1, 1'b1, 4'd5};  // out high
-                12'h04c: hm_reg_decode = {1'b1, 1'b0, 4'd7};  // n
-                12'h054: hm_reg_decode = {1'b1, 1'b0, 4'd8};  // k
-                12'h05c: hm_reg_decode = {1'b1, 1'b0, 4'd9};  // queries
-                12'h064: hm_reg_decode = {1'b1, 1'b0, 4'd11};  // dim
-                12'h06c: hm_reg_decode = {1'b1, 1'b0, 4'd12};  // mode
+                12'h04c: hm_reg_decode = {1'b1, 1'b0, 4'd8};  // n
+                12'h054: hm_reg_decode = {1'b1, 1'b0, 4'd9};  // k
+                12'h05c: hm_reg_decode = {1'b1, 1'b0, 4'd10};  // queries
+                12'h064: hm_reg_decode = {1'b1, 1'b0, 4'd12};  // dim
+                12'h06c: hm_reg_decode = {1'b1, 1'b0, 4'd13};  // mode
                 12'h074: hm_reg_decode = {1'b1, 1'b0, 4'd6};  // segs low
                 12'h078: hm_reg_decode = {1'b1, 1'b1, 4'd6};  // segs high
+                12'h080: hm_reg_decode = {1'b1, 1'b0, 4'd7};  // stage low
+                12'h084: hm_reg_decode = {1'b1, 1'b1, 4'd7};  // stage high
+                12'h08c: hm_reg_decode = {1'b1, 1'b0, 4'd14};  // staged
                 default: hm_reg_decode = 6'd0;
             endcase
             default: hm_reg_decode = 6'd0;

@@ -39,14 +39,14 @@ int main() {
     const uint32_t delta[] = {1};
     const uint32_t segs[] = {0, 4};
     uint32_t out[2] = {0};
-    block_gate(keys, shifts, q, delta, out, 4, 2, 1, 2, 0, segs);
+    block_gate(keys, shifts, q, delta, out, 4, 2, 1, 2, 0, segs, nullptr, 0);
     const uint32_t want_topk[] = {0, 2};
     expect("block_gate top-2", out, want_topk, 2);
-    block_gate(keys, shifts, q, delta, out, 4, 0, 1, 2, 1, segs);
+    block_gate(keys, shifts, q, delta, out, 4, 0, 1, 2, 1, segs, nullptr, 0);
     const uint32_t want_bits[] = {0x7};  // S >= 2 - 1
     expect("block_gate threshold", out, want_bits, 1);
     const uint32_t tail[] = {1, 3};  // blocks 1..3 as one segment: scores (1, 2, -1)
-    block_gate(keys, shifts, q, delta, out, 4, 1, 1, 2, 0, tail);
+    block_gate(keys, shifts, q, delta, out, 4, 1, 1, 2, 0, tail, nullptr, 0);
     const uint32_t want_seg[] = {1};
     expect("block_gate segment", out, want_seg, 1);
   }

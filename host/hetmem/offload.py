@@ -62,6 +62,7 @@ from . import kernels
 from .errors import FpgaError, InputError, PlacementError
 from .fpga.cards import Card, Cards
 from .fpga.emu import execute, one_blas_thread
+from .kernels import spec as kspec
 from .kernels.spec import check_segments
 from .methods.base import KernelBinding, Memory, Method
 from .plan import StepPlan
@@ -265,18 +266,20 @@ class FpgaStage:
             self._unsent.append(self._update(memory, profile))
         return profile
 
-    def _bring_up(self, memory: Memory, profile: Profile) -> None:
-        """Mirror up to the memory (host), then the card up to the mirror."""
+    def _bring_up(self, memory: Memory, profile: Profile, defer: bool = False) -> None:
+        """Mirror up to the memory (host), then the card up to the mirror. `defer`: a select
+        follows, and a card that copies staged beats (`_stages`) takes the appended rows
+        with its launch (`begin`), so they stay in `_unsent` here."""
         fitted = not self.slots
         if fitted:
             self._fit(memory, profile)
         else:
             profile.extend(self.stage_rows(memory))
-        unsent, self._unsent = self._unsent, []
         with self._on_fault():
             device = self.card.open()
-            whole = "all" in unsent
+            whole = "all" in self._unsent
             if not self.loaded or self._card_capacity != self.capacity or whole:
+                self._unsent = []  # the whole mirror is written
                 if fitted:
                     note = "load: every entry"
                 elif whole and self.loaded:
@@ -286,11 +289,41 @@ class FpgaStage:
                 else:
                     note = "restored from the host copy"
                 self._restore(device, profile, note)
-            elif unsent:
-                writes = _Transfers()
-                for appended in unsent:
-                    self._write_appended(device, *appended, writes)
-                writes.record(profile, "transfer memory -> fpga", self.label, "appended rows only")
+            elif self._unsent and not (defer and self._stages(device)):
+                self._send_unsent(device, profile)
+
+    def _send_unsent(self, device: Any, profile: Profile) -> None:
+        """The appended rows not yet on the card, written range by range (`write_ranges`:
+        one transaction per slot and memory buffer)."""
+        unsent, self._unsent = self._unsent, []
+        writes = _Transfers()
+        for appended in unsent:
+            self._write_appended(device, *appended, writes)
+        writes.record(profile, "transfer memory -> fpga", self.label, "appended rows only")
+
+    def _stages(self, device: Any) -> bool:
+        """Whether appended rows ride on the launch: a kernel with staged beats (`stage`,
+        `staged`) on a card that copies them in before the scan, for slot memories."""
+        return (
+            self.binding.layout != "index"
+            and self.spec.staging
+            and bool(getattr(device, "stages_appends", False))
+        )
+
+    def _compose_stage(self) -> np.ndarray:
+        """The `stage` that brings the card's memory up to the mirror: every 64-byte beat
+        of each memory buffer that the unsent rows touch, each once, with the mirror's bytes
+        (exact, so a whole beat is right where it also holds rows that did not change)."""
+        beats = []
+        for arg in self.spec.memory_args:
+            row = _row_bytes(self.host[arg])
+            offsets, sizes = [], []
+            for firsts, counts, _ in self._unsent:
+                base = np.arange(len(counts), dtype=np.int64) * self.capacity
+                offsets.append((base + np.asarray(firsts, dtype=np.int64)) * row)
+                sizes.append(np.asarray(counts, dtype=np.int64) * row)
+            beats.append(kspec.beats_of(np.concatenate(offsets), np.concatenate(sizes)))
+        return kspec.compose_stage([self.host[arg] for arg in self.spec.memory_args], beats)
 
     def _update(self, memory: Memory, profile: Profile) -> Any:
         """The mirror takes the rows appended since the last update (host only): (firsts,
@@ -360,13 +393,25 @@ class FpgaStage:
         """Quantize and write the query and start the launch; return at once (the host may
         run other work while the card computes). `finish` waits and reads the selection."""
         profile = Profile()
-        self._bring_up(memory, profile)
+        self._bring_up(memory, profile, defer=True)
         with self._on_fault():
             device = self.card.open()
             launch = self._plan(memory, query, budget, profile, rows)
             pending = _Pending(launch, profile)
+            if self._unsent and launch.groups and self._stages(device):
+                # the appended rows ride on the first launch's query write (one transaction)
+                with self._host(profile, "compose staged beats") as rec:
+                    stage = self._compose_stage()
+                    first = launch.groups[0]
+                    first.inputs.arrays[kspec.STAGE] = stage
+                    first.inputs.scalars[kspec.STAGED] = int(stage.shape[0])
+                    rec.note = f"{stage.shape[0]} memory beats"
+            elif self._unsent:
+                self._send_unsent(device, profile)
             for group in launch.groups:
                 self._start_group(device, group, pending.transfers)
+                if group.inputs.scalars.get(kspec.STAGED, 0):
+                    self._unsent = []  # the launch carries them: the card copies them in
             return pending
 
     def finish(self, pending: _Pending) -> tuple[Selection, Profile]:
@@ -375,7 +420,13 @@ class FpgaStage:
             device = self.card.open()
             transfers, profile = pending.transfers, pending.profile
             for group in pending.launch.groups:
-                transfers["run"].add(group.running.wait())
+                try:
+                    transfers["run"].add(group.running.wait())
+                except Exception:
+                    if group.inputs.scalars.get(kspec.STAGED, 0):
+                        # the card may not hold the staged rows: rebuilt from the mirror
+                        self._drop_card()
+                    raise
                 shape = self.spec.buffer_shape("out", group.inputs.scalars, 0)
                 out, timing = device.read(group.out_buffer, np.uint32, int(np.prod(shape)))
                 transfers["out"].add(timing)

@@ -19,7 +19,7 @@ from streams import pauses, quiet
 
 from hetmem import kernels
 from hetmem.kernels import spec as kspec
-from hetmem.kernels.engine import FIELD_IDS, FORMATS, KERNEL_IDS
+from hetmem.kernels.engine import BUFFER_FIELDS, FIELD_IDS, FORMATS, KERNEL_IDS
 
 
 @cocotb.test(timeout_time=20, timeout_unit="ms")
@@ -90,8 +90,8 @@ async def registers_and_handshake(dut):
         for f, v in want.items():
             out = (
                 (bufs >> (64 * f)) & (2**64 - 1)
-                if f < 7
-                else (scal >> (32 * (f - 7))) & (2**32 - 1)
+                if f < BUFFER_FIELDS
+                else (scal >> (32 * (f - BUFFER_FIELDS))) & (2**32 - 1)
             )
             assert out == v, f"{name}: field {f} drives {out:#x}, wrote {v:#x}"
         # an address outside the map: reads 0, a write changes nothing

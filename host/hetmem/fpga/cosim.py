@@ -51,7 +51,7 @@ from ..errors import (
     XclbinError,
 )
 from ..kernels import KernelInputs, KernelSpec
-from ..kernels.spec import CAPACITY, SEGS, Arg
+from ..kernels.spec import CAPACITY, SEGS, STAGE, STAGED, Arg
 
 # The build is part of this target's interface (`cosim.build_model`, `cosim.missing`, ...).
 from .cosim_build import (  # noqa: F401
@@ -253,6 +253,8 @@ class CosimDevice(EmuDevice):
     target = "cosim"
     transfer_source = "modeled"
     timing_source = "simulated"
+    #: The RTL has no pre-phase yet: appended rows are written (`write_ranges`).
+    stages_appends = False
 
     def __init__(
         self,
@@ -369,6 +371,10 @@ class CosimDevice(EmuDevice):
                     f"{scalars[name]} exceeds this RTL build's {key}={limit} "
                     f"(open cosim with params={{'{key}': ...}})",
                 )
+        if int(scalars.get(STAGED, 0)):
+            raise InputError(
+                STAGED, f"the {spec.name} RTL copies no staged memory beats yet: write the rows"
+            )
         for name in ("dim", "queries", "heads"):
             if name in scalars and int(scalars[name]) == 0:
                 raise InputError(name, f"is 0: the {spec.name} engine needs at least one")
@@ -418,6 +424,8 @@ class CosimDevice(EmuDevice):
             else:
                 port = PORT_QUERY
             addr = int(arg.bank) * BANK_BYTES  # type: ignore[arg-type]
+            if arg.name == STAGE:  # it shares the segments' bank: the bank's upper half
+                addr += BANK_BYTES // 2
             size = max(PAGE, -(-data.nbytes // PAGE) * PAGE)
             regions.append(Region(port, addr, size, data[:need]))
             addrs[arg.name] = addr

@@ -21,7 +21,7 @@ import numpy as np
 from .. import kernels
 from ..errors import InputError
 from ..kernels import KernelInputs, KernelSpec
-from ..kernels.spec import CAPACITY, HBM_BANKS, MODE_THRESHOLD, MODE_TOPK, Arg
+from ..kernels.spec import CAPACITY, HBM_BANKS, MODE_THRESHOLD, MODE_TOPK, STAGE, STAGED, Arg
 
 #: One HBM pseudo-channel of the U55C: 16 GiB in 32 pseudo-channels (AMD UG1468 / the U55C
 #: data sheet DS978: 16 GB HBM2, 32 pseudo-channels).
@@ -153,7 +153,11 @@ def check_scalars(spec: KernelSpec, scalars: Mapping[str, Any]) -> dict[str, int
     if unknown:
         raise InputError("scalars", f"{spec.name} has no scalars {unknown}; it takes {list(names)}")
     out: dict[str, int] = {}
+    defaults = spec.scalar_defaults
     for name in names:
+        if name not in scalars and name in defaults:  # e.g. staged: 0, nothing staged
+            out[name] = defaults[name]
+            continue
         if name not in scalars:
             raise InputError(name, f"missing scalar of {spec.name}")
         value = as_count(name, scalars[name])
@@ -182,10 +186,17 @@ class FpgaDevice(ABC):
     transfer_source: str = "modeled"
     #: Capacity of each HBM pseudo-channel (a target with other banks overrides it).
     bank_bytes: int = BANK_BYTES
+    #: Whether the card runs the kernels' pre-phase: the staged memory beats of a call
+    #: (`stage`, `staged` > 0; `hetmem.kernels.spec.apply_stage`) copied into its memory
+    #: buffers before the scan, so a step's appended rows ride on the query write. A target
+    #: without it refuses staged > 0 (`InputError`); the host then writes appended rows
+    #: with `write_ranges`.
+    stages_appends: bool = False
 
     def __init__(self) -> None:
         self._live: dict[int, Buffer] = {}
         self._closed = False
+        self._empty_stages: dict[str, Buffer] = {}  # per kernel: the stage of staged = 0
         #: PCIe transactions (writes, reads, launches) since the device opened.
         self.transactions = 0
 
@@ -342,8 +353,15 @@ class FpgaDevice(ABC):
         unknown = sorted(set(buffers) - set(wanted))
         if unknown:
             raise InputError("buffers", f"{spec.name} has no buffers {unknown}; it takes {wanted}")
+        if values.get(STAGED, 0) and not self.stages_appends:
+            raise InputError(
+                STAGED, f"{self.name} copies no staged memory beats: write the rows instead"
+            )
         bound: dict[str, Buffer] = {}
         for name in wanted:
+            if name == STAGE and name not in buffers and not values.get(STAGED, 0):
+                bound[name] = self._empty_stage(spec)  # nothing staged: any buffer will do
+                continue
             if name not in buffers:
                 raise InputError(name, f"missing buffer of {spec.name}")
             buf = buffers[name]
@@ -359,6 +377,14 @@ class FpgaDevice(ABC):
                 "timeout_s", f"expected a positive number of seconds, got {timeout_s!r}"
             )
         return spec, bound, values, float(timeout_s)
+
+    def _empty_stage(self, spec: KernelSpec) -> Buffer:
+        """A small `stage` buffer for calls that stage nothing (the kernel's argument must
+        be bound all the same), allocated once per kernel; its bytes are never read."""
+        buf = self._empty_stages.get(spec.name)
+        if buf is None or self._live.get(id(buf)) is not buf:
+            buf = self._empty_stages[spec.name] = self.alloc(spec.name, STAGE, 64)
+        return buf
 
     def free(self, buf: Buffer) -> None:
         """Give the buffer's bank space back; the Buffer is unusable afterwards (freeing a
@@ -467,6 +493,9 @@ class FpgaDevice(ABC):
         bufs: dict[str, Buffer] = {}
         try:
             for arg in spec.args:
+                if arg.name == STAGE and not scalars.get(STAGED, 0):
+                    bufs[arg.name] = self.alloc(spec.name, arg.name, 64)  # bound, never read
+                    continue
                 if arg.direction == "in":
                     data = inputs.arrays[arg.name]
                     bufs[arg.name] = self.alloc(spec.name, arg.name, max(1, data.nbytes))

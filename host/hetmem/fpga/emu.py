@@ -20,7 +20,16 @@ import numpy as np
 
 from ..errors import AllocationError, FpgaTimeout, InputError
 from ..kernels import KernelInputs, KernelSpec
-from ..kernels.spec import DEFAULT_CLOCK_HZ, HBM_BANKS, Arg
+from ..kernels.spec import (
+    DEFAULT_CLOCK_HZ,
+    HBM_BANKS,
+    STAGE,
+    STAGED,
+    Arg,
+    apply_stage,
+    empty_stage,
+    stage_cycles,
+)
 from ..timeline import Span, Timeline
 from .device import BANK_BYTES, Buffer, FpgaDevice, Timing, as_count
 from .pcie import GEN3_X16, PcieLink
@@ -66,10 +75,15 @@ PLATFORM = "xilinx_u55c_gen3x16_xdma_3_202210_1"
 def view_inputs(
     spec: KernelSpec, raw: Mapping[str, np.ndarray], scalars: Mapping[str, int]
 ) -> KernelInputs:
-    """The input buffers' raw uint8 bytes viewed as the golden model's arrays."""
+    """The input buffers' raw uint8 bytes viewed as the golden model's arrays (a scalar the
+    spec lets a caller leave out takes its default; no `stage` buffer: nothing staged)."""
+    scalars = {**spec.scalar_defaults, **scalars}
     arrays: dict[str, np.ndarray] = {}
     for arg in spec.args:
         if arg.direction != "in":
+            continue
+        if arg.name == STAGE and STAGE not in raw and not int(scalars[STAGED]):
+            arrays[STAGE] = empty_stage()
             continue
         data = raw[arg.name]
         shape = spec.buffer_shape(arg.name, scalars, data.nbytes)
@@ -82,7 +96,21 @@ def view_inputs(
 def execute(
     spec: KernelSpec, raw: Mapping[str, np.ndarray], scalars: Mapping[str, int]
 ) -> tuple[np.ndarray, int]:
-    """Run the golden model over raw buffer bytes: (out uint32 array, modeled cycles)."""
+    """Run the golden model over raw buffer bytes: (out uint32 array, modeled cycles).
+
+    A call with staged memory beats (`staged` > 0) first runs the pre-phase on the memory
+    buffers' bytes themselves (`spec.apply_stage`: the card's memory keeps them), after
+    every check the card makes before it touches anything (`KernelSpec.check_call`), so a
+    refused call changes nothing; its modeled cycles count the copy (`spec.stage_cycles`)."""
+    staged = int(scalars.get(STAGED, 0))
+    if staged:
+        spec.check_call(view_inputs(spec, raw, scalars))
+        stage = view_inputs(spec, raw, scalars).arrays[STAGE]
+        apply_stage([raw[name] for name in spec.memory_args], stage, staged)
+        outputs = spec.golden(view_inputs(spec, raw, {**scalars, STAGED: 0}))
+        cycles = int(outputs.cycles) + stage_cycles(spec.engine, staged)
+        out = outputs.indices if outputs.indices is not None else outputs.bitmap
+        return np.ascontiguousarray(out, dtype=np.uint32), cycles
     outputs = spec.golden(view_inputs(spec, raw, scalars))
     out = outputs.indices if outputs.indices is not None else outputs.bitmap
     return np.ascontiguousarray(out, dtype=np.uint32), int(outputs.cycles)
@@ -94,6 +122,8 @@ class EmuDevice(FpgaDevice):
 
     target = "emu"
     transfer_source = "modeled"
+    #: The golden models run the pre-phase (`execute`); cosim and hls override it.
+    stages_appends = True
     #: Source of kernel run times (a cosim subclass says "simulated").
     timing_source = "modeled"
 

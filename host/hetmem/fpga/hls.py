@@ -43,7 +43,7 @@ import numpy as np
 
 from ..errors import InputError, NoDeviceError, XclbinError
 from ..kernels import KernelInputs, KernelSpec
-from ..kernels.spec import MAX_SHIFT, MODE_THRESHOLD, MODE_TOPK, SEGS, Arg
+from ..kernels.spec import MAX_SHIFT, MODE_THRESHOLD, MODE_TOPK, SEGS, STAGED, Arg
 from ..kernels.topk import check_k
 from .device import Buffer
 from .emu import BANK_BYTES, EmuDevice, view_inputs
@@ -66,6 +66,7 @@ REFUSALS = {
     6: ("terms", "a term id is outside [-1, vocab)"),
     7: ("doc_ids", "a posting names a document >= n"),
     8: ("terms_per_query", "more terms per query than the score width holds"),
+    9: (STAGED, "the HLS kernels copy no staged memory beats (staged must be 0)"),
 }
 
 
@@ -321,6 +322,8 @@ class HlsDevice(EmuDevice):
     target = "hls"
     transfer_source = "modeled"
     timing_source = "modeled"
+    #: The C kernels take the stage arguments but copy no beats (staged must be 0).
+    stages_appends = False
 
     def __init__(
         self,

@@ -129,6 +129,13 @@ class PynqDevice(FpgaDevice):
         label = "pynq over pynq_emu" if self.emulated else "pynq"
         self.name = f"{label} {getattr(card, 'name', card)} {entry.name}"
 
+    @property
+    def stages_appends(self) -> bool:  # type: ignore[override]
+        """Over pynq_emu (xrt_emu's golden models) the kernels run the pre-phase (staged
+        memory beats); a card's RTL has none yet."""
+        card = getattr(self._overlay, "card", None) if self.emulated else None
+        return bool(getattr(card, "stages_appends", False))
+
     def _find_ip(self, kernel: str, xclbin: str) -> Any:
         """The compute unit of `kernel`: Vitis names the first `<kernel>_1`."""
         names = list(getattr(self._overlay, "ip_dict", {}) or {})

@@ -158,6 +158,12 @@ class XrtDevice(FpgaDevice):
                 banks[name][arg.name] = hbm_bank(tags.get(group, ""))
         entry.check_metadata(platform, kernel_args, banks)
 
+    @property
+    def stages_appends(self) -> bool:  # type: ignore[override]
+        """Over xrt_emu with the golden models, the kernels run the pre-phase (staged memory
+        beats); the RTL (a card, or xrt_emu executed by cosim) has none yet."""
+        return bool(self.emulated and getattr(self._dev, "stages_appends", False))
+
     # -- faults ------------------------------------------------------------------------------
     def _check_alive(self) -> None:
         if self._lost is not None:

@@ -390,6 +390,12 @@ class device:
         self.sync_log: list[tuple[xclBOSyncDirection, int, int, int]] = []
         self.executor = _emu.execute if executor is None else executor
 
+    @property
+    def stages_appends(self) -> bool:
+        """Whether its kernels copy staged memory beats in before the scan: the golden
+        models do (`emu.execute`); another executor (the RTL in cosim) does not yet."""
+        return self.executor is _emu.execute
+
     def _check(self) -> None:
         """Every call that reaches the card fails once the card is lost."""
         if self.lost is not None:

@@ -57,6 +57,7 @@ from .spec import (
     fold_query,
     need,
     segment_groups,
+    stage_args,
     with_segs,
 )
 from .topk import as_k
@@ -88,6 +89,7 @@ class BlockGate(VectorSearch):
         Arg("mode", "uint32", "scalar", "scalar", None, "0 top-k, 1 threshold bitmap"),
         # last, so every other argument keeps its register offset
         Arg(SEGS, "uint32", "[queries, 2] (base, rows)", "in", 13, "memory blocks per query"),
+        *stage_args(13),  # staged memory beats, on the segments' bank
     )
     memory_args: ClassVar[tuple[str, ...]] = ("keys", "shifts")
     dims: ClassVar[dict[str, tuple[str, ...]]] = {**VectorSearch.dims, "delta": ("queries",)}

@@ -27,7 +27,7 @@ KERNEL_IDS = MappingProxyType(
     {"token_indexer": 0, "page_indexer": 1, "vector_search": 2, "block_gate": 3}
 )
 
-#: Engine fields: buffers 0..6 (64-bit addresses), scalars 7..12.
+#: Engine fields: buffers 0..7 (64-bit addresses), scalars 8..14.
 FIELD_IDS = MappingProxyType(
     {
         "A": 0,
@@ -37,17 +37,22 @@ FIELD_IDS = MappingProxyType(
         "D": 4,
         "OUT": 5,
         "S": 6,
-        "N": 7,
-        "K": 8,
-        "QUERIES": 9,
-        "HEADS": 10,
-        "DIM": 11,
-        "MODE": 12,
+        "G": 7,
+        "N": 8,
+        "K": 9,
+        "QUERIES": 10,
+        "HEADS": 11,
+        "DIM": 12,
+        "MODE": 13,
+        "STAGED": 14,
     }
 )
+#: Buffer fields come first: a field id below this is an address.
+BUFFER_FIELDS = 8
 
 #: The engine's AXI4 masters, by field: memory rows stream on two ports, the query side
-#: (query vectors, head weights, threshold deltas, segments) shares one, results go out on one.
+#: (query vectors, head weights, threshold deltas, segments, staged beats) shares one,
+#: results go out on one.
 PORT_OF_FIELD = MappingProxyType(
     {
         "A": "m_axi_mem_a",
@@ -56,6 +61,7 @@ PORT_OF_FIELD = MappingProxyType(
         "W": "m_axi_query",
         "D": "m_axi_query",
         "S": "m_axi_query",
+        "G": "m_axi_query",
         "OUT": "m_axi_out",
     }
 )
@@ -75,6 +81,8 @@ FORMATS: MappingProxyType[str, tuple[tuple[str, str, str], ...]] = MappingProxyT
             ("heads", "HEADS", "uint32"),
             ("dim", "DIM", "uint32"),
             ("segs", "S", "uint32"),
+            ("stage", "G", "uint32"),
+            ("staged", "STAGED", "uint32"),
         ),
         "page_indexer": (
             ("mins", "A", "int16"),
@@ -87,6 +95,8 @@ FORMATS: MappingProxyType[str, tuple[tuple[str, str, str], ...]] = MappingProxyT
             ("heads", "HEADS", "uint32"),
             ("dim", "DIM", "uint32"),
             ("segs", "S", "uint32"),
+            ("stage", "G", "uint32"),
+            ("staged", "STAGED", "uint32"),
         ),
         "vector_search": (
             ("keys", "A", "int8"),
@@ -98,6 +108,8 @@ FORMATS: MappingProxyType[str, tuple[tuple[str, str, str], ...]] = MappingProxyT
             ("queries", "QUERIES", "uint32"),
             ("dim", "DIM", "uint32"),
             ("segs", "S", "uint32"),
+            ("stage", "G", "uint32"),
+            ("staged", "STAGED", "uint32"),
         ),
         "block_gate": (
             ("keys", "A", "int8"),
@@ -111,6 +123,8 @@ FORMATS: MappingProxyType[str, tuple[tuple[str, str, str], ...]] = MappingProxyT
             ("dim", "DIM", "uint32"),
             ("mode", "MODE", "uint32"),
             ("segs", "S", "uint32"),
+            ("stage", "G", "uint32"),
+            ("staged", "STAGED", "uint32"),
         ),
     }
 )

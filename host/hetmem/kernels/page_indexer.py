@@ -53,6 +53,9 @@ from .spec import (
     CAPACITY,
     INT16_MAX,
     SEGS,
+    STAGE,
+    STAGE_WORDS,
+    STAGED,
     Arg,
     ChannelState,
     EngineParams,
@@ -70,6 +73,7 @@ from .spec import (
     segment_groups,
     shape_segs,
     slot_scale,
+    stage_args,
     with_segs,
 )
 from .topk import as_k
@@ -101,6 +105,7 @@ class PageIndexer(KernelSpec):
         Arg("dim", "uint32", "scalar", "scalar", None, "head dim D"),
         # last, so every other argument keeps its register offset
         Arg(SEGS, "uint32", "[queries, 2] (base, rows)", "in", 8, "memory pages per query"),
+        *stage_args(8),  # staged memory beats, on the segments' bank
     )
     memory_args: ClassVar[tuple[str, ...]] = ("mins", "maxs")
     dims: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -108,6 +113,7 @@ class PageIndexer(KernelSpec):
         "maxs": (CAPACITY, "dim"),
         "q": ("queries", "heads", "dim"),
         SEGS: ("queries", "2"),
+        STAGE: (STAGED, str(STAGE_WORDS)),
     }
 
     def fit(self, memory: Mapping[str, Any]) -> ChannelState:

@@ -144,6 +144,10 @@ class EngineParams:
     select_overhead: cycles per query of a top-k selection besides its scans and drain
         (histogram scans, taking the k-th bin's candidates, the threshold search);
         data-dependent in the RTL, fitted on the bench's random data.
+    stage_overhead, stage_per_beat: the pre-phase that copies staged memory beats (`stage`)
+        into the memory before the scan: cycles once when any beat is staged, and per beat
+        (its 68 bytes read on the query port, then one 64-byte write; not overlapped). Not
+        calibrated against the RTL yet (`stage_cycles`).
     """
 
     lanes: int
@@ -158,6 +162,8 @@ class EngineParams:
     pass_overhead: int = 0
     topk_scans: int = 1
     select_overhead: int = 0
+    stage_overhead: int = 16
+    stage_per_beat: int = 2
 
     def with_(self, **changes: Any) -> EngineParams:
         """A copy with some constants changed (calibration)."""
@@ -273,6 +279,14 @@ def engine_cycles(
         + np.asarray(queries, dtype=np.int64) * (scan + drain)
     )
     return int(params.control_overhead + np.sum(groups))
+
+
+def stage_cycles(params: EngineParams, staged: int) -> int:
+    """Cycles of the pre-phase that copies `staged` memory beats from the `stage` buffer
+    into the memory (0 when nothing is staged): stage_overhead + staged * stage_per_beat.
+    Every kernel's modeled call time adds it to `engine_cycles`."""
+    staged = int(staged)
+    return 0 if staged <= 0 else params.stage_overhead + staged * params.stage_per_beat
 
 
 def seconds(cycles: int, clock_hz: float = DEFAULT_CLOCK_HZ) -> float:
@@ -827,6 +841,138 @@ def shape_segs(inputs: KernelInputs) -> np.ndarray | None:
     return inputs.arrays.get(SEGS)
 
 
+# -- staged appends: memory beats copied in before the scan --------------------------------
+
+#: The staged-beats buffer of the kernels with RTL: uint32 [staged, STAGE_WORDS], riding on
+#: the query port (written with the query and the segments: one PCIe transaction).
+STAGE = "stage"
+#: The scalar that says how many beats `stage` holds (0: none, the call as without staging).
+STAGED = "staged"
+#: Words per staged beat: word 0 = STAGE_PORT_B (memory port b) or 0 (port a) | the beat
+#: index (byte offset // BEAT_BYTES in that memory buffer), words 1..16 = the beat's 64 bytes.
+STAGE_WORDS = 1 + BEAT_BYTES // 4
+STAGE_PORT_B = 1 << 31
+#: The largest beat index word 0 holds.
+STAGE_INDEX_MAX = STAGE_PORT_B - 1
+
+
+def stage_args(bank: int) -> tuple[Arg, Arg]:
+    """The two arguments a kernel with RTL takes last (after segs, so every other argument
+    keeps its register offset): the `stage` buffer, in the segments' HBM bank (it rides on
+    the query port beside them), and the `staged` scalar."""
+    return (
+        Arg(STAGE, "uint32", f"[staged, {STAGE_WORDS}]", "in", bank, "memory beats to copy in"),
+        Arg(STAGED, "uint32", "scalar", "scalar", None, "beats in stage (0: none)"),
+    )
+
+
+def empty_stage() -> np.ndarray:
+    """A stage of no beats (uint32 [0, STAGE_WORDS])."""
+    return np.zeros((0, STAGE_WORDS), dtype=np.uint32)
+
+
+def beats_of(offsets: Any, sizes: Any) -> np.ndarray:
+    """The beat indices (byte offset // BEAT_BYTES) that byte ranges [offsets[i],
+    offsets[i] + sizes[i]) touch, ascending, each once (empty ranges touch none)."""
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1)
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1)
+    keep = sizes > 0
+    first = offsets[keep] // BEAT_BYTES
+    count = (offsets[keep] + sizes[keep] - 1) // BEAT_BYTES - first + 1
+    if not count.size:
+        return np.zeros(0, dtype=np.int64)
+    beats = np.repeat(first - (np.cumsum(count) - count), count) + np.arange(int(count.sum()))
+    return np.unique(beats)
+
+
+def compose_stage(memory: Sequence[np.ndarray], beats: Sequence[Any]) -> np.ndarray:
+    """The `stage` buffer that makes the card's memory equal to `memory` on the given beats:
+    for port p (0 = a, 1 = b) and each beat index in beats[p], the 64 bytes of memory[p]'s
+    bytes at that beat (zeros past its end). `memory` is the host's exact mirror of the
+    card's memory buffers (any arrays; their bytes), so a whole beat is right even where it
+    also holds rows that did not change. Returns uint32 [staged, STAGE_WORDS]."""
+    if len(memory) != len(beats) or len(memory) > 2:
+        raise InputError(STAGE, f"expected beats for each of {len(memory)} memory ports (<= 2)")
+    parts = []
+    for port, (array, which) in enumerate(zip(memory, beats, strict=True)):
+        raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        idx = as_int_array(STAGE, which, ndim=1)
+        held = -(-raw.nbytes // BEAT_BYTES)
+        if idx.size and (idx.min() < 0 or idx.max() >= held):
+            raise InputError(STAGE, f"a beat outside port {port}'s {held} beats")
+        part = np.zeros((idx.size, STAGE_WORDS), dtype=np.uint32)
+        part[:, 0] = idx.astype(np.uint32) | np.uint32(STAGE_PORT_B if port else 0)
+        data = part[:, 1:].view(np.uint8)  # [beats, 64]: the beat's bytes, little-endian words
+        whole = raw.nbytes // BEAT_BYTES
+        full = idx < whole
+        data[full] = raw[: whole * BEAT_BYTES].reshape(whole, BEAT_BYTES)[idx[full]]
+        if (~full).any():  # the buffer's last, partial beat
+            tail = raw[whole * BEAT_BYTES :]
+            data[~full, : tail.size] = tail
+        parts.append(part)
+    return np.concatenate(parts) if parts else empty_stage()
+
+
+def check_stage(stage: Any, staged: int, memory_bytes: Sequence[int]) -> tuple[np.ndarray, ...]:
+    """Check a call's stage and return, per memory port, (beat indices int64, beat bytes
+    uint8 [beats, 64]) interleaved: (idx_a, data_a, idx_b, data_b). Every beat must start
+    inside its buffer (index < ceil(nbytes / 64)) and name port a or b; `InputError` naming
+    stage or staged. The card refuses such a call (nothing written, memory unchanged)."""
+    staged = int(staged)
+    arr = np.asarray(stage)
+    if arr.dtype != np.uint32 or arr.ndim != 2 or arr.shape[1] != STAGE_WORDS:
+        raise InputError(
+            STAGE, f"expected uint32 [staged, {STAGE_WORDS}], got {arr.dtype} {arr.shape}"
+        )
+    if arr.shape[0] < staged:
+        raise InputError(STAGED, f"is {staged}, the stage holds {arr.shape[0]} beats")
+    arr = arr[:staged]
+    port = (arr[:, 0] >> np.uint32(31)).astype(np.int64)
+    index = (arr[:, 0] & np.uint32(STAGE_INDEX_MAX)).astype(np.int64)
+    out: list[np.ndarray] = []
+    for p in range(2):
+        mine = port == p
+        if mine.any() and p >= len(memory_bytes):
+            raise InputError(
+                STAGE, f"a beat names memory port {p}, the kernel has {len(memory_bytes)}"
+            )
+        held = -(-int(memory_bytes[p]) // BEAT_BYTES) if p < len(memory_bytes) else 0
+        if mine.any() and index[mine].max() >= held:
+            bad = int(np.flatnonzero(mine & (index >= held))[0])
+            raise InputError(
+                STAGE,
+                f"beat {bad} writes beat {int(index[bad])} of memory port {'ab'[p]}, "
+                f"which holds {held} beats",
+            )
+        data = np.ascontiguousarray(arr[mine, 1:]).view(np.uint8).reshape(-1, BEAT_BYTES)
+        out += [index[mine], data]
+    return tuple(out)
+
+
+def apply_stage(memory: Sequence[np.ndarray], stage: Any, staged: int) -> None:
+    """The golden model of the pre-phase: for each of the first `staged` beats of `stage`,
+    in order, bytes [idx * 64, idx * 64 + 64) of memory port a or b := the beat's bytes
+    (bytes past the buffer's end dropped; a later beat of the same index wins). `memory`:
+    the memory buffers' bytes (uint8, writable), changed in place. Checked first
+    (`check_stage`): a bad beat changes nothing."""
+    parts = check_stage(stage, staged, [m.nbytes for m in memory])
+    for p, raw in enumerate(memory):
+        index, data = parts[2 * p], parts[2 * p + 1]
+        if not index.size:
+            continue
+        view = raw.reshape(-1).view(np.uint8)
+        whole = view.nbytes // BEAT_BYTES
+        # a repeated index: the last beat wins (the card writes them in order)
+        _, last = np.unique(index[::-1], return_index=True)
+        keep = np.sort(index.size - 1 - last)
+        index, data = index[keep], data[keep]
+        full = index < whole
+        beats = view[: whole * BEAT_BYTES].reshape(whole, BEAT_BYTES)
+        beats[index[full]] = data[full]
+        if (~full).any():  # the last, partial beat: its bytes inside the buffer
+            view[whole * BEAT_BYTES :] = data[~full][0, : view.nbytes - whole * BEAT_BYTES]
+
+
 # -- the spec --------------------------------------------------------------------------------
 
 
@@ -962,31 +1108,53 @@ class KernelSpec(ABC):
         """Whether the kernel takes a `segs` buffer (one memory segment per query)."""
         return any(a.name == SEGS for a in self.args)
 
+    @property
+    def staging(self) -> bool:
+        """Whether the kernel takes staged memory beats (`stage`, `staged`): the beats are
+        copied into the memory buffers before the scan (`apply_stage`)."""
+        return any(a.name == STAGE for a in self.args)
+
+    #: Scalars a caller may leave out, with the value they then take.
+    @property
+    def scalar_defaults(self) -> dict[str, int]:
+        return {STAGED: 0} if self.staging else {}
+
     def bind(
         self, memory: Mapping[str, np.ndarray], query: KernelInputs, n: int | None = None
     ) -> KernelInputs:
         """Join resident memory arrays and a quantized query into one call's inputs; `n`
         (candidates to scan) defaults to the memory's candidates. A query without a `segs`
-        array scans rows [0, n) for every query: segs = (0, n) per query."""
+        array scans rows [0, n) for every query: segs = (0, n) per query; one without a
+        `stage` stages nothing (an empty stage, staged = 0)."""
         arrays = {name: memory[name] for name in self.memory_args}
         arrays.update(query.arrays)
         scalars = dict(query.scalars)
         scalars["n"] = self.candidates(memory) if n is None else int(n)
         if self.segmented and SEGS not in arrays:
             arrays[SEGS] = whole_segments(int(scalars.get("queries", 0)), scalars["n"])
+        if self.staging and STAGE not in arrays:  # nothing staged
+            arrays[STAGE] = empty_stage()
+            scalars.setdefault(STAGED, 0)
         return KernelInputs(arrays, scalars)
 
     def complete(self, inputs: KernelInputs) -> KernelInputs:
         """The inputs with `segs` where a segmented kernel's inputs lack it (built without
-        `bind`, as before segments existed): (0, n) per query, as `bind` adds it. A new
-        KernelInputs; the caller's is left alone."""
-        if not self.segmented or SEGS in inputs.arrays:
+        `bind`, as before segments existed): (0, n) per query, as `bind` adds it; and, for
+        a kernel that takes staged beats, an empty `stage` and staged = 0 where they are
+        missing. A new KernelInputs; the caller's is left alone."""
+        arrays, scalars = dict(inputs.arrays), dict(inputs.scalars)
+        if self.staging:
+            scalars.setdefault(STAGED, 0)
+            if STAGE not in arrays and scalars[STAGED] == 0:
+                arrays[STAGE] = empty_stage()
+        if self.segmented and SEGS not in arrays:
+            n, queries = scalars.get("n"), scalars.get("queries")
+            if all(isinstance(v, int | np.integer) and 0 <= v < 2**32 for v in (n, queries)):
+                arrays[SEGS] = whole_segments(int(queries), int(n))  # type: ignore[arg-type]
+            # else check_inputs names the bad scalar
+        if arrays.keys() == inputs.arrays.keys() and scalars.keys() == inputs.scalars.keys():
             return inputs
-        n, queries = inputs.scalars.get("n"), inputs.scalars.get("queries")
-        if not all(isinstance(v, int | np.integer) and 0 <= v < 2**32 for v in (n, queries)):
-            return inputs  # check_inputs names the bad scalar
-        arrays = {**inputs.arrays, SEGS: whole_segments(int(queries), int(n))}  # type: ignore[arg-type]
-        return KernelInputs(arrays, dict(inputs.scalars))
+        return KernelInputs(arrays, scalars)
 
     def segments(self, inputs: KernelInputs) -> tuple[np.ndarray, np.ndarray] | None:
         """The checked (base, rows) of every query, int64 [queries] each, or None for a
@@ -1023,7 +1191,8 @@ class KernelSpec(ABC):
             arrays[name] = arrays[name][base : base + rows]
         if len(which) != int(inputs.scalars["queries"]):
             for name in self.query_args():
-                arrays[name] = arrays[name][which]
+                if name != STAGE:  # per call, not per query
+                    arrays[name] = arrays[name][which]
         scalars = {**inputs.scalars, "n": int(rows), "queries": len(which)}
         return KernelInputs(arrays, scalars)
 
@@ -1068,12 +1237,13 @@ class KernelSpec(ABC):
     def shape(self, inputs: KernelInputs) -> dict[str, Any]:
         """The keyword arguments of `cycles` for these inputs."""
 
-    def golden(self, inputs: KernelInputs) -> KernelOutputs:
-        """The bit-exact model: vectorized numpy, integer arithmetic only. With segments,
-        each distinct (base, rows) is one single-memory call of its queries over its rows;
-        indices are relative to the segment's base, bitmap rows are ceil(n/32) words with
-        the bits at or past the query's rows zero. Inputs without segs scan rows [0, n)
-        (`complete`)."""
+    def check_call(
+        self, inputs: KernelInputs
+    ) -> tuple[KernelInputs, bool, tuple[np.ndarray, np.ndarray] | None]:
+        """What the card checks before it touches anything (`InputError` naming the
+        argument): the inputs (`complete`d), their dtypes and scalars, the mode, n and k,
+        the segments, and the staged beats (each inside its memory buffer). Returns (the
+        completed inputs, threshold mode, the segments' (base, rows) or None)."""
         inputs = self.complete(inputs)
         self.check_inputs(inputs)
         mode = int(inputs.scalars.get("mode", MODE_TOPK))
@@ -1085,6 +1255,27 @@ class KernelSpec(ABC):
         if not threshold:
             _topk.check_k(inputs.scalars["k"], int(inputs.scalars["n"]))  # before any work
         segs = self.segments(inputs)
+        staged = int(inputs.scalars.get(STAGED, 0))
+        if staged:
+            sizes = [inputs.arrays[a].nbytes for a in self.memory_args]
+            check_stage(inputs.arrays[STAGE], staged, sizes)
+        return inputs, threshold, segs
+
+    def golden(self, inputs: KernelInputs) -> KernelOutputs:
+        """The bit-exact model: vectorized numpy, integer arithmetic only. With segments,
+        each distinct (base, rows) is one single-memory call of its queries over its rows;
+        indices are relative to the segment's base, bitmap rows are ceil(n/32) words with
+        the bits at or past the query's rows zero. Inputs without segs scan rows [0, n)
+        (`complete`)."""
+        inputs, threshold, segs = self.check_call(inputs)
+        staged = int(inputs.scalars.get(STAGED, 0))
+        if staged:  # the pre-phase, on copies: the caller's memory arrays are left alone
+            memory = [np.array(inputs.arrays[a]) for a in self.memory_args]
+            apply_stage(memory, inputs.arrays[STAGE], staged)
+            arrays = {**inputs.arrays, **dict(zip(self.memory_args, memory, strict=True))}
+            arrays[STAGE] = empty_stage()
+            inputs = KernelInputs(arrays, {**inputs.scalars, STAGED: 0})
+        extra = stage_cycles(self.engine, staged)
         n, queries = int(inputs.scalars["n"]), int(inputs.scalars["queries"])
         if segs is None or not queries or (segs[0].max() == 0 and segs[1].min() == n):
             groups = [(None, 0, n)]  # one single-memory call: the inputs as they are
@@ -1104,7 +1295,7 @@ class KernelSpec(ABC):
                 scores = self.scores(sub)
                 part = _topk.threshold_bitmap(scores, self.thresholds(scores, sub))
                 bitmap[slice(None) if which is None else which, : part.shape[1]] = part
-            return KernelOutputs(bitmap=bitmap, cycles=self.cycles(**self.shape(inputs)))
+            return KernelOutputs(bitmap=bitmap, cycles=self.cycles(**self.shape(inputs)) + extra)
         indices = np.empty((queries, int(inputs.scalars["k"])), dtype=np.uint32)
         for which, base, rows in groups:
             sub = self._segment_inputs(inputs, which, base, rows)
@@ -1113,7 +1304,7 @@ class KernelSpec(ABC):
                 indices = picked
             else:
                 indices[which] = picked
-        return KernelOutputs(indices=indices, cycles=self.cycles(**self.shape(inputs)))
+        return KernelOutputs(indices=indices, cycles=self.cycles(**self.shape(inputs)) + extra)
 
     def thresholds(self, scores: np.ndarray, inputs: KernelInputs) -> np.ndarray:
         """Per-query integer thresholds of threshold mode (kernels that have one)."""

@@ -41,6 +41,9 @@ from .spec import (
     CHUNK,
     INT16_MAX,
     SEGS,
+    STAGE,
+    STAGE_WORDS,
+    STAGED,
     Arg,
     ChannelState,
     EngineParams,
@@ -61,6 +64,7 @@ from .spec import (
     quantize_rows,
     segment_groups,
     shape_segs,
+    stage_args,
     with_segs,
 )
 from .topk import as_k
@@ -81,6 +85,7 @@ class TokenIndexer(KernelSpec):
         Arg("dim", "uint32", "scalar", "scalar", None, "indexer head dim Di"),
         # last, so every other argument keeps its register offset
         Arg(SEGS, "uint32", "[queries, 2] (base, rows)", "in", 4, "memory rows per query"),
+        *stage_args(4),  # staged memory beats, on the segments' bank
     )
     memory_args: ClassVar[tuple[str, ...]] = ("keys", "shifts")
     dims: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -89,6 +94,7 @@ class TokenIndexer(KernelSpec):
         "q": ("queries", "heads", "dim"),
         "w": ("queries", "heads"),
         SEGS: ("queries", "2"),
+        STAGE: (STAGED, str(STAGE_WORDS)),
     }
 
     def fit(self, memory: Mapping[str, Any]) -> ChannelState:

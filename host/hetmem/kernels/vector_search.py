@@ -48,6 +48,9 @@ import numpy as np
 from .spec import (
     CAPACITY,
     SEGS,
+    STAGE,
+    STAGE_WORDS,
+    STAGED,
     Arg,
     ChannelState,
     EngineParams,
@@ -65,6 +68,7 @@ from .spec import (
     quantize_rows,
     segment_groups,
     shape_segs,
+    stage_args,
     with_segs,
 )
 from .topk import as_k
@@ -83,6 +87,7 @@ class VectorSearch(KernelSpec):
         Arg("dim", "uint32", "scalar", "scalar", None, "channels per row"),
         # last, so every other argument keeps its register offset
         Arg(SEGS, "uint32", "[queries, 2] (base, rows)", "in", 17, "memory rows per query"),
+        *stage_args(17),  # staged memory beats, on the segments' bank
     )
     memory_args: ClassVar[tuple[str, ...]] = ("keys", "shifts")
     dims: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -90,6 +95,7 @@ class VectorSearch(KernelSpec):
         "shifts": (CAPACITY,),
         "q": ("queries", "dim"),
         SEGS: ("queries", "2"),
+        STAGE: (STAGED, str(STAGE_WORDS)),
     }
 
     def fit(self, memory: Mapping[str, Any]) -> ChannelState:
