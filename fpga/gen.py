@@ -148,7 +148,29 @@ def _axi_read_ports(prefix: str) -> list[tuple[str, str, str]]:
     ]
 
 
-#: The engine's ports besides `kernel`, in order (every kernel top has them).
+def _axi_write_ports(prefix: str) -> list[tuple[str, str, str]]:
+    return [
+        ("output", "[63:0]", f"{prefix}_awaddr"),
+        ("output", "[7:0]", f"{prefix}_awlen"),
+        ("output", "[2:0]", f"{prefix}_awsize"),
+        ("output", "[1:0]", f"{prefix}_awburst"),
+        ("output", "[0:0]", f"{prefix}_awid"),
+        ("output", "", f"{prefix}_awvalid"),
+        ("input", "", f"{prefix}_awready"),
+        ("output", "[511:0]", f"{prefix}_wdata"),
+        ("output", "[63:0]", f"{prefix}_wstrb"),
+        ("output", "", f"{prefix}_wlast"),
+        ("output", "", f"{prefix}_wvalid"),
+        ("input", "", f"{prefix}_wready"),
+        ("input", "[1:0]", f"{prefix}_bresp"),
+        ("input", "[0:0]", f"{prefix}_bid"),
+        ("input", "", f"{prefix}_bvalid"),
+        ("output", "", f"{prefix}_bready"),
+    ]
+
+
+#: The engine's ports besides `kernel`, in order (every kernel top has them). The memory
+#: ports write too: the pre-phase copies staged beats into the memory (`stage`).
 ENGINE_PORTS: list[tuple[str, str, str]] = [
     ("input", "", "ap_clk"),
     ("input", "", "ap_rst_n"),
@@ -171,24 +193,11 @@ ENGINE_PORTS: list[tuple[str, str, str]] = [
     ("input", "", "s_axi_control_rready"),
     ("output", "", "interrupt"),
     *_axi_read_ports("m_axi_mem_a"),
+    *_axi_write_ports("m_axi_mem_a"),
     *_axi_read_ports("m_axi_mem_b"),
+    *_axi_write_ports("m_axi_mem_b"),
     *_axi_read_ports("m_axi_query"),
-    ("output", "[63:0]", "m_axi_out_awaddr"),
-    ("output", "[7:0]", "m_axi_out_awlen"),
-    ("output", "[2:0]", "m_axi_out_awsize"),
-    ("output", "[1:0]", "m_axi_out_awburst"),
-    ("output", "[0:0]", "m_axi_out_awid"),
-    ("output", "", "m_axi_out_awvalid"),
-    ("input", "", "m_axi_out_awready"),
-    ("output", "[511:0]", "m_axi_out_wdata"),
-    ("output", "[63:0]", "m_axi_out_wstrb"),
-    ("output", "", "m_axi_out_wlast"),
-    ("output", "", "m_axi_out_wvalid"),
-    ("input", "", "m_axi_out_wready"),
-    ("input", "[1:0]", "m_axi_out_bresp"),
-    ("input", "[0:0]", "m_axi_out_bid"),
-    ("input", "", "m_axi_out_bvalid"),
-    ("output", "", "m_axi_out_bready"),
+    *_axi_write_ports("m_axi_out"),
 ]
 
 

@@ -196,7 +196,8 @@ def test_which_targets_copy_staged_beats():
     from hetmem.fpga.cosim import CosimDevice
     from hetmem.fpga.hls import HlsDevice
 
-    assert not CosimDevice.stages_appends and not HlsDevice.stages_appends  # not implemented yet
+    assert CosimDevice.stages_appends  # the RTL's pre-phase
+    assert not HlsDevice.stages_appends  # the HLS kernels refuse staged > 0
 
 
 def _staged_run(dev, name, rng):
@@ -223,10 +224,38 @@ def _staged_run(dev, name, rng):
     return spec, bufs, {**call.scalars, "staged": int(stage.shape[0])}, want, want_memory
 
 
-@pytest.mark.parametrize("target", ["emu", "xrt_emu", "pynq_emu"])
+def _open(target):
+    if target == "pynq_emu":
+        return open_pynq_emu()
+    if target in ("cosim", "xrt_cosim"):
+        from hetmem.fpga import cosim
+
+        reason = cosim.missing()
+        if reason is not None:
+            pytest.skip(f"cosim: {reason}")
+        if target == "cosim":
+            return open_device("cosim")
+        return open_device("xrt_emu", executor="cosim")
+    return open_device(target)
+
+
+TARGETS = [
+    "emu",
+    "xrt_emu",
+    "pynq_emu",
+    pytest.param("cosim", marks=pytest.mark.rtl),
+    pytest.param("xrt_cosim", marks=pytest.mark.rtl),
+]
+
+
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("name", STAGING)
 def test_a_staged_run_updates_the_card_memory_then_scans_it(target, name):
-    with open_pynq_emu() if target == "pynq_emu" else open_device(target) as dev:
+    """On every target that stages (the golden models, the RTL in cosim and under the xrt
+    driver), the output is the golden model's over the staged memory, the card's memory keeps
+    the staged rows, and the cycles count the copy (modeled: the cycle model's; simulated:
+    more than the same call without a stage)."""
+    with _open(target) as dev:
         spec, bufs, scalars, want, memory = _staged_run(dev, name, np.random.default_rng(3))
         timing = dev.run(name, bufs, scalars)
         out, _ = dev.read(bufs["out"], np.uint32, want.size)
@@ -234,10 +263,17 @@ def test_a_staged_run_updates_the_card_memory_then_scans_it(target, name):
         for a in spec.memory_args:  # the card keeps the staged rows
             got, _ = dev.read(bufs[a], memory[a].dtype, memory[a].size)
             np.testing.assert_array_equal(got.reshape(memory[a].shape), memory[a])
-        plain = spec.golden(
-            spec.bind(memory, spec.bind(memory, _inputs(name, np.random.default_rng(3))[2]))
-        )
-        assert timing.cycles == plain.cycles + kspec.stage_cycles(spec.engine, scalars["staged"])
+        query = _inputs(name, np.random.default_rng(3))[2]
+        plain = spec.golden(spec.bind(memory, query))
+        if timing.source == "modeled":
+            extra = kspec.stage_cycles(spec.engine, scalars["staged"])
+            assert timing.cycles == plain.cycles + extra
+        else:  # the RTL: the same call without a stage, on the staged memory, is shorter
+            assert timing.source == "simulated"
+            again = dev.run(name, bufs, {**scalars, "staged": 0})
+            assert again.cycles < timing.cycles
+            out, _ = dev.read(bufs["out"], np.uint32, want.size)
+            np.testing.assert_array_equal(out.reshape(want.shape), want)
 
 
 def test_a_refused_stage_writes_nothing(monkeypatch):
@@ -295,6 +331,25 @@ def _card_equals_mirror(stage):
         for arg, data in held.items():
             first = s * stage.capacity
             np.testing.assert_array_equal(data, stage.host[arg][first : first + slot.rows])
+
+
+@pytest.mark.rtl
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_decode_on_the_rtl_stages_its_appends_and_answers_as_emu(method):
+    """The RTL's pre-phase in a decode (cosim): three transactions per step after the first,
+    every output equal to emu's, the card's memory equal to the mirror."""
+    from hetmem.fpga import cosim
+
+    reason = cosim.missing()
+    if reason is not None:
+        pytest.skip(f"cosim: {reason}")
+    want, _, _ = _decode(method, batch=2, steps=3)
+    outs, records, pipe = _decode(method, fpga="cosim", batch=2, steps=3)
+    for got, expected in zip(outs, want, strict=True):
+        assert torch.equal(got, expected)
+    for step in records[1:]:
+        assert sum(r.transactions for r in step) == 3
+    _card_equals_mirror(pipe.fpga_stage)
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -5,7 +5,8 @@
 //
 // Around the RTL:
 //   - HBM: one AXI4 slave per master port (m_axi_mem_a, m_axi_mem_b, m_axi_query, m_axi_out),
-//     each over the memory images of the buffers mapped to that port for the call. A read
+//     each over the memory images of the buffers mapped to that port for the call (the
+//     memory ports also take writes: the pre-phase's staged beats). A read
 //     burst is accepted at once (up to MAX_OUTSTANDING bursts queued), its first beat comes
 //     `read_latency` cycles later, then one 512-bit beat per cycle per port. Writes are taken
 //     one beat per cycle once their burst's address is in; the response comes `write_latency`
@@ -27,7 +28,9 @@
 //   reply    u32 magic 'HMRS', u32 status (0 done, 1 cycle limit, 2 wall limit, 3 AXI error,
 //            4 bad request), u64 cycles, u64 total cycles simulated by this process,
 //            u64 out bytes written within out_need, u32 message length, message,
-//            then (status 0 or 3) out_need bytes of the out region.
+//            then (status 0 or 3) out_need bytes of the out region, u32 count and count x
+//            {u32 port (0 a, 1 b), u32 pad, u64 addr, 64 bytes}: every beat written to a
+//            memory port (the staged beats, as the memory holds them after the write).
 // After status 1 or 2 the model is reset (a host would reset a hung card).
 
 #include <chrono>
@@ -169,7 +172,9 @@ struct ReadSlave {
     }
 };
 
-// AXI4 write slave: W beats are taken once their burst's address is in.
+// AXI4 write slave: W beats are taken once their burst's address is in. `target`: the
+// memory it writes (its own `mem`, or a read port's: the memory ports' staged beats);
+// `record`: keep (address, bytes) of every beat written, for the reply.
 struct WriteSlave {
     struct Burst {
         uint64_t addr;
@@ -177,6 +182,10 @@ struct WriteSlave {
         bool error;
     };
     PortMemory mem;
+    PortMemory* target = nullptr;
+    bool record = false;
+    std::vector<uint64_t> log_addr;
+    std::vector<uint8_t> log_data;
     std::deque<Burst> bursts;     // address accepted, data not complete
     std::deque<std::pair<uint64_t, uint8_t>> responses;  // (ready_at, bresp)
     uint32_t beat = 0;
@@ -189,6 +198,8 @@ struct WriteSlave {
         bursts.clear();
         responses.clear();
         beat = 0;
+        log_addr.clear();
+        log_data.clear();
     }
     bool awready() const { return bursts.size() < MAX_OUTSTANDING; }
     bool wready() const { return !bursts.empty(); }
@@ -199,10 +210,11 @@ struct WriteSlave {
     void take(const uint32_t* wdata, uint64_t strb, bool wlast, uint64_t now, Fault& fault) {
         Burst& b = bursts.front();
         uint64_t addr = b.addr + static_cast<uint64_t>(beat) * BEAT;
-        uint8_t* dst = mem.find(addr);
+        PortMemory& m = target != nullptr ? *target : mem;
+        uint8_t* dst = m.find(addr);
         if (dst == nullptr) {
             b.error = true;
-            fault.note(mem.name, "write", addr);
+            fault.note(m.name, "write", addr);
         } else {
             const auto* src = reinterpret_cast<const uint8_t*>(wdata);
             for (int i = 0; i < BEAT; ++i) {
@@ -213,6 +225,10 @@ struct WriteSlave {
                     written[at - need_base] = 1;
                     ++written_count;
                 }
+            }
+            if (record) {
+                log_addr.push_back(addr);
+                log_data.insert(log_data.end(), dst, dst + BEAT);
             }
         }
         ++beat;
@@ -249,12 +265,15 @@ class Harness {
         out_.mem.name = "m_axi_out";
         for (ReadSlave* s : {&a_, &b_, &q_}) s->latency = read_latency;
         out_.latency = write_latency;
+        aw_.target = &a_.mem;  // the pre-phase writes staged beats into the memory ports
+        bw_.target = &b_.mem;
+        for (WriteSlave* s : {&aw_, &bw_}) s->latency = write_latency, s->record = true;
         reset();
     }
     ~Harness() { top_->final(); }
 
     void reset() {
-        a_.clear(), b_.clear(), q_.clear(), out_.clear();
+        a_.clear(), b_.clear(), q_.clear(), out_.clear(), aw_.clear(), bw_.clear();
         lite_ = LiteMaster{};
         top_->ap_rst_n = 0;
         for (int i = 0; i < 8; ++i) cycle();
@@ -311,6 +330,7 @@ class Harness {
         out_.need = out_need;
         out_.written.assign(out_need, 0);
         out_.written_count = 0;
+        for (WriteSlave* s : {&aw_, &bw_}) s->log_addr.clear(), s->log_data.clear();
         fault_ = Fault{};
 
         auto t0 = std::chrono::steady_clock::now();
@@ -349,6 +369,20 @@ class Harness {
         }
         if (fault_.set) status = AXI_ERROR, message = fault_.what;
         reply(status, cycles, out_.written_count, message, out.bytes.data(), out_need);
+        // the beats the memory ports took (staged beats): u32 count, then {u32 port, u32 pad,
+        // u64 addr, 64 bytes} each
+        uint32_t count = static_cast<uint32_t>(aw_.log_addr.size() + bw_.log_addr.size());
+        put(count);
+        uint32_t port = 0;
+        for (WriteSlave* s : {&aw_, &bw_}) {
+            for (size_t i = 0; i < s->log_addr.size(); ++i) {
+                put(port);
+                put(uint32_t(0));
+                put(s->log_addr[i]);
+                write_exact(s->log_data.data() + i * BEAT, BEAT);
+            }
+            ++port;
+        }
     }
 
    private:
@@ -396,6 +430,17 @@ class Harness {
         t.m_axi_query_rresp = q_rv ? q_.fill(t.m_axi_query_rdata.data(), q_last, fault_) : 0;
         t.m_axi_query_rlast = q_last;
         t.m_axi_query_rid = 0;
+        bool aw_bv = aw_.bvalid(now_), bw_bv = bw_.bvalid(now_);
+        t.m_axi_mem_a_awready = aw_.awready();
+        t.m_axi_mem_a_wready = aw_.wready();
+        t.m_axi_mem_a_bvalid = aw_bv;
+        t.m_axi_mem_a_bresp = aw_bv ? aw_.responses.front().second : 0;
+        t.m_axi_mem_a_bid = 0;
+        t.m_axi_mem_b_awready = bw_.awready();
+        t.m_axi_mem_b_wready = bw_.wready();
+        t.m_axi_mem_b_bvalid = bw_bv;
+        t.m_axi_mem_b_bresp = bw_bv ? bw_.responses.front().second : 0;
+        t.m_axi_mem_b_bid = 0;
         bool o_bv = out_.bvalid(now_);
         t.m_axi_out_awready = out_.awready();
         t.m_axi_out_wready = out_.wready();
@@ -439,6 +484,22 @@ class Harness {
             uint64_t strb = t.m_axi_out_wstrb;
             out_.take(t.m_axi_out_wdata.data(), strb, t.m_axi_out_wlast, now_ + 1, fault_);
         }
+        bool aw_aw = t.m_axi_mem_a_awvalid && t.m_axi_mem_a_awready;
+        uint64_t aw_awaddr = t.m_axi_mem_a_awaddr;
+        uint32_t aw_awlen = t.m_axi_mem_a_awlen;
+        bool aw_b = aw_bv && t.m_axi_mem_a_bready;
+        if (t.m_axi_mem_a_wvalid && t.m_axi_mem_a_wready) {
+            uint64_t strb = t.m_axi_mem_a_wstrb;
+            aw_.take(t.m_axi_mem_a_wdata.data(), strb, t.m_axi_mem_a_wlast, now_ + 1, fault_);
+        }
+        bool bw_aw = t.m_axi_mem_b_awvalid && t.m_axi_mem_b_awready;
+        uint64_t bw_awaddr = t.m_axi_mem_b_awaddr;
+        uint32_t bw_awlen = t.m_axi_mem_b_awlen;
+        bool bw_b = bw_bv && t.m_axi_mem_b_bready;
+        if (t.m_axi_mem_b_wvalid && t.m_axi_mem_b_wready) {
+            uint64_t strb = t.m_axi_mem_b_wstrb;
+            bw_.take(t.m_axi_mem_b_wdata.data(), strb, t.m_axi_mem_b_wlast, now_ + 1, fault_);
+        }
         bool l_aw = t.s_axi_control_awvalid && t.s_axi_control_awready;
         bool l_w = t.s_axi_control_wvalid && t.s_axi_control_wready;
         bool l_b = m.active && m.is_write && m.a_done && m.w_done && t.s_axi_control_bvalid;
@@ -458,6 +519,10 @@ class Harness {
         if (q_ar) q_.accept(q_araddr, q_arlen, now_);
         if (o_aw) out_.accept(o_awaddr, o_awlen);
         if (o_b) out_.responses.pop_front();
+        if (aw_aw) aw_.accept(aw_awaddr, aw_awlen);
+        if (aw_b) aw_.responses.pop_front();
+        if (bw_aw) bw_.accept(bw_awaddr, bw_awlen);
+        if (bw_b) bw_.responses.pop_front();
         if (m.active) {
             if (m.is_write) {
                 if (l_aw) m.a_done = true;
@@ -475,6 +540,7 @@ class Harness {
     std::unique_ptr<Vhm> top_;
     ReadSlave a_, b_, q_;
     WriteSlave out_;
+    WriteSlave aw_, bw_;  // the memory ports' writes (staged beats)
     LiteMaster lite_;
     Fault fault_;
     uint64_t now_ = 0;

@@ -215,12 +215,18 @@ module hm_cosim_tb;
         .m_axi_mem_a_arready(ma_arready), .m_axi_mem_a_rdata(ma_rdata),
         .m_axi_mem_a_rresp(ma_rresp), .m_axi_mem_a_rlast(ma_rlast), .m_axi_mem_a_rid(1'b0),
         .m_axi_mem_a_rvalid(ma_rvalid), .m_axi_mem_a_rready(ma_rready),
+        // no staged beats on this bench: the memory port's write channels are idle
+        .m_axi_mem_a_awready(1'b0), .m_axi_mem_a_wready(1'b0),
+        .m_axi_mem_a_bresp(2'b00), .m_axi_mem_a_bid(1'b0), .m_axi_mem_a_bvalid(1'b0),
         .m_axi_mem_b_araddr(mb_araddr), .m_axi_mem_b_arlen(mb_arlen),
         .m_axi_mem_b_arsize(mb_arsize), .m_axi_mem_b_arburst(mb_arburst),
         .m_axi_mem_b_arid(mb_arid), .m_axi_mem_b_arvalid(mb_arvalid),
         .m_axi_mem_b_arready(mb_arready), .m_axi_mem_b_rdata(mb_rdata),
         .m_axi_mem_b_rresp(mb_rresp), .m_axi_mem_b_rlast(mb_rlast), .m_axi_mem_b_rid(1'b0),
         .m_axi_mem_b_rvalid(mb_rvalid), .m_axi_mem_b_rready(mb_rready),
+        // no staged beats on this bench: the memory port's write channels are idle
+        .m_axi_mem_b_awready(1'b0), .m_axi_mem_b_wready(1'b0),
+        .m_axi_mem_b_bresp(2'b00), .m_axi_mem_b_bid(1'b0), .m_axi_mem_b_bvalid(1'b0),
         .m_axi_query_araddr(mq_araddr), .m_axi_query_arlen(mq_arlen),
         .m_axi_query_arsize(mq_arsize), .m_axi_query_arburst(mq_arburst),
         .m_axi_query_arid(mq_arid), .m_axi_query_arvalid(mq_arvalid),

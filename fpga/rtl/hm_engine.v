@@ -75,6 +75,22 @@ module hm_engine #(
     input  wire [  0:0] m_axi_mem_a_rid,
     input  wire         m_axi_mem_a_rvalid,
     output wire         m_axi_mem_a_rready,
+    output wire [ 63:0] m_axi_mem_a_awaddr,
+    output wire [  7:0] m_axi_mem_a_awlen,
+    output wire [  2:0] m_axi_mem_a_awsize,
+    output wire [  1:0] m_axi_mem_a_awburst,
+    output wire [  0:0] m_axi_mem_a_awid,
+    output wire         m_axi_mem_a_awvalid,
+    input  wire         m_axi_mem_a_awready,
+    output wire [511:0] m_axi_mem_a_wdata,
+    output wire [ 63:0] m_axi_mem_a_wstrb,
+    output wire         m_axi_mem_a_wlast,
+    output wire         m_axi_mem_a_wvalid,
+    input  wire         m_axi_mem_a_wready,
+    input  wire [  1:0] m_axi_mem_a_bresp,
+    input  wire [  0:0] m_axi_mem_a_bid,
+    input  wire         m_axi_mem_a_bvalid,
+    output wire         m_axi_mem_a_bready,
 
     output wire [ 63:0] m_axi_mem_b_araddr,
     output wire [  7:0] m_axi_mem_b_arlen,
@@ -89,6 +105,22 @@ module hm_engine #(
     input  wire [  0:0] m_axi_mem_b_rid,
     input  wire         m_axi_mem_b_rvalid,
     output wire         m_axi_mem_b_rready,
+    output wire [ 63:0] m_axi_mem_b_awaddr,
+    output wire [  7:0] m_axi_mem_b_awlen,
+    output wire [  2:0] m_axi_mem_b_awsize,
+    output wire [  1:0] m_axi_mem_b_awburst,
+    output wire [  0:0] m_axi_mem_b_awid,
+    output wire         m_axi_mem_b_awvalid,
+    input  wire         m_axi_mem_b_awready,
+    output wire [511:0] m_axi_mem_b_wdata,
+    output wire [ 63:0] m_axi_mem_b_wstrb,
+    output wire         m_axi_mem_b_wlast,
+    output wire         m_axi_mem_b_wvalid,
+    input  wire         m_axi_mem_b_wready,
+    input  wire [  1:0] m_axi_mem_b_bresp,
+    input  wire [  0:0] m_axi_mem_b_bid,
+    input  wire         m_axi_mem_b_bvalid,
+    output wire         m_axi_mem_b_bready,
 
     output wire [ 63:0] m_axi_query_araddr,
     output wire [  7:0] m_axi_query_arlen,
@@ -126,13 +158,14 @@ module hm_engine #(
     localparam QCH = DMAX / 64;  // query chunks per lane
     localparam [1:0] OP_WRITE = 2'd0, OP_ADD = 2'd1, OP_MAX = 2'd2;
     localparam [63:0] MIN64 = 64'h8000_0000_0000_0000;
+    localparam [31:0] STAGE_MAX = 32'h00FF_FFFF;  // staged beats: 68 bytes each fit 32 bits
 
     localparam [4:0] S_IDLE = 5'd0, S_SETUP = 5'd1, S_PASS = 5'd2, S_LQ_START = 5'd3,
                      S_LOADQ = 5'd4, S_LW_START = 5'd5, S_LOADW = 5'd6, S_LD_START = 5'd7,
                      S_LOADD = 5'd8, S_STREAM_START = 5'd9, S_STREAM = 5'd10, S_SELECT = 5'd11,
                      S_SELECT_WAIT = 5'd12, S_NEXT = 5'd13, S_FLUSH = 5'd14, S_DONE = 5'd15,
                      S_CHK_START = 5'd16, S_CHECK = 5'd17, S_SEG_START = 5'd18,
-                     S_LOADSEG = 5'd19;
+                     S_LOADSEG = 5'd19, S_STG_START = 5'd20, S_STAGE = 5'd21;
 
     wire rst = !ap_rst_n;
     reg [4:0] state;
@@ -177,7 +210,8 @@ module hm_engine #(
     reg [1:0] kern;
     reg [63:0] a_addr, b_addr, q_addr, w_addr, d_addr, o_addr, s_addr;
     reg [31:0] n, k, nq, heads, dim, mode;
-    reg [31:0] staged;  // staged memory beats: not implemented here yet, so refused
+    reg [63:0] g_addr;  // the staged beats (`stage`)
+    reg [31:0] staged;  // how many
 
     wire is_tok = kern == 2'd0;
     wire is_quest = kern == 2'd1;
@@ -189,7 +223,8 @@ module hm_engine #(
     wire [31:0] rb_a = is_quest ? {dim[30:0], 1'b0} : dim;  // row bytes, port A
     wire [31:0] rb_b = is_quest ? {dim[30:0], 1'b0} : 32'd1;  // row bytes, port B
     wire bad = n == 0 || n > NMAX || dim == 0 || dim > DMAX || nq == 0 || nh == 0 ||
-               (!bitmap && (k == 0 || k > n)) || (is_gate && mode > 32'd1) || staged != 0;
+               (!bitmap && (k == 0 || k > n)) || (is_gate && mode > 32'd1) ||
+               (staged != 0 && (staged > STAGE_MAX || a_addr[5:0] != 0 || b_addr[5:0] != 0));
 
     reg [31:0] per_pass;  // queries per pass (heads <= LANES)
     // segments: the pass's candidates (queries q0 .., as loaded), the pass's own
@@ -249,6 +284,15 @@ module hm_engine #(
         end
     end
 
+    // the pre-phase's state (see below)
+    reg [511:0] st_lo;  // the row's first chunk
+    reg st_aw, st_w;  // the held beat's address / data not yet accepted
+    reg st_port;  // 1: port B
+    reg [63:0] st_addr;
+    reg [511:0] st_data;
+    reg [31:0] st_rows;  // rows taken
+    reg [31:0] st_out;  // writes whose response is still due
+
     // -- query port: q vectors, then head weights (token_indexer) or margins (block_gate) ------
     reg  [63:0] rq_addr;
     reg  [31:0] rq_bytes;
@@ -274,6 +318,12 @@ module hm_engine #(
                 rq_rb = 16'd8;
                 rq_rows = nq;
             end
+            S_STG_START, S_STAGE: begin  // the staged beats: 68-byte rows
+                rq_addr = g_addr;
+                rq_bytes = staged * 32'd68;
+                rq_rb = 16'd68;
+                rq_rows = staged;
+            end
             S_SEG_START, S_LOADSEG: begin  // the pass's candidates
                 rq_addr = s_addr + {q0, 3'b0};
                 rq_bytes = {cand_c[28:0], 3'b0};
@@ -289,13 +339,14 @@ module hm_engine #(
         endcase
     end
     wire        rq_start = state == S_LQ_START || state == S_LW_START || state == S_LD_START ||
-                           state == S_CHK_START || state == S_SEG_START;
+                           state == S_CHK_START || state == S_SEG_START || state == S_STG_START;
     wire [31:0] rq_beats = ({26'd0, rq_addr[5:0]} + rq_bytes + 32'd63) >> 6;
 
     wire [511:0] qr_data, qa_data;
     wire qr_valid, qr_ready, qa_valid, qa_first, qa_last;
     wire qa_ready = state == S_LOADQ || state == S_LOADW || state == S_LOADD ||
-                    state == S_CHECK || state == S_LOADSEG;
+                    state == S_CHECK || state == S_LOADSEG ||
+                    (state == S_STAGE && (!qa_last || !(st_aw || st_w)));
     // a segment as read: (base, rows), and whether it is invalid for this call
     wire [31:0] qa_base = qa_data[31:0];
     wire [31:0] qa_rows = qa_data[63:32];
@@ -354,6 +405,69 @@ module hm_engine #(
     reg [511:0] qmem[0:LANES*QCH-1];
     reg signed [15:0] w_reg[0:LANES-1];
     reg [31:0] delta_reg[0:SLOTS-1];
+
+    // -- the pre-phase: staged beats into the memory ---------------------------------------
+    // Each staged beat is a 68-byte row of `stage` on the query port (word 0: bit 31 port B,
+    // bits 30..0 the beat index; words 1..16 the beat), cut by the query aligner into two
+    // chunks. The beat goes to memory port A or B at (buffer address + index * 64) as one
+    // full-strobe single-beat INCR write; writes stay outstanding while the next rows are
+    // read, and the pre-phase ends when every write response is in, so the scan that follows
+    // reads the staged bytes. Write responses' errors are not reported (like the readers').
+    wire st_aw_fire = st_aw && (st_port ? m_axi_mem_b_awready : m_axi_mem_a_awready);
+    wire st_w_fire = st_w && (st_port ? m_axi_mem_b_wready : m_axi_mem_a_wready);
+    wire st_b_a = m_axi_mem_a_bvalid && m_axi_mem_a_bready;
+    wire st_b_b = m_axi_mem_b_bvalid && m_axi_mem_b_bready;
+    assign m_axi_mem_a_awaddr = st_addr;
+    assign m_axi_mem_a_awlen = 8'd0;
+    assign m_axi_mem_a_awsize = 3'd6;
+    assign m_axi_mem_a_awburst = 2'b01;
+    assign m_axi_mem_a_awid = 1'b0;
+    assign m_axi_mem_a_awvalid = st_aw && !st_port;
+    assign m_axi_mem_a_wdata = st_data;
+    assign m_axi_mem_a_wstrb = {64{1'b1}};
+    assign m_axi_mem_a_wlast = 1'b1;
+    assign m_axi_mem_a_wvalid = st_w && !st_port;
+    assign m_axi_mem_a_bready = 1'b1;
+    assign m_axi_mem_b_awaddr = st_addr;
+    assign m_axi_mem_b_awlen = 8'd0;
+    assign m_axi_mem_b_awsize = 3'd6;
+    assign m_axi_mem_b_awburst = 2'b01;
+    assign m_axi_mem_b_awid = 1'b0;
+    assign m_axi_mem_b_awvalid = st_aw && st_port;
+    assign m_axi_mem_b_wdata = st_data;
+    assign m_axi_mem_b_wstrb = {64{1'b1}};
+    assign m_axi_mem_b_wlast = 1'b1;
+    assign m_axi_mem_b_wvalid = st_w && st_port;
+    assign m_axi_mem_b_bready = 1'b1;
+
+    always @(posedge ap_clk) begin
+        if (rst) begin
+            st_aw  <= 1'b0;
+            st_w   <= 1'b0;
+            st_out <= 32'd0;
+        end else begin
+            if (state == S_STG_START) st_rows <= 32'd0;
+            if (state == S_STAGE && qa_fire) begin
+                if (!qa_last) begin
+                    st_lo <= qa_data;
+                end else begin
+                    st_port <= st_lo[31];
+                    st_addr <= (st_lo[31] ? b_addr : a_addr) + {27'd0, st_lo[30:0], 6'd0};
+                    st_data <= {qa_data[31:0], st_lo[511:32]};
+                    st_rows <= st_rows + 1;
+                end
+            end
+            if (state == S_STAGE && qa_fire && qa_last) begin
+                st_aw <= 1'b1;
+                st_w  <= 1'b1;
+            end else begin
+                if (st_aw_fire) st_aw <= 1'b0;
+                if (st_w_fire) st_w <= 1'b0;
+            end
+            st_out <= st_out + {31'd0, st_aw_fire} - {31'd0, st_b_a} - {31'd0, st_b_b};
+        end
+    end
+    wire st_done = st_rows == staged && !st_aw && !st_w && st_out == 0;
 
     // -- memory ports: A (keys / minima) and B (shifts / maxima) -------------------------------
     wire mem_start = state == S_STREAM_START;
@@ -652,6 +766,7 @@ module hm_engine #(
                     d_addr <= buffers[4*64+:64];
                     o_addr <= buffers[5*64+:64];
                     s_addr <= buffers[6*64+:64];
+                    g_addr <= buffers[7*64+:64];
                     n <= scalars[0*32+:32];
                     k <= scalars[1*32+:32];
                     nq <= scalars[2*32+:32];
@@ -678,8 +793,12 @@ module hm_engine #(
                 if (qa_fire) begin
                     if (qa_seg_bad) seg_bad <= 1'b1;
                     ql_row <= ql_row + 1;
-                    if (ql_row + 1 == nq) state <= (seg_bad || qa_seg_bad) ? S_DONE : S_SEG_START;
+                    if (ql_row + 1 == nq)
+                        state <= (seg_bad || qa_seg_bad) ? S_DONE :
+                                 (staged != 0) ? S_STG_START : S_SEG_START;
                 end
+                S_STG_START: state <= S_STAGE;
+                S_STAGE: if (st_done) state <= S_SEG_START;
                 S_SEG_START: begin
                     ql_row <= 0;
                     seg_m <= cand_c;

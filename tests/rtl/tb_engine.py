@@ -6,6 +6,8 @@ spec (hetmem.kernels), bit for bit; calls run back to back without reset.
 Suites (HM_SUITE): "random" (random shapes of every kernel), "edges" (the contract's corner
 cases), "largest" (n = NMAX), "segments" (multi-segment calls: several slots at different
 bases of one memory, different rows per query, k close to rows, bitmaps of different rows),
+"staged" (calls with staged memory beats: the pre-phase writes them into memory ports A and
+B, the scan sees them, the memory keeps them),
 "cycles" (no backpressure; cycles from ap_start to ap_done of the shapes in HM_SHAPES,
 written to HM_OUT as JSON). HM_PARAMS holds the engine parameters it was built with.
 """
@@ -23,8 +25,10 @@ import numpy as np
 from cocotb.clock import Clock
 from cocotb.triggers import RisingEdge, SimTimeoutError, with_timeout
 from cocotbext.axi import (
+    AxiBus,
     AxiLiteBus,
     AxiLiteMaster,
+    AxiRam,
     AxiRamRead,
     AxiRamWrite,
     AxiReadBus,
@@ -214,6 +218,62 @@ def segment_cases(rng: np.random.Generator, params: dict, kernel_names) -> list[
     return cases
 
 
+def staged_memory(case: Case) -> dict[str, np.ndarray]:
+    """The memory arrays of a call after its pre-phase (the golden `apply_stage`)."""
+    spec = kernels.get(case.kernel)
+    memory = [np.array(case.inputs.arrays[a]) for a in spec.memory_args]
+    s = case.inputs.scalars
+    kspec.apply_stage(memory, case.inputs.arrays["stage"], int(s.get("staged", 0)))
+    return dict(zip(spec.memory_args, memory, strict=True))
+
+
+def with_stage(case: Case, rng: np.random.Generator, rows: int, label: str = "") -> Case:
+    """`case` with `rows` of its memory rows rewritten (random values in the kernel's
+    formats; the last row always among them) through staged beats: the case's memory is what
+    the card held before, the stage brings it to the new rows, the golden model applies it."""
+    spec = kernels.get(case.kernel)
+    arrays = dict(case.inputs.arrays)
+    n_rows = arrays[spec.memory_args[0]].shape[0]
+    changed = np.unique(np.append(rng.choice(n_rows, min(rows, n_rows), replace=False), n_rows - 1))
+    new = {}
+    for a in spec.memory_args:
+        data = np.array(arrays[a])
+        if a == "shifts":
+            data[changed] = rng.integers(0, kspec.MAX_SHIFT + 1, changed.size)
+        else:
+            info = np.iinfo(data.dtype)
+            shape = (changed.size, *data.shape[1:])
+            data[changed] = rng.integers(-info.max, info.max + 1, shape)
+        if a == "maxs":  # a page's maxima are not below its minima
+            data[changed] = np.maximum(data[changed], new["mins"][changed])
+        new[a] = data
+    beats = []
+    for a in spec.memory_args:
+        row = new[a][0].nbytes
+        beats.append(kspec.beats_of(changed * row, np.full(changed.size, row)))
+    stage = kspec.compose_stage([new[a] for a in spec.memory_args], beats)
+    arrays["stage"] = stage
+    scalars = {**case.inputs.scalars, "staged": int(stage.shape[0])}
+    name = f"{label or case.label} staged {stage.shape[0]} beats ({changed.size} rows)"
+    return Case(case.kernel, KernelInputs(arrays, scalars), name)
+
+
+def staged_cases(rng: np.random.Generator, params: dict, kernel_names) -> list[Case]:
+    """Calls with staged beats: one memory and several slots (the decode path), rows of 1 to
+    1024 bytes, a few rows or many, a partial last beat of a buffer."""
+    top = min(int(os.environ.get("HM_SEGMENT_ROWS", "300")), params.get("NMAX", PARAMS["NMAX"]))
+    cases = []
+    for kernel in kernel_names:
+        hv = 3 if kernel in ("token_indexer", "page_indexer") else 1
+        for dim, rows in ((33, 3), (64, 40), (7, 1)):
+            base = make_case(kernel, rng, n=top, dim=dim, queries=2, heads=hv)
+            cases.append(with_stage(base, rng, rows))
+        sizes = [int(r) for r in rng.integers(top // 4, top + 1, 3)]
+        seg = segmented_case(kernel, rng, slot_rows=sizes, queries=5, dim=48, heads=hv)
+        cases.append(with_stage(seg, rng, 6))
+    return cases
+
+
 def expected(case: Case) -> np.ndarray:
     out = kernels.get(case.kernel).golden(case.inputs)
     return (out.bitmap if out.bitmap is not None else out.indices).reshape(-1).astype(np.uint32)
@@ -230,13 +290,9 @@ class Engine:
         self.params = json.loads(os.environ.get("HM_PARAMS", "{}"))
         self.wrapper = os.environ.get("HM_WRAPPER", "")
         clk, rst = dut.ap_clk, dut.ap_rst_n
-        self.mem = {
-            "a": AxiRamRead(
-                AxiReadBus.from_prefix(dut, "m_axi_mem_a"), clk, rst, False, size=MEM_SIZE
-            ),
-            "b": AxiRamRead(
-                AxiReadBus.from_prefix(dut, "m_axi_mem_b"), clk, rst, False, size=MEM_SIZE
-            ),
+        self.mem = {  # the memory ports read, and write staged beats
+            "a": AxiRam(AxiBus.from_prefix(dut, "m_axi_mem_a"), clk, rst, False, size=MEM_SIZE),
+            "b": AxiRam(AxiBus.from_prefix(dut, "m_axi_mem_b"), clk, rst, False, size=MEM_SIZE),
             "q": AxiRamRead(
                 AxiReadBus.from_prefix(dut, "m_axi_query"), clk, rst, False, size=QUERY_SIZE
             ),
@@ -249,8 +305,14 @@ class Engine:
             logging.getLogger(f"cocotb.{dut._name}.{name}").setLevel(logging.WARNING)
         if backpressure:
             for ram in self.mem.values():
-                ram.ar_channel.set_pause_generator(self._pauses(0.2))
-                ram.r_channel.set_pause_generator(self._pauses(0.3))
+                read = getattr(ram, "read_if", ram)
+                read.ar_channel.set_pause_generator(self._pauses(0.2))
+                read.r_channel.set_pause_generator(self._pauses(0.3))
+                write = getattr(ram, "write_if", None)
+                if write is not None:
+                    write.aw_channel.set_pause_generator(self._pauses(0.2))
+                    write.w_channel.set_pause_generator(self._pauses(0.3))
+                    write.b_channel.set_pause_generator(self._pauses(0.3))
             self.out.aw_channel.set_pause_generator(self._pauses(0.2))
             self.out.w_channel.set_pause_generator(self._pauses(0.3))
             self.out.b_channel.set_pause_generator(self._pauses(0.3))
@@ -343,6 +405,11 @@ class Engine:
         raw = self.out.read(out_addr, 4 * out + 256)
         tail = raw[4 * out :]
         assert tail == bytes([SENTINEL]) * 256, f"{case.label}: wrote past the output"
+        if int(scalars.get("staged", 0)):  # the memory keeps the staged beats
+            for arg, want in staged_memory(case).items():
+                port = {"keys": "a", "mins": "a"}.get(arg, "b")
+                got = self.mem[port].read(addrs[arg], want.nbytes)
+                assert got == want.tobytes(), f"{case.label}: {arg} in memory is not the staged one"
         return np.frombuffer(raw[: 4 * out], dtype="<u4").astype(np.uint32), cycles
 
     async def _trace(self, paths: list[str]) -> None:
@@ -583,6 +650,8 @@ async def engine_matches_golden(dut):
         cases = largest_cases(rng, engine.params, names)
     elif suite == "segments":
         cases = segment_cases(rng, engine.params, names)
+    elif suite == "staged":
+        cases = staged_cases(rng, engine.params, names)
     else:
         cases = edge_cases(rng, engine.params, names)
     if os.environ.get("HM_ONLY"):  # to reproduce one case: the cases whose label has it
@@ -612,15 +681,26 @@ async def invalid_scalars_end_the_call(dut):
         case = Case(kernel, KernelInputs({"segs": segs}, scalars), f"{kernel} segment {bad}")
         cycles = await refused_call(engine, case)
         assert cycles < 200, f"{case.label}: took {cycles} cycles"
+    # staged beats into a memory buffer that does not start on a beat: refused, memory unchanged
+    staged = with_stage(base, rng, 2)
+    before = engine.mem["a"].read(0, 4096)
+    for a_addr in (4, 32):
+        case = Case(kernel, staged.inputs, f"{kernel} staged, memory A at {a_addr}")
+        cycles = await refused_call(engine, case, a_addr=a_addr)
+        assert cycles < 10, f"{case.label}: took {cycles} cycles"
+        assert engine.mem["a"].read(0, 4096) == before, f"{case.label}: memory written"
     await check(engine, [make_case(kernel, rng, n=50, dim=16, k=5)])
 
 
-async def refused_call(engine: Engine, case: Case) -> int:
-    """Run a call the engine refuses (its scalars or segs); returns its cycles. Every buffer
-    is at address 0 but `out` and `segs` (the case's, or a valid one per query)."""
+async def refused_call(engine: Engine, case: Case, a_addr: int = 0) -> int:
+    """Run a call the engine refuses (its scalars or segs, or staged beats it cannot take);
+    returns its cycles. Every buffer is at address 0 but `out`, `segs` (the case's, or a
+    valid one per query), `stage` and memory A (at `a_addr`)."""
     spec = kernels.get(case.kernel)
     regs = spec.registers()
-    out_addr, segs_addr = 0x8000, 0x4000
+    out_addr, segs_addr, stage_addr = 0x8000, 0x4000, 0x6000
+    if "stage" in case.inputs.arrays:
+        engine.mem["q"].write(stage_addr, case.inputs.arrays["stage"].astype("<u4").tobytes())
     engine.out.write(out_addr, bytes([SENTINEL]) * 1024)
     s = case.inputs.scalars
     segs = case.inputs.arrays.get("segs")
@@ -631,7 +711,9 @@ async def refused_call(engine: Engine, case: Case) -> int:
         engine.dut.kernel.value = KERNEL_IDS[case.kernel]
     for arg in spec.args:
         if arg.is_buffer:
-            addr = {"out": out_addr, "segs": segs_addr}.get(arg.name, 0)
+            addr = {"out": out_addr, "segs": segs_addr, "stage": stage_addr}.get(arg.name, 0)
+            if arg.name == spec.memory_args[0]:
+                addr = a_addr
             await engine.ctrl.write_dword(regs[arg.name], addr)
             await engine.ctrl.write_dword(regs[arg.name] + 4, 0)
         else:

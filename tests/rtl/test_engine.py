@@ -94,5 +94,19 @@ def test_segments(simulator: str) -> None:
     )
 
 
+def test_staged_beats(simulator: str) -> None:
+    """Calls with staged memory beats (the pre-phase): every beat lands in memory port A or B
+    (checked in the RAM after the call), the scan sees them (outputs bit-exact with the golden
+    model, which applies the stage), one memory and several slots, random backpressure on the
+    write channels too. staged = 0 is every other test's calls."""
+    assert_passes(
+        simulator,
+        "engine_matches_golden",
+        HM_SUITE="staged",
+        HM_SEED="51",
+        HM_SEGMENT_ROWS=SEGMENT_ROWS[simulator],
+    )
+
+
 def test_invalid_scalars(simulator: str) -> None:
     assert_passes(simulator, "invalid_scalars_end_the_call", HM_BACKPRESSURE="0")

@@ -51,7 +51,15 @@ from ..errors import (
     XclbinError,
 )
 from ..kernels import KernelInputs, KernelSpec
-from ..kernels.spec import CAPACITY, SEGS, STAGE, STAGED, Arg
+from ..kernels.spec import (
+    CAPACITY,
+    SEGS,
+    STAGE,
+    STAGED,
+    Arg,
+    check_stage,
+    stage_cycles,
+)
 
 # The build is part of this target's interface (`cosim.build_model`, `cosim.missing`, ...).
 from .cosim_build import (  # noqa: F401
@@ -97,6 +105,8 @@ class Reply:
     written: int
     message: str
     out: bytes = b""
+    #: Beats the memory ports took (the pre-phase's staged beats): (port, addr, 64 bytes).
+    staged: list[tuple[int, int, bytes]] = field(default_factory=list)
     wall_s: float = 0.0  # request to reply, measured
     edges: int = 0  # clock edges simulated for this request (control writes included)
 
@@ -154,13 +164,19 @@ class Simulator:
         except (BrokenPipeError, OSError):
             raise self._lost("a request") from None
 
-    def _reply(self, out_need: int) -> Reply:
+    def _reply(self, out_need: int, run: bool = False) -> Reply:
         magic, status, cycles, total, written, length = struct.unpack("<IIQQQI", self._read(36))
         if magic != _REP:
             raise self._lost("a reply (bad magic)")
         message = self._read(length).decode(errors="replace") if length else ""
         out = self._read(out_need) if status in (_DONE, _AXI_ERROR) and out_need else b""
-        return Reply(status, cycles, total, written, message, out)
+        staged = []
+        if run and status in (_DONE, _AXI_ERROR):  # a finished call: the memory ports' writes
+            (count,) = struct.unpack("<I", self._read(4))
+            for _ in range(count):
+                port, _, addr = struct.unpack("<IIQ", self._read(16))
+                staged.append((port, addr, self._read(64)))
+        return Reply(status, cycles, total, written, message, out, staged)
 
     def run(
         self,
@@ -182,7 +198,7 @@ class Simulator:
         parts.append(struct.pack("<Q", out_need))
         start = time.perf_counter()
         self._send(parts)
-        reply = self._reply(out_need)
+        reply = self._reply(out_need, run=True)
         reply.wall_s = time.perf_counter() - start
         reply.edges, self._total = reply.total_cycles - self._total, reply.total_cycles
         return reply
@@ -253,8 +269,9 @@ class CosimDevice(EmuDevice):
     target = "cosim"
     transfer_source = "modeled"
     timing_source = "simulated"
-    #: The RTL has no pre-phase yet: appended rows are written (`write_ranges`).
-    stages_appends = False
+    #: The RTL's pre-phase copies staged beats into the memory ports (the harness's memory
+    #: ports take writes; the beats they took are written into the buffers).
+    stages_appends = True
 
     def __init__(
         self,
@@ -371,10 +388,6 @@ class CosimDevice(EmuDevice):
                     f"{scalars[name]} exceeds this RTL build's {key}={limit} "
                     f"(open cosim with params={{'{key}': ...}})",
                 )
-        if int(scalars.get(STAGED, 0)):
-            raise InputError(
-                STAGED, f"the {spec.name} RTL copies no staged memory beats yet: write the rows"
-            )
         for name in ("dim", "queries", "heads"):
             if name in scalars and int(scalars[name]) == 0:
                 raise InputError(name, f"is 0: the {spec.name} engine needs at least one")
@@ -442,8 +455,16 @@ class CosimDevice(EmuDevice):
         """Run one call on the RTL: (out bytes the call writes, as uint8; cycles)."""
         if spec.name not in RTL_KERNELS:
             raise XclbinError(no_rtl(spec.name))
+        scalars = {**spec.scalar_defaults, **scalars}
+        raw = dict(raw)
+        staged = int(scalars.get(STAGED, 0))
+        if spec.staging and STAGE not in raw and not staged:
+            raw[STAGE] = np.zeros(64, dtype=np.uint8)  # nothing staged: never read
         model = self.model(spec.name)
         self._check_build(spec, scalars, model)
+        if staged:  # beats outside their buffer: refused on the host (the RTL cannot tell)
+            stage = view_inputs(spec, raw, scalars).arrays[STAGE]
+            check_stage(stage, staged, [raw[a].nbytes for a in spec.memory_args])
         regions, addrs, out_need = self._regions(spec, raw, scalars)
         regs: list[tuple[int, int]] = []
         for arg in spec.args:
@@ -457,7 +478,7 @@ class CosimDevice(EmuDevice):
                 regs.append((offset, int(scalars[arg.name])))
         segs = _view_segs(spec, raw, scalars)
         shape_inputs = KernelInputs({} if segs is None else {SEGS: segs}, dict(scalars))
-        modeled = spec.cycles(**spec.shape(shape_inputs))
+        modeled = spec.cycles(**spec.shape(shape_inputs)) + stage_cycles(spec.engine, staged)
         hang = int(self.hang_factor * modeled) + 100_000
         max_cycles = hang if limit is None else min(limit, hang)
         sim = self._simulator(spec.name)
@@ -492,7 +513,22 @@ class CosimDevice(EmuDevice):
                 f"{spec.name}: the RTL wrote {reply.written} of the {out_need} output bytes "
                 "(the engine refused the call or stopped early)"
             )
+        self._keep_staged(spec, raw, addrs, reply)
         return np.frombuffer(reply.out, dtype=np.uint8).copy(), int(reply.cycles)
+
+    @staticmethod
+    def _keep_staged(
+        spec: KernelSpec, raw: Mapping[str, np.ndarray], addrs: Mapping[str, int], reply: Reply
+    ) -> None:
+        """The beats the RTL wrote into its memory ports (the pre-phase), into the memory
+        buffers: the card's memory keeps them (bytes past a buffer's end are dropped)."""
+        for port, addr, data in reply.staged:
+            name = spec.memory_args[port]
+            buf = np.asarray(raw[name]).reshape(-1).view(np.uint8)
+            at = addr - addrs[name]
+            if 0 <= at < buf.nbytes:
+                end = min(buf.nbytes, at + len(data))
+                buf[at:end] = np.frombuffer(data, dtype=np.uint8)[: end - at]
 
     def _count(self, kernel: str, reply: Reply) -> None:
         s = self.stats

@@ -132,7 +132,7 @@ class PynqDevice(FpgaDevice):
     @property
     def stages_appends(self) -> bool:  # type: ignore[override]
         """Over pynq_emu (xrt_emu's golden models) the kernels run the pre-phase (staged
-        memory beats); a card's RTL has none yet."""
+        memory beats); on a card, not until its xclbin has it and the manifest says so."""
         card = getattr(self._overlay, "card", None) if self.emulated else None
         return bool(getattr(card, "stages_appends", False))
 

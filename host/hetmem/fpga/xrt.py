@@ -160,8 +160,9 @@ class XrtDevice(FpgaDevice):
 
     @property
     def stages_appends(self) -> bool:  # type: ignore[override]
-        """Over xrt_emu with the golden models, the kernels run the pre-phase (staged memory
-        beats); the RTL (a card, or xrt_emu executed by cosim) has none yet."""
+        """Over xrt_emu the kernels run the pre-phase (staged memory beats) when its
+        executor does (the golden models, the RTL in cosim); on a card, not until its xclbin
+        is built from RTL with the pre-phase and the manifest says so."""
         return bool(self.emulated and getattr(self._dev, "stages_appends", False))
 
     # -- faults ------------------------------------------------------------------------------

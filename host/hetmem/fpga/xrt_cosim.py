@@ -38,6 +38,11 @@ class XrtOnCosim(FpgaDevice):
         self.transfer_source = inner.transfer_source
         self.name = f"{inner.name}, executed by {executor.name}"
 
+    @property
+    def stages_appends(self) -> bool:  # type: ignore[override]
+        """The RTL's pre-phase copies staged beats (as the cosim device does)."""
+        return bool(self.executor.stages_appends)
+
     def _alloc(self, spec: KernelSpec, arg: Arg, nbytes: int) -> Buffer:
         return self.inner._alloc(spec, arg, nbytes)
 

@@ -35,6 +35,14 @@ mode: bitmap rows of ceil(n/32) words, bits at or past rows_i zero). `bind` fill
 segs = (0, n) per query when the query has none. Slots quantized with their own states are
 quantized together through `stack_states` and `slots=` (one fancy index, no loop).
 
+Staged appends (the same four kernels): the input buffer `stage`, uint32 [staged, 17], and
+the scalar `staged` (last; 0 = nothing staged) carry whole 64-byte beats of the memory
+buffers (word 0: STAGE_PORT_B for port b, or 0, | the beat index; words 1..16 the bytes),
+which the kernel copies into its memory before the scan (`apply_stage`, the golden
+pre-phase). The host composes them from its exact mirror of the card's memory
+(`beats_of`, `compose_stage`), so a decode step's appended rows, which lie at different
+slots' offsets, ride on the launch's one query write instead of one write per slot.
+
 Cycle model: every engine streams its memory from HBM one 512-bit beat per port per cycle,
 feeds `lanes` dot-product units, then selects. `engine_cycles` is the one formula; the
 constants of every kernel live in `ENGINES`, which the RTL bench calibrates.
