@@ -402,10 +402,13 @@ class FpgaStage:
                 # the appended rows ride on the first launch's query write (one transaction)
                 with self._host(profile, "compose staged beats") as rec:
                     stage = self._compose_stage()
+                    rec.note = f"{stage.shape[0]} memory beats"
+                if stage.shape[0]:
                     first = launch.groups[0]
                     first.inputs.arrays[kspec.STAGE] = stage
                     first.inputs.scalars[kspec.STAGED] = int(stage.shape[0])
-                    rec.note = f"{stage.shape[0]} memory beats"
+                else:  # no row changed: nothing to send
+                    self._unsent = []
             elif self._unsent:
                 self._send_unsent(device, profile)
             for group in launch.groups:
