@@ -273,13 +273,20 @@ def memory_writes(profile) -> list:
     return [r for r in profile.records if r.step == "transfer memory -> fpga"]
 
 
+@pytest.mark.parametrize("staged", [False, True], ids=["ranges", "staged"])
 @pytest.mark.parametrize(
     ("name", "row_bytes"),
     [("dsa", 128 + 1), ("quest", 2 * 2 * 64), ("seer", 64 + 1)],  # keys+shift; min+max
 )
-def test_an_append_sends_only_the_rows_it_touched(name, row_bytes):
+def test_an_append_sends_only_the_rows_it_touched(name, row_bytes, staged, monkeypatch):
     """One token per batch row lands in one row (token, or the partial page/block whose
-    summary changed) of each slot: exactly those bytes cross PCIe, not the memory."""
+    summary changed) of each slot: exactly those bytes cross PCIe, not the memory; one range
+    per slot and memory buffer, or (a card that stages them) the whole 64-byte beats they
+    touch, each once, in the step's query write."""
+    from hetmem.fpga.emu import EmuDevice
+    from hetmem.kernels import spec as kspec
+
+    monkeypatch.setattr(EmuDevice, "stages_appends", staged)
     kv, query, _ = kv_and_chunks(4, appends=0)
     pipe = Pipeline(ATTENTION[name](), HYBRID, fpga="emu")
     pipe.prepare(kv)
@@ -294,11 +301,28 @@ def test_an_append_sends_only_the_rows_it_touched(name, row_bytes):
         )
         assert not memory_writes(pipe.profile)  # an append quantizes; the card waits
         assert "quantize memory" in pipe.profile.by_step()
+        stage = pipe.fpga_stage
+        # the append touched each slot's last row (the new token, page or block, or the
+        # partial one re-summarized): the mirror holds it, the card waits
+        last = np.array([s * stage.capacity + slot.rows - 1 for s, slot in enumerate(stage.slots)])
         pipe.step(query, 256)
-        (write,) = memory_writes(pipe.profile)  # the step sends the appended rows first
-        assert write.nbytes == slots * row_bytes and write.note == "appended rows only"
-        assert write.source == "modeled" and write.device == "fpga:emu"
-        assert write.nbytes < loaded / 100
+        if staged:
+            assert not memory_writes(pipe.profile)  # the rows ride on the query write
+            (note,) = [r.note for r in pipe.profile.records if r.step == "compose staged beats"]
+            want = 0
+            for host in stage.host.values():
+                row = host[0].nbytes
+                want += kspec.beats_of(last * row, np.full(slots, row)).size
+            assert note == f"{want} memory beats" and want >= slots
+            (write,) = [r for r in pipe.profile.records if r.step == "transfer query -> fpga"]
+            assert write.transactions == 1 and write.nbytes > want * 68  # query, segs, stage
+            # whole beats: a 1-byte shift row takes one, so at this small memory a few %
+            assert want * 68 < loaded / 20
+        else:
+            (write,) = memory_writes(pipe.profile)  # the step sends the appended rows first
+            assert write.nbytes == slots * row_bytes and write.note == "appended rows only"
+            assert write.source == "modeled" and write.device == "fpga:emu"
+            assert write.nbytes < loaded / 100
         pipe.step(query, 256)
         steps = [r.step for r in pipe.profile.records]
         assert "transfer memory -> fpga" not in steps  # the step reuses the resident memory

@@ -765,9 +765,10 @@ class FpgaStage:
         buffers = dict(self.buffers)
         group.at = min(set(range(len(self._busy) + 1)) - self._busy)
         self._busy.add(group.at)
-        sent = self._query_buffers(
-            device, {arg: data.nbytes for arg, data in arrays.items()}, group.at
-        )
+        sizes = {arg: data.nbytes for arg, data in arrays.items()}
+        if self.spec.staging:  # the stage buffer is bound (and this stage's) even when empty
+            sizes.setdefault(kspec.STAGE, 64)
+        sent = self._query_buffers(device, sizes, group.at)
         before = device.transactions
         transfers["query"].add(device.write_packed(arrays, sent), device.transactions - before)
         buffers.update(sent)
