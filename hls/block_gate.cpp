@@ -13,6 +13,8 @@
 //   n, k, queries, dim, mode
 //   segs   uint32 [queries, 2] (base, rows): query i scans blocks [base, base + rows),
 //          its indices relative to base                                    HBM[13]
+//   stage  uint32 [staged, 17] staged memory beats (the RTL's pre-phase)  HBM[13]
+//   staged beats in stage: this kernel copies none, so staged != 0 is refused (BAD_STAGED)
 //
 // S_j = (Q . K_j) << shift_j (int32 dot, < 2^47 after the shift). Mode 0: top-k by the
 // contract (hetmem_hls.h) over the query's rows. Mode 1: block j kept when

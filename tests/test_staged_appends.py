@@ -387,3 +387,29 @@ def test_a_fault_during_a_staged_launch_changes_no_answer(fault, error):
         assert torch.equal(got, expected)
     assert pipe.fpga_stage.loaded and pipe.fpga_stage.device.stages_appends
     _card_equals_mirror(pipe.fpga_stage)
+
+
+@pytest.mark.hls
+def test_the_hls_block_gate_takes_the_stage_and_refuses_staged_beats():
+    """The HLS C++ has the stage arguments (its signature is the spec's) but no pre-phase:
+    staged = 0 runs as before; the device refuses staged > 0, and so does the C kernel."""
+    from hetmem.fpga import hls
+
+    if not hls.available():
+        pytest.skip(f"hls: {hls.missing()}")
+    with open_device("hls") as dev:
+        assert not dev.stages_appends
+        spec, bufs, scalars, want, memory = _staged_run(dev, "block_gate", np.random.default_rng(8))
+        with pytest.raises(InputError) as err:
+            dev.run("block_gate", bufs, scalars)
+        assert err.value.argument == "staged"
+        lib = hls.load(dev.library.path)
+        query = _inputs("block_gate", np.random.default_rng(8))[2]
+        call = spec.bind(memory, query)
+        out, _ = hls.simulate(lib, spec, call)  # staged = 0: the golden model's answer
+        np.testing.assert_array_equal(out, want)
+        call.arrays["stage"] = kspec.compose_stage([memory["keys"], memory["shifts"]], [[0], []])
+        call.scalars["staged"] = 1
+        with pytest.raises(InputError) as err:
+            hls.simulate(lib, spec, call)
+        assert err.value.argument == "staged"

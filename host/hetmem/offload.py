@@ -19,10 +19,15 @@ An inverted index (layout "index") moves postings on every append, so it is rewr
 Layout "slots" (attention) keeps one slot per (batch row, KV group), layout "rows" one. The
 kernel takes a segment table (`segs`: each query's base row and rows): every slot of the
 layer lives in one buffer per memory argument, slot s at rows [s * capacity, s * capacity +
-rows_s), and a step is ONE write (the query arrays and the segment table, packed in one
-allocation), ONE launch for every batch row, KV group and query (each scanning its slot's
-visible prefix), and ONE selection read, whatever the batch; the slots' states are stacked,
-so the step's queries (and an append's rows) are quantized in one call. An inverted index
+rows_s), and a step is ONE write (the query arrays, the segment table and the rows appended
+since the last step, packed in one allocation), ONE launch for every batch row, KV group and
+query (each scanning its slot's visible prefix), and ONE selection read, whatever the batch;
+the slots' states are stacked, so the step's queries (and an append's rows) are quantized
+in one call. The appended rows of different slots are not contiguous, so they travel as
+`stage`: every whole 64-byte beat of a memory buffer they touch, copied from the host's
+exact mirror, which the kernel writes into its memory before the scan (`_compose_stage`);
+a card without that pre-phase (`FpgaDevice.stages_appends` false) gets them first, one
+range per slot and memory buffer (`write_ranges`). An inverted index
 (bm25, layout "index") is one slot and needs no segment table. `begin` / `finish` split a
 select around the launch, so the host can work while the card computes (the micro-batch
 overlap of `Pipeline`).
@@ -525,7 +530,8 @@ class FpgaStage:
         writes: _Transfers,
     ) -> None:
         """Every slot's new rows (slot order, already in the mirror) to the card: each slot's
-        rows are one range of each memory buffer (`FpgaDevice.write_ranges`)."""
+        rows are one range of each memory buffer (`FpgaDevice.write_ranges`; a card that
+        stages beats takes them with the launch instead, `_compose_stage`)."""
         base = np.arange(len(counts), dtype=np.int64) * self.capacity + np.asarray(firsts)
         for arg, data in ints.items():
             row_bytes = _row_bytes(self.host[arg])
