@@ -38,3 +38,15 @@ def test_masked_scores_are_picked_last_and_marked_invalid():
     assert indices[0, 0, 0].tolist() == list(range(50))  # 7, then -inf ones, lowest first
     assert valid[0, 0, 0].tolist() == [i == 7 for i in indices[0, 0, 0].tolist()]
     assert indices[1, 0, 0].tolist() == list(range(150, 200)) and bool(valid[1].all())
+
+
+@pytest.mark.parametrize("n,k", [(2051, 128), (4096, 512), (300, 64)])
+def test_bf16_scores_tie_often_and_still_equal_the_stable_sort(n, k):
+    """bf16 keeps 8 bits of mantissa: thousands of scores share values, the k-th's among
+    them (the path that fills k from the ties by index, no sort)."""
+    gen = torch.Generator().manual_seed(n + k)
+    scores = torch.randn(4, 8, 1, n, generator=gen).to(torch.bfloat16)
+    kth = scores.float().topk(k, -1).values[..., -1:]
+    assert bool(((scores.float() == kth).sum(-1) > 1).any())  # ties at the k-th do occur
+    indices, _ = topk_select(scores, k)
+    assert torch.equal(indices, reference(scores, k))
