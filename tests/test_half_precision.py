@@ -55,7 +55,7 @@ def test_quest_bounds_in_bf16_are_the_formula_over_the_stored_pages():
         method.append(memory, chunk)
     bounds = method.bounds(memory, query.q)  # [B, Hkv, R, T, P]
     p = memory.mins.shape[2]
-    assert memory.pages.stores["max"].padded(16).shape[2] > p  # padding was read
+    assert memory.pages.stores["bounds"].padded(16).shape[2] > p  # padding was read
     assert bounds.shape == (2, 2, 4, 1, p) and bounds.dtype == BF16
     q = query.q.double().view(2, 2, 4, 1, 16)
     mins, maxs = memory.mins.double()[:, :, None, None], memory.maxs.double()[:, :, None, None]

@@ -32,18 +32,32 @@ from ._attention import (
 )
 
 
+def page_bounds(keys: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """A page's max and min keys side by side, [..., 2D] (`block_max`, then `block_min`)."""
+    return torch.cat([block_max(keys, valid), block_min(keys, valid)], dim=-1)
+
+
 class QuestMemory(AttentionMemory):
+    """The KV cache and its pages' summaries, each page's max and min keys side by side in
+    one store ([B, Hkv, P, 2D]): the bound is one matmul of K = 2D over them (two of K = D,
+    one per side, read the pages at ~70% of the speed in bf16: 10.4 against 7.5 ms at 4096
+    pages, B=8, measured)."""
+
     def __init__(self, kv: KVCache, pages: BlockSummary):
         self.kv = kv
         self.pages = pages
 
     @property
+    def summaries(self) -> torch.Tensor:
+        return self.pages.values["bounds"]  # [B, Hkv, P, 2D]: max | min
+
+    @property
     def mins(self) -> torch.Tensor:
-        return self.pages.values["min"]  # [B, Hkv, P, D]
+        return self.summaries[..., self.kv.dim :]  # [B, Hkv, P, D]
 
     @property
     def maxs(self) -> torch.Tensor:
-        return self.pages.values["max"]
+        return self.summaries[..., : self.kv.dim]
 
     @property
     def entries(self) -> int:
@@ -51,7 +65,7 @@ class QuestMemory(AttentionMemory):
 
     @property
     def index_nbytes(self) -> int:
-        return 2 * self.mins.numel() * self.mins.element_size()
+        return self.summaries.numel() * self.summaries.element_size()
 
     def to(self, device: torch.device) -> QuestMemory:
         return QuestMemory(self.kv.to(device), self.pages.to(device))
@@ -84,7 +98,7 @@ class Quest(SparseAttentionMethod):
 
     def prepare(self, data: Any) -> QuestMemory:
         kv, _ = as_kv(data)
-        return QuestMemory(kv, BlockSummary(kv, self.unit, {"min": block_min, "max": block_max}))
+        return QuestMemory(kv, BlockSummary(kv, self.unit, {"bounds": page_bounds}))
 
     def append(self, memory: Any, data: Any) -> None:
         assert isinstance(memory, QuestMemory)
@@ -100,25 +114,20 @@ class Quest(SparseAttentionMethod):
         # The group's R query heads and T queries share the M side of one matmul per (row,
         # KV head): broadcasting the summaries over R instead would copy them R times.
         qg = q.reshape(b * hkv, hq // hkv * t, d)  # [B*Hkv, R*T, D]
-        mins, maxs = memory.mins, memory.maxs  # [B, Hkv, P, D]
-        p = mins.shape[2]
-        if q.dtype in (torch.bfloat16, torch.float16) and mins.dtype == q.dtype:
+        # q_i * (q_i < 0 ? min_i : max_i) = [relu(q) | min(q, 0)] . [max | min]: one matmul.
+        signed = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], dim=-1)  # [B*Hkv, R*T, 2D]
+        pages = memory.summaries  # [B, Hkv, P, 2D]
+        p = pages.shape[2]
+        if q.dtype in (torch.bfloat16, torch.float16) and pages.dtype == q.dtype:
             # A half-precision CPU matmul builds its kernel per shape and copies an operand
-            # that is not one block: the summaries' buffer (`Growable.padded`) as stored,
-            # and the small [P, R*T] result transposed instead.
-            stores = memory.pages.stores
-            maxs, mins = (stores[k].padded(SHAPE_QUANTUM) for k in ("max", "min"))
-            n = maxs.shape[2]
-            maxs, mins = maxs.reshape(b * hkv, n, d), mins.reshape(b * hkv, n, d)
-            bound = torch.bmm(maxs, qg.clamp(min=0).transpose(1, 2))
-            bound = torch.baddbmm(bound, mins, qg.clamp(max=0).transpose(1, 2))
-            bound = bound[:, :p].transpose(1, 2)
-            return bound.reshape(b, hkv, hq // hkv, t, p)
-        if mins.dtype != q.dtype:
-            mins, maxs = mins.to(q.dtype), maxs.to(q.dtype)
-        maxs, mins = maxs.reshape(b * hkv, p, d), mins.reshape(b * hkv, p, d)
-        bound = torch.bmm(qg.clamp(min=0), maxs.transpose(1, 2))
-        bound = torch.baddbmm(bound, qg.clamp(max=0), mins.transpose(1, 2))
+            # that is not one block: the pages' buffer (`Growable.padded`) as stored, and
+            # the small [P, R*T] result transposed instead.
+            pages = memory.pages.stores["bounds"].padded(SHAPE_QUANTUM)
+            n = pages.shape[2]
+            bound = torch.bmm(pages.reshape(b * hkv, n, 2 * d), signed.transpose(1, 2))
+            return bound[:, :p].transpose(1, 2).reshape(b, hkv, hq // hkv, t, p)
+        pages = pages.reshape(b * hkv, p, 2 * d).to(q.dtype)
+        bound = torch.bmm(signed, pages.transpose(1, 2))
         return bound.view(b, hkv, hq // hkv, t, p)
 
     def relevancy(self, memory: Any, query: Any) -> Scores:
