@@ -75,6 +75,10 @@ class Growth:
         return Growth(fraction=self.fraction, expected=-(-self.expected // unit))
 
 
+#: Floating dtypes narrower than float32 (a CPU matmul in them builds its kernel per shape).
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 class Growable:
     """A tensor that grows along one axis by appends: doubling its capacity (amortized O(1)),
     or by a bounded `Growth` when one is given."""

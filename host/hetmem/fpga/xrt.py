@@ -26,6 +26,7 @@ import importlib
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -280,17 +281,20 @@ def open_xrt(**options: Any) -> XrtDevice:
 _EMULATED_BUILDS: dict[tuple[str, str], tuple[Path, str]] = {}
 
 
-def with_emulated_build(options: dict[str, Any]) -> dict[str, Any]:
-    """`options` with an `xclbin`: without one, an emulated build of the manifest's xclbin is
-    written (once per process) and its checksum recorded in a copy of the manifest, as a
-    build would; a driver then checks it like any xclbin (the xrt and pynq drivers over
-    their emulated APIs)."""
+def with_emulated_build(
+    options: dict[str, Any], choose: Callable[[Manifest], XclbinEntry] | None = None
+) -> dict[str, Any]:
+    """`options` with an `xclbin`: without one, an emulated build of the manifest's xclbin
+    (`choose(manifest)`'s entry; default the manifest's default) is written (once per
+    process) and its checksum recorded in a copy of the manifest, as a build would; a
+    driver then checks it like any xclbin (the xrt and pynq drivers over their emulated
+    APIs, and xrt over cosim)."""
     from . import xrt_emu
 
     if options.get("xclbin") is not None:
         return options
     manifest = Manifest.load(options.get("manifest"))
-    entry = manifest.default()
+    entry = manifest.default() if choose is None else choose(manifest)
     key = (str(manifest.path), entry.name)
     if key not in _EMULATED_BUILDS or not _EMULATED_BUILDS[key][0].is_file():
         directory = Path(tempfile.mkdtemp(prefix="hetmem-xrt-emu-"))

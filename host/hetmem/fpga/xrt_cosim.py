@@ -4,10 +4,8 @@ end with the RTL as the card. Kernel times are `simulated`."""
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +16,7 @@ from ..kernels.spec import Arg
 from .cosim import CosimDevice
 from .device import Buffer, FpgaDevice, Timing
 from .implementations import RTL_KERNELS
-from .manifest import sha256_file
+from .manifest import Manifest, XclbinEntry
 
 # -- the xrt driver over xrt_emu, executed by cosim ------------------------------------------------
 
@@ -71,34 +69,18 @@ class XrtOnCosim(FpgaDevice):
             self.executor.close()
 
 
-_RTL_XCLBINS: dict[tuple[str, str], tuple[Path, str]] = {}
-
-
 def _rtl_xclbin(options: dict[str, Any]) -> dict[str, Any]:
     """Without an `xclbin` option: an emulated build of the manifest's first xclbin whose
-    kernels all have RTL (the card cosim stands for), its checksum recorded in a copy of
-    the manifest, as `open_xrt_emu` does for the default xclbin; a kernel without RTL is then
-    missing from the card (XclbinError), not a failing run."""
-    if options.get("xclbin") is not None:
-        return options
-    from . import xrt_emu
-    from .manifest import Manifest
+    kernels all have RTL (the card cosim stands for), as `open_xrt_emu` builds the default
+    one (`xrt.with_emulated_build`); a kernel without RTL is then missing from the card
+    (XclbinError), not a failing run."""
+    from .xrt import with_emulated_build
 
-    manifest = Manifest.load(options.get("manifest"))
-    rtl = [e for e in manifest.xclbins.values() if set(e.kernels) <= set(RTL_KERNELS)]
-    entry = rtl[0] if rtl else manifest.default()
-    key = (str(manifest.path), entry.name)
-    if key not in _RTL_XCLBINS or not _RTL_XCLBINS[key][0].is_file():
-        directory = Path(tempfile.mkdtemp(prefix="hetmem-xrt-cosim-"))
-        path = xrt_emu.write_xclbin(
-            directory / entry.name,
-            kernels=entry.kernels,
-            platform=entry.shell or entry.platform,
-            clock_hz=entry.clock_hz,
-        )
-        _RTL_XCLBINS[key] = (path, sha256_file(path))
-    path, digest = _RTL_XCLBINS[key]
-    return {**options, "xclbin": path, "manifest": manifest.with_checksum(entry.name, digest)}
+    def rtl_entry(manifest: Manifest) -> XclbinEntry:
+        rtl = [e for e in manifest.xclbins.values() if set(e.kernels) <= set(RTL_KERNELS)]
+        return rtl[0] if rtl else manifest.default()
+
+    return with_emulated_build(options, rtl_entry)
 
 
 def open_xrt_cosim(executor: Any = "cosim", **options: Any) -> XrtOnCosim:

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from ..attention import (
+    HALF_DTYPES,
     AttentionQuery,
     Growable,
     KVCache,
@@ -191,17 +192,13 @@ class IndexerWeights:
         return cls(None, proj.clone(), None, q_heads, blocks=blocks)
 
 
-def _narrow(dtype: torch.dtype) -> bool:
-    return dtype in (torch.bfloat16, torch.float16)
-
-
 def _common_dtype(keys: torch.Tensor, qi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and queries in one dtype: a narrow index (`index_dtype`) keeps its own and the
     queries take it (the matmul reads the keys as stored); otherwise the keys take the
     queries' dtype."""
     if keys.dtype == qi.dtype:
         return keys, qi
-    if _narrow(keys.dtype) and not _narrow(qi.dtype):
+    if keys.dtype in HALF_DTYPES and qi.dtype not in HALF_DTYPES:
         return keys, qi.to(keys.dtype)
     return keys.to(qi.dtype), qi
 
@@ -460,7 +457,7 @@ class DSA(SparseAttentionMethod):
         b, t, h, di = qi.shape
         if memory.keys is not None:  # [B, S, Di]
             keys = memory.keys
-            if not _narrow(keys.buffer.dtype):
+            if keys.buffer.dtype not in HALF_DTYPES:
                 return query_key_logits(qi, keys.data)
             # A narrow index: its matmul in its dtype, over the same shape for SHAPE_QUANTUM
             # steps or more (`Growable.padded`); the logits widened to the queries' dtype.
@@ -510,7 +507,7 @@ class DSA(SparseAttentionMethod):
         size = b * step * t * h
         buf = workspace_buffer(memory.workspace, "index_logits", size, qi)
         narrow = None  # a narrow index's logits, widened into buf before the ReLU
-        if _narrow(keys.dtype):
+        if keys.dtype in HALF_DTYPES:
             narrow = workspace_buffer(memory.workspace, "index_logits_narrow", size, queries)
         scores = qi.new_empty(b, t, s)
         for start in range(0, s, step):

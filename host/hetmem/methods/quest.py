@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..attention import AttentionQuery, KVCache
+from ..attention import HALF_DTYPES, AttentionQuery, KVCache
 from ..checks import check_positive_int
 from ..errors import InputError
 from ..selection import Scores
@@ -118,7 +118,7 @@ class Quest(SparseAttentionMethod):
         signed = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], dim=-1)  # [B*Hkv, R*T, 2D]
         pages = memory.summaries  # [B, Hkv, P, 2D]
         p = pages.shape[2]
-        if q.dtype in (torch.bfloat16, torch.float16) and pages.dtype == q.dtype:
+        if q.dtype in HALF_DTYPES and pages.dtype == q.dtype:
             # A half-precision CPU matmul builds its kernel per shape and copies an operand
             # that is not one block: the pages' buffer (`Growable.padded`) as stored, and
             # the small [P, R*T] result transposed instead.

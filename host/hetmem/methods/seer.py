@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..attention import AttentionQuery, Growable, KVCache
+from ..attention import HALF_DTYPES, AttentionQuery, Growable, KVCache
 from ..checks import check_positive_int, check_tensor
 from ..errors import InputError
 from ..selection import Bitmap, Scores, Selection
@@ -84,7 +84,7 @@ def gate_scores(qg: torch.Tensor, kg: torch.Tensor) -> torch.Tensor:
     """The gate's logits q_g . k_g / sqrt(Dg), [..., T, Nb], of gate queries [..., T, Dg] and
     gate keys [..., Nb, Dg]."""
     kg = kg.to(qg.dtype)
-    if qg.dtype in (torch.bfloat16, torch.float16):
+    if qg.dtype in HALF_DTYPES:
         # A half-precision CPU matmul copies a transposed operand whole: the gate keys stay
         # as stored and the small [Nb, T] result is transposed instead.
         logits = (kg @ qg.transpose(-1, -2)).transpose(-1, -2)
