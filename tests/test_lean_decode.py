@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import hetmem.attention as hetmem_attention
 import hetmem.methods._attention as attention_methods
 from hetmem.attention import AttentionQuery, Growth, KVCache, KVChunk, dense_attention
 from hetmem.methods import get
@@ -52,16 +53,40 @@ def decode(method, length, growth, budget, batch=1, steps=6, seed=0):
 @pytest.mark.parametrize("growth", [None, "unit"])
 @pytest.mark.parametrize("length", [27, 32, 40, 61])
 @pytest.mark.parametrize("budget", [16, 24, 128])
-def test_the_lean_path_equals_the_masked_path(method, growth, length, budget, monkeypatch):
+@pytest.mark.parametrize("apply", ["tiled", "small"])
+def test_the_lean_path_equals_the_masked_path(method, growth, length, budget, apply, monkeypatch):
+    """The tiled Apply computes as the masked path does: equal to the bit. The small one
+    (one fused sdpa over the gathered rows) sums in another order: equal to rounding."""
     unit = METHODS[method]().unit
     growth = Growth(align=unit) if growth == "unit" else None
+    if apply == "tiled":
+        monkeypatch.setattr(hetmem_attention, "SMALL_APPLY", 0)
+    taken, whole = [], []
+    small, lean_attention = hetmem_attention._small_attention, hetmem_attention._lean_attention
+    monkeypatch.setattr(
+        hetmem_attention, "_small_attention", lambda *a: taken.append(1) or small(*a)
+    )
+
+    def lean_spy(q, kv, selection, *rest):
+        whole.append(kv._keys.buffer.shape[2] % selection.unit == 0)
+        return lean_attention(q, kv, selection, *rest)
+
+    monkeypatch.setattr(hetmem_attention, "_lean_attention", lean_spy)
     lean, pipe = decode(method, length, growth, budget)
     assert pipe.memory.kv.full
+    # The small path serves every lean step here (at most 128 tokens) unless turned off, but
+    # for those whose buffer (bounded growth) is not laid out in whole units (token rows and
+    # a mask); without a bounded growth every step is whole units.
+    assert len(whole) == 6 and (growth is not None or all(whole))
+    assert len(taken) == (0 if apply == "tiled" else sum(whole))
     monkeypatch.setattr(attention_methods.SparseAttentionMethod, "sees_all", lambda *a: False)
     monkeypatch.setattr(attention_methods.SparseAttentionMethod, "unmasked", lambda *a: False)
     masked, _ = decode(method, length, growth, budget)
     for a, b in zip(lean, masked, strict=True):
-        assert torch.equal(a, b)
+        if apply == "tiled":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_the_lean_path_is_taken_only_when_nothing_needs_a_mask():

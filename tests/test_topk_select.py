@@ -1,11 +1,20 @@
-"""`topk_select`'s contract on both of its paths (a partial top-k for a few of many, a
-stable sort otherwise): the k highest scores' indices ascending, ties to the lower index,
+"""`topk_select`'s contract on both of its paths (a partial top-k for a few of many scores,
+a stable sort for a large share or few scores in all): the k highest scores' indices ascending, ties to the lower index,
 -inf picks invalid; equal to one stable descending sort on every input."""
 
 import pytest
 import torch
 
+from hetmem import selection
 from hetmem.selection import topk_select
+
+
+@pytest.fixture(params=["partial", "sort"], autouse=True)
+def path(request, monkeypatch):
+    """Every test on both sides of `SMALL_SORT`: "partial" sends every input with 4k <= n to
+    the partial top-k, "sort" sends every input to the one stable sort."""
+    monkeypatch.setattr(selection, "SMALL_SORT", 0 if request.param == "partial" else 1 << 30)
+    return request.param
 
 
 def reference(scores, k):

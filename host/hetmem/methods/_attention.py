@@ -144,6 +144,8 @@ class SparseAttentionMethod(Method):
         per_token = (kv.dim + kv.value_dim) * kv.keys.element_size()
         if isinstance(selection, Bitmap):
             units, groups = int(selection.mask.sum()), selection.mask.shape[1]
+        elif selection.all_valid:  # known without a device sync
+            units, groups = selection.indices.numel(), selection.indices.shape[1]
         else:
             units, groups = int(selection.valid.sum()), selection.indices.shape[1]
         kv_groups = kv.kv_heads if groups == 1 else 1

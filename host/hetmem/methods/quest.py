@@ -13,6 +13,7 @@ selects per query head instead, as the original Quest does for multi-head attent
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -75,6 +76,15 @@ class QuestMemory(AttentionMemory):
 SHAPE_QUANTUM = 16
 
 
+@functools.lru_cache(maxsize=64)
+def _sides(d: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clamp bounds [2, D] that turn q seen twice into [relu(q) | min(q, 0)]."""
+    inf = float("inf")
+    low = torch.tensor([0.0, -inf], dtype=dtype, device=device)[:, None].expand(2, d)
+    high = torch.tensor([inf, 0.0], dtype=dtype, device=device)[:, None].expand(2, d)
+    return low.contiguous(), high.contiguous()
+
+
 class Quest(SparseAttentionMethod):
     """Quest page selection by the min/max upper bound."""
 
@@ -103,19 +113,25 @@ class Quest(SparseAttentionMethod):
     def append(self, memory: Any, data: Any) -> None:
         assert isinstance(memory, QuestMemory)
         chunk = as_chunk(data)
-        first = int(memory.kv.lengths.min())
+        first = memory.kv.shortest()
         memory.kv.append(chunk.keys, chunk.values)
         memory.pages.update(memory.kv, first)
 
-    def bounds(self, memory: QuestMemory, q: torch.Tensor) -> torch.Tensor:
-        """Upper bounds [B, Hkv, R, T, P] for queries q [B, Hq, T, D]."""
+    def bounds(self, memory: QuestMemory, q: torch.Tensor, group_max: bool = False) -> torch.Tensor:
+        """Upper bounds [B, Hkv, R, T, P] for queries q [B, Hq, T, D]; `group_max`: their
+        max over the group's R query heads, [B, Hkv, T, P] (taken before the small result is
+        sliced and transposed: one operator fewer on a decode step)."""
         b, hq, t, d = q.shape
         hkv = memory.kv.kv_heads
+        r = hq // hkv
         # The group's R query heads and T queries share the M side of one matmul per (row,
         # KV head): broadcasting the summaries over R instead would copy them R times.
-        qg = q.reshape(b * hkv, hq // hkv * t, d)  # [B*Hkv, R*T, D]
-        # q_i * (q_i < 0 ? min_i : max_i) = [relu(q) | min(q, 0)] . [max | min]: one matmul.
-        signed = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], dim=-1)  # [B*Hkv, R*T, 2D]
+        qg = q.reshape(b * hkv, r * t, d)  # [B*Hkv, R*T, D]
+        # q_i * (q_i < 0 ? min_i : max_i) = [relu(q) | min(q, 0)] . [max | min]: one matmul,
+        # its left side one clamp of q seen twice, between (0, inf) and (-inf, 0).
+        low, high = _sides(d, q.dtype, q.device)
+        signed = torch.clamp(qg[:, :, None].expand(b * hkv, r * t, 2, d), low, high)
+        signed = signed.view(b * hkv, r * t, 2 * d)
         pages = memory.summaries  # [B, Hkv, P, 2D]
         p = pages.shape[2]
         if q.dtype in HALF_DTYPES and pages.dtype == q.dtype:
@@ -125,16 +141,21 @@ class Quest(SparseAttentionMethod):
             pages = memory.pages.stores["bounds"].padded(SHAPE_QUANTUM)
             n = pages.shape[2]
             bound = torch.bmm(pages.reshape(b * hkv, n, 2 * d), signed.transpose(1, 2))
-            return bound[:, :p].transpose(1, 2).reshape(b, hkv, hq // hkv, t, p)
+            if group_max:  # [B*Hkv, n, T]
+                bound = bound.view(b * hkv, n, r, t).amax(dim=2)[:, :p]
+                return bound.transpose(1, 2).reshape(b, hkv, t, p)
+            return bound[:, :p].transpose(1, 2).reshape(b, hkv, r, t, p)
         pages = pages.reshape(b * hkv, p, 2 * d).to(q.dtype)
-        bound = torch.bmm(signed, pages.transpose(1, 2))
-        return bound.view(b, hkv, hq // hkv, t, p)
+        bound = torch.bmm(signed, pages.transpose(1, 2)).view(b, hkv, r, t, p)
+        return bound.amax(dim=2) if group_max else bound
 
     def relevancy(self, memory: Any, query: Any) -> Scores:
         assert isinstance(memory, QuestMemory)
         positions = self.positions(memory, query)
-        bound = self.bounds(memory, query.q)  # [B, Hkv, R, T, P]
-        scores = bound.flatten(1, 2) if self.per_query_head else bound.amax(dim=2)
+        if self.per_query_head:
+            scores = self.bounds(memory, query.q).flatten(1, 2)  # [B, Hq, T, P]
+        else:
+            scores = self.bounds(memory, query.q, group_max=True)  # [B, Hkv, T, P]
         if self.sees_all(query.plan, scores.shape[-1]):
             return Scores(scores, unit=self.unit, masked=False)
         visible = self.unit_visible(memory, positions, scores.shape[-1], query.plan)[:, None]

@@ -232,7 +232,7 @@ class SeerAttention(SparseAttentionMethod):
     def append(self, memory: Any, data: Any) -> None:
         assert isinstance(memory, SeerMemory)
         chunk = as_chunk(data)
-        first_block = int(memory.kv.lengths.min()) // self.unit
+        first_block = memory.kv.shortest() // self.unit
         memory.kv.append(chunk.keys, chunk.values)
         memory.set_gate_keys(first_block, self._gate_keys(memory.kv, first_block))
 
