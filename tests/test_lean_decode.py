@@ -74,11 +74,11 @@ def test_the_lean_path_equals_the_masked_path(method, growth, length, budget, ap
     monkeypatch.setattr(hetmem_attention, "_lean_attention", lean_spy)
     lean, pipe = decode(method, length, growth, budget)
     assert pipe.memory.kv.full
-    # The small path serves every lean step here (at most 128 tokens) unless turned off, but
-    # for those whose buffer (bounded growth) is not laid out in whole units (token rows and
-    # a mask); without a bounded growth every step is whole units.
+    # The small path serves every lean step here (at most 128 tokens) unless turned off,
+    # over buffers laid out in whole units (unit rows, a partial last unit's tail hidden)
+    # and not (bounded growth: token rows, those past the end hidden).
     assert len(whole) == 6 and (growth is not None or all(whole))
-    assert len(taken) == (0 if apply == "tiled" else sum(whole))
+    assert len(taken) == (0 if apply == "tiled" else 6)
     monkeypatch.setattr(attention_methods.SparseAttentionMethod, "sees_all", lambda *a: False)
     monkeypatch.setattr(attention_methods.SparseAttentionMethod, "unmasked", lambda *a: False)
     masked, _ = decode(method, length, growth, budget)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hetmem import selection
+from hetmem.errors import InputError
 from hetmem.selection import topk_select
 
 
@@ -59,3 +60,17 @@ def test_bf16_scores_tie_often_and_still_equal_the_stable_sort(n, k):
     assert bool(((scores.float() == kth).sum(-1) > 1).any())  # ties at the k-th do occur
     indices, _ = topk_select(scores, k)
     assert torch.equal(indices, reference(scores, k))
+
+
+@pytest.mark.parametrize("n,k", [(64, 8), (5000, 7), (5000, 2000)])
+@pytest.mark.parametrize("where", [0, 3, -1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_scores_are_refused_on_every_path(n, k, where, dtype):
+    """NaN is found on the way (the k-th score of a row with NaN is NaN, or its first sorted
+    one), not by a pass of its own: whatever the row, the path and the NaN's place."""
+    scores = torch.randn(2, 3, 1, n).to(dtype)
+    scores[1, 2, 0, where] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        topk_select(scores, k)
+    scores[1, 2, 0, where] = 0.0
+    assert torch.equal(topk_select(scores, k)[0], reference(scores, k))

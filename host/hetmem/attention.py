@@ -371,7 +371,7 @@ class KVCache:
 
     def _positions(self, start: int, new: int) -> torch.Tensor:
         """Positions [B, T] of `new` tokens appended at `start` in every row."""
-        return (start + torch.arange(new, device=self.device)).expand(self.batch, new)
+        return (_arange(new, self.device) + start).expand(self.batch, new)
 
     def truncate(self, lengths: torch.Tensor) -> None:
         """Keep the first `lengths` [B] tokens of each row (each at most the row's length):
@@ -605,6 +605,12 @@ def _row_index(
 
 
 @functools.lru_cache(maxsize=64)
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    """0 .. n-1 (long), kept: read-only."""
+    return torch.arange(n, device=device)
+
+
+@functools.lru_cache(maxsize=64)
 def _bases(items: int, per_item: int, device: torch.device) -> torch.Tensor:
     """0, per_item, 2 per_item, ...: the first row of each (batch row, KV head) item."""
     return torch.arange(items, device=device) * per_item
@@ -744,8 +750,9 @@ def _lean_attention(
         tail = (cap, used)
     rows = rows.expand(b, hkv, *rows.shape[2:]) if rows.shape[1] == 1 else rows
     index, buffers = _row_index(kv, rows, unit, clamp=mask is not None)
-    if t == 1 and mask is None and b * rows.shape[-1] * unit <= SMALL_APPLY:
-        return _small_attention(q, index, buffers, rows, unit, scale, tail)
+    if t == 1 and b * rows.shape[-1] * unit <= SMALL_APPLY:
+        hide = used if (tail is not None or mask is not None) else None
+        return _small_attention(q, index, buffers, rows, unit, scale, hide)
     qt = q.unflatten(1, (hkv, r)).transpose(2, 3).reshape(b * hkv * t, r, -1)
     out = _tiled_attention(qt, index, buffers, mask, unit, scale, workspace, tail)
     return out.view(b, hkv, t, r, -1).transpose(2, 3).flatten(1, 2)
@@ -766,23 +773,23 @@ def _small_attention(
     rows: torch.Tensor,
     unit: int,
     scale: float,
-    tail: tuple[int, int] | None,
+    hide_from: int | None,
 ) -> torch.Tensor:
-    """`_lean_attention` of one query per row over few tokens: the selected rows of keys
-    and values gathered into [B, Hkv, n, D], then one sdpa in which a KV group's R query
-    heads are its R queries (35 against 59 us for sdpa's own GQA at 128 tokens, bf16,
-    measured); a partial last unit's tokens past the cache's end (`tail`) get a -inf bias.
-    [B, Hq, 1, D]."""
+    """`_lean_attention` of one query per row over few tokens: the selected rows (`unit`
+    tokens each) of keys and values gathered into [B, Hkv, n, D], then one sdpa in which a
+    KV group's R query heads are its R queries (35 against 59 us for sdpa's own GQA at 128
+    tokens, bf16, measured). `hide_from`: the tokens at and past it (a partial last unit's
+    tokens past the cache's end) get a -inf bias. [B, Hq, 1, D]."""
     b, hq, _, d = q.shape
     hkv, m = rows.shape[1], rows.shape[-1]
     flat = index.reshape(-1)
     keys = buffers[0].index_select(0, flat).view(b, hkv, m * unit, -1)
     values = buffers[1].index_select(0, flat).view(b, hkv, m * unit, -1)
     bias = None
-    if tail is not None:
-        last, rest = divmod(tail[1], unit)  # the partial unit; its first `rest` tokens are real
+    if hide_from is not None:
+        last, rest = divmod(hide_from, unit)  # the partial unit; its first `rest` tokens are real
         hidden = _tail_bias(unit, rest, q.dtype, q.device)
-        bias = torch.where(rows.reshape(b, hkv, m, 1) == last, hidden, 0.0)
+        bias = torch.where(rows.reshape(b, hkv, m, 1) >= last, hidden, 0.0)
         bias = bias.view(b, hkv, 1, m * unit)
     out = F.scaled_dot_product_attention(
         q.reshape(b, hkv, hq // hkv, d), keys.to(q.dtype), values.to(q.dtype),

@@ -100,7 +100,10 @@ class StepPlan:
     def decode(cls, lengths: torch.Tensor, budget: int, queries: int = 1) -> StepPlan:
         """The plan of a step whose queries are the last `queries` tokens of each row."""
         lengths = lengths.detach().to("cpu", torch.long)
-        positions = lengths[:, None] - queries + torch.arange(queries)[None, :]
+        if queries == 1:  # one operator, not three: a decode step's plan is made every step
+            positions = (lengths - 1)[:, None]
+        else:
+            positions = lengths[:, None] - queries + torch.arange(queries)[None, :]
         plan = cls(positions, lengths, budget)
         if queries == 1:  # each query at its row's last token, by construction
             plan._visible[(0, "at end")] = True

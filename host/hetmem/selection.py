@@ -10,6 +10,7 @@ index; output indices ascending; k larger than the number of candidates is an er
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -108,25 +109,46 @@ SMALL_SORT = 1024
 
 
 def _top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k highest scores' indices, ascending, ties to the lower index. A few from many:
-    a partial top-k (no full sort: 16x faster at 32k candidates, B=8, measured), kept when
-    no score equal to a row's k-th is left out (then the set is the same whatever the tie
-    order). Otherwise every score above the k-th and, of those equal to it, the ones of
-    lowest index that fill k: a mask and a running count, no sort (half-precision scores
-    tie often: a stable sort of 2k bf16 page scores took ~5 ms a layer-step at 32k, B=8).
-    For a large share or few scores in all (`SMALL_SORT`), one stable descending sort."""
+    """The k highest scores' indices, ascending, ties to the lower index; an `InputError`
+    for NaN among floating scores. A few from many: a partial top-k (no full sort: 16x
+    faster at 32k candidates, B=8, measured), kept when exactly k scores are at least the
+    k-th (then the set is the same whatever the tie order). Otherwise every score above
+    the k-th and, of those equal to it, the ones of lowest index that fill k: a mask and a
+    running count, no sort (half-precision scores tie often: a stable sort of 2k bf16 page
+    scores took ~5 ms a layer-step at 32k, B=8). For a large share or few scores in all
+    (`SMALL_SORT`), one stable descending sort.
+
+    NaN is checked on the way, not in a pass of its own: top-k and sort take NaN as the
+    largest value, so a row with NaN has a NaN k-th score (no score is at least it: the
+    slow path, which looks) or a NaN first sorted score."""
     n = scores.shape[-1]
+    floating = scores.is_floating_point()
     if k > 0 and 4 * k <= n and scores.numel() > SMALL_SORT:
         values, order = torch.topk(scores, k, dim=-1, sorted=False)
         kth = values.amin(-1, keepdim=True)
-        equal = scores == kth
-        if not bool((equal.sum(-1) != (values == kth).sum(-1)).any()):
+        if not bool(((scores >= kth).sum(-1) != k).any()):
             return order.sort(dim=-1).values
+        if floating:
+            _check_nan(scores)
         need = k - (scores > kth).sum(-1, keepdim=True)
+        equal = scores == kth
         chosen = (scores > kth) | (equal & (equal.cumsum(-1) <= need))
         return chosen.nonzero()[:, -1].view(*scores.shape[:-1], k)
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    return order.sort(dim=-1).values
+    values, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    if floating and n:
+        _check_nan(values[..., :1])
+    return order[..., :k].sort(dim=-1).values
+
+
+def _check_nan(scores: torch.Tensor) -> None:
+    if bool(torch.isnan(scores).any()):
+        raise InputError("scores", "contain NaN (a method's weights or inputs are not finite)")
+
+
+@functools.lru_cache(maxsize=8)
+def _true(device: torch.device) -> torch.Tensor:
+    """A bool scalar True (read-only: expanded into an unmasked top-k's `valid`)."""
+    return torch.ones((), dtype=torch.bool, device=device)
 
 
 def topk_select(
@@ -139,13 +161,9 @@ def topk_select(
     """
     check_tensor("scores", scores)
     k = check_k(name, k, scores.shape[-1])
-    if scores.is_floating_point() and bool(torch.isnan(scores).any()):
-        raise InputError("scores", "contain NaN (a method's weights or inputs are not finite)")
-    indices = _top_indices(scores, k)
+    indices = _top_indices(scores, k)  # raises for NaN
     if not masked:
-        return indices, torch.ones((), dtype=torch.bool, device=indices.device).expand(
-            indices.shape
-        )
+        return indices, _true(indices.device).expand(indices.shape)
     picked = torch.gather(scores, -1, indices)
     valid = (
         picked > float("-inf")
