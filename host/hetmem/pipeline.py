@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionQuery
-from .device import torch_device
+from .device import synchronize, torch_device
 from .errors import FpgaError, InputError, PlacementError
 from .methods.base import Memory, Method
 from .placement import DEFAULT_PLACEMENT as DEFAULT_PLACEMENT  # re-exported
@@ -293,6 +293,10 @@ class Pipeline:
 
     def _step(self, query: Any, budget: int | StepPlan) -> Any:
         memory = self._require_memory()
+        if self.fpga_stage is None and isinstance(budget, StepPlan):
+            place = self.placement
+            if place["relevancy"] == place["retrieval"] == place["apply"]:
+                return self._one_device_step(memory, query, budget)
         profile = Profile()
         if (
             self.overlap
@@ -311,6 +315,39 @@ class Pipeline:
         dev = self.device("apply")
         with profile.measure("apply", dev, self.method.apply_nbytes(memory, selection)):
             out = self.method.apply(memory, selection, _to(query, dev))
+        self.last_selection = selection
+        self._finish(profile)
+        return out
+
+    def _one_device_step(self, memory: Memory, query: Any, plan: StepPlan) -> Any:
+        """A planned step whose Relevancy, Retrieval and Apply share one torch device (a
+        wrapped model's decode on the GPU or CPU alone): nothing moves between them, so the
+        three run back to back, each timed by the wall clock (synchronized on a GPU) and
+        profiled as `select` and `_step` profile them (a decode step at B=1 spends more in
+        that bookkeeping than in its attention: measured in bench/decode_e2e.py)."""
+        method = self.method
+        dev = self.device("apply")
+        query = _to(query, dev)
+        synchronize(dev)
+        start = time.perf_counter()
+        scores = method.relevancy(memory, query)
+        synchronize(dev)
+        scored = time.perf_counter()
+        selection = method.retrieve(scores, plan.budget)
+        synchronize(dev)
+        selected = time.perf_counter()
+        out = method.apply(memory, selection, query)
+        synchronize(dev)
+        end = time.perf_counter()
+        label = device_label(dev)
+        profile = Profile()
+        profile.records += [
+            StepRecord("relevancy", label, scored - start, "measured", memory.index_nbytes),
+            StepRecord("retrieval", label, selected - scored, "measured", scores.nbytes),
+            StepRecord(
+                "apply", label, end - selected, "measured", method.apply_nbytes(memory, selection)
+            ),
+        ]
         self.last_selection = selection
         self._finish(profile)
         return out

@@ -248,9 +248,21 @@ class BlockSummary:
     (`index_growth`): the summary grows with the cache and is never rebuilt or copied whole.
     """
 
-    def __init__(self, kv: KVCache, block: int, reducers: dict[str, Callable[..., torch.Tensor]]):
+    def __init__(
+        self,
+        kv: KVCache,
+        block: int,
+        reducers: dict[str, Callable[..., torch.Tensor]],
+        steps: dict[str, Callable[..., None]] | None = None,
+    ):
+        """`steps` (optional, one per reducer): name -> step(slot, key, opens) that brings a
+        block's reduction [B, Hkv, 1, F] (a view of the store) up to date with one more
+        token's keys [B, Hkv, 1, D], in place, equal to the reducer over the block's tokens;
+        `opens`: the token is the block's first. A decode step's token then costs one or two
+        operators instead of a reduction of its whole block (`append_token`)."""
         self.block = check_positive_int("block_size", block)
         self.reducers = reducers
+        self.steps = steps
         self.growth = index_growth(kv, self.block)
         self.stores: dict[str, Growable] = {}
         self.update(kv, 0)
@@ -278,9 +290,26 @@ class BlockSummary:
                 store.buffer.narrow(2, first_block, n_blocks - first_block).copy_(values)
                 store.length = n_blocks
 
+    def append_token(self, kv: KVCache, position: int) -> bool:
+        """Bring the summaries up to date with the token every row just appended at
+        `position` (a full cache's decode step) by the `steps`; False when there are none
+        (then `update` re-reduces the block)."""
+        if self.steps is None:
+            return False
+        block = position // self.block
+        key = kv._keys.buffer.narrow(2, position, 1)  # as stored (the cache's dtype)
+        for name, step in self.steps.items():
+            store = self.stores[name]
+            if store.length <= block:
+                store.reserve(block + 1)
+                store.length = block + 1
+            step(store.buffer.narrow(2, block, 1), key, position % self.block == 0)
+        return True
+
     def to(self, device: torch.device) -> BlockSummary:
         out = object.__new__(BlockSummary)
         out.block, out.reducers, out.growth = self.block, self.reducers, self.growth
+        out.steps = self.steps
         out.stores = {name: store.to(device) for name, store in self.stores.items()}
         return out
 

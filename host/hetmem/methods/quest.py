@@ -38,6 +38,18 @@ def page_bounds(keys: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([block_max(keys, valid), block_min(keys, valid)], dim=-1)
 
 
+def page_bounds_step(slot: torch.Tensor, key: torch.Tensor, opens: bool) -> None:
+    """`page_bounds` of a page [B, Hkv, 1, 2D] (a view of the store) with one more token's
+    keys [B, Hkv, 1, D], in place: the running max and min are the page's exactly."""
+    d = key.shape[-1]
+    if opens:  # the page's first token: its max and its min
+        slot.unflatten(-1, (2, d)).copy_(key.unsqueeze(-2).expand(*key.shape[:-1], 2, d))
+        return
+    high, low = slot[..., :d], slot[..., d:]
+    torch.maximum(high, key, out=high)
+    torch.minimum(low, key, out=low)
+
+
 class QuestMemory(AttentionMemory):
     """The KV cache and its pages' summaries, each page's max and min keys side by side in
     one store ([B, Hkv, P, 2D]): the bound is one matmul of K = 2D over them (two of K = D,
@@ -108,14 +120,18 @@ class Quest(SparseAttentionMethod):
 
     def prepare(self, data: Any) -> QuestMemory:
         kv, _ = as_kv(data)
-        return QuestMemory(kv, BlockSummary(kv, self.unit, {"bounds": page_bounds}))
+        pages = BlockSummary(kv, self.unit, {"bounds": page_bounds}, {"bounds": page_bounds_step})
+        return QuestMemory(kv, pages)
 
     def append(self, memory: Any, data: Any) -> None:
         assert isinstance(memory, QuestMemory)
         chunk = as_chunk(data)
-        first = memory.kv.shortest()
-        memory.kv.append(chunk.keys, chunk.values)
-        memory.pages.update(memory.kv, first)
+        kv = memory.kv
+        first, full = kv.shortest(), kv.full
+        kv.append(chunk.keys, chunk.values)
+        # One token at the end of every row (a decode step): the page it lands in, updated.
+        if not (full and chunk.keys.shape[2] == 1 and memory.pages.append_token(kv, first)):
+            memory.pages.update(kv, first)
 
     def bounds(self, memory: QuestMemory, q: torch.Tensor, group_max: bool = False) -> torch.Tensor:
         """Upper bounds [B, Hkv, R, T, P] for queries q [B, Hq, T, D]; `group_max`: their
