@@ -52,10 +52,15 @@ def make_kv(batch=3, kv_heads=2, tokens=256, dim=16, lengths=(256, 137, 9)):
 
 
 @pytest.mark.parametrize("unit", [1, 16, 64])
-@pytest.mark.parametrize("chunk_bytes", [1, 5000, 2 << 20])
+@pytest.mark.parametrize("chunk_bytes", [1, 5000, 2 << 20, "small"])
 def test_block_path_equals_the_naive_gather(unit, chunk_bytes, monkeypatch):
-    """Chunks of one item, of a few, and of all; blocks past a row's end and invalid slots."""
-    monkeypatch.setattr(attention, "CHUNK_BYTES", chunk_bytes)
+    """Chunks of one item, of a few, and of all; blocks past a row's end and invalid slots;
+    and the small path ("small": one sdpa over the gathered rows, no workspace)."""
+    if chunk_bytes == "small":
+        monkeypatch.setattr(attention, "SMALL_APPLY", 1 << 20)
+    else:  # the tiled path, whatever the size
+        monkeypatch.setattr(attention, "SMALL_APPLY", 0)
+        monkeypatch.setattr(attention, "CHUNK_BYTES", chunk_bytes)
     kv = make_kv()
     units = -(-256 // unit)
     m = min(units, 5)
@@ -71,7 +76,7 @@ def test_block_path_equals_the_naive_gather(unit, chunk_bytes, monkeypatch):
     for _ in range(2):  # the second call reuses the buffer
         out = sparse_attention(q, kv, selection, workspace=workspace)
         torch.testing.assert_close(out, naive_sparse(q, kv, selection, positions), **TOL)
-    assert len(workspace) == 1
+    assert len(workspace) == (0 if chunk_bytes == "small" else 1)
 
 
 def test_block_path_with_a_query_before_the_end_and_several_queries():
@@ -87,7 +92,9 @@ def test_block_path_with_a_query_before_the_end_and_several_queries():
     torch.testing.assert_close(out, naive_sparse(q, kv, selection, positions), **TOL)
 
 
-def test_a_fully_hidden_row_gives_zeros_not_nan():
+@pytest.mark.parametrize("small", [True, False])
+def test_a_fully_hidden_row_gives_zeros_not_nan(small, monkeypatch):
+    monkeypatch.setattr(attention, "SMALL_APPLY", 1 << 20 if small else 0)
     keys, values = torch.randn(2, 2, 64, 8), torch.randn(2, 2, 64, 8)
     keys[1] = float("nan")
     values[1] = float("nan")

@@ -716,6 +716,9 @@ def sparse_attention(
         rows = selection.indices if unit > 1 else tokens
         rows = rows.expand(b, hkv, *rows.shape[2:]) if rows.shape[1] == 1 else rows
         index, buffers = _row_index(kv, rows, unit)
+        if t == 1 and b * n <= SMALL_APPLY:  # as the lean path, with the mask: equal to it
+            keep = mask[:, :, 0].expand(b, hkv, 1, n)
+            return _small_attention(q, index, buffers, rows, unit, scale, keep=keep)
         m = mask[:, :, 0].expand(b, hkv, t, n).reshape(b * hkv * t, n)
         qt = qg.transpose(2, 3).reshape(b * hkv * t, r, -1)  # [B*Hkv*T, R, D]
         out = _tiled_attention(qt, index, buffers, m, unit, scale, workspace)
@@ -773,37 +776,44 @@ def _small_attention(
     rows: torch.Tensor,
     unit: int,
     scale: float,
-    hide_from: int | None,
+    hide_from: int | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`_lean_attention` of one query per row over few tokens: the selected rows (`unit`
-    tokens each) of keys and values gathered into [B, Hkv, n, D], then one sdpa in which a
-    KV group's R query heads are its R queries (35 against 59 us for sdpa's own GQA at 128
-    tokens, bf16, measured). `hide_from`: the tokens at and past it (a partial last unit's
-    tokens past the cache's end) get a -inf bias. [B, Hq, 1, D]."""
+    """Attention of one query per row over few selected tokens: the selected rows (`unit`
+    tokens each, rows [B, Hkv, 1, m]) of keys and values gathered into [B, Hkv, n, D], then
+    one sdpa in which a KV group's R query heads are its R queries (35 against 59 us for
+    sdpa's own GQA at 128 tokens, bf16, measured). [B, Hq, 1, D].
+
+    What is hidden: `hide_from` (the lean path) hides the tokens at and past it (a partial
+    last unit's past the cache's end); `keep` [B, Hkv, 1, n] (the masked path) hides the
+    others, and a query that keeps none gives zeros. Both give the same sdpa the same
+    gathered rows, and a hidden token weighs 0 either way: the masked path's output equals
+    the lean path's to the bit (test)."""
     b, hq, _, d = q.shape
     hkv, m = rows.shape[1], rows.shape[-1]
     flat = index.reshape(-1)
     keys = buffers[0].index_select(0, flat).view(b, hkv, m * unit, -1)
     values = buffers[1].index_select(0, flat).view(b, hkv, m * unit, -1)
-    bias = None
+    mask = keep
     if hide_from is not None:
         last, rest = divmod(hide_from, unit)  # the partial unit; its first `rest` tokens are real
-        hidden = _tail_bias(unit, rest, q.dtype, q.device)
-        bias = torch.where(rows.reshape(b, hkv, m, 1) >= last, hidden, 0.0)
-        bias = bias.view(b, hkv, 1, m * unit)
+        mask = (rows.reshape(b, hkv, m, 1) < last) | _first(unit, rest, rows.device)
+        mask = mask.view(b, hkv, 1, m * unit)
     out = F.scaled_dot_product_attention(
         q.reshape(b, hkv, hq // hkv, d), keys.to(q.dtype), values.to(q.dtype),
-        attn_mask=bias, scale=scale,
+        attn_mask=mask, scale=scale,
     )  # fmt: skip
-    return out.view(b, hq, 1, -1)
+    if keep is not None:
+        seen = keep.any(-1, keepdim=True)  # [B, Hkv, 1, 1]
+        if not bool(seen.all()):  # a fully padded row sees nothing: zeros, not NaN
+            out = torch.where(seen, out, 0.0)
+    return out.reshape(b, hq, 1, -1)
 
 
 @functools.lru_cache(maxsize=256)
-def _tail_bias(unit: int, rest: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[unit]: 0 for a unit's first `rest` tokens, -inf for the others."""
-    bias = torch.zeros(unit, dtype=dtype, device=device)
-    bias[rest:] = float("-inf")
-    return bias
+def _first(unit: int, rest: int, device: torch.device) -> torch.Tensor:
+    """[unit] bool: a unit's first `rest` tokens."""
+    return torch.arange(unit, device=device) < rest
 
 
 def attention_probs(

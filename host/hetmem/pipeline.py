@@ -203,9 +203,15 @@ class Pipeline:
         profile = Profile()
         dev = self.device("prepare")
         data = _to(data, dev)
-        with profile.measure("append", dev, _nbytes(data)) as rec:
-            self.method.append(memory, data)
-            rec.note = f"{memory.entries} entries"
+        synchronize(dev)
+        start = time.perf_counter()
+        self.method.append(memory, data)
+        synchronize(dev)
+        seconds = time.perf_counter() - start
+        note = f"{memory.entries} entries"
+        profile.records.append(
+            StepRecord("append", device_label(dev), seconds, "measured", _nbytes(data), note)
+        )
         if self.fpga_stage is not None:
             # Quantized into the host mirror now; the card takes them at the next select (the
             # same transfers). An append touches no device, so it cannot fault halfway: it

@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 
+from .. import attention as _attention
 from ..attention import (
     HALF_DTYPES,
     AttentionQuery,
@@ -564,12 +565,15 @@ class DSA(SparseAttentionMethod):
                 q, memory.kv, selection, positions, self.scale, memory.workspace, checked=True
             )
         unmasked = self.unmasked(memory, selection, query)
-        if unmasked and memory.token_keys is None:
-            # Nothing masked and the keys head-major: the shared lean Apply (its item chunks
-            # batch every row and KV head; measured at least as fast as the row loop here)
+        small = q.shape[0] * idx.shape[3] <= _attention.SMALL_APPLY
+        if (unmasked or small) and memory.token_keys is None:
+            # The keys head-major and nothing masked: the shared lean Apply (its item chunks
+            # batch every row and KV head; measured at least as fast as the row loop here);
+            # or few tokens, masked or not: the one sdpa of `sparse_attention`'s small path
+            # (so that the lean and the masked step give the same output, to the bit)
             return sparse_attention(
                 q, memory.kv, selection, positions, self.scale, memory.workspace,
-                checked=True, unmasked=True,
+                checked=True, unmasked=unmasked,
             )  # fmt: skip
         return shared_decode_attention(
             q, memory, idx[:, 0, 0], selection.valid[:, 0, 0], positions, self.scale,
