@@ -500,6 +500,12 @@ def expand_units(selection: TopK) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens.flatten(-2), valid.flatten(-2)
 
 
+def _unit_tokens(indices: torch.Tensor, unit: int) -> torch.Tensor:
+    """`expand_units`'s token indices alone (two operators, no valid mask)."""
+    offs = _arange(unit, indices.device)
+    return (indices.unsqueeze(-1) * unit + offs).flatten(-2)
+
+
 def _grouped(t: torch.Tensor, kv_heads: int, q_heads: int) -> torch.Tensor:
     """[B, G, T, k] -> [B, kv_heads, G', T, k] with G' = 1 or q_heads // kv_heads."""
     g = t.shape[1]
@@ -745,8 +751,8 @@ def _lean_attention(
     rows, mask, tail = selection.indices, None, None
     used = kv.capacity
     if unit > 1 and cap % unit:  # the buffer is not laid out in whole units: token rows,
-        rows, _ = expand_units(selection)  # and those of a partial last unit past the end
-        unit = 1  # are hidden (before `_row_index` clamps them into the buffer)
+        rows = _unit_tokens(selection.indices, unit)  # and those of a partial last unit
+        unit = 1  # past the end are hidden (before `_row_index` clamps them into the buffer)
         if used % selection.unit:
             mask = (rows < used).expand(b, hkv, *rows.shape[2:]).reshape(b * hkv * t, -1)
     elif used % unit:  # whole units: a partial last unit's tokens past the end are hidden

@@ -254,12 +254,10 @@ def indexer_scores(
     """
     logits = logits.relu_() if inplace else torch.relu(logits)
     if w is None:
-        # Half-precision logits (a narrow index's) are summed in float32, as widened first.
-        wide = torch.float32 if logits.dtype in HALF_DTYPES else None
-        scores = logits.sum(-1, dtype=wide).transpose(-1, -2)  # [..., T, S]
+        scores = logits.sum(-1).transpose(-1, -2)  # [..., T, S]
         scale = 1.0 / (logits.shape[-1] * math.sqrt(dim))
         return scores.mul_(scale) if inplace else scores * scale
-    return torch.einsum("...sth,...th->...ts", logits.to(w.dtype), w / math.sqrt(dim))
+    return torch.einsum("...sth,...th->...ts", logits, w / math.sqrt(dim))
 
 
 class DSAMemory(AttentionMemory):
@@ -460,12 +458,8 @@ class DSA(SparseAttentionMethod):
         wk = self.weights.wk
         return qi.to(wk.dtype) @ wk.T
 
-    def index_logits(
-        self, memory: DSAMemory, qi: torch.Tensor, wide_logits: bool = True
-    ) -> torch.Tensor:
-        """q_h . k_s for every token and indexer query: [B, S, T*H] (S-major as the keys are);
-        a narrow index's in its own dtype when not `wide_logits` (`indexer_scores` sums them
-        in float32: the widening copy is saved).
+    def index_logits(self, memory: DSAMemory, qi: torch.Tensor) -> torch.Tensor:
+        """q_h . k_s for every token and indexer query: [B, S, T*H] (S-major as the keys are).
         One bmm with the indexer keys; a folded index: the folded queries times the cache's
         head-major keys, one bmm over (row, KV head) and a sum over the KV heads."""
         b, t, h, di = qi.shape
@@ -477,9 +471,7 @@ class DSA(SparseAttentionMethod):
             # steps or more (`Growable.padded`); the logits widened to the queries' dtype.
             padded, cast = _common_dtype(keys.padded(SHAPE_QUANTUM), qi)
             logits = query_key_logits(cast, padded)[:, : keys.length]
-            if wide_logits and logits.dtype != qi.dtype:
-                logits = logits.to(qi.dtype)
-            return logits
+            return logits if logits.dtype == qi.dtype else logits.to(qi.dtype)
         kv = memory.kv
         hkv, d, s = kv.kv_heads, kv.dim, kv.capacity
         keys = kv.keys  # [B, Hkv, S, D], a view of the cache's buffer
@@ -499,7 +491,7 @@ class DSA(SparseAttentionMethod):
         if memory.keys is not None and memory.keys.data.shape[1] > _chunk_tokens(b, t * h):
             scores = self._chunked_scores(memory, qi, None if equal else w)
         else:
-            logits = self.index_logits(memory, qi, wide_logits=not equal).view(b, -1, t, h)
+            logits = self.index_logits(memory, qi).view(b, -1, t, h)  # [B, S, T, H]
             scores = indexer_scores(logits, None if equal else w, di, inplace=True)
         if self.sees_all(query.plan, scores.shape[-1]):
             return Scores(scores[:, None], unit=1, masked=False)
