@@ -404,8 +404,8 @@ def test_generate_allocates_prompt_plus_new_tokens_once(tiny_lm, method):
         buffers, calls = [], []
         original = KVCache.append
 
-        def watch(kv, keys, values):
-            positions = original(kv, keys, values)
+        def watch(kv, keys, values, **kwargs):
+            positions = original(kv, keys, values, **kwargs)
             calls.append(1)
             buffers.append((kv._keys.buffer.data_ptr(), kv._values.buffer.data_ptr()))
             return positions

@@ -333,8 +333,11 @@ class KVCache:
         out.lengths = self.lengths[rows]
         return out
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Append T new tokens to every row at its own length; return their positions [B, T]."""
+    def append(
+        self, keys: torch.Tensor, values: torch.Tensor, positions: bool = True
+    ) -> torch.Tensor | None:
+        """Append T new tokens to every row at its own length; return their positions [B, T]
+        (None when not asked for and every row was at the end: not built)."""
         check_tensor("keys", keys, dims=("batch", "kv_heads", "tokens", "dim"), floating=True)
         check_tensor("values", values, dims=("batch", "kv_heads", "tokens", "dim"), floating=True)
         for name, t, dim in (("keys", keys, self.dim), ("values", values, self.value_dim)):
@@ -350,7 +353,7 @@ class KVCache:
                 store.buffer.narrow(2, start, new).copy_(t)
                 store.length = start + new
             self._lengths += new  # in place: still full
-            return self._positions(start, new)
+            return self._positions(start, new) if positions else None
         positions = self.lengths[:, None] + torch.arange(new, device=self.device)[None, :]
         end = int(positions.max()) + 1 if new else self.capacity
         rows = torch.arange(self.batch, device=self.device)[:, None]

@@ -128,7 +128,7 @@ class Quest(SparseAttentionMethod):
         chunk = as_chunk(data)
         kv = memory.kv
         first, full = kv.shortest(), kv.full
-        kv.append(chunk.keys, chunk.values)
+        kv.append(chunk.keys, chunk.values, positions=False)
         # One token at the end of every row (a decode step): the page it lands in, updated.
         if not (full and chunk.keys.shape[2] == 1 and memory.pages.append_token(kv, first)):
             memory.pages.update(kv, first)

@@ -233,7 +233,7 @@ class SeerAttention(SparseAttentionMethod):
         assert isinstance(memory, SeerMemory)
         chunk = as_chunk(data)
         first_block = memory.kv.shortest() // self.unit
-        memory.kv.append(chunk.keys, chunk.values)
+        memory.kv.append(chunk.keys, chunk.values, positions=False)
         memory.set_gate_keys(first_block, self._gate_keys(memory.kv, first_block))
 
     def gate_query(self, memory: SeerMemory, q: torch.Tensor) -> torch.Tensor:
