@@ -19,6 +19,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def no_xrt_faults():
+    """No fault injected into the emulated XRT runtime before or after a test (the fault
+    and FPGA-driver tests take it: `pytestmark = pytest.mark.usefixtures("no_xrt_faults")`)."""
+    from hetmem.fpga import xrt_emu
+
+    xrt_emu.clear()
+    yield
+    xrt_emu.clear()
+
+
 # -- Tests never write into the repository tree (tests/tree_guard.py) ----------------------------
 
 _TREE = Guard()

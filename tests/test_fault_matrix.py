@@ -52,11 +52,7 @@ METHODS = {"quest": lambda: get("quest", page_size=16), "dsa": lambda: get("dsa"
 BUDGET = 64
 
 
-@pytest.fixture(autouse=True)
-def _no_faults():
-    xrt_emu.clear()
-    yield
-    xrt_emu.clear()
+pytestmark = pytest.mark.usefixtures("no_xrt_faults")
 
 
 def data():

@@ -19,12 +19,7 @@ from hetmem.errors import (
 from hetmem.fpga import open_device, xrt_emu
 from hetmem.fpga.manifest import Manifest, expected_entry, sha256_file
 
-
-@pytest.fixture(autouse=True)
-def _no_faults():
-    xrt_emu.clear()
-    yield
-    xrt_emu.clear()
+pytestmark = pytest.mark.usefixtures("no_xrt_faults")
 
 
 @pytest.fixture

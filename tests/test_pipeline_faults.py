@@ -35,11 +35,7 @@ from test_hybrid import HYBRID, check_golden_attention, check_golden_rag, kv_and
 RUN_FAULTS = [("timeout", FpgaTimeout), ("axi_error", AxiError), ("device_lost", DeviceLost)]
 
 
-@pytest.fixture(autouse=True)
-def _no_faults():
-    xrt_emu.clear()
-    yield
-    xrt_emu.clear()
+pytestmark = pytest.mark.usefixtures("no_xrt_faults")
 
 
 def pipelines(name="quest", seed=0, policy="fallback", fpga="xrt_emu", appends=2):

@@ -40,11 +40,7 @@ CARD_STEPS = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _no_faults():
-    xrt_emu.clear()
-    yield
-    xrt_emu.clear()
+pytestmark = pytest.mark.usefixtures("no_xrt_faults")
 
 
 def test_every_kernel_with_segments_takes_staged_beats_last():

@@ -21,11 +21,7 @@ TO_DEVICE = xrt_emu.xclBOSyncDirection.XCL_BO_SYNC_BO_TO_DEVICE
 FROM_DEVICE = xrt_emu.xclBOSyncDirection.XCL_BO_SYNC_BO_FROM_DEVICE
 
 
-@pytest.fixture(autouse=True)
-def _no_faults():
-    xrt_emu.clear()
-    yield
-    xrt_emu.clear()
+pytestmark = pytest.mark.usefixtures("no_xrt_faults")
 
 
 @pytest.fixture

@@ -495,18 +495,17 @@ def dense_attention(
 
 def expand_units(selection: TopK) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn unit indices (blocks, pages) into token indices: [..., k * unit], ascending."""
-    if selection.unit == 1:
+    unit = selection.unit
+    if unit == 1:
         return selection.indices, selection.valid
-    offs = torch.arange(selection.unit, device=selection.indices.device)
-    tokens = selection.indices[..., :, None] * selection.unit + offs
-    valid = selection.valid[..., :, None].expand_as(tokens)
-    return tokens.flatten(-2), valid.flatten(-2)
+    valid = selection.valid[..., :, None].expand(*selection.valid.shape, unit)
+    return _unit_tokens(selection.indices, unit), valid.flatten(-2)
 
 
 def _unit_tokens(indices: torch.Tensor, unit: int) -> torch.Tensor:
-    """`expand_units`'s token indices alone (two operators, no valid mask)."""
-    offs = _arange(unit, indices.device)
-    return (indices.unsqueeze(-1) * unit + offs).flatten(-2)
+    """The token indices [..., k * unit] of unit indices [..., k] (`expand_units` without
+    the valid mask: two operators)."""
+    return (indices.unsqueeze(-1) * unit + _arange(unit, indices.device)).flatten(-2)
 
 
 def _grouped(t: torch.Tensor, kv_heads: int, q_heads: int) -> torch.Tensor:
@@ -657,7 +656,7 @@ def _tiled_attention(
         )
         kt = rows.view(e - s, n, d).to(q.dtype)
         torch.bmm(qs[s:e], kt.transpose(1, 2), out=logits[s:e])
-    tokens = index if unit == 1 else (index[:, :, None] * unit + _offsets(unit, index)).flatten(1)
+    tokens = index if unit == 1 else _unit_tokens(index, unit)
     if mask is None and tail is not None:  # only the tokens past the cache's end are hidden
         logits.masked_fill_((tokens % tail[0] >= tail[1])[:, None, :], float("-inf"))
     elif mask is not None and not bool(mask.all()):
@@ -669,10 +668,6 @@ def _tiled_attention(
             # A query that sees none of its selection (a fully padded row) gives zeros.
             probs = torch.where(seen[:, None, None], probs, torch.zeros_like(probs))
     return bag_values(probs, tokens, values.view(-1, values.shape[-1] // unit))
-
-
-def _offsets(unit: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.arange(unit, device=like.device, dtype=like.dtype)
 
 
 def sparse_attention(

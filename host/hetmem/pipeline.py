@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionQuery
-from .device import synchronize, torch_device
+from .device import torch_device
 from .errors import FpgaError, InputError, PlacementError
 from .methods.base import Memory, Method
 from .placement import DEFAULT_PLACEMENT as DEFAULT_PLACEMENT  # re-exported
@@ -203,15 +203,9 @@ class Pipeline:
         profile = Profile()
         dev = self.device("prepare")
         data = _to(data, dev)
-        synchronize(dev)
-        start = time.perf_counter()
-        self.method.append(memory, data)
-        synchronize(dev)
-        seconds = time.perf_counter() - start
-        note = f"{memory.entries} entries"
-        profile.records.append(
-            StepRecord("append", device_label(dev), seconds, "measured", _nbytes(data), note)
-        )
+        with profile.measure("append", dev, _nbytes(data)) as rec:
+            self.method.append(memory, data)
+            rec.note = f"{memory.entries} entries"
         if self.fpga_stage is not None:
             # Quantized into the host mirror now; the card takes them at the next select (the
             # same transfers). An append touches no device, so it cannot fault halfway: it
@@ -328,32 +322,18 @@ class Pipeline:
     def _one_device_step(self, memory: Memory, query: Any, plan: StepPlan) -> Any:
         """A planned step whose Relevancy, Retrieval and Apply share one torch device (a
         wrapped model's decode on the GPU or CPU alone): nothing moves between them, so the
-        three run back to back, each timed by the wall clock (synchronized on a GPU) and
-        profiled as `select` and `_step` profile them, without their per-step moves and
-        context managers (~60 us of a ~0.6 ms layer-step at B=1, 1k, bf16, measured)."""
+        three run back to back, profiled as `select` and `_step` profile them, without their
+        moves, device lookups and checks (measured in bench/decode_e2e.py's B=1 overhead)."""
         method = self.method
         dev = self.device("apply")
         query = _to(query, dev)
-        synchronize(dev)
-        start = time.perf_counter()
-        scores = method.relevancy(memory, query)
-        synchronize(dev)
-        scored = time.perf_counter()
-        selection = method.retrieve(scores, plan.budget)
-        synchronize(dev)
-        selected = time.perf_counter()
-        out = method.apply(memory, selection, query)
-        synchronize(dev)
-        end = time.perf_counter()
-        label = device_label(dev)
         profile = Profile()
-        profile.records += [
-            StepRecord("relevancy", label, scored - start, "measured", memory.index_nbytes),
-            StepRecord("retrieval", label, selected - scored, "measured", scores.nbytes),
-            StepRecord(
-                "apply", label, end - selected, "measured", method.apply_nbytes(memory, selection)
-            ),
-        ]
+        with profile.measure("relevancy", dev, memory.index_nbytes):
+            scores = method.relevancy(memory, query)
+        with profile.measure("retrieval", dev, scores.nbytes):
+            selection = method.retrieve(scores, plan.budget)
+        with profile.measure("apply", dev, method.apply_nbytes(memory, selection)):
+            out = method.apply(memory, selection, query)
         self.last_selection = selection
         self._finish(profile)
         return out

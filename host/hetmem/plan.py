@@ -100,11 +100,9 @@ class StepPlan:
     def decode(cls, lengths: torch.Tensor, budget: int, queries: int = 1) -> StepPlan:
         """The plan of a step whose queries are the last `queries` tokens of each row."""
         lengths = lengths.detach().to("cpu", torch.long)
-        if queries == 1:  # one operator, not three: a decode step's plan is made every step
-            positions = (lengths - 1)[:, None]
-        else:
+        if queries > 1:
             positions = lengths[:, None] - queries + torch.arange(queries)[None, :]
-        plan = cls(positions, lengths, budget)
-        if queries == 1:  # each query at its row's last token, by construction
-            plan._visible[(0, "at end")] = True
+            return cls(positions, lengths, budget)
+        plan = cls((lengths - 1)[:, None], lengths, budget)  # one operator: made every step
+        plan._visible[(0, "at end")] = True  # each query at its row's last token, by design
         return plan
