@@ -62,10 +62,14 @@ def test_the_lean_path_equals_the_masked_path(method, growth, length, budget, ap
     growth = Growth(align=unit) if growth == "unit" else None
     if apply == "tiled":
         monkeypatch.setattr(hetmem_attention, "SMALL_APPLY", 0)
-    taken, whole = [], []
+    taken, whole, one_row = [], [], []
     small, lean_attention = hetmem_attention._small_attention, hetmem_attention._lean_attention
+    row = hetmem_attention._one_row_attention
     monkeypatch.setattr(
         hetmem_attention, "_small_attention", lambda *a, **k: taken.append(1) or small(*a, **k)
+    )
+    monkeypatch.setattr(
+        hetmem_attention, "_one_row_attention", lambda *a: one_row.append(1) or row(*a)
     )
 
     def lean_spy(q, kv, selection, *rest):
@@ -77,13 +81,19 @@ def test_the_lean_path_equals_the_masked_path(method, growth, length, budget, ap
     assert pipe.memory.kv.full
     # The small path serves every lean step here (at most 128 tokens) unless turned off,
     # over buffers laid out in whole units (unit rows, a partial last unit's tail hidden)
-    # and not (bounded growth: token rows, those past the end hidden).
+    # and not (bounded growth: token rows, those past the end hidden); a step at B=1 with
+    # nothing to hide (DSA's tokens always) takes its one-row form.
     assert len(whole) == 6 and (growth is not None or all(whole))
-    assert len(taken) == (0 if apply == "tiled" else 6)
+    assert len(taken) + len(one_row) == (0 if apply == "tiled" else 6)
+    if method == "dsa":
+        assert len(one_row) == (0 if apply == "tiled" else 6)
     monkeypatch.setattr(attention_methods.SparseAttentionMethod, "sees_all", lambda *a: False)
     monkeypatch.setattr(attention_methods.SparseAttentionMethod, "unmasked", lambda *a: False)
+    lean_rows = len(one_row)
     masked, _ = decode(method, length, growth, budget)
-    assert len(taken) == (0 if apply == "tiled" else 12)  # the masked path's too
+    # the masked path takes the small path too, never the one-row form
+    assert len(one_row) == lean_rows
+    assert len(taken) + lean_rows == (0 if apply == "tiled" else 12)
     for a, b in zip(lean, masked, strict=True):
         assert torch.equal(a, b)
 
@@ -127,3 +137,41 @@ def test_full_follows_the_lengths():
     assert kv.lengths.tolist() == [15, 11] and not kv.full
     kv.select_rows(torch.tensor([0, 0]))
     assert kv.full and kv.lengths.tolist() == [15, 15]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("length", [40, 255, 300])
+def test_dsa_one_query_relevancy_equals_the_general_one(dtype, index_dtype, length, monkeypatch):
+    """DSA's Relevancy of a decode step at B=1 over its own index (KV rows wider than the
+    indexer keys: not folded) takes its few-operator form, whose scores equal the general
+    form's to the bit, over index lengths across the padded matmul's shape quantum."""
+    from hetmem.methods.dsa import DSA
+
+    gen = torch.Generator().manual_seed(length)
+    kv = KVCache(
+        torch.randn(1, 2, length, 128, generator=gen).to(dtype),
+        torch.randn(1, 2, length, 128, generator=gen).to(dtype),
+    )
+    method = DSA(index_dtype=index_dtype)
+    memory = method.prepare(kv)
+    assert memory.keys is not None  # 2 x 128 channels > 128 indexer dims: an index of its own
+    taken = []
+    fast = DSA._one_query_scores
+
+    def spy(self, *args):
+        taken.append(fast(self, *args))
+        return taken[-1]
+
+    monkeypatch.setattr(DSA, "_one_query_scores", spy)
+    for step in range(3):
+        method.append(memory, KVChunk(*(torch.randn(1, 2, 1, 128, generator=gen).to(dtype),) * 2))
+        plan = StepPlan.decode(memory.kv.lengths, 16)
+        query = AttentionQuery(torch.randn(1, 4, 1, 128, generator=gen).to(dtype), None, None, plan)
+        lean = method.relevancy(memory, query)
+        assert taken[-1] is not None
+        monkeypatch.setattr(DSA, "_one_query_scores", lambda *a: None)
+        general = method.relevancy(memory, query)
+        monkeypatch.setattr(DSA, "_one_query_scores", spy)
+        assert lean.values.shape == general.values.shape == (1, 1, 1, length + step + 1)
+        assert torch.equal(lean.values, general.values) and lean.masked == general.masked

@@ -419,7 +419,9 @@ def _check_finite(keys: torch.Tensor, values: torch.Tensor) -> None:
     the exact check: x * 0 is 0 for every finite x and NaN for NaN and Inf."""
     if keys.numel() + values.numel() <= _SMALL:
         if keys.shape == values.shape and keys.dtype == values.dtype:
-            screen = torch.dot(keys.detach().reshape(-1), values.detach().reshape(-1))
+            if keys.requires_grad or values.requires_grad:
+                keys, values = keys.detach(), values.detach()
+            screen = torch.dot(keys.reshape(-1), values.reshape(-1))
             if math.isfinite(float(screen)):
                 return
         ok = not math.isnan(float((keys.detach() * 0).sum() + (values.detach() * 0).sum()))
@@ -755,6 +757,8 @@ def _lean_attention(
             mask = (rows < used).expand(b, hkv, *rows.shape[2:]).reshape(b * hkv * t, -1)
     elif used % unit:  # whole units: a partial last unit's tokens past the end are hidden
         tail = (cap, used)
+    if b == 1 and t == 1 and mask is None and tail is None and rows.shape[-1] * unit <= SMALL_APPLY:
+        return _one_row_attention(q, kv, rows, unit, scale)
     rows = rows.expand(b, hkv, *rows.shape[2:]) if rows.shape[1] == 1 else rows
     index, buffers = _row_index(kv, rows, unit, clamp=mask is not None)
     if t == 1 and b * rows.shape[-1] * unit <= SMALL_APPLY:
@@ -812,6 +816,35 @@ def _small_attention(
         if not bool(seen.all()):  # a fully padded row sees nothing: zeros, not NaN
             out = torch.where(seen, out, 0.0)
     return out.reshape(b, hq, 1, -1)
+
+
+def _one_row_attention(
+    q: torch.Tensor, kv: KVCache, rows: torch.Tensor, unit: int, scale: float
+) -> torch.Tensor:
+    """`_small_attention` of a single batch row with nothing hidden (the lean path of a
+    decode step at B=1): the selected rows (`unit` tokens each, rows [1, 1 or Hkv, 1, m])
+    gathered straight from the buffers viewed as [Hkv, units, unit * D], one index_select
+    per buffer for a selection shared by the KV heads, then the same sdpa on the same
+    gathered keys and values: equal to `_small_attention` to the bit (test), in a third
+    of its operators."""
+    _, hq, _, d = q.shape
+    hkv, m = kv.kv_heads, rows.shape[-1]
+    kbuf, vbuf = kv._keys.buffer, kv._values.buffer
+    if rows.shape[1] == 1:
+        flat = rows.reshape(m)
+        keys = kbuf.reshape(hkv, -1, unit * kv.dim).index_select(1, flat)
+        values = vbuf.reshape(hkv, -1, unit * kv.value_dim).index_select(1, flat)
+    else:  # one selection per KV head: rows of the buffers viewed flat
+        flat = _bases(hkv, kbuf.shape[2] // unit, kv.device).view(hkv, 1) + rows.view(hkv, m)
+        flat = flat.view(-1)
+        keys = kbuf.reshape(-1, unit * kv.dim).index_select(0, flat)
+        values = vbuf.reshape(-1, unit * kv.value_dim).index_select(0, flat)
+    keys = keys.view(1, hkv, m * unit, -1)
+    values = values.view(1, hkv, m * unit, -1)
+    out = F.scaled_dot_product_attention(
+        q.reshape(1, hkv, hq // hkv, d), keys.to(q.dtype), values.to(q.dtype), scale=scale
+    )
+    return out.reshape(1, hq, 1, -1)
 
 
 @functools.lru_cache(maxsize=256)

@@ -99,7 +99,7 @@ class StepPlan:
     @classmethod
     def decode(cls, lengths: torch.Tensor, budget: int, queries: int = 1) -> StepPlan:
         """The plan of a step whose queries are the last `queries` tokens of each row."""
-        lengths = lengths.detach().to("cpu", torch.long)
+        lengths = lengths.to("cpu", torch.long)  # (an integer tensor: no gradient to drop)
         if queries > 1:
             positions = lengths[:, None] - queries + torch.arange(queries)[None, :]
             return cls(positions, lengths, budget)

@@ -392,11 +392,13 @@ class DSA(SparseAttentionMethod):
         elif not memory.folded:
             feats = chunk.keys.permute(0, 2, 1, 3).flatten(2)  # [B, T, Hkv*D]
         full, start = kv.full, kv.capacity
-        positions = kv.append(chunk.keys, chunk.values)  # [B, T], each row at its own length
+        # [B, T], each row at its own length (not built when every row was at the end and
+        # no token-major copy writes at them)
+        store = memory.token_keys
+        positions = kv.append(chunk.keys, chunk.values, positions=not full or store is not None)
         rows = None
         if memory.keys is not None:  # a folded index is the cache's keys: nothing more to do
             rows = self._append_keys(memory, feats, positions, full, start)
-        store = memory.token_keys
         if store is not None:
             store.reserve(kv.capacity)
             if kv.capacity > store.length:
@@ -411,7 +413,7 @@ class DSA(SparseAttentionMethod):
         self,
         memory: DSAMemory,
         feats: torch.Tensor,
-        positions: torch.Tensor,
+        positions: torch.Tensor | None,
         full: bool,
         start: int,
     ) -> torch.Tensor | None:
@@ -484,6 +486,9 @@ class DSA(SparseAttentionMethod):
 
     def relevancy(self, memory: Any, query: Any) -> Scores:
         assert isinstance(memory, DSAMemory)
+        lean = self._one_query_scores(memory, query)
+        if lean is not None:
+            return Scores(lean, unit=1, masked=False)
         positions = self.positions(memory, query)
         qi, w = self.indexer_query(memory, query)
         b, t, h, di = qi.shape
@@ -498,6 +503,44 @@ class DSA(SparseAttentionMethod):
         visible = self.unit_visible(memory, positions, scores.shape[-1], query.plan)
         scores = scores.masked_fill(~visible, float("-inf"))
         return Scores(scores[:, None], unit=1)
+
+    def _one_query_scores(self, memory: DSAMemory, query: AttentionQuery) -> torch.Tensor | None:
+        """Relevancy of a decode step at B=1 that sees every token (the step's plan says so),
+        with the default features, equal head weights and block-diagonal query weights:
+        `indexer_scores` [1, 1, 1, S] by the operators of the general path (the block
+        projection, the index matmul over the same padded shape, ReLU, head sum, scale) on
+        the same tensors, without its reshapes: equal to it to the bit (test). None for
+        any other step."""
+        q, plan, keys = query.q, query.plan, memory.keys
+        if (
+            plan is None
+            or keys is None
+            or q.shape[0] != 1
+            or q.shape[2] != 1
+            or query.features is not None
+        ):
+            return None
+        weights = self._weights(memory.kv, q.shape[1])
+        if (
+            weights.blocks is None  # (block-diagonal weights weigh every head equally)
+            or keys.length > _chunk_tokens(1, weights.heads)
+            or not plan.all_visible(1, keys.length)
+        ):
+            return None
+        blocks = weights.blocks
+        hkv, d, di = blocks.shape
+        heads, n = weights.heads, keys.length
+        qi = torch.bmm(q.reshape(hkv, heads // hkv, d).to(blocks.dtype), blocks)  # [Hkv, G, Di]
+        if keys.buffer.dtype in HALF_DTYPES:
+            padded, cast = _common_dtype(keys.padded(SHAPE_QUANTUM), qi)
+            logits = torch.bmm(padded, cast.view(1, heads, di).transpose(1, 2))[:, :n]
+            if logits.dtype != qi.dtype:
+                logits = logits.to(qi.dtype)
+        else:
+            data, cast = _common_dtype(keys.data, qi)
+            logits = torch.bmm(data, cast.view(1, heads, di).transpose(1, 2))
+        scores = logits.relu_().sum(-1)  # [1, S]
+        return scores.mul_(1.0 / (heads * math.sqrt(di))).view(1, 1, 1, n)
 
     def _chunked_scores(
         self, memory: DSAMemory, qi: torch.Tensor, w: torch.Tensor | None

@@ -51,6 +51,8 @@ def pool_blocks(blocks: torch.Tensor, valid: torch.Tensor | None = None) -> torc
 def group_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """The gate's query input, [..., Hkv, T, R*D], of queries q [..., Hq, T, D]: each KV
     group's R query heads side by side."""
+    if q.shape[-2] == 1:  # one query: the heads of a group are already side by side
+        return q.reshape(*q.shape[:-3], kv_heads, 1, -1)
     return q.unflatten(-3, (kv_heads, -1)).transpose(-3, -2).flatten(-2)
 
 
@@ -64,6 +66,8 @@ def per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if x.dim() == 3:
         return torch.bmm(x, w)
     lead, (h, n, f) = x.shape[:-3], x.shape[-3:]
+    if math.prod(lead) == 1:  # one leading row (B=1): it is the stack
+        return torch.bmm(x.reshape(h, n, f), w).view(*lead, h, n, w.shape[-1])
     stacked = x.movedim(-3, 0).reshape(h, -1, f)  # [Hkv, L*N, F]
     out = torch.bmm(stacked, w).view(h, *lead, n, w.shape[-1])
     return out.movedim(0, -3)
