@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionQuery
-from .device import torch_device
+from .device import synchronize, torch_device
 from .errors import FpgaError, InputError, PlacementError
 from .methods.base import Memory, Method
 from .placement import DEFAULT_PLACEMENT as DEFAULT_PLACEMENT  # re-exported
@@ -119,6 +119,15 @@ class Pipeline:
     def _place(self, placement: Mapping[str, str] | str | None, fpga: Any) -> None:
         self.placement = normalize_placement(placement)
         self.uses_fpga = self.placement["relevancy"] == "fpga"
+        place = self.placement
+        # Relevancy, Retrieval and Apply on one torch device: (device, its profile label),
+        # read by every planned decode step (`_one_device_step`)
+        self._one_device: tuple[torch.device, str] | None = None
+        if not self.uses_fpga and place["relevancy"] == place["retrieval"] == place["apply"]:
+            dev = self.device("apply")
+            self._one_device = (dev, device_label(dev))
+        dev = self.device("prepare")
+        self._prepare_device = (dev, device_label(dev))  # where appends run, its label
         if self.uses_fpga and self.method.kernel is None:
             raise PlacementError("placement", f"method {self.method.name!r} has no FPGA kernel")
         self.fpga_stage = None
@@ -200,12 +209,18 @@ class Pipeline:
     def append(self, data: Any) -> None:
         """Grow the memory by new entries; on the card only the new entries are sent."""
         memory = self._require_memory()
-        profile = Profile()
-        dev = self.device("prepare")
+        dev, label = self._prepare_device
         data = _to(data, dev)
-        with profile.measure("append", dev, _nbytes(data)) as rec:
-            self.method.append(memory, data)
-            rec.note = f"{memory.entries} entries"
+        sync = dev.type != "cpu"
+        if sync:
+            synchronize(dev)
+        start = time.perf_counter()
+        self.method.append(memory, data)
+        if sync:
+            synchronize(dev)
+        seconds = time.perf_counter() - start
+        note = f"{memory.entries} entries"
+        profile = Profile([StepRecord("append", label, seconds, "measured", _nbytes(data), note)])
         if self.fpga_stage is not None:
             # Quantized into the host mirror now; the card takes them at the next select (the
             # same transfers). An append touches no device, so it cannot fault halfway: it
@@ -293,10 +308,8 @@ class Pipeline:
 
     def _step(self, query: Any, budget: int | StepPlan) -> Any:
         memory = self._require_memory()
-        if self.fpga_stage is None and isinstance(budget, StepPlan):
-            place = self.placement
-            if place["relevancy"] == place["retrieval"] == place["apply"]:
-                return self._one_device_step(memory, query, budget)
+        if self._one_device is not None and isinstance(budget, StepPlan):
+            return self._one_device_step(memory, query, budget)
         profile = Profile()
         if (
             self.overlap
@@ -322,20 +335,40 @@ class Pipeline:
     def _one_device_step(self, memory: Memory, query: Any, plan: StepPlan) -> Any:
         """A planned step whose Relevancy, Retrieval and Apply share one torch device (a
         wrapped model's decode on the GPU or CPU alone): nothing moves between them, so the
-        three run back to back, profiled as `select` and `_step` profile them, without their
-        moves, device lookups and checks (measured in bench/decode_e2e.py's B=1 overhead)."""
+        three run back to back, profiled as `select` and `_step` profile them (the same three
+        records: a wall clock read between steps, a GPU drained first), without their moves,
+        device lookups, checks and context managers (measured in bench/decode_e2e.py's B=1
+        overhead)."""
         method = self.method
-        dev = self.device("apply")
+        dev, label = self._one_device  # type: ignore[misc]
         query = _to(query, dev)
-        profile = Profile()
-        with profile.measure("relevancy", dev, memory.index_nbytes):
-            scores = method.relevancy(memory, query)
-        with profile.measure("retrieval", dev, scores.nbytes):
-            selection = method.retrieve(scores, plan.budget)
-        with profile.measure("apply", dev, method.apply_nbytes(memory, selection)):
-            out = method.apply(memory, selection, query)
+        sync = dev.type != "cpu"  # each step's time is its own: the device drained between
+        if sync:
+            synchronize(dev)
+        start = time.perf_counter()
+        scores = method.relevancy(memory, query)
+        if sync:
+            synchronize(dev)
+        scored = time.perf_counter()
+        selection = method.retrieve(scores, plan.budget)
+        if sync:
+            synchronize(dev)
+        selected = time.perf_counter()
+        out = method.apply(memory, selection, query)
+        if sync:
+            synchronize(dev)
+        end = time.perf_counter()
+        nbytes = method.apply_nbytes(memory, selection)
         self.last_selection = selection
-        self._finish(profile)
+        self._finish(
+            Profile(
+                [
+                    StepRecord("relevancy", label, scored - start, "measured", memory.index_nbytes),
+                    StepRecord("retrieval", label, selected - scored, "measured", scores.nbytes),
+                    StepRecord("apply", label, end - selected, "measured", nbytes),
+                ]
+            )
+        )
         return out
 
     def _ping_pong(self, memory: Memory, query: Any, plan: StepPlan) -> Any:
