@@ -77,6 +77,13 @@ def test_the_lean_path_equals_the_masked_path(method, growth, length, budget, ap
         return lean_attention(q, kv, selection, *rest)
 
     monkeypatch.setattr(hetmem_attention, "_lean_attention", lean_spy)
+    lean_steps, lean_step = [], attention_methods.SparseAttentionMethod.lean_step
+
+    def step_spy(self, *args):
+        lean_steps.append(lean_step(self, *args))
+        return lean_steps[-1]
+
+    monkeypatch.setattr(attention_methods.SparseAttentionMethod, "lean_step", step_spy)
     lean, pipe = decode(method, length, growth, budget)
     assert pipe.memory.kv.full
     # The small path serves every lean step here (at most 128 tokens) unless turned off,
@@ -89,41 +96,53 @@ def test_the_lean_path_equals_the_masked_path(method, growth, length, budget, ap
         assert len(one_row) == (0 if apply == "tiled" else 6)
     monkeypatch.setattr(attention_methods.SparseAttentionMethod, "sees_all", lambda *a: False)
     monkeypatch.setattr(attention_methods.SparseAttentionMethod, "unmasked", lambda *a: False)
+    assert len(lean_steps) == 6  # the lean path: every step in `lean_step`
     lean_rows = len(one_row)
     masked, _ = decode(method, length, growth, budget)
     # the masked path takes the small path too, never the one-row form
     assert len(one_row) == lean_rows
     assert len(taken) + lean_rows == (0 if apply == "tiled" else 12)
+    assert len(lean_steps) == 12 and lean_steps[6:] == [None] * 6  # the masked path's: none
+    assert all(s is not None for s in lean_steps[:6])
     for a, b in zip(lean, masked, strict=True):
         assert torch.equal(a, b)
 
 
-def test_the_lean_path_is_taken_only_when_nothing_needs_a_mask():
-    calls = []
-    original = attention_methods.SparseAttentionMethod.unmasked
+def test_the_lean_path_is_taken_only_when_nothing_needs_a_mask(monkeypatch):
+    """A full cache's decode step runs as one `lean_step`; rows of different lengths (a
+    padding mask) take the three steps, whose `unmasked` says False."""
+    steps, masks = [], []
+    lean_step = attention_methods.SparseAttentionMethod.lean_step
+    unmasked = attention_methods.SparseAttentionMethod.unmasked
 
-    def spy(self, *args):
-        calls.append(original(self, *args))
-        return calls[-1]
+    def step_spy(self, *args):
+        steps.append(lean_step(self, *args))
+        return steps[-1]
 
-    attention_methods.SparseAttentionMethod.unmasked = spy
-    try:
-        decode("quest", 40, None, 16, batch=1, steps=2)
-        assert calls == [True, True]
-        calls.clear()
-        gen = torch.Generator().manual_seed(1)
-        kv = KVCache(
-            torch.randn(2, 2, 40, 16, generator=gen),
-            torch.randn(2, 2, 40, 16, generator=gen),
-            lengths=torch.tensor([40, 33]),
-        )
-        pipe = Pipeline(METHODS["quest"](), "cpu/cpu/cpu/cpu")
-        pipe.prepare(kv)
-        assert not pipe.memory.kv.full
-        pipe.step(AttentionQuery(torch.randn(2, 4, 1, 16, generator=gen)), 16)
-        assert calls == [False]  # rows of different lengths: the masked path
-    finally:
-        attention_methods.SparseAttentionMethod.unmasked = original
+    def mask_spy(self, *args):
+        masks.append(unmasked(self, *args))
+        return masks[-1]
+
+    monkeypatch.setattr(attention_methods.SparseAttentionMethod, "lean_step", step_spy)
+    monkeypatch.setattr(attention_methods.SparseAttentionMethod, "unmasked", mask_spy)
+    _, lean = decode("quest", 40, None, 16, batch=1, steps=2)
+    assert len(steps) == 2 and all(s is not None for s in steps) and masks == []
+    records = lean.profile.records  # the same accounting as the three steps'
+    assert [r.step for r in records] == ["relevancy", "retrieval", "apply"]
+    assert all(r.seconds > 0 and r.nbytes > 0 and r.source == "measured" for r in records)
+    steps.clear()
+    gen = torch.Generator().manual_seed(1)
+    kv = KVCache(
+        torch.randn(2, 2, 40, 16, generator=gen),
+        torch.randn(2, 2, 40, 16, generator=gen),
+        lengths=torch.tensor([40, 33]),
+    )
+    pipe = Pipeline(METHODS["quest"](), "cpu/cpu/cpu/cpu")
+    pipe.prepare(kv)
+    assert not pipe.memory.kv.full
+    pipe.step(AttentionQuery(torch.randn(2, 4, 1, 16, generator=gen)), 16)
+    assert steps == [None] and masks == [False]  # rows of different lengths: the masked path
+    assert [r.step for r in pipe.profile.records] == ["relevancy", "retrieval", "apply"]
 
 
 def test_full_follows_the_lengths():

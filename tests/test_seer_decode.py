@@ -58,11 +58,12 @@ def needle_tokens(task: tasks.Task, tokenizer) -> torch.Tensor:
 
 
 def record(methods: list[SeerAttention]) -> list[list[dict]]:
-    """Each layer's (query, keys, selection) at every Apply of the wrapped model."""
+    """Each layer's (query, keys, selection) at every Apply of the wrapped model: its own, or
+    the one inside a lean step (`lean_step`, which attends without calling `apply`)."""
     calls: list[list[dict]] = [[] for _ in methods]
     for layer, method in enumerate(methods):
 
-        def apply(memory, selection, query, method=method, apply=method.apply, out=calls[layer]):
+        def keep(memory, selection, query, method=method, out=calls[layer]):
             kv = memory.kv
             out.append(
                 {
@@ -73,9 +74,18 @@ def record(methods: list[SeerAttention]) -> list[list[dict]]:
                     "scale": method.scale,
                 }
             )
+
+        def apply(memory, selection, query, apply=method.apply, keep=keep):
+            keep(memory, selection, query)
             return apply(memory, selection, query)
 
-        method.apply = apply
+        def lean_step(memory, query, plan, lean=method.lean_step, keep=keep):
+            step = lean(memory, query, plan)
+            if step is not None:
+                keep(memory, step.selection, query)
+            return step
+
+        method.apply, method.lean_step = apply, lean_step
     return calls
 
 

@@ -136,6 +136,12 @@ class Growable:
         """Items the buffer holds before it must grow."""
         return self.buffer.shape[self.axis]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the items in use (`data`'s), computed without making the view."""
+        buf = self._buffer
+        return buf.numel() // max(buf.shape[self.axis], 1) * self.length * buf.element_size()
+
     def padded(self, quantum: int) -> torch.Tensor:
         """The items in use and some of the buffer's next ones, for a half-precision CPU
         matmul, which builds its kernel per shape and copies an operand that is not one
@@ -371,6 +377,32 @@ class KVCache:
             ).permute(0, 2, 1, 3)
         self.lengths = self._lengths + new
         return positions
+
+    def append_token(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """`append` of a decode step's token when every row is at the cache's end (`full`):
+        keys/values [B, Hkv, 1, D] of the buffers' dtype, screened for NaN and Inf, written
+        with one slice per buffer, without `append`'s general checks; False (nothing done)
+        for anything else."""
+        kbuf = self._keys.buffer
+        if not (
+            type(keys) is torch.Tensor
+            and type(values) is torch.Tensor
+            and keys.dtype == kbuf.dtype
+            and values.dtype == self._values.buffer.dtype
+            and keys.shape[2:3] == (1,)
+            and keys.shape == (*kbuf.shape[:2], 1, kbuf.shape[3])
+            and values.shape == (*kbuf.shape[:2], 1, self._values.buffer.shape[3])
+            and self.full
+        ):
+            return False
+        _check_finite(keys, values)
+        start = self._keys.length
+        for store, t in ((self._keys, keys), (self._values, values)):
+            store.reserve(start + 1)
+            store.buffer.narrow(2, start, 1).copy_(t)
+            store.length = start + 1
+        self._lengths += 1  # in place: still full
+        return True
 
     def _positions(self, start: int, new: int) -> torch.Tensor:
         """Positions [B, T] of `new` tokens appended at `start` in every row."""
@@ -913,9 +945,14 @@ class AttentionQuery:
     plan: Any = None
 
     def to(self, device: torch.device) -> AttentionQuery:
-        tensors = (self.q, self.positions, self.features)
-        if all(t is None or t.device == device for t in tensors):
+        q, positions, features = self.q, self.positions, self.features
+        if (
+            q.device == device
+            and (positions is None or positions.device == device)
+            and (features is None or features.device == device)
+        ):
             return self  # already there (a decode step on one device: every step's case)
+        tensors = (q, positions, features)
         return AttentionQuery(*(None if t is None else t.to(device) for t in tensors), self.plan)
 
     @property
@@ -936,8 +973,12 @@ class KVChunk:
     features: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> KVChunk:
-        tensors = (self.keys, self.values, self.features)
-        if all(t is None or t.device == device for t in tensors):
+        features = self.features
+        if (
+            self.keys.device == device
+            and self.values.device == device
+            and (features is None or features.device == device)
+        ):
             return self
         return KVChunk(
             self.keys.to(device),
@@ -947,8 +988,6 @@ class KVChunk:
 
     @property
     def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size()
-            for t in (self.keys, self.values, self.features)
-            if t is not None
-        )
+        k, v, f = self.keys, self.values, self.features
+        n = k.numel() * k.element_size() + v.numel() * v.element_size()
+        return n if f is None else n + f.numel() * f.element_size()

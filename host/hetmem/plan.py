@@ -51,17 +51,16 @@ class StepPlan:
 
     def positions_on(self, device: torch.device | str) -> torch.Tensor:
         """The positions on a torch device (moved once per step and device)."""
-        dev = torch.device(device)
-        key = (0, "positions " + str(dev))
+        key = ("positions", device)
         got = self._visible.get(key)
         if got is None:
-            got = self._visible[key] = self.positions.to(dev)
+            got = self._visible[key] = self.positions.to(torch.device(device))
         return got
 
     def all_visible(self, unit: int, candidates: int) -> bool:
         """Whether every query sees all `candidates` units (no mask needed); once per step,
         unit and count (a decode plan answers from its row lengths, no tensor work)."""
-        key = (unit, f"all {candidates}")
+        key = (unit, "all", candidates)
         got = self._visible.get(key)
         if got is None:
             if self.at_end:  # each query sees its whole row: ceil(length / unit) units

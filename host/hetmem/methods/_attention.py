@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from .. import attention as _attention
+from .. import selection as _selection
 from ..attention import (
     AttentionQuery,
     Growable,
@@ -21,6 +24,7 @@ from ..attention import (
     sparse_attention,
 )
 from ..checks import check_positive_int, check_tensor
+from ..device import synchronize
 from ..errors import InputError
 from ..selection import Bitmap, Scores, Selection, TopK, budget_units, topk_select
 from .base import KernelBinding, Memory, Method
@@ -69,6 +73,17 @@ class AttentionMemory(Memory):
         if ws is None:
             ws = self.__dict__["_workspace"] = {}
         return ws
+
+
+class LeanStep(NamedTuple):
+    """A planned decode step run by `SparseAttentionMethod.lean_step`: Apply's output, the
+    selection, the scores' bytes and each step's measured seconds (Relevancy, Retrieval,
+    Apply), from which the pipeline keeps its profile."""
+
+    out: torch.Tensor
+    selection: TopK
+    scores_nbytes: int
+    seconds: tuple[float, float, float]
 
 
 class SparseAttentionMethod(Method):
@@ -121,6 +136,59 @@ class SparseAttentionMethod(Method):
             checked=True, unmasked=self.unmasked(memory, selection, query),
         )  # fmt: skip
 
+    def lean_step(
+        self, memory: AttentionMemory, query: AttentionQuery, plan: Any
+    ) -> LeanStep | None:
+        """Relevancy, Retrieval and Apply of a planned decode step in which nothing is masked:
+        one query per row at the end of rows of equal length, every unit visible (the plan
+        says so), a top-k selection. The operators are those of `relevancy`, `retrieve` and
+        `apply` on such a step, on the same tensors, so the output equals theirs to the bit
+        (test); what is left out is their bookkeeping: the checks the plan settled, the
+        masks that hide nothing, the dispatch between layouts (at B=1, 1k tokens, ~100 us
+        a layer-step, measured). None for any other step (the caller runs the three)."""
+        q, kv = query.q, memory.kv
+        if (
+            q.shape[2] != 1
+            or query.features is not None
+            or getattr(self, "mode", "topk") != "topk"
+            or not plan.at_end
+            or not kv.full
+            or not self.sees_all(plan, self.candidates(memory))
+            or not self._lean_apply_fits(memory)
+        ):
+            return None
+        sync = q.device.type != "cpu"
+        start = time.perf_counter()
+        scores = self._lean_scores(memory, query)  # [B, G, 1, units], nothing masked
+        if sync:
+            synchronize(q.device)
+        scored = time.perf_counter()
+        k = budget_units(plan.budget, self.unit, scores.shape[-1])
+        indices = _selection._top_indices(scores, k)
+        valid = _selection._true(indices.device).expand(indices.shape)
+        selection = TopK(indices, valid, self.unit, all_valid=True)
+        if sync:
+            synchronize(q.device)
+        selected = time.perf_counter()
+        if indices.shape[1] in (1, kv.kv_heads):  # a selection per row or per KV head
+            scale = 1.0 / math.sqrt(q.shape[-1]) if self.scale is None else self.scale
+            out = _attention._lean_attention(q, kv, selection, scale, memory.workspace)
+        else:  # one per query head (Quest's per_query_head): Apply's general path
+            out = self.apply(memory, selection, query)
+        if sync:
+            synchronize(q.device)
+        end = time.perf_counter()
+        nbytes = scores.numel() * scores.element_size()
+        return LeanStep(out, selection, nbytes, (scored - start, selected - scored, end - selected))
+
+    def _lean_scores(self, memory: AttentionMemory, query: AttentionQuery) -> torch.Tensor:
+        """Relevancy's scores [B, G, T, units] of a step that masks nothing (`lean_step`)."""
+        return self.relevancy(memory, query).values
+
+    def _lean_apply_fits(self, memory: AttentionMemory) -> bool:
+        """Whether `apply` of an unmasked step is the shared lean Apply (`_lean_attention`)."""
+        return True
+
     def unmasked(self, memory: AttentionMemory, selection: Selection, query: Any) -> bool:
         """Whether Apply needs no mask: every pick valid, and the step's plan puts each query
         at the end of rows of equal length (so every token is visible to it)."""
@@ -141,7 +209,7 @@ class SparseAttentionMethod(Method):
     def apply_nbytes(self, memory: Memory, selection: Selection) -> int:
         assert isinstance(memory, AttentionMemory)
         kv = memory.kv
-        per_token = (kv.dim + kv.value_dim) * kv.keys.element_size()
+        per_token = (kv.dim + kv.value_dim) * kv._keys.buffer.element_size()
         if isinstance(selection, Bitmap):
             units, groups = int(selection.mask.sum()), selection.mask.shape[1]
         elif selection.all_valid:  # known without a device sync

@@ -62,6 +62,7 @@ from ..attention import (
     AttentionQuery,
     Growable,
     KVCache,
+    KVChunk,
     bag_values,
     sparse_attention,
     workspace_buffer,
@@ -281,8 +282,7 @@ class DSAMemory(AttentionMemory):
     @property
     def index_nbytes(self) -> int:
         """Bytes Relevancy reads: the indexer keys, or the cache's keys when folded."""
-        k = self.kv.keys if self.keys is None else self.keys.data
-        return k.numel() * k.element_size()
+        return (self.kv._keys if self.keys is None else self.keys).nbytes
 
     @property
     def token_copy_nbytes(self) -> int:
@@ -408,6 +408,23 @@ class DSA(SparseAttentionMethod):
             if rows is None:
                 rows = torch.arange(kv.batch, device=kv.device)[:, None].expand_as(positions)
             store.buffer[rows, positions, : new.shape[-1]] = new.to(store.buffer.dtype)
+
+    def lean_append(self, memory: Any, data: Any) -> bool:
+        """`append` of a decode step's token to a full cache (`KVCache.append_token`) and its
+        indexer key, with the general path's operators and without its checks; False
+        (nothing done) for any other append."""
+        if not isinstance(memory, DSAMemory) or not isinstance(data, KVChunk):
+            return False
+        if data.features is not None or memory.token_keys is not None:
+            return False
+        kv, keys = memory.kv, memory.keys
+        start = kv.capacity
+        if not kv.append_token(data.keys, data.values):
+            return False
+        if keys is not None:
+            feats = data.keys.permute(0, 2, 1, 3).flatten(2)  # [B, 1, Hkv*D]
+            self._append_keys(memory, feats, None, True, start)
+        return True
 
     def _append_keys(
         self,
@@ -541,6 +558,15 @@ class DSA(SparseAttentionMethod):
             logits = torch.bmm(data, cast.view(1, heads, di).transpose(1, 2))
         scores = logits.relu_().sum(-1)  # [1, S]
         return scores.mul_(1.0 / (heads * math.sqrt(di))).view(1, 1, 1, n)
+
+    def _lean_scores(self, memory: AttentionMemory, query: AttentionQuery) -> torch.Tensor:
+        assert isinstance(memory, DSAMemory)
+        scores = self._one_query_scores(memory, query)
+        return self.relevancy(memory, query).values if scores is None else scores
+
+    def _lean_apply_fits(self, memory: AttentionMemory) -> bool:
+        """A token-major copy of the keys takes DSA's own decode Apply, not the lean one."""
+        return isinstance(memory, DSAMemory) and memory.token_keys is None
 
     def _chunked_scores(
         self, memory: DSAMemory, qi: torch.Tensor, w: torch.Tensor | None

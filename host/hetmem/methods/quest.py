@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..attention import HALF_DTYPES, AttentionQuery, KVCache
+from ..attention import HALF_DTYPES, AttentionQuery, KVCache, KVChunk
 from ..checks import check_positive_int
 from ..errors import InputError
 from ..selection import Scores
@@ -78,7 +78,7 @@ class QuestMemory(AttentionMemory):
 
     @property
     def index_nbytes(self) -> int:
-        return self.summaries.numel() * self.summaries.element_size()
+        return self.pages.stores["bounds"].nbytes
 
     def to(self, device: torch.device) -> QuestMemory:
         return QuestMemory(self.kv.to(device), self.pages.to(device))
@@ -132,6 +132,21 @@ class Quest(SparseAttentionMethod):
         # One token at the end of every row (a decode step): the page it lands in, updated.
         if not (full and chunk.keys.shape[2] == 1 and memory.pages.append_token(kv, first)):
             memory.pages.update(kv, first)
+
+    def lean_append(self, memory: Any, data: Any) -> bool:
+        """`append` of a decode step's token to a full cache (`KVCache.append_token`) and the
+        page it lands in (`BlockSummary.append_token`), without its checks; False (nothing
+        done) for any other append."""
+        if not isinstance(memory, QuestMemory) or not isinstance(data, KVChunk):
+            return False
+        kv = memory.kv
+        first = kv.capacity
+        if data.features is not None or memory.pages.steps is None:
+            return False
+        if not kv.append_token(data.keys, data.values):
+            return False
+        memory.pages.append_token(kv, first)
+        return True
 
     def bounds(self, memory: QuestMemory, q: torch.Tensor, group_max: bool = False) -> torch.Tensor:
         """Upper bounds [B, Hkv, R, T, P] for queries q [B, Hq, T, D]; `group_max`: their

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..attention import HALF_DTYPES, AttentionQuery, Growable, KVCache
+from ..attention import HALF_DTYPES, AttentionQuery, Growable, KVCache, KVChunk
 from ..checks import check_positive_int, check_tensor
 from ..errors import InputError
 from ..selection import Bitmap, Scores, Selection
@@ -159,7 +159,7 @@ class SeerMemory(AttentionMemory):
 
     @property
     def index_nbytes(self) -> int:
-        return self.gate_keys.numel() * self.gate_keys.element_size()
+        return self._gate_keys.nbytes
 
     def to(self, device: torch.device) -> SeerMemory:
         return SeerMemory(self.kv.to(device), self._gate_keys.to(device))
@@ -239,6 +239,19 @@ class SeerAttention(SparseAttentionMethod):
         first_block = memory.kv.shortest() // self.unit
         memory.kv.append(chunk.keys, chunk.values, positions=False)
         memory.set_gate_keys(first_block, self._gate_keys(memory.kv, first_block))
+
+    def lean_append(self, memory: Any, data: Any) -> bool:
+        """`append` of a decode step's token to a full cache (`KVCache.append_token`) and the
+        gate key of the block it lands in, without its checks; False (nothing done) for
+        any other append."""
+        if not isinstance(memory, SeerMemory) or not isinstance(data, KVChunk):
+            return False
+        kv = memory.kv
+        first_block = kv.capacity // self.unit
+        if data.features is not None or not kv.append_token(data.keys, data.values):
+            return False
+        memory.set_gate_keys(first_block, self._gate_keys(kv, first_block))
+        return True
 
     def gate_query(self, memory: SeerMemory, q: torch.Tensor) -> torch.Tensor:
         """Gate queries [B, Hkv, T, Dg] from q [B, Hq, T, D]."""

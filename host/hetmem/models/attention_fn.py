@@ -106,6 +106,10 @@ def hetmem_attention_forward(
     extras = Extras.of(module, kwargs)
     layer = claim(key)
     if layer is not None:
+        if extras.window is None and not extras.written_out:
+            out = layer.lean_decode(query, attention_mask, scaling)
+            if out is not None:  # a decode step with nothing masked: taken in and attended
+                return out, None
         mode = _take_in(layer, query, attention_mask, extras.window)
         if mode == SPARSE:
             return _sparse_decode(layer, query, scaling, extras), None

@@ -32,7 +32,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from ..attention import Growth, KVCache, KVChunk
 from ..errors import ConcurrentUse, InputError
 from ..pipeline import Pipeline
-from .layout import Validity, compact, padded
+from .layout import Validity, compact, fresh_validity, padded
 from .settings import SparseDecode
 
 #: The layer whose `update` ran last in this context: the attention call that follows in the
@@ -263,6 +263,47 @@ class HetmemLayer(DynamicLayer):
         del old_keys, old_values
         self.pipeline.prepare(compact(all_keys, all_values, validity.full(), self.growth))
         self._share_scratch()
+
+    def lean_decode(
+        self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None
+    ) -> torch.Tensor | None:
+        """A decode step that masks nothing (one real token per row appended to a layer with
+        no padding), taken in and attended by `Pipeline.lean_append` and `lean_step`: what
+        `take_in` and `_sparse_decode` do (the same memory, outputs and profiles), without
+        their bookkeeping. [B, 1, Hq, D] like sdpa; None (nothing done) for any other call."""
+        pending = self._pending
+        if (
+            pending is None
+            or self._length == 0
+            or query.shape[2] != 1
+            or pending[0].shape[-2] != 1
+            or self._validity.mask is not None
+            or fresh_validity(attention_mask, self._length + 1, 1) is not None
+        ):
+            return None
+        try:
+            if not self.pipeline.lean_append(*pending):
+                return None
+            # The token is in: the layer says so before the step (which may still raise).
+            self._pending = None
+            self._validity.extend(None, 1)
+            self._length += 1
+            out = self.pipeline.lean_step(query, scaling, self._plan)
+        except BaseException:
+            self._pending = None  # as `take_in`: a step that raised keeps nothing pending
+            if self._last:
+                self._guard.leave()
+            raise
+        if self._last:
+            self._guard.leave()
+        self.sparse_steps += 1
+        return out.to(device=query.device, dtype=query.dtype).transpose(1, 2).contiguous()
+
+    def _plan(self, kv: KVCache) -> Any:
+        """The step's plan over the memory's rows once the token is in (shared by layers)."""
+        return self.settings.plan(
+            kv.lengths, self.settings.budget_for(kv.capacity, self.pipeline.method.unit)
+        )
 
     def claimed_by(self, keys: torch.Tensor) -> bool:
         """Whether `keys` are what this layer's last `update` returned (hetmem's attention
