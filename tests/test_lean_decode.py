@@ -194,3 +194,52 @@ def test_dsa_one_query_relevancy_equals_the_general_one(dtype, index_dtype, leng
         monkeypatch.setattr(DSA, "_one_query_scores", spy)
         assert lean.values.shape == general.values.shape == (1, 1, 1, length + step + 1)
         assert torch.equal(lean.values, general.values) and lean.masked == general.masked
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("ties", [False, True])
+def test_dsa_lean_step_equals_the_general_step(dtype, index_dtype, ties, monkeypatch):
+    """DSA's one-run decode step at B=1 over its own index (`DSA.lean_step`, reached by
+    `Pipeline.lean_append` / `lean_step`) gives the general step's output, selection and
+    profile steps, to the bit; scores that tie at the k-th take `_top_indices`' slow path
+    in both."""
+    from hetmem.methods.dsa import DSA
+
+    if ties:  # every score equal: a tie straddles the k-th
+        scores = DSA._one_query_scores
+        monkeypatch.setattr(
+            DSA, "_one_query_scores", lambda *a: None if (s := scores(*a)) is None else s.fill_(1)
+        )
+    shared = []
+    monkeypatch.setattr(
+        attention_methods.SparseAttentionMethod,
+        "lean_step",
+        lambda *a, f=attention_methods.SparseAttentionMethod.lean_step: shared.append(1) or f(*a),
+    )
+
+    def pipeline():
+        gen = torch.Generator().manual_seed(3)
+        kv = KVCache(*(torch.randn(1, 2, 300, 128, generator=gen).to(dtype) for _ in range(2)))
+        pipe = Pipeline(DSA(index_dtype=index_dtype), "cpu/cpu/cpu/cpu")
+        pipe.prepare(kv)
+        return pipe
+
+    lean, general = pipeline(), pipeline()
+    general.method.lean_step = lambda *a: None  # the three steps, as a masked step runs them
+    general.method.lean_append = lambda *a: False
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        k, v = (torch.randn(1, 2, 1, 128, generator=gen).to(dtype) for _ in range(2))
+        q = torch.randn(1, 4, 1, 128, generator=gen).to(dtype)
+        assert lean.lean_append(k, v)
+        out = lean.lean_step(q, None, lambda kv: StepPlan.decode(kv.lengths, 64))
+        general.append(KVChunk(k, v))
+        plan = StepPlan.decode(general.memory.kv.lengths, 64)
+        expected = general.decode(AttentionQuery(q, plan.positions, None, plan), plan)
+        assert torch.equal(out, expected)
+        assert torch.equal(lean.last_selection.indices, general.last_selection.indices)
+        assert [r.step for r in lean.profile.records] == ["relevancy", "retrieval", "apply"]
+        assert [r.step for r in lean.history[-2].records] == ["append"]
+        assert torch.equal(lean.memory.keys.data, general.memory.keys.data)
+    assert shared == []  # DSA's own lean step served every step

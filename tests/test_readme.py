@@ -65,9 +65,9 @@ def test_quick_start_prints_the_profile_table(tmp_path):
         assert "measured" in rows[step] and ("gpu" in rows[step] or "cpu" in rows[step])
     assert "total (measured)" in out
     assert "append" not in rows  # the step's profile, printed before the append
-    if not torch.cuda.is_available():  # the no-GPU warning names the snippet's line
+    if not torch.cuda.is_available():  # the no-GPU warning names the line that placed steps
         script = snippets()["Quick start in Python"].splitlines()
-        line = next(i for i, s in enumerate(script, 1) if "pipe.prepare(kv)" in s)
+        line = next(i for i, s in enumerate(script, 1) if "pipe = Pipeline(" in s)
         assert f"snippet.py:{line}: RuntimeWarning: hetmem: no CUDA or ROCm GPU" in done.stderr
 
 

@@ -52,11 +52,13 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from typing import Any
 
 import torch
 
 from .. import attention as _attention
+from .. import selection as _selection
 from ..attention import (
     HALF_DTYPES,
     AttentionQuery,
@@ -68,9 +70,17 @@ from ..attention import (
     workspace_buffer,
 )
 from ..checks import check_tensor
+from ..device import synchronize
 from ..errors import InputError
-from ..selection import Bitmap, Scores, Selection, TopK
-from ._attention import AttentionMemory, SparseAttentionMethod, as_chunk, as_kv, check_features
+from ..selection import Bitmap, Scores, Selection, TopK, budget_units
+from ._attention import (
+    AttentionMemory,
+    LeanStep,
+    SparseAttentionMethod,
+    as_chunk,
+    as_kv,
+    check_features,
+)
 
 #: Where Apply gathers the selected keys from (see the module docstring): "head", the shared
 #: head-major KV cache; "token", a token-major copy of the keys kept in the memory.
@@ -558,6 +568,51 @@ class DSA(SparseAttentionMethod):
             logits = torch.bmm(data, cast.view(1, heads, di).transpose(1, 2))
         scores = logits.relu_().sum(-1)  # [1, S]
         return scores.mul_(1.0 / (heads * math.sqrt(di))).view(1, 1, 1, n)
+
+    def lean_step(self, memory: Any, query: AttentionQuery, plan: Any) -> LeanStep | None:
+        """`lean_step` of a wrapped model's decode step at B=1 over DSA's own index, in one
+        run of operators: `_one_query_scores`, the partial top-k read off its tie check
+        (`_top_indices`' fast path, which it falls back to on a tie or NaN), the one-row
+        Apply (`_one_row_attention`); equal to the general step to the bit (test). Any
+        other step: the shared `lean_step`."""
+        q, kv = query.q, memory.kv
+        if not (
+            isinstance(memory, DSAMemory)
+            and memory.token_keys is None
+            and memory.keys is not None
+            and plan.at_end
+            and kv.full
+        ):
+            return super().lean_step(memory, query, plan)
+        n = memory.keys.length
+        k = budget_units(plan.budget, 1, n)
+        if 4 * k > n or k > _attention.SMALL_APPLY:
+            return super().lean_step(memory, query, plan)
+        start = time.perf_counter()
+        scores = self._one_query_scores(memory, query)  # None: not B=1 over its own index
+        if scores is None or scores.dtype != torch.float32:
+            return super().lean_step(memory, query, plan)
+        sync = q.device.type != "cpu"
+        if sync:
+            synchronize(q.device)
+        scored = time.perf_counter()
+        values = torch.topk(scores, k, dim=-1, sorted=False).values
+        picked = (scores >= values.amin(-1, keepdim=True)).nonzero()
+        if picked.shape[0] == k:  # no tie at the k-th: those k, ascending
+            indices = picked[:, -1].view(values.shape)
+        else:
+            indices = _selection._top_indices(scores, k)
+        selection = TopK(indices, _selection._true(q.device).expand(indices.shape), 1, True)
+        if sync:
+            synchronize(q.device)
+        selected = time.perf_counter()
+        scale = 1.0 / math.sqrt(q.shape[-1]) if self.scale is None else self.scale
+        out = _attention._one_row_attention(q, kv, indices, 1, scale)
+        if sync:
+            synchronize(q.device)
+        end = time.perf_counter()
+        nbytes = n * scores.element_size()
+        return LeanStep(out, selection, nbytes, (scored - start, selected - scored, end - selected))
 
     def _lean_scores(self, memory: AttentionMemory, query: AttentionQuery) -> torch.Tensor:
         assert isinstance(memory, DSAMemory)
