@@ -206,11 +206,6 @@ def test_dsa_lean_step_equals_the_general_step(dtype, index_dtype, ties, monkeyp
     in both."""
     from hetmem.methods.dsa import DSA
 
-    if ties:  # every score equal: a tie straddles the k-th
-        scores = DSA._one_query_scores
-        monkeypatch.setattr(
-            DSA, "_one_query_scores", lambda *a: None if (s := scores(*a)) is None else s.fill_(1)
-        )
     shared = []
     monkeypatch.setattr(
         attention_methods.SparseAttentionMethod,
@@ -220,7 +215,10 @@ def test_dsa_lean_step_equals_the_general_step(dtype, index_dtype, ties, monkeyp
 
     def pipeline():
         gen = torch.Generator().manual_seed(3)
-        kv = KVCache(*(torch.randn(1, 2, 300, 128, generator=gen).to(dtype) for _ in range(2)))
+        keys, values = (torch.randn(1, 2, 300, 128, generator=gen).to(dtype) for _ in range(2))
+        if ties:  # every key the same: every score equal, a tie straddles the k-th
+            keys = torch.ones_like(keys)
+        kv = KVCache(keys, values)
         pipe = Pipeline(DSA(index_dtype=index_dtype), "cpu/cpu/cpu/cpu")
         pipe.prepare(kv)
         return pipe
@@ -231,6 +229,7 @@ def test_dsa_lean_step_equals_the_general_step(dtype, index_dtype, ties, monkeyp
     gen = torch.Generator().manual_seed(4)
     for _ in range(4):
         k, v = (torch.randn(1, 2, 1, 128, generator=gen).to(dtype) for _ in range(2))
+        k = torch.ones_like(k) if ties else k
         q = torch.randn(1, 4, 1, 128, generator=gen).to(dtype)
         assert lean.lean_append(k, v)
         out = lean.lean_step(q, None, lambda kv: StepPlan.decode(kv.lengths, 64))
@@ -243,3 +242,5 @@ def test_dsa_lean_step_equals_the_general_step(dtype, index_dtype, ties, monkeyp
         assert [r.step for r in lean.history[-2].records] == ["append"]
         assert torch.equal(lean.memory.keys.data, general.memory.keys.data)
     assert shared == []  # DSA's own lean step served every step
+    if ties:  # the lowest indices fill the budget
+        assert lean.last_selection.indices.flatten().tolist() == list(range(64))
