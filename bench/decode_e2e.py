@@ -880,6 +880,7 @@ def _layer_case(args: argparse.Namespace, model: Any, batch: int, console: Conso
         method, mode = name.split("/")
         sparse = [s for s in runners[name][2].stats().values()]
         extra = statistics.median(samples) - dense
+        segments = step_segments(runners[name][2]) if mode == "torch" else {}
         target = {1: 100.0, 8: 200.0}.get(batch)
         out.append(
             {
@@ -895,16 +896,36 @@ def _layer_case(args: argparse.Namespace, model: Any, batch: int, console: Conso
                 "dense_rounds_us": [s * 1e6 for s in times["dense"]],
                 "emulator_compute_subtracted": mode == "emu",
                 "sparse_and_dense_steps": sparse,
+                # each step's median (the pipeline's own profile) and the rest of the
+                # layer-step: the cache layer, the attention function, the plan, bookkeeping
+                "steps_us": segments,
+                "outside_steps_us": (
+                    statistics.median(samples) * 1e6 - sum(segments.values()) if segments else None
+                ),
                 "target_us": target,
                 "meets_target": None if target is None else extra * 1e6 <= target,
                 "source": "measured",
             }
         )
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in segments.items())
         console.print(
             f"layer overhead B={batch} {name}: dense {dense * 1e6:.0f} us, hetmem "
             f"{statistics.median(samples) * 1e6:.0f} us -> {extra * 1e6:+.0f} us per layer-step"
+            + (f" (steps: {parts}; the rest {out[-1]['outside_steps_us']:.0f})" if parts else "")
         )
     return out
+
+
+def step_segments(cache: Any) -> dict[str, float]:
+    """Median microseconds of each step a hetmem cache's first layer profiled in its decode
+    steps (its pipeline's `history`: append, relevancy, retrieval, apply), from the measured
+    records (the prefill's `prepare` left out)."""
+    samples: dict[str, list[float]] = {}
+    for profile in cache.layers[0].pipeline.history:
+        for record in profile.records:
+            if record.source == "measured" and record.step != "prepare":
+                samples.setdefault(record.step, []).append(record.seconds * 1e6)
+    return {step: statistics.median(v) for step, v in samples.items()}
 
 
 def case_grid(args: argparse.Namespace) -> list[tuple[int, int, int, bool]]:

@@ -82,6 +82,13 @@ def test_tiny_run_writes_sane_figures(bench, tmp_path, capsys):
     for o in layer:
         assert o["dense_us"] > 0 and o["hetmem_us"] > 0 and o["source"] == "measured"
         assert o["us_per_layer_step"] == pytest.approx(o["hetmem_us"] - o["dense_us"])
+        if o["mode"] == "torch":  # the layer-step split into its profiled steps and the rest
+            assert set(o["steps_us"]) == {"append", "relevancy", "retrieval", "apply"}
+            assert all(v > 0 for v in o["steps_us"].values())
+            rest = o["hetmem_us"] - sum(o["steps_us"].values())
+            assert o["outside_steps_us"] == pytest.approx(rest)
+        else:
+            assert o["steps_us"] == {} and o["outside_steps_us"] is None
     for group in (result["held_bytes_synthetic"], result["held_bytes_generate"]):
         assert {g["method"] for g in group} == set(bench.METHODS)
         assert all(g["ratio"] > 0 and g["dynamic_cache_bytes"] > 0 for g in group)

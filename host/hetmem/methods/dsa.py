@@ -601,7 +601,7 @@ class DSA(SparseAttentionMethod):
             or n > _chunk_tokens(1, w.heads)
             or blocks.dtype != torch.float32
             or kbuf.dtype != q.dtype
-            or not plan.all_visible(1, n)
+            or not kv.full  # with the plan at each row's end: every token visible
         ):
             return super().lean_step(memory, query, plan)
         sync = q.device.type != "cpu"
