@@ -209,14 +209,21 @@ class Pipeline:
     def append(self, data: Any) -> None:
         """Grow the memory by new entries; on the card only the new entries are sent."""
         memory = self._require_memory()
+        self._append(memory, _to(data, self._prepare_device[0]), lean_only=False)
+
+    def _append(self, memory: Memory, data: Any, lean_only: bool) -> bool:
+        """Append, timed and profiled: the method's `lean_append` when it takes the entries
+        (a decode token to a full cache, off the card), else its `append` (`lean_only`: not
+        tried; False, nothing done)."""
         dev, label = self._prepare_device
-        data = _to(data, dev)
         sync = dev.type != "cpu"
         if sync:
             synchronize(dev)
         start = time.perf_counter()
         lean = getattr(self.method, "lean_append", None) if self.fpga_stage is None else None
         if lean is None or not lean(memory, data):
+            if lean_only:
+                return False
             self.method.append(memory, data)
         if sync:
             synchronize(dev)
@@ -229,6 +236,7 @@ class Pipeline:
             # raises before the memory changed, or has appended everything.
             profile.extend(self.fpga_stage.stage_rows(memory))
         self._finish(profile)
+        return True
 
     @_serialized
     def select(
@@ -309,28 +317,12 @@ class Pipeline:
         same memory and profile after it). False (nothing done) when the step is not one:
         the card, a placement over several devices, a method without one, or an append it
         declines (then `append` takes it)."""
-        method, memory, one = self.method, self.memory, self._one_device
-        lean = getattr(method, "lean_append", None)
-        if one is None or memory is None or lean is None:
+        memory, one = self.memory, self._one_device
+        if one is None or memory is None or self._prepare_device[0] != one[0]:
             return False
-        dev, label = one
-        if self._prepare_device[0] != dev or keys.device != dev:
+        if keys.device != one[0]:
             return False
-        sync = dev.type != "cpu"
-        if sync:
-            synchronize(dev)
-        start = time.perf_counter()
-        chunk = KVChunk(keys, values)
-        if not lean(memory, chunk):
-            return False
-        if sync:
-            synchronize(dev)
-        seconds = time.perf_counter() - start
-        note = f"{memory.entries} entries"
-        self._finish(
-            Profile([StepRecord("append", label, seconds, "measured", chunk.nbytes, note)])
-        )
-        return True
+        return self._append(memory, KVChunk(keys, values), lean_only=True)
 
     @_serialized
     def lean_step(self, q: torch.Tensor, scale: float | None, plan_for: Any) -> torch.Tensor:
@@ -347,9 +339,14 @@ class Pipeline:
         step = None if lean is None else lean(memory, AttentionQuery(q, None, None, plan), plan)
         if step is None:
             return self._step(AttentionQuery(q, plan.positions_on(dev), None, plan), plan)
+        return self._lean_done(memory, step, label)
+
+    def _lean_done(self, memory: Memory, step: Any, label: str) -> torch.Tensor:
+        """A method's `LeanStep`: its selection kept and its three steps profiled as
+        `_one_device_step` profiles them; its output."""
         relevancy, retrieval, apply = step.seconds
         self.last_selection = step.selection
-        nbytes = method.apply_nbytes(memory, step.selection)
+        nbytes = self.method.apply_nbytes(memory, step.selection)
         self._finish(
             Profile(
                 [
@@ -406,19 +403,7 @@ class Pipeline:
         lean = getattr(method, "lean_step", None)
         step = None if lean is None else lean(memory, query, plan)
         if step is not None:  # nothing masked: the three without their bookkeeping
-            relevancy, retrieval, apply = step.seconds
-            self.last_selection = step.selection
-            nbytes = method.apply_nbytes(memory, step.selection)
-            self._finish(
-                Profile(
-                    [
-                        StepRecord("relevancy", label, relevancy, "measured", memory.index_nbytes),
-                        StepRecord("retrieval", label, retrieval, "measured", step.scores_nbytes),
-                        StepRecord("apply", label, apply, "measured", nbytes),
-                    ]
-                )
-            )
-            return step.out
+            return self._lean_done(memory, step, label)
         sync = dev.type != "cpu"  # each step's time is its own: the device drained between
         if sync:
             synchronize(dev)
