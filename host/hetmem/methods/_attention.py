@@ -157,7 +157,9 @@ class SparseAttentionMethod(Method):
             or not self._lean_apply_fits(memory)
         ):
             return None
-        sync = q.device.type != "cpu"
+        sync = q.device.type != "cpu"  # each step's time its own: the device drained first
+        if sync:
+            synchronize(q.device)
         start = time.perf_counter()
         scores = self._lean_scores(memory, query)  # [B, G, 1, units], nothing masked
         if sync:

@@ -604,7 +604,9 @@ class DSA(SparseAttentionMethod):
             or not kv.full  # with the plan at each row's end: every token visible
         ):
             return super().lean_step(memory, query, plan)
-        sync = q.device.type != "cpu"
+        sync = q.device.type != "cpu"  # each step's time its own: the device drained first
+        if sync:
+            synchronize(q.device)
         start = time.perf_counter()
         # Relevancy (`_one_query_scores`): the block projection, the index matmul over the
         # padded shape, ReLU, head sum, scale
