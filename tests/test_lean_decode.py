@@ -200,17 +200,21 @@ def test_dsa_one_query_relevancy_equals_the_general_one(dtype, index_dtype, leng
 @pytest.mark.parametrize("index_dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("ties", [False, True])
 def test_dsa_lean_step_equals_the_general_step(dtype, index_dtype, ties, monkeypatch):
-    """DSA's one-run decode step at B=1 over its own index (`DSA.lean_step`, reached by
-    `Pipeline.lean_append` / `lean_step`) gives the general step's output, selection and
-    profile steps, to the bit; scores that tie at the k-th take `_top_indices`' slow path
-    in both."""
+    """DSA's lean decode step at B=1 over its own index (`lean_step` with DSA's one-query
+    scores, reached by `Pipeline.lean_append` / `lean_step`) gives the general step's
+    output, selection and profile steps, to the bit; scores that tie at the k-th take
+    `_top_indices`' slow path in both."""
     from hetmem.methods.dsa import DSA
 
-    shared = []
+    steps, one_query = [], []  # each lean step's result; each one-query scoring's
+    step, scores = attention_methods.SparseAttentionMethod.lean_step, DSA._one_query_scores
     monkeypatch.setattr(
         attention_methods.SparseAttentionMethod,
         "lean_step",
-        lambda *a, f=attention_methods.SparseAttentionMethod.lean_step: shared.append(1) or f(*a),
+        lambda *a: steps.append(step(*a)) or steps[-1],
+    )
+    monkeypatch.setattr(
+        DSA, "_one_query_scores", lambda *a: one_query.append(scores(*a)) or one_query[-1]
     )
 
     def pipeline():
@@ -241,6 +245,9 @@ def test_dsa_lean_step_equals_the_general_step(dtype, index_dtype, ties, monkeyp
         assert [r.step for r in lean.profile.records] == ["relevancy", "retrieval", "apply"]
         assert [r.step for r in lean.history[-2].records] == ["append"]
         assert torch.equal(lean.memory.keys.data, general.memory.keys.data)
-    assert shared == []  # DSA's own lean step served every step
+    # every step lean (the general run's lean calls are off), over DSA's one-query scores,
+    # which the general run's Relevancy takes too
+    assert len(steps) == 4 and all(r is not None for r in steps)
+    assert len(one_query) == 8 and all(r is not None for r in one_query)
     if ties:  # the lowest indices fill the budget
         assert lean.last_selection.indices.flatten().tolist() == list(range(64))

@@ -353,12 +353,7 @@ class KVCache:
         _check_finite(keys, values)
         new = keys.shape[2]
         if self.full and new:  # every row at the cache's end: one slice per buffer
-            start = self.capacity
-            for store, t in ((self._keys, keys), (self._values, values)):
-                store.reserve(start + new)
-                store.buffer.narrow(2, start, new).copy_(t)
-                store.length = start + new
-            self._lengths += new  # in place: still full
+            start = self._write_at_end(keys, values, new)
             return self._positions(start, new) if positions else None
         positions = self.lengths[:, None] + torch.arange(new, device=self.device)[None, :]
         end = int(positions.max()) + 1 if new else self.capacity
@@ -396,13 +391,19 @@ class KVCache:
         ):
             return False
         _check_finite(keys, values)
-        start = self._keys.length
-        for store, t in ((self._keys, keys), (self._values, values)):
-            store.reserve(start + 1)
-            store.buffer.narrow(2, start, 1).copy_(t)
-            store.length = start + 1
-        self._lengths += 1  # in place: still full
+        self._write_at_end(keys, values, 1)
         return True
+
+    def _write_at_end(self, keys: torch.Tensor, values: torch.Tensor, new: int) -> int:
+        """Write `new` tokens at the end of every row of a full cache (one slice per
+        buffer); it stays full. Returns where they start."""
+        start = self.capacity
+        for store, t in ((self._keys, keys), (self._values, values)):
+            store.reserve(start + new)
+            store.buffer.narrow(2, start, new).copy_(t)
+            store.length = start + new
+        self._lengths += new  # in place: still full
+        return start
 
     def _positions(self, start: int, new: int) -> torch.Tensor:
         """Positions [B, T] of `new` tokens appended at `start` in every row."""

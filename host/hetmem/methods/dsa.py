@@ -52,14 +52,11 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .. import attention as _attention
-from .. import selection as _selection
 from ..attention import (
     HALF_DTYPES,
     AttentionQuery,
@@ -71,12 +68,10 @@ from ..attention import (
     workspace_buffer,
 )
 from ..checks import check_tensor
-from ..device import synchronize
 from ..errors import InputError
 from ..selection import Bitmap, Scores, Selection, TopK, budget_units
 from ._attention import (
     AttentionMemory,
-    LeanStep,
     SparseAttentionMethod,
     as_chunk,
     as_kv,
@@ -570,83 +565,9 @@ class DSA(SparseAttentionMethod):
         scores = logits.relu_().sum(-1)  # [1, S]
         return scores.mul_(1.0 / (heads * math.sqrt(di))).view(1, 1, 1, n)
 
-    def lean_step(self, memory: Any, query: AttentionQuery, plan: Any) -> LeanStep | None:
-        """`lean_step` of a wrapped model's decode step at B=1 over DSA's own index with its
-        default features and block-diagonal weights, checked once, then one run of
-        operators: those of `_one_query_scores`, of `_top_indices`' partial top-k read off
-        its tie check (its slow path on a tie or NaN), and of `_one_row_attention`. Equal
-        to the general step to the bit (test); any other step takes the shared
-        `lean_step`. (Each line of Python costs ~1-2 us here, in a loop whose operators
-        keep the caches busy: measured.)"""
-        q, kv, index = query.q, memory.kv, memory.keys
-        if (
-            index is None
-            or memory.token_keys is not None
-            or query.features is not None
-            or q.shape[0] != 1
-            or q.shape[2] != 1
-            or not plan.at_end
-        ):
-            return super().lean_step(memory, query, plan)
-        w = self._weights(kv, q.shape[1])
-        if w.blocks is None:
-            return super().lean_step(memory, query, plan)
-        n = index.length
-        k = budget_units(plan.budget, 1, n)
-        blocks, kbuf = w.blocks, kv._keys.buffer
-        hkv, d, di = blocks.shape
-        if (
-            4 * k > n
-            or k > _attention.SMALL_APPLY
-            or n > _chunk_tokens(1, w.heads)
-            or blocks.dtype != torch.float32
-            or kbuf.dtype != q.dtype
-            or not kv.full  # with the plan at each row's end: every token visible
-        ):
-            return super().lean_step(memory, query, plan)
-        sync = q.device.type != "cpu"  # each step's time its own: the device drained first
-        if sync:
-            synchronize(q.device)
-        start = time.perf_counter()
-        # Relevancy (`_one_query_scores`): the block projection, the index matmul over the
-        # padded shape, ReLU, head sum, scale
-        qi = torch.bmm(q.reshape(hkv, w.heads // hkv, d).to(blocks.dtype), blocks)
-        if index.buffer.dtype in HALF_DTYPES:  # a narrow index: over its padded shape
-            keys, cast = _common_dtype(index.padded(SHAPE_QUANTUM), qi)
-        else:
-            keys, cast = _common_dtype(index.data, qi)
-        logits = torch.bmm(keys, cast.view(1, w.heads, di).transpose(1, 2))
-        scores = logits[:, :n].to(qi.dtype).relu_().sum(-1)
-        scores = scores.mul_(1.0 / (w.heads * math.sqrt(di))).view(1, 1, 1, n)
-        if sync:
-            synchronize(q.device)
-        scored = time.perf_counter()
-        # Retrieval (`_top_indices`)
-        values = torch.topk(scores, k, dim=-1, sorted=False).values
-        picked = (scores >= values.amin(-1, keepdim=True)).nonzero()
-        if picked.shape[0] == k:  # no tie at the k-th: those k, ascending
-            indices = picked[:, -1].view(values.shape)
-        else:
-            indices = _selection._top_indices(scores, k)
-        if sync:
-            synchronize(q.device)
-        selected = time.perf_counter()
-        # Apply (`_one_row_attention`)
-        flat = indices.view(k)
-        keys = kbuf.reshape(hkv, -1, d).index_select(1, flat).view(1, hkv, k, d)
-        vbuf = kv._values.buffer
-        values = vbuf.reshape(hkv, -1, vbuf.shape[3]).index_select(1, flat).view(1, hkv, k, -1)
-        scale = 1.0 / math.sqrt(d) if self.scale is None else self.scale
-        out = F.scaled_dot_product_attention(
-            q.reshape(1, hkv, w.heads // hkv, d), keys, values, scale=scale
-        ).reshape(1, w.heads, 1, -1)
-        if sync:
-            synchronize(q.device)
-        end = time.perf_counter()
-        selection = TopK(indices, _selection._true(q.device).expand(indices.shape), 1, True)
-        return LeanStep(out, selection, 4 * n, (scored - start, selected - scored, end - selected))
-
     def _lean_scores(self, memory: AttentionMemory, query: AttentionQuery) -> torch.Tensor:
+        """`lean_step`'s scores: at B=1 over its own index, `_one_query_scores` (no call of
+        `relevancy`'s dispatch); else `relevancy`'s."""
         assert isinstance(memory, DSAMemory)
         scores = self._one_query_scores(memory, query)
         return self.relevancy(memory, query).values if scores is None else scores
@@ -863,7 +784,6 @@ def _dsa_costs(self: DSA, shape: Any) -> dict:
     Retrieval takes a top-k of the S token scores, Apply attends over the k tokens shared by
     every head. `fpga` is the token_indexer launch (one slot per row), `to_fpga` the packed
     query write plus the appended keys, `from_fpga` the selection read."""
-    from ..selection import budget_units
     from ..system.accounting import INDEX_BYTES, SEG_BYTES, segments, sparse_apply_cost, topk_cost
     from ..system.shape import StepCost
 
