@@ -201,7 +201,7 @@ def test_dsa_one_query_relevancy_equals_the_general_one(dtype, index_dtype, leng
 @pytest.mark.parametrize("ties", [False, True])
 def test_dsa_lean_step_equals_the_general_step(dtype, index_dtype, ties, monkeypatch):
     """DSA's lean decode step at B=1 over its own index (`lean_step` with DSA's one-query
-    scores, reached by `Pipeline.lean_append` / `lean_step`) gives the general step's
+    scores, reached by `Pipeline.lean_decode`) gives the general step's
     output, selection and profile steps, to the bit; scores that tie at the k-th take
     `_top_indices`' slow path in both."""
     from hetmem.methods.dsa import DSA
@@ -217,26 +217,27 @@ def test_dsa_lean_step_equals_the_general_step(dtype, index_dtype, ties, monkeyp
         DSA, "_one_query_scores", lambda *a: one_query.append(scores(*a)) or one_query[-1]
     )
 
-    def pipeline():
+    def pipeline(lean: bool):
         gen = torch.Generator().manual_seed(3)
         keys, values = (torch.randn(1, 2, 300, 128, generator=gen).to(dtype) for _ in range(2))
         if ties:  # every key the same: every score equal, a tie straddles the k-th
             keys = torch.ones_like(keys)
         kv = KVCache(keys, values)
-        pipe = Pipeline(DSA(index_dtype=index_dtype), "cpu/cpu/cpu/cpu")
+        method = DSA(index_dtype=index_dtype)
+        if not lean:  # the three steps, as a masked step runs them, after `append`'s own
+            method.lean_step = lambda *a: None
+            method.lean_append = lambda *a: False
+        pipe = Pipeline(method, "cpu/cpu/cpu/cpu")
         pipe.prepare(kv)
         return pipe
 
-    lean, general = pipeline(), pipeline()
-    general.method.lean_step = lambda *a: None  # the three steps, as a masked step runs them
-    general.method.lean_append = lambda *a: False
+    lean, general = pipeline(True), pipeline(False)
     gen = torch.Generator().manual_seed(4)
     for _ in range(4):
         k, v = (torch.randn(1, 2, 1, 128, generator=gen).to(dtype) for _ in range(2))
         k = torch.ones_like(k) if ties else k
         q = torch.randn(1, 4, 1, 128, generator=gen).to(dtype)
-        assert lean.lean_append(k, v)
-        out = lean.lean_step(q, None, lambda kv: StepPlan.decode(kv.lengths, 64))
+        out = lean.lean_decode(k, v, q, None, lambda kv: StepPlan.decode(kv.lengths, 64))
         general.append(KVChunk(k, v))
         plan = StepPlan.decode(general.memory.kv.lengths, 64)
         expected = general.decode(AttentionQuery(q, plan.positions, None, plan), plan)

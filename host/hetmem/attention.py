@@ -134,7 +134,7 @@ class Growable:
     @property
     def capacity(self) -> int:
         """Items the buffer holds before it must grow."""
-        return self.buffer.shape[self.axis]
+        return self._buffer.shape[self.axis]
 
     @property
     def nbytes(self) -> int:
@@ -155,7 +155,7 @@ class Growable:
         return self._buffer.narrow(self.axis, 0, n)
 
     def reserve(self, length: int) -> None:
-        capacity = self.buffer.shape[self.axis]
+        capacity = self._buffer.shape[self.axis]
         if length <= capacity:
             return
         if self.growth is not None:
@@ -298,21 +298,21 @@ class KVCache:
 
     @property
     def batch(self) -> int:
-        return self._keys.buffer.shape[0]
+        return self._keys._buffer.shape[0]
 
     @property
     def kv_heads(self) -> int:
-        return self._keys.buffer.shape[1]
+        return self._keys._buffer.shape[1]
 
     @property
     def dim(self) -> int:
         """The keys' head dim (what queries have)."""
-        return self._keys.buffer.shape[3]
+        return self._keys._buffer.shape[3]
 
     @property
     def value_dim(self) -> int:
         """The values' head dim (an attention output's); may differ from the keys' (MLA)."""
-        return self._values.buffer.shape[3]
+        return self._values._buffer.shape[3]
 
     @property
     def capacity(self) -> int:
@@ -321,7 +321,7 @@ class KVCache:
 
     @property
     def device(self) -> torch.device:
-        return self._keys.buffer.device
+        return self._keys._buffer.device
 
     @property
     def nbytes(self) -> int:
@@ -378,15 +378,14 @@ class KVCache:
         keys/values [B, Hkv, 1, D] of the buffers' dtype, screened for NaN and Inf, written
         with one slice per buffer, without `append`'s general checks; False (nothing done)
         for anything else."""
-        kbuf = self._keys.buffer
+        kbuf, vbuf = self._keys._buffer, self._values._buffer
         if not (
             type(keys) is torch.Tensor
             and type(values) is torch.Tensor
             and keys.dtype == kbuf.dtype
-            and values.dtype == self._values.buffer.dtype
-            and keys.shape[2:3] == (1,)
+            and values.dtype == vbuf.dtype
             and keys.shape == (*kbuf.shape[:2], 1, kbuf.shape[3])
-            and values.shape == (*kbuf.shape[:2], 1, self._values.buffer.shape[3])
+            and values.shape == (*kbuf.shape[:2], 1, vbuf.shape[3])
             and self.full
         ):
             return False
@@ -397,11 +396,15 @@ class KVCache:
     def _write_at_end(self, keys: torch.Tensor, values: torch.Tensor, new: int) -> int:
         """Write `new` tokens at the end of every row of a full cache (one slice per
         buffer); it stays full. Returns where they start."""
-        start = self.capacity
-        for store, t in ((self._keys, keys), (self._values, values)):
-            store.reserve(start + new)
-            store.buffer.narrow(2, start, new).copy_(t)
-            store.length = start + new
+        kstore, vstore = self._keys, self._values
+        start = kstore.length
+        end = start + new
+        if end > kstore._buffer.shape[2] or end > vstore._buffer.shape[2]:
+            kstore.reserve(end)
+            vstore.reserve(end)
+        kstore._buffer.narrow(2, start, new).copy_(keys)
+        vstore._buffer.narrow(2, start, new).copy_(values)
+        kstore.length = vstore.length = end
         self._lengths += new  # in place: still full
         return start
 

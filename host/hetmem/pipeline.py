@@ -36,7 +36,7 @@ from .methods.base import Memory, Method
 from .placement import DEFAULT_PLACEMENT as DEFAULT_PLACEMENT  # re-exported
 from .placement import normalize_placement
 from .plan import StepPlan
-from .profile import Profile, StepRecord, Timeline, device_label
+from .profile import MeasuredProfile, Profile, StepRecord, Timeline, device_label
 from .selection import Bitmap, Selection, TopK
 from .warn import warn
 
@@ -128,6 +128,13 @@ class Pipeline:
             self._one_device = (dev, device_label(dev))
         dev = self.device("prepare")
         self._prepare_device = (dev, device_label(dev))  # where appends run, its label
+        # The method's append of a decode token (`lean_append`), off the card (a card's
+        # memory takes its rows through the FPGA stage); `lean_decode`'s device and label:
+        # every step on one device, the appends' included
+        self._lean_append = None if self.uses_fpga else getattr(self.method, "lean_append", None)
+        one = self._one_device
+        lean = self._lean_append is not None and one is not None and one[0] == dev
+        self._lean_device = one if lean else None
         if self.uses_fpga and self.method.kernel is None:
             raise PlacementError("placement", f"method {self.method.name!r} has no FPGA kernel")
         self.fpga_stage = None
@@ -209,34 +216,34 @@ class Pipeline:
     def append(self, data: Any) -> None:
         """Grow the memory by new entries; on the card only the new entries are sent."""
         memory = self._require_memory()
-        self._append(memory, _to(data, self._prepare_device[0]), lean_only=False)
+        self._append(memory, _to(data, self._prepare_device[0]))
 
-    def _append(self, memory: Memory, data: Any, lean_only: bool) -> bool:
+    def _append(self, memory: Memory, data: Any) -> None:
         """Append, timed and profiled: the method's `lean_append` when it takes the entries
-        (a decode token to a full cache, off the card), else its `append` (`lean_only`: not
-        tried; False, nothing done)."""
+        (a decode token to a full cache, off the card), else its `append`."""
         dev, label = self._prepare_device
         sync = dev.type != "cpu"
         if sync:
             synchronize(dev)
         start = time.perf_counter()
-        lean = getattr(self.method, "lean_append", None) if self.fpga_stage is None else None
-        if lean is None or not lean(memory, data):
-            if lean_only:
-                return False
+        lean = self._lean_append
+        if (
+            lean is None
+            or not isinstance(data, KVChunk)
+            or data.features is not None
+            or not lean(memory, data.keys, data.values)
+        ):
             self.method.append(memory, data)
         if sync:
             synchronize(dev)
         seconds = time.perf_counter() - start
-        note = f"{memory.entries} entries"
-        profile = Profile([StepRecord("append", label, seconds, "measured", _nbytes(data), note)])
+        profile = MeasuredProfile(label, ("append", seconds, _nbytes(data), memory.entries))
         if self.fpga_stage is not None:
             # Quantized into the host mirror now; the card takes them at the next select (the
             # same transfers). An append touches no device, so it cannot fault halfway: it
             # raises before the memory changed, or has appended everything.
             profile.extend(self.fpga_stage.stage_rows(memory))
         self._finish(profile)
-        return True
 
     @_serialized
     def select(
@@ -310,36 +317,44 @@ class Pipeline:
             return self.decode(AttentionQuery(query.q, positions, query.features, plan), plan)
         return self._step(query, budget)
 
-    @_serialized
-    def lean_append(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
-        """A wrapped model's decode token, keys and values [B, Hkv, 1, D], appended by the
-        method's `lean_append` (the operators of `append`, without its bookkeeping; the
-        same memory and profile after it). False (nothing done) when the step is not one:
-        the card, a placement over several devices, a method without one, or an append it
-        declines (then `append` takes it)."""
-        memory, one = self.memory, self._one_device
-        if one is None or memory is None or self._prepare_device[0] != one[0]:
-            return False
-        if keys.device != one[0]:
-            return False
-        return self._append(memory, KVChunk(keys, values), lean_only=True)
-
-    @_serialized
-    def lean_step(self, q: torch.Tensor, scale: float | None, plan_for: Any) -> torch.Tensor:
-        """The decode step after `lean_append`: planned (`plan_for(kv)`, shared by the
-        layers), then Relevancy, Retrieval and Apply of the query q [B, Hq, 1, D] by the
-        method's `lean_step`, or as `decode` runs them when it declines. Output and profile
-        as `decode`'s (at B=1, 1k tokens, the two lean calls save ~100 us a layer-step,
-        measured in bench/decode_e2e.py's B=1 overhead)."""
-        method, memory = self.method, self._require_memory()
-        dev, label = self._one_device  # type: ignore[misc]
-        method.scale = scale
-        plan = plan_for(memory.kv)
-        lean = getattr(method, "lean_step", None)
-        step = None if lean is None else lean(memory, AttentionQuery(q, None, None, plan), plan)
-        if step is None:
-            return self._step(AttentionQuery(q, plan.positions_on(dev), None, plan), plan)
-        return self._lean_done(memory, step, label)
+    def lean_decode(
+        self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, scale: float | None,
+        plan_for: Any,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """A wrapped model's decode step in one call: its token, keys and values [B, Hkv, 1,
+        D], appended by the method's `lean_append` (the operators of `append` without its
+        bookkeeping), the step planned (`plan_for(kv)`, shared by the layers), then the
+        query q [B, Hq, 1, D] attended by the method's `lean_step`, or as `decode` runs it
+        when that declines. The memory, the output and the two profiles (the append's, then
+        the step's) are those of `append` then `decode` (test); what is left out is the
+        second lock, the moves, the device lookups and the checks (measured in
+        bench/decode_e2e.py's B=1 overhead). None, nothing done, when the append is not a
+        lean one: the card, a placement over several devices, a method without one, or an
+        append it declines (`append` then takes it). The token is in once `lean_append` ran,
+        even when the step raises (the caller counts it)."""
+        one, memory = self._lean_device, self.memory
+        if one is None or memory is None or keys.device != one[0]:
+            return None
+        with self._lock:
+            dev, label = one
+            method = self.method
+            sync = dev.type != "cpu"
+            if sync:
+                synchronize(dev)
+            start = time.perf_counter()
+            if not method.lean_append(memory, keys, values):
+                return None
+            if sync:
+                synchronize(dev)
+            seconds = time.perf_counter() - start
+            nbytes = keys.numel() * keys.element_size() + values.numel() * values.element_size()
+            self._finish(MeasuredProfile(label, ("append", seconds, nbytes, memory.entries)))
+            method.scale = scale
+            plan = plan_for(memory.kv)
+            step = method.lean_step(memory, AttentionQuery(q, None, None, plan), plan)
+            if step is None:
+                return self._step(AttentionQuery(q, plan.positions_on(dev), None, plan), plan)
+            return self._lean_done(memory, step, label)
 
     def _lean_done(self, memory: Memory, step: Any, label: str) -> torch.Tensor:
         """A method's `LeanStep`: its selection kept and its three steps profiled as
@@ -348,12 +363,11 @@ class Pipeline:
         self.last_selection = step.selection
         nbytes = self.method.apply_nbytes(memory, step.selection)
         self._finish(
-            Profile(
-                [
-                    StepRecord("relevancy", label, relevancy, "measured", memory.index_nbytes),
-                    StepRecord("retrieval", label, retrieval, "measured", step.scores_nbytes),
-                    StepRecord("apply", label, apply, "measured", nbytes),
-                ]
+            MeasuredProfile(
+                label,
+                ("relevancy", relevancy, memory.index_nbytes, None),
+                ("retrieval", retrieval, step.scores_nbytes, None),
+                ("apply", apply, nbytes, None),
             )
         )
         return step.out

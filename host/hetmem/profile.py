@@ -113,6 +113,54 @@ class Profile:
         return str(self.table())
 
 
+class MeasuredProfile(Profile):
+    """A profile of host steps timed by a wall clock (source `measured`) on one device, each
+    given as (step, seconds, bytes, entries or None: the note "N entries"), its records made
+    when first read: a wrapped model's decode keeps two profiles per layer and step, and
+    most are never read (equal to the `Profile` of the same records, test)."""
+
+    def __init__(self, device: str, *steps: tuple[str, float, int, int | None]):
+        self._device, self._steps = device, steps
+        self._records: list[StepRecord] | None = None
+        self._counters: dict[str, int] | None = None
+        self.timeline = None
+
+    @property  # type: ignore[override]
+    def records(self) -> list[StepRecord]:
+        if self._records is None:
+            device = self._device
+            self._records = [
+                StepRecord(step, device, seconds, "measured", nbytes, _entries(entries))
+                for step, seconds, nbytes, entries in self._steps
+            ]
+        return self._records
+
+    @records.setter
+    def records(self, value: list[StepRecord]) -> None:
+        self._records = value
+
+    @property  # type: ignore[override]
+    def counters(self) -> dict[str, int]:
+        if self._counters is None:
+            self._counters = defaultdict(int)
+        return self._counters
+
+    @counters.setter
+    def counters(self, value: dict[str, int]) -> None:
+        self._counters = value
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Profile):
+            return NotImplemented
+        return (self.records, self.counters, self.timeline) == (
+            other.records, other.counters, other.timeline
+        )  # fmt: skip
+
+
+def _entries(entries: int | None) -> str:
+    return "" if entries is None else f"{entries} entries"
+
+
 class ProfileTable(Table):
     """A rich Table whose `str()` is its text, so that `print(profile.table())` shows the
     table rather than `<rich.table.Table object ...>`."""

@@ -62,7 +62,6 @@ from ..attention import (
     AttentionQuery,
     Growable,
     KVCache,
-    KVChunk,
     bag_values,
     sparse_attention,
     workspace_buffer,
@@ -415,20 +414,19 @@ class DSA(SparseAttentionMethod):
                 rows = torch.arange(kv.batch, device=kv.device)[:, None].expand_as(positions)
             store.buffer[rows, positions, : new.shape[-1]] = new.to(store.buffer.dtype)
 
-    def lean_append(self, memory: Any, data: Any) -> bool:
-        """`append` of a decode step's token to a full cache (`KVCache.append_token`) and its
-        indexer key, with the general path's operators and without its checks; False
-        (nothing done) for any other append."""
-        if not isinstance(memory, DSAMemory) or not isinstance(data, KVChunk):
+    def lean_append(self, memory: Any, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """`append` of a decode step's token, keys and values [B, Hkv, 1, D] without
+        features, to a full cache (`KVCache.append_token`) and its indexer key, with the
+        general path's operators and without its checks; False (nothing done) for any other
+        append."""
+        if not isinstance(memory, DSAMemory) or memory.token_keys is not None:
             return False
-        if data.features is not None or memory.token_keys is not None:
+        kv = memory.kv
+        start = kv._keys.length
+        if not kv.append_token(keys, values):
             return False
-        kv, keys = memory.kv, memory.keys
-        start = kv.capacity
-        if not kv.append_token(data.keys, data.values):
-            return False
-        if keys is not None:
-            feats = data.keys.permute(0, 2, 1, 3).flatten(2)  # [B, 1, Hkv*D]
+        if memory.keys is not None:
+            feats = keys.permute(0, 2, 1, 3).flatten(2)  # [B, 1, Hkv*D]
             self._append_keys(memory, feats, None, True, start)
         return True
 

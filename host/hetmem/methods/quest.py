@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..attention import HALF_DTYPES, AttentionQuery, KVCache, KVChunk
+from ..attention import HALF_DTYPES, AttentionQuery, KVCache
 from ..checks import check_positive_int
 from ..errors import InputError
 from ..selection import Scores
@@ -133,17 +133,16 @@ class Quest(SparseAttentionMethod):
         if not (full and chunk.keys.shape[2] == 1 and memory.pages.append_token(kv, first)):
             memory.pages.update(kv, first)
 
-    def lean_append(self, memory: Any, data: Any) -> bool:
-        """`append` of a decode step's token to a full cache (`KVCache.append_token`) and the
-        page it lands in (`BlockSummary.append_token`), without its checks; False (nothing
-        done) for any other append."""
-        if not isinstance(memory, QuestMemory) or not isinstance(data, KVChunk):
+    def lean_append(self, memory: Any, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """`append` of a decode step's token, keys and values [B, Hkv, 1, D] without
+        features, to a full cache (`KVCache.append_token`) and the page it lands in
+        (`BlockSummary.append_token`), without its checks; False (nothing done) for any
+        other append."""
+        if not isinstance(memory, QuestMemory) or memory.pages.steps is None:
             return False
         kv = memory.kv
-        first = kv.capacity
-        if data.features is not None or memory.pages.steps is None:
-            return False
-        if not kv.append_token(data.keys, data.values):
+        first = kv._keys.length
+        if not kv.append_token(keys, values):
             return False
         memory.pages.append_token(kv, first)
         return True

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..attention import HALF_DTYPES, AttentionQuery, Growable, KVCache, KVChunk
+from ..attention import HALF_DTYPES, AttentionQuery, Growable, KVCache
 from ..checks import check_positive_int, check_tensor
 from ..errors import InputError
 from ..selection import Bitmap, Scores, Selection
@@ -240,15 +240,15 @@ class SeerAttention(SparseAttentionMethod):
         memory.kv.append(chunk.keys, chunk.values, positions=False)
         memory.set_gate_keys(first_block, self._gate_keys(memory.kv, first_block))
 
-    def lean_append(self, memory: Any, data: Any) -> bool:
-        """`append` of a decode step's token to a full cache (`KVCache.append_token`) and the
-        gate key of the block it lands in, without its checks; False (nothing done) for
-        any other append."""
-        if not isinstance(memory, SeerMemory) or not isinstance(data, KVChunk):
+    def lean_append(self, memory: Any, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """`append` of a decode step's token, keys and values [B, Hkv, 1, D] without
+        features, to a full cache (`KVCache.append_token`) and the gate key of the block it
+        lands in, without its checks; False (nothing done) for any other append."""
+        if not isinstance(memory, SeerMemory):
             return False
         kv = memory.kv
-        first_block = kv.capacity // self.unit
-        if data.features is not None or not kv.append_token(data.keys, data.values):
+        first_block = kv._keys.length // self.unit
+        if not kv.append_token(keys, values):
             return False
         memory.set_gate_keys(first_block, self._gate_keys(kv, first_block))
         return True

@@ -268,9 +268,9 @@ class HetmemLayer(DynamicLayer):
         self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None
     ) -> torch.Tensor | None:
         """A decode step that masks nothing (one real token per row appended to a layer with
-        no padding), taken in and attended by `Pipeline.lean_append` and `lean_step`: what
-        `take_in` and `_sparse_decode` do (the same memory, outputs and profiles), without
-        their bookkeeping. [B, 1, Hq, D] like sdpa; None (nothing done) for any other call."""
+        no padding), taken in and attended by `Pipeline.lean_decode`: what `take_in` and
+        `_sparse_decode` do (the same memory, outputs and profiles), without their
+        bookkeeping. [B, 1, Hq, D] like sdpa; None (nothing done) for any other call."""
         pending = self._pending
         if (
             pending is None
@@ -278,22 +278,30 @@ class HetmemLayer(DynamicLayer):
             or query.shape[2] != 1
             or pending[0].shape[-2] != 1
             or self._validity.mask is not None
-            or fresh_validity(attention_mask, self._length + 1, 1) is not None
+            or (
+                attention_mask is not None
+                and fresh_validity(attention_mask, self._length + 1, 1) is not None
+            )
         ):
             return None
         try:
-            if not self.pipeline.lean_append(*pending):
-                return None
-            # The token is in: the layer says so before the step (which may still raise).
-            self._pending = None
-            self._validity.extend(None, 1)
-            self._length += 1
-            out = self.pipeline.lean_step(query, scaling, self._plan)
+            out = self.pipeline.lean_decode(pending[0], pending[1], query, scaling, self._plan)
         except BaseException:
-            self._pending = None  # as `take_in`: a step that raised keeps nothing pending
+            # As `take_in`: a step that raised keeps nothing pending (its token is in once
+            # the append ran: the memory then holds one more token than the layer counted)
+            self._pending = None
+            kv = self.kv
+            if kv is not None and kv.capacity > self._length:
+                self._validity.extend(None, 1)
+                self._length += 1
             if self._last:
                 self._guard.leave()
             raise
+        if out is None:
+            return None
+        self._pending = None
+        self._validity.length += 1  # (`Validity.extend` of one real token, no mask)
+        self._length += 1
         if self._last:
             self._guard.leave()
         self.sparse_steps += 1
