@@ -96,6 +96,17 @@ class StepPlan:
         return StepPlan(self.positions[rows], self.lengths[rows], self.budget)
 
     @classmethod
+    def full(cls, batch: int, length: int, budget: int) -> StepPlan:
+        """`decode`'s plan over `batch` rows of `length` tokens each (a full cache: no row
+        shorter), made from the two numbers without reading a tensor (equal to `decode`'s,
+        test)."""
+        lengths = torch.full((batch,), length, dtype=torch.long)
+        plan = cls(lengths.view(batch, 1) - 1, lengths, budget)
+        plan._visible[(0, "at end")] = True
+        plan._visible[(0, "lengths")] = [length] * batch
+        return plan
+
+    @classmethod
     def decode(cls, lengths: torch.Tensor, budget: int, queries: int = 1) -> StepPlan:
         """The plan of a step whose queries are the last `queries` tokens of each row."""
         lengths = lengths.to("cpu", torch.long)  # (an integer tensor: no gradient to drop)

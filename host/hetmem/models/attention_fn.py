@@ -78,6 +78,8 @@ class Extras:
 
     @classmethod
     def of(cls, module: torch.nn.Module, kwargs: dict[str, Any]) -> Extras:
+        if kwargs.keys().isdisjoint(_EXTRA_KWARGS):  # (most calls: a model without them)
+            return _NO_EXTRAS
         for name, what in _REFUSED_KWARGS.items():
             if kwargs.get(name) is not None:
                 raise UnsupportedModel(
@@ -90,6 +92,12 @@ class Extras:
             kwargs.get("s_aux"),
             None if softcap is None else float(softcap),
         )
+
+
+_NO_EXTRAS = Extras()
+
+#: The attention arguments `Extras.of` reads (or refuses).
+_EXTRA_KWARGS = frozenset({"sliding_window", "softcap", "s_aux", *_REFUSED_KWARGS})
 
 
 def hetmem_attention_forward(

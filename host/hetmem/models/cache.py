@@ -308,10 +308,13 @@ class HetmemLayer(DynamicLayer):
         return out.to(device=query.device, dtype=query.dtype).transpose(1, 2).contiguous()
 
     def _plan(self, kv: KVCache) -> Any:
-        """The step's plan over the memory's rows once the token is in (shared by layers)."""
-        return self.settings.plan(
-            kv.lengths, self.settings.budget_for(kv.capacity, self.pipeline.method.unit)
-        )
+        """The step's plan over the memory's rows once the token is in (shared by layers);
+        a full cache's from its batch and length alone (no tensor read)."""
+        settings, length = self.settings, kv.capacity
+        budget = settings.budget_for(length, self.pipeline.method.unit)
+        if kv.full:
+            return settings.full_plan(kv.batch, length, budget)
+        return settings.plan(kv.lengths, budget)
 
     def claimed_by(self, keys: torch.Tensor) -> bool:
         """Whether `keys` are what this layer's last `update` returned (hetmem's attention

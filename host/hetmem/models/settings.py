@@ -96,6 +96,15 @@ class SparseDecode:
             memo = self._plan = (key, StepPlan.decode(lengths, budget))
         return memo[1]
 
+    def full_plan(self, batch: int, length: int, budget: int) -> StepPlan:
+        """`plan` over `batch` rows of `length` tokens each (a full cache), from the numbers
+        (`StepPlan.full`): the same memo, so layers that ask either way share one plan."""
+        key = ((length,) * batch, budget)
+        memo = self._plan
+        if memo is None or memo[0] != key:
+            memo = self._plan = (key, StepPlan.full(batch, length, budget))
+        return memo[1]
+
     def close(self) -> None:
         """Close the cards this model opened (unwrap)."""
         if self._cards is not None:
