@@ -98,13 +98,9 @@ class StepPlan:
     @classmethod
     def full(cls, batch: int, length: int, budget: int) -> StepPlan:
         """`decode`'s plan over `batch` rows of `length` tokens each (a full cache: no row
-        shorter), made from the two numbers without reading a tensor (equal to `decode`'s,
-        test)."""
-        lengths = torch.full((batch,), length, dtype=torch.long)
-        plan = cls(lengths.view(batch, 1) - 1, lengths, budget)
-        plan._visible[(0, "at end")] = True
-        plan._visible[(0, "lengths")] = [length] * batch
-        return plan
+        shorter), made from the two numbers: its tensors are built when first read (a lean
+        decode step reads none), and it equals `decode`'s (test)."""
+        return _FullPlan(batch, length, budget)
 
     @classmethod
     def decode(cls, lengths: torch.Tensor, budget: int, queries: int = 1) -> StepPlan:
@@ -116,3 +112,42 @@ class StepPlan:
         plan = cls((lengths - 1)[:, None], lengths, budget)  # one operator: made every step
         plan._visible[(0, "at end")] = True  # each query at its row's last token, by design
         return plan
+
+
+class _FullPlan(StepPlan):
+    """`StepPlan.full`: the plan of `batch` rows of `length` tokens, one query each at its
+    row's last token; positions and lengths made on first read."""
+
+    def __init__(self, batch: int, length: int, budget: int):
+        self._batch, self._length, self.budget = batch, length, budget
+        self._positions: torch.Tensor | None = None
+        self._lengths: torch.Tensor | None = None
+        self._visible = {(0, "at end"): True, (0, "lengths"): [length] * batch}
+
+    @property  # type: ignore[override]
+    def lengths(self) -> torch.Tensor:
+        if self._lengths is None:
+            self._lengths = torch.full((self._batch,), self._length, dtype=torch.long)
+        return self._lengths
+
+    @lengths.setter
+    def lengths(self, value: torch.Tensor) -> None:
+        self._lengths = value
+
+    @property  # type: ignore[override]
+    def positions(self) -> torch.Tensor:
+        if self._positions is None:
+            self._positions = self.lengths.view(self._batch, 1) - 1
+        return self._positions
+
+    @positions.setter
+    def positions(self, value: torch.Tensor) -> None:
+        self._positions = value
+
+    @property
+    def batch(self) -> int:
+        return self._batch
+
+    @property
+    def queries(self) -> int:
+        return 1
