@@ -779,13 +779,13 @@ def _lean_attention(
 ) -> torch.Tensor:
     """`sparse_attention` of a selection shared by each KV group when nothing is masked
     (`unmasked`): the rows gathered and attended with no mask."""
-    hq, hkv = q.shape[1], kv.kv_heads
+    kbuf = kv._keys._buffer
+    hq, hkv, cap = q.shape[1], kbuf.shape[1], kbuf.shape[2]
     b, t, r = q.shape[0], q.shape[2], hq // hkv
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     unit = selection.unit
-    cap = kv._keys.buffer.shape[2]
     rows, mask, tail = selection.indices, None, None
-    used = kv.capacity
+    used = kv._keys.length
     if unit > 1 and cap % unit:  # the buffer is not laid out in whole units: token rows,
         rows = _unit_tokens(selection.indices, unit)  # and those of a partial last unit
         unit = 1  # past the end are hidden (before `_row_index` clamps them into the buffer)
@@ -864,22 +864,22 @@ def _one_row_attention(
     gathered keys and values: equal to `_small_attention` to the bit (test), in a third
     of its operators."""
     _, hq, _, d = q.shape
-    hkv, m = kv.kv_heads, rows.shape[-1]
-    kbuf, vbuf = kv._keys.buffer, kv._values.buffer
+    kbuf, vbuf = kv._keys._buffer, kv._values._buffer
+    hkv, m, dk, dv = kbuf.shape[1], rows.shape[-1], kbuf.shape[3], vbuf.shape[3]
     if rows.shape[1] == 1:
         flat = rows.reshape(m)
-        keys = kbuf.reshape(hkv, -1, unit * kv.dim).index_select(1, flat)
-        values = vbuf.reshape(hkv, -1, unit * kv.value_dim).index_select(1, flat)
+        keys = kbuf.reshape(hkv, -1, unit * dk).index_select(1, flat)
+        values = vbuf.reshape(hkv, -1, unit * dv).index_select(1, flat)
     else:  # one selection per KV head: rows of the buffers viewed flat
-        flat = _bases(hkv, kbuf.shape[2] // unit, kv.device).view(hkv, 1) + rows.view(hkv, m)
+        flat = _bases(hkv, kbuf.shape[2] // unit, kbuf.device).view(hkv, 1) + rows.view(hkv, m)
         flat = flat.view(-1)
-        keys = kbuf.reshape(-1, unit * kv.dim).index_select(0, flat)
-        values = vbuf.reshape(-1, unit * kv.value_dim).index_select(0, flat)
+        keys = kbuf.reshape(-1, unit * dk).index_select(0, flat)
+        values = vbuf.reshape(-1, unit * dv).index_select(0, flat)
     keys = keys.view(1, hkv, m * unit, -1)
     values = values.view(1, hkv, m * unit, -1)
-    out = F.scaled_dot_product_attention(
-        q.reshape(1, hkv, hq // hkv, d), keys.to(q.dtype), values.to(q.dtype), scale=scale
-    )
+    if keys.dtype != q.dtype or values.dtype != q.dtype:
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
+    out = F.scaled_dot_product_attention(q.reshape(1, hkv, hq // hkv, d), keys, values, scale=scale)
     return out.reshape(1, hq, 1, -1)
 
 

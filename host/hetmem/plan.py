@@ -24,6 +24,9 @@ class StepPlan:
     lengths: torch.Tensor
     budget: int
     _visible: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
+    #: The rows' one length when the plan was made for rows of equal length, each query at
+    #: its row's end (`full`): a cache of that length is wholly visible to every query.
+    full_length = None
 
     @property
     def batch(self) -> int:
@@ -119,7 +122,8 @@ class _FullPlan(StepPlan):
     row's last token; positions and lengths made on first read."""
 
     def __init__(self, batch: int, length: int, budget: int):
-        self._batch, self._length, self.budget = batch, length, budget
+        self._batch, self.budget = batch, budget
+        self.full_length = length
         self._positions: torch.Tensor | None = None
         self._lengths: torch.Tensor | None = None
         self._visible = {(0, "at end"): True, (0, "lengths"): [length] * batch}
@@ -127,7 +131,7 @@ class _FullPlan(StepPlan):
     @property  # type: ignore[override]
     def lengths(self) -> torch.Tensor:
         if self._lengths is None:
-            self._lengths = torch.full((self._batch,), self._length, dtype=torch.long)
+            self._lengths = torch.full((self._batch,), self.full_length, dtype=torch.long)
         return self._lengths
 
     @lengths.setter

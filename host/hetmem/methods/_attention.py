@@ -151,9 +151,11 @@ class SparseAttentionMethod(Method):
             q.shape[2] != 1
             or query.features is not None
             or getattr(self, "mode", "topk") != "topk"
-            or not plan.at_end
             or not kv.full
-            or not self.sees_all(plan, self.candidates(memory))
+            or (  # (a plan over rows as long as the cache, each query at its end, sees it all)
+                plan.full_length != kv._keys.length
+                and not (plan.at_end and self.sees_all(plan, self.candidates(memory)))
+            )
             or not self._lean_apply_fits(memory)
         ):
             return None
@@ -209,16 +211,16 @@ class SparseAttentionMethod(Method):
         return plan is not None and plan.all_visible(self.unit, candidates)
 
     def apply_nbytes(self, memory: Memory, selection: Selection) -> int:
-        assert isinstance(memory, AttentionMemory)
-        kv = memory.kv
-        per_token = (kv.dim + kv.value_dim) * kv._keys.buffer.element_size()
+        kv = memory.kv  # type: ignore[attr-defined]
+        kbuf = kv._keys._buffer
+        per_token = (kbuf.shape[3] + kv._values._buffer.shape[3]) * kbuf.element_size()
         if isinstance(selection, Bitmap):
             units, groups = int(selection.mask.sum()), selection.mask.shape[1]
         elif selection.all_valid:  # known without a device sync
             units, groups = selection.indices.numel(), selection.indices.shape[1]
         else:
             units, groups = int(selection.valid.sum()), selection.indices.shape[1]
-        kv_groups = kv.kv_heads if groups == 1 else 1
+        kv_groups = kbuf.shape[1] if groups == 1 else 1
         return units * selection.unit * per_token * kv_groups
 
     def binding(self) -> KernelBinding | None:

@@ -545,7 +545,7 @@ class DSA(SparseAttentionMethod):
         if (
             weights.blocks is None  # (block-diagonal weights weigh every head equally)
             or keys.length > _chunk_tokens(1, weights.heads)
-            or not plan.all_visible(1, keys.length)
+            or (plan.full_length != keys.length and not plan.all_visible(1, keys.length))
         ):
             return None
         blocks = weights.blocks

@@ -305,15 +305,17 @@ class HetmemLayer(DynamicLayer):
         if self._last:
             self._guard.leave()
         self.sparse_steps += 1
-        return out.to(device=query.device, dtype=query.dtype).transpose(1, 2).contiguous()
+        if out.dtype != query.dtype or out.device != query.device:
+            out = out.to(device=query.device, dtype=query.dtype)
+        return out.transpose(1, 2).contiguous()
 
     def _plan(self, kv: KVCache) -> Any:
         """The step's plan over the memory's rows once the token is in (shared by layers);
         a full cache's from its batch and length alone (no tensor read)."""
-        settings, length = self.settings, kv.capacity
+        settings, length = self.settings, kv._keys.length
         budget = settings.budget_for(length, self.pipeline.method.unit)
         if kv.full:
-            return settings.full_plan(kv.batch, length, budget)
+            return settings.full_plan(kv._keys._buffer.shape[0], length, budget)
         return settings.plan(kv.lengths, budget)
 
     def claimed_by(self, keys: torch.Tensor) -> bool:
