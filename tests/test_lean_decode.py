@@ -160,95 +160,118 @@ def test_full_follows_the_lengths():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("index_dtype", [None, torch.bfloat16])
-@pytest.mark.parametrize("length", [40, 255, 300])
-def test_dsa_one_query_relevancy_equals_the_general_one(dtype, index_dtype, length, monkeypatch):
-    """DSA's Relevancy of a decode step at B=1 over its own index (KV rows wider than the
-    indexer keys: not folded) takes its few-operator form, whose scores equal the general
-    form's to the bit, over index lengths across the padded matmul's shape quantum."""
-    from hetmem.methods.dsa import DSA
-
-    gen = torch.Generator().manual_seed(length)
-    kv = KVCache(
-        torch.randn(1, 2, length, 128, generator=gen).to(dtype),
-        torch.randn(1, 2, length, 128, generator=gen).to(dtype),
-    )
-    method = DSA(index_dtype=index_dtype)
-    memory = method.prepare(kv)
-    assert memory.keys is not None  # 2 x 128 channels > 128 indexer dims: an index of its own
-    taken = []
-    fast = DSA._one_query_scores
-
-    def spy(self, *args):
-        taken.append(fast(self, *args))
-        return taken[-1]
-
-    monkeypatch.setattr(DSA, "_one_query_scores", spy)
-    for step in range(3):
-        method.append(memory, KVChunk(*(torch.randn(1, 2, 1, 128, generator=gen).to(dtype),) * 2))
-        plan = StepPlan.decode(memory.kv.lengths, 16)
-        query = AttentionQuery(torch.randn(1, 4, 1, 128, generator=gen).to(dtype), None, None, plan)
-        lean = method.relevancy(memory, query)
-        assert taken[-1] is not None
-        monkeypatch.setattr(DSA, "_one_query_scores", lambda *a: None)
-        general = method.relevancy(memory, query)
-        monkeypatch.setattr(DSA, "_one_query_scores", spy)
-        assert lean.values.shape == general.values.shape == (1, 1, 1, length + step + 1)
-        assert torch.equal(lean.values, general.values) and lean.masked == general.masked
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("index_dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("ties", [False, True])
-def test_dsa_lean_step_equals_the_general_step(dtype, index_dtype, ties, monkeypatch):
-    """DSA's lean decode step at B=1 over its own index (`lean_step` with DSA's one-query
-    scores, reached by `Pipeline.lean_decode`) gives the general step's
-    output, selection and profile steps, to the bit; scores that tie at the k-th take
-    `_top_indices`' slow path in both."""
+def test_dsa_lean_steps_equal_the_general_step(dtype, index_dtype, ties, monkeypatch):
+    """DSA's lean decode at B=1 over its own index, both ways `Pipeline.lean_decode` takes
+    it (the one-row step, `lean_one`, and the planned one, `lean_step`, each over DSA's
+    one-row scores), gives the general step's output, selection, index and profile steps,
+    to the bit; scores that tie at the k-th take `_top_indices`' slow path in all."""
     from hetmem.methods.dsa import DSA
 
-    steps, one_query = [], []  # each lean step's result; each one-query scoring's
-    step, scores = attention_methods.SparseAttentionMethod.lean_step, DSA._one_query_scores
-    monkeypatch.setattr(
-        attention_methods.SparseAttentionMethod,
-        "lean_step",
-        lambda *a: steps.append(step(*a)) or steps[-1],
-    )
-    monkeypatch.setattr(
-        DSA, "_one_query_scores", lambda *a: one_query.append(scores(*a)) or one_query[-1]
-    )
+    ones, steps, rows = [], [], []  # each lean_one's, lean_step's, one-row scoring's result
+    one, step = attention_methods.SparseAttentionMethod.lean_one, DSA.lean_step
+    scores = DSA._one_row_scores
+    monkeypatch.setattr(DSA, "lean_one", lambda *a: ones.append(one(*a)) or ones[-1])
+    monkeypatch.setattr(DSA, "lean_step", lambda *a: steps.append(step(*a)) or steps[-1])
+    monkeypatch.setattr(DSA, "_one_row_scores", lambda *a: rows.append(scores(*a)) or rows[-1])
 
-    def pipeline(lean: bool):
+    def pipeline(way: str):
         gen = torch.Generator().manual_seed(3)
         keys, values = (torch.randn(1, 2, 300, 128, generator=gen).to(dtype) for _ in range(2))
         if ties:  # every key the same: every score equal, a tie straddles the k-th
             keys = torch.ones_like(keys)
         kv = KVCache(keys, values)
         method = DSA(index_dtype=index_dtype)
-        if not lean:  # the three steps, as a masked step runs them, after `append`'s own
+        if way != "one":  # the planned lean step
+            method.lean_one = lambda *a: None
+        if way == "general":  # the three steps, as a masked step runs them, after `append`
             method.lean_step = lambda *a: None
             method.lean_append = lambda *a: False
         pipe = Pipeline(method, "cpu/cpu/cpu/cpu")
         pipe.prepare(kv)
         return pipe
 
-    lean, general = pipeline(True), pipeline(False)
+    lean, planned, general = pipeline("one"), pipeline("planned"), pipeline("general")
     gen = torch.Generator().manual_seed(4)
     for _ in range(4):
         k, v = (torch.randn(1, 2, 1, 128, generator=gen).to(dtype) for _ in range(2))
         k = torch.ones_like(k) if ties else k
         q = torch.randn(1, 4, 1, 128, generator=gen).to(dtype)
-        out = lean.lean_decode(k, v, q, None, lambda kv: StepPlan.decode(kv.lengths, 64))
+        outs = [
+            pipe.lean_decode(k, v, q, None, lambda kv: StepPlan.decode(kv.lengths, 64), lambda n: 64)
+            for pipe in (lean, planned)
+        ]  # fmt: skip
         general.append(KVChunk(k, v))
         plan = StepPlan.decode(general.memory.kv.lengths, 64)
         expected = general.decode(AttentionQuery(q, plan.positions, None, plan), plan)
-        assert torch.equal(out, expected)
-        assert torch.equal(lean.last_selection.indices, general.last_selection.indices)
-        assert [r.step for r in lean.profile.records] == ["relevancy", "retrieval", "apply"]
-        assert [r.step for r in lean.history[-2].records] == ["append"]
-        assert torch.equal(lean.memory.keys.data, general.memory.keys.data)
-    # every step lean (the general run's lean calls are off), over DSA's one-query scores,
-    # which the general run's Relevancy takes too
+        for out, pipe in zip(outs, (lean, planned), strict=True):
+            assert torch.equal(out, expected)
+            assert torch.equal(pipe.last_selection.indices, general.last_selection.indices)
+            assert [r.step for r in pipe.profile.records] == ["relevancy", "retrieval", "apply"]
+            assert [r.step for r in pipe.history[-2].records] == ["append"]
+            assert torch.equal(pipe.memory.keys.data, general.memory.keys.data)
+            assert torch.equal(pipe.memory.kv.keys, general.memory.kv.keys)
+    # every step lean: 4 one-row steps, 4 planned ones; each scored by the one-row scores
+    # (the planned step's and the general Relevancy's through `_one_query_scores`)
+    assert len(ones) == 4 and all(r is not None for r in ones)
     assert len(steps) == 4 and all(r is not None for r in steps)
-    assert len(one_query) == 8 and all(r is not None for r in one_query)
+    assert len(rows) == 12
     if ties:  # the lowest indices fill the budget
         assert lean.last_selection.indices.flatten().tolist() == list(range(64))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("growth", [None, "unit"])
+@pytest.mark.parametrize("length", [27, 32, 61])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_one_row_step_equals_the_general_step(method, growth, length, dtype):
+    """At one batch row, `Pipeline.lean_decode` runs the method's `lean_one` (append and
+    step in one call, no plan): output, selection, memory and profile as the general
+    path's (`append`, then `decode` with the lean calls off), to the bit, for every
+    attention method over buffers in whole units and not."""
+    unit = METHODS[method]().unit
+    grow = Growth(align=unit) if growth == "unit" else None
+    gen = torch.Generator().manual_seed(length)
+    d = 128 if method == "dsa" else 16  # (DSA's own index: KV rows wider than its 128)
+    keys, values = (torch.randn(1, 2, length, d, generator=gen).to(dtype) for _ in range(2))
+
+    def pipeline(lean: bool):
+        m = METHODS[method]()
+        if not lean:
+            m.lean_one = m.lean_step = lambda *a: None
+            m.lean_append = lambda *a: False
+        pipe = Pipeline(m, "cpu/cpu/cpu/cpu")
+        pipe.prepare(KVCache(keys.clone(), values.clone(), growth=grow))
+        return pipe
+
+    lean, general = pipeline(True), pipeline(False)
+    calls = []
+    one = lean.method.lean_one
+    lean.method.lean_one = lambda *a: calls.append(one(*a)) or calls[-1]
+    budget = 16
+
+    def unplanned(kv):
+        raise AssertionError("the one-row step needs no plan")
+
+    for _ in range(5):
+        k, v = (torch.randn(1, 2, 1, d, generator=gen).to(dtype) for _ in range(2))
+        q = torch.randn(1, 4, 1, d, generator=gen).to(dtype)
+        out = lean.lean_decode(k, v, q, None, unplanned, lambda n: budget)
+        general.append(KVChunk(k, v))
+        plan = StepPlan.decode(general.memory.kv.lengths, budget)
+        expected = general.decode(AttentionQuery(q, plan.positions, None, plan), plan)
+        assert torch.equal(out, expected)
+        assert torch.equal(lean.last_selection.indices, general.last_selection.indices)
+        assert torch.equal(lean.memory.kv.keys, general.memory.kv.keys)
+        assert torch.equal(lean.memory.kv.values, general.memory.kv.values)
+        assert [r.step for r in lean.history[-2].records] == ["append"]
+        records = lean.profile.records
+        assert [r.step for r in records] == ["relevancy", "retrieval", "apply"]
+        assert [r.nbytes for r in records] == [r.nbytes for r in general.profile.records]
+        assert lean.history[-2].records[0].note == general.history[-2].records[0].note
+    assert len(calls) == 5 and all(c is not None for c in calls)
+    index = {"quest": "summaries", "seer": "gate_keys", "dsa": None}[method]
+    if index is not None:
+        assert torch.equal(getattr(lean.memory, index), getattr(general.memory, index))
+    else:
+        assert torch.equal(lean.memory.keys.data, general.memory.keys.data)

@@ -319,25 +319,36 @@ class Pipeline:
 
     def lean_decode(
         self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, scale: float | None,
-        plan_for: Any,
+        plan_for: Any, budget_for: Any,
     ) -> torch.Tensor | None:  # fmt: skip
         """A wrapped model's decode step in one call: its token, keys and values [B, Hkv, 1,
         D], appended by the method's `lean_append` (the operators of `append` without its
         bookkeeping), the step planned (`plan_for(kv)`, shared by the layers), then the
         query q [B, Hq, 1, D] attended by the method's `lean_step`, or as `decode` runs it
-        when that declines. The memory, the output and the two profiles (the append's, then
-        the step's) are those of `append` then `decode` (test); what is left out is the
-        second lock, the moves, the device lookups and the checks (measured in
-        bench/decode_e2e.py's B=1 overhead). None, nothing done, when the append is not a
-        lean one: the card, a placement over several devices, a method without one, or an
-        append it declines (`append` then takes it). The token is in once `lean_append` ran,
-        even when the step raises (the caller counts it)."""
+        when that declines; at one batch row, both in the method's `lean_one`, which needs
+        no plan, only the budget (`budget_for(length)`). The memory, the output and the two
+        profiles (the append's, then the step's) are those of `append` then `decode`
+        (test); what is left out is the second lock, the moves, the device lookups and the
+        checks (measured in bench/decode_e2e.py's B=1 overhead). None, nothing done, when
+        the append is not a lean one: the card, a placement over several devices, a method
+        without one, or an append it declines (`append` then takes it). The token is in
+        once it was appended, even when the step raises (the caller counts it)."""
         one, memory = self._lean_device, self.memory
         if one is None or memory is None or keys.device != one[0]:
             return None
         with self._lock:
             dev, label = one
             method = self.method
+            method.scale = scale
+            nbytes = keys.numel() * keys.element_size() + values.numel() * values.element_size()
+            if keys.shape[0] == 1:
+                done = method.lean_one(memory, keys, values, q, budget_for)
+                if done is not None:
+                    seconds, step = done
+                    self._finish(
+                        MeasuredProfile(label, ("append", seconds, nbytes, memory.entries))
+                    )
+                    return self._lean_done(memory, step, label)
             sync = dev.type != "cpu"
             if sync:
                 synchronize(dev)
@@ -347,9 +358,7 @@ class Pipeline:
             if sync:
                 synchronize(dev)
             seconds = time.perf_counter() - start
-            nbytes = keys.numel() * keys.element_size() + values.numel() * values.element_size()
             self._finish(MeasuredProfile(label, ("append", seconds, nbytes, memory.entries)))
-            method.scale = scale
             plan = plan_for(memory.kv)
             step = method.lean_step(memory, AttentionQuery(q, None, None, plan), plan)
             if step is None:

@@ -185,6 +185,96 @@ class SparseAttentionMethod(Method):
         nbytes = scores.numel() * scores.element_size()
         return LeanStep(out, selection, nbytes, (scored - start, selected - scored, end - selected))
 
+    def lean_append(self, memory: Any, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """`append` of a decode step's token, keys and values [B, Hkv, 1, D] without
+        features, to a full cache (`KVCache.append_token`) and the method's index
+        (`_lean_index`), with the general path's operators and without its checks; False
+        (nothing done) for any other append."""
+        if not self._lean_append_fits(memory):
+            return False
+        kv = memory.kv
+        start = kv._keys.length
+        if not kv.append_token(keys, values):
+            return False
+        self._lean_index(memory, keys, start)
+        return True
+
+    def _lean_append_fits(self, memory: Any) -> bool:
+        """Whether `lean_append` takes a token into this memory (a method that has one)."""
+        return False
+
+    def _lean_index(self, memory: Any, keys: torch.Tensor, start: int) -> None:
+        """The index's part of `lean_append`: the token at `start` (keys [B, Hkv, 1, D]) is in
+        the cache; bring the index up to date with it."""
+        raise NotImplementedError(f"{type(self).__name__} declares no lean append")
+
+    def lean_one(
+        self,
+        memory: AttentionMemory,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        q: torch.Tensor,
+        budget_for: Callable[[int], int],
+    ) -> tuple[float, LeanStep] | None:
+        """`lean_append` then `lean_step` of a decode step at one batch row, in one call and
+        without a plan (one query at the end of its row sees every unit; the budget is
+        `budget_for(length)` once the token is in): the same operators on the same tensors,
+        so memory, output and selection equal theirs to the bit (test), with none of the
+        calls between them (at B=1, 1k tokens, tens of us a layer-step, measured in
+        bench/decode_e2e.py's B=1 overhead). Returns the append's seconds and the step;
+        None, nothing done, where the method's one-row hooks do not serve (`_one_row_fits`)
+        or `lean_append` declines."""
+        if (
+            q.shape[0] != 1
+            or q.shape[2] != 1
+            or getattr(self, "mode", "topk") != "topk"
+            or not self._lean_append_fits(memory)
+            or not self._one_row_fits(memory, q)
+        ):
+            return None
+        kv = memory.kv
+        sync = q.device.type != "cpu"  # each step's time its own: the device drained first
+        if sync:
+            synchronize(q.device)
+        begin = time.perf_counter()
+        length = kv._keys.length
+        if not kv.append_token(keys, values):
+            return None
+        self._lean_index(memory, keys, length)
+        if sync:
+            synchronize(q.device)
+        start = time.perf_counter()
+        scores = self._one_row_scores(memory, q)  # [1, G, 1, units], nothing masked
+        if sync:
+            synchronize(q.device)
+        scored = time.perf_counter()
+        k = budget_units(budget_for(length + 1), self.unit, scores.shape[-1])
+        indices = _selection._top_indices(scores, k)
+        valid = _selection._true(indices.device).expand(indices.shape)
+        selection = TopK(indices, valid, self.unit, all_valid=True)
+        if sync:
+            synchronize(q.device)
+        selected = time.perf_counter()
+        scale = self.__dict__.get("_scale")
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        out = _attention._lean_attention(q, kv, selection, scale, memory.workspace)
+        if sync:
+            synchronize(q.device)
+        end = time.perf_counter()
+        nbytes = scores.numel() * scores.element_size()
+        seconds = (scored - start, selected - scored, end - selected)
+        return start - begin, LeanStep(out, selection, nbytes, seconds)
+
+    def _one_row_fits(self, memory: AttentionMemory, q: torch.Tensor) -> bool:
+        """Whether `_one_row_scores` serves this memory and query [1, Hq, 1, D] once the
+        step's token is in, and Apply is the shared lean one (`lean_one`)."""
+        return False
+
+    def _one_row_scores(self, memory: AttentionMemory, q: torch.Tensor) -> torch.Tensor:
+        """Relevancy's scores [1, G, 1, units] of one query [1, Hq, 1, D] at the end of a
+        single row (every unit visible), as `relevancy` gives them."""
+        raise NotImplementedError(f"{type(self).__name__} declares no one-row scores")
+
     def _lean_scores(self, memory: AttentionMemory, query: AttentionQuery) -> torch.Tensor:
         """Relevancy's scores [B, G, T, units] of a step that masks nothing (`lean_step`)."""
         return self.relevancy(memory, query).values

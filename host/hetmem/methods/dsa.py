@@ -414,21 +414,15 @@ class DSA(SparseAttentionMethod):
                 rows = torch.arange(kv.batch, device=kv.device)[:, None].expand_as(positions)
             store.buffer[rows, positions, : new.shape[-1]] = new.to(store.buffer.dtype)
 
-    def lean_append(self, memory: Any, keys: torch.Tensor, values: torch.Tensor) -> bool:
-        """`append` of a decode step's token, keys and values [B, Hkv, 1, D] without
-        features, to a full cache (`KVCache.append_token`) and its indexer key, with the
-        general path's operators and without its checks; False (nothing done) for any other
-        append."""
-        if not isinstance(memory, DSAMemory) or memory.token_keys is not None:
-            return False
-        kv = memory.kv
-        start = kv._keys.length
-        if not kv.append_token(keys, values):
-            return False
+    def _lean_append_fits(self, memory: Any) -> bool:
+        """`lean_append` writes no token-major copy of the keys."""
+        return isinstance(memory, DSAMemory) and memory.token_keys is None
+
+    def _lean_index(self, memory: Any, keys: torch.Tensor, start: int) -> None:
+        """The token's indexer key (none for an index folded into the keys)."""
         if memory.keys is not None:
             feats = keys.permute(0, 2, 1, 3).flatten(2)  # [B, 1, Hkv*D]
             self._append_keys(memory, feats, None, True, start)
-        return True
 
     def _append_keys(
         self,
@@ -548,6 +542,25 @@ class DSA(SparseAttentionMethod):
             or (plan.full_length != keys.length and not plan.all_visible(1, keys.length))
         ):
             return None
+        return self._one_row_scores(memory, q)
+
+    def _one_row_fits(self, memory: AttentionMemory, q: torch.Tensor) -> bool:
+        """DSA's own index, block-diagonal query weights, and the scores' length in one
+        chunk once the token is in (`_one_query_scores`' conditions)."""
+        if (
+            not isinstance(memory, DSAMemory)
+            or memory.keys is None
+            or not self._lean_apply_fits(memory)
+        ):
+            return False
+        weights = self._weights(memory.kv, q.shape[1])
+        return weights.blocks is not None and memory.keys.length < _chunk_tokens(1, weights.heads)
+
+    def _one_row_scores(self, memory: AttentionMemory, q: torch.Tensor) -> torch.Tensor:
+        """`indexer_scores` [1, 1, 1, S] of one query at the end of one row: the block
+        projection, the index matmul over the same padded shape, ReLU, head sum, scale."""
+        keys = memory.keys  # type: ignore[attr-defined]
+        weights = self._weights(memory.kv, q.shape[1])
         blocks = weights.blocks
         hkv, d, di = blocks.shape
         heads, n = weights.heads, keys.length

@@ -133,19 +133,21 @@ class Quest(SparseAttentionMethod):
         if not (full and chunk.keys.shape[2] == 1 and memory.pages.append_token(kv, first)):
             memory.pages.update(kv, first)
 
-    def lean_append(self, memory: Any, keys: torch.Tensor, values: torch.Tensor) -> bool:
-        """`append` of a decode step's token, keys and values [B, Hkv, 1, D] without
-        features, to a full cache (`KVCache.append_token`) and the page it lands in
-        (`BlockSummary.append_token`), without its checks; False (nothing done) for any
-        other append."""
-        if not isinstance(memory, QuestMemory) or memory.pages.steps is None:
-            return False
-        kv = memory.kv
-        first = kv._keys.length
-        if not kv.append_token(keys, values):
-            return False
-        memory.pages.append_token(kv, first)
-        return True
+    def _lean_append_fits(self, memory: Any) -> bool:
+        """Pages kept current one token at a time (`BlockSummary.append_token`)."""
+        return isinstance(memory, QuestMemory) and memory.pages.steps is not None
+
+    def _lean_index(self, memory: Any, keys: torch.Tensor, start: int) -> None:
+        """The page the token lands in."""
+        memory.pages.append_token(memory.kv, start)
+
+    def _one_row_fits(self, memory: AttentionMemory, q: torch.Tensor) -> bool:
+        """A selection per KV group (per query head takes Apply's general path)."""
+        return not self.per_query_head and isinstance(memory, QuestMemory)
+
+    def _one_row_scores(self, memory: AttentionMemory, q: torch.Tensor) -> torch.Tensor:
+        """The pages' bounds [1, Hkv, 1, P], their max over each group (`relevancy`'s)."""
+        return self.bounds(memory, q, group_max=True)  # type: ignore[arg-type]
 
     def bounds(self, memory: QuestMemory, q: torch.Tensor, group_max: bool = False) -> torch.Tensor:
         """Upper bounds [B, Hkv, R, T, P] for queries q [B, Hq, T, D]; `group_max`: their

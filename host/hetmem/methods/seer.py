@@ -240,18 +240,20 @@ class SeerAttention(SparseAttentionMethod):
         memory.kv.append(chunk.keys, chunk.values, positions=False)
         memory.set_gate_keys(first_block, self._gate_keys(memory.kv, first_block))
 
-    def lean_append(self, memory: Any, keys: torch.Tensor, values: torch.Tensor) -> bool:
-        """`append` of a decode step's token, keys and values [B, Hkv, 1, D] without
-        features, to a full cache (`KVCache.append_token`) and the gate key of the block it
-        lands in, without its checks; False (nothing done) for any other append."""
-        if not isinstance(memory, SeerMemory):
-            return False
-        kv = memory.kv
-        first_block = kv._keys.length // self.unit
-        if not kv.append_token(keys, values):
-            return False
-        memory.set_gate_keys(first_block, self._gate_keys(kv, first_block))
-        return True
+    def _lean_append_fits(self, memory: Any) -> bool:
+        return isinstance(memory, SeerMemory)
+
+    def _lean_index(self, memory: Any, keys: torch.Tensor, start: int) -> None:
+        """The gate key of the block the token lands in."""
+        first_block = start // self.unit
+        memory.set_gate_keys(first_block, self._gate_keys(memory.kv, first_block))
+
+    def _one_row_fits(self, memory: AttentionMemory, q: torch.Tensor) -> bool:
+        return isinstance(memory, SeerMemory)
+
+    def _one_row_scores(self, memory: AttentionMemory, q: torch.Tensor) -> torch.Tensor:
+        """The gate logits [1, Hkv, 1, Nb] (`relevancy`'s)."""
+        return gate_scores(self.gate_query(memory, q), memory.gate_keys)  # type: ignore[arg-type]
 
     def gate_query(self, memory: SeerMemory, q: torch.Tensor) -> torch.Tensor:
         """Gate queries [B, Hkv, T, Dg] from q [B, Hq, T, D]."""

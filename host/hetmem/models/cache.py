@@ -285,7 +285,9 @@ class HetmemLayer(DynamicLayer):
         ):
             return None
         try:
-            out = self.pipeline.lean_decode(pending[0], pending[1], query, scaling, self._plan)
+            out = self.pipeline.lean_decode(
+                pending[0], pending[1], query, scaling, self._plan, self._budget
+            )
         except BaseException:
             # As `take_in`: a step that raised keeps nothing pending (its token is in once
             # the append ran: the memory then holds one more token than the layer counted)
@@ -308,6 +310,10 @@ class HetmemLayer(DynamicLayer):
         if out.dtype != query.dtype or out.device != query.device:
             out = out.to(device=query.device, dtype=query.dtype)
         return out.transpose(1, 2).contiguous()
+
+    def _budget(self, length: int) -> int:
+        """The step's token budget once its rows hold `length` tokens at most."""
+        return self.settings.budget_for(length, self.pipeline.method.unit)
 
     def _plan(self, kv: KVCache) -> Any:
         """The step's plan over the memory's rows once the token is in (shared by layers);
