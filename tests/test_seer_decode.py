@@ -59,7 +59,8 @@ def needle_tokens(task: tasks.Task, tokenizer) -> torch.Tensor:
 
 def record(methods: list[SeerAttention]) -> list[list[dict]]:
     """Each layer's (query, keys, selection) at every Apply of the wrapped model: its own, or
-    the one inside a lean step (`lean_step`, which attends without calling `apply`)."""
+    the one inside a lean step (`lean_step`, `lean_one`: they attend without calling
+    `apply`)."""
     calls: list[list[dict]] = [[] for _ in methods]
     for layer, method in enumerate(methods):
 
@@ -85,7 +86,13 @@ def record(methods: list[SeerAttention]) -> list[list[dict]]:
                 keep(memory, step.selection, query)
             return step
 
-        method.apply, method.lean_step = apply, lean_step
+        def lean_one(memory, keys, values, q, budget_for, lean=method.lean_one, keep=keep):
+            done = lean(memory, keys, values, q, budget_for)
+            if done is not None:  # the token is in: the query at its row's end
+                keep(memory, done[1].selection, AttentionQuery(q))
+            return done
+
+        method.apply, method.lean_step, method.lean_one = apply, lean_step, lean_one
     return calls
 
 

@@ -150,7 +150,7 @@ class Growable:
         of `quantum` (one shape for `quantum` steps). The items past `length` are zeros or
         stale, finite items: slice their results away."""
         n = -(-self.length // quantum) * quantum
-        if self.capacity <= n + self.length // 4:
+        if self._buffer.shape[self.axis] <= n + self.length // 4:
             return self._buffer
         return self._buffer.narrow(self.axis, 0, n)
 
@@ -793,8 +793,8 @@ def _lean_attention(
             mask = (rows < used).expand(b, hkv, *rows.shape[2:]).reshape(b * hkv * t, -1)
     elif used % unit:  # whole units: a partial last unit's tokens past the end are hidden
         tail = (cap, used)
-    if b == 1 and t == 1 and mask is None and tail is None and rows.shape[-1] * unit <= SMALL_APPLY:
-        return _one_row_attention(q, kv, rows, unit, scale)
+    if b == 1 and t == 1 and mask is None and rows.shape[-1] * unit <= SMALL_APPLY:
+        return _one_row_attention(q, kv, rows, unit, scale, None if tail is None else used)
     rows = rows.expand(b, hkv, *rows.shape[2:]) if rows.shape[1] == 1 else rows
     index, buffers = _row_index(kv, rows, unit, clamp=mask is not None)
     if t == 1 and b * rows.shape[-1] * unit <= SMALL_APPLY:
@@ -855,14 +855,19 @@ def _small_attention(
 
 
 def _one_row_attention(
-    q: torch.Tensor, kv: KVCache, rows: torch.Tensor, unit: int, scale: float
+    q: torch.Tensor,
+    kv: KVCache,
+    rows: torch.Tensor,
+    unit: int,
+    scale: float,
+    hide_from: int | None = None,
 ) -> torch.Tensor:
-    """`_small_attention` of a single batch row with nothing hidden (the lean path of a
-    decode step at B=1): the selected rows (`unit` tokens each, rows [1, 1 or Hkv, 1, m])
-    gathered straight from the buffers viewed as [Hkv, units, unit * D], one index_select
-    per buffer for a selection shared by the KV heads, then the same sdpa on the same
-    gathered keys and values: equal to `_small_attention` to the bit (test), in a third
-    of its operators."""
+    """`_small_attention` of a single batch row (the lean path of a decode step at B=1):
+    the selected rows (`unit` tokens each, rows [1, 1 or Hkv, 1, m]) gathered straight from
+    the buffers viewed as [Hkv, units, unit * D], one index_select per buffer for a
+    selection shared by the KV heads, then the same sdpa on the same gathered keys and
+    values, `hide_from` hiding the same tokens (a partial last unit's past the cache's
+    end): equal to `_small_attention` to the bit (test), in a third of its operators."""
     _, hq, _, d = q.shape
     kbuf, vbuf = kv._keys._buffer, kv._values._buffer
     hkv, m, dk, dv = kbuf.shape[1], rows.shape[-1], kbuf.shape[3], vbuf.shape[3]
@@ -879,7 +884,14 @@ def _one_row_attention(
     values = values.view(1, hkv, m * unit, -1)
     if keys.dtype != q.dtype or values.dtype != q.dtype:
         keys, values = keys.to(q.dtype), values.to(q.dtype)
-    out = F.scaled_dot_product_attention(q.reshape(1, hkv, hq // hkv, d), keys, values, scale=scale)
+    mask = None
+    if hide_from is not None:  # as `_small_attention`'s
+        last, rest = divmod(hide_from, unit)
+        mask = (rows.reshape(1, rows.shape[1], m, 1) < last) | _first(unit, rest, kbuf.device)
+        mask = mask.view(1, rows.shape[1], 1, m * unit)
+    out = F.scaled_dot_product_attention(
+        q.reshape(1, hkv, hq // hkv, d), keys, values, attn_mask=mask, scale=scale
+    )
     return out.reshape(1, hq, 1, -1)
 
 

@@ -277,7 +277,7 @@ class DSAMemory(AttentionMemory):
 
     @property
     def entries(self) -> int:
-        return self.kv.capacity
+        return self.kv._keys.length
 
     @property
     def folded(self) -> bool:
@@ -351,7 +351,7 @@ class DSA(SparseAttentionMethod):
             heads = q_heads or (self.weights.heads if self.weights is not None else kv.kv_heads)
             self.weights = IndexerWeights.from_attention(heads, kv.kv_heads, kv.dim)
             self._default = True
-        if self.weights.wk.device != kv.device:
+        if self.weights.wk.device != kv._keys._buffer.device:
             self.weights = self.weights.to(kv.device)
         return self.weights
 
@@ -436,11 +436,13 @@ class DSA(SparseAttentionMethod):
         when every row was at the end: one slice)."""
         kv, keys = memory.kv, memory.keys
         wk = self._weights(kv).wk
-        new_keys = (feats.to(wk.dtype) @ wk).to(keys.buffer.dtype)
-        keys.reserve(kv.capacity)
-        keys.length = kv.capacity
+        new_keys = (feats.to(wk.dtype) @ wk).to(keys._buffer.dtype)
+        length = kv._keys.length
+        if length > keys._buffer.shape[1]:
+            keys.reserve(length)
+        keys.length = length
         if full:  # every row at the end: one slice
-            keys.buffer.narrow(1, start, new_keys.shape[1]).copy_(new_keys)
+            keys._buffer.narrow(1, start, new_keys.shape[1]).copy_(new_keys)
             return None
         rows = torch.arange(kv.batch, device=kv.device)[:, None].expand_as(positions)
         keys.buffer[rows, positions] = new_keys
@@ -558,9 +560,11 @@ class DSA(SparseAttentionMethod):
 
     def _one_row_scores(self, memory: AttentionMemory, q: torch.Tensor) -> torch.Tensor:
         """`indexer_scores` [1, 1, 1, S] of one query at the end of one row: the block
-        projection, the index matmul over the same padded shape, ReLU, head sum, scale."""
+        projection, the index matmul over the same padded shape, ReLU, head sum, scale
+        (the weights made current by the caller's `_weights`: `_one_row_fits`'s or
+        `_one_query_scores`')."""
         keys = memory.keys  # type: ignore[attr-defined]
-        weights = self._weights(memory.kv, q.shape[1])
+        weights = self.weights
         blocks = weights.blocks
         hkv, d, di = blocks.shape
         heads, n = weights.heads, keys.length

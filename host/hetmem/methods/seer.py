@@ -244,9 +244,16 @@ class SeerAttention(SparseAttentionMethod):
         return isinstance(memory, SeerMemory)
 
     def _lean_index(self, memory: Any, keys: torch.Tensor, start: int) -> None:
-        """The gate key of the block the token lands in."""
-        first_block = start // self.unit
-        memory.set_gate_keys(first_block, self._gate_keys(memory.kv, first_block))
+        """The gate key of the block the token lands in: its keys in the full cache (a view
+        of the buffer) pooled and mapped, as `_gate_keys` does for that block."""
+        kv, unit = memory.kv, self.unit
+        first_block = start // unit
+        kbuf = kv._keys._buffer
+        b, h, _, d = kbuf.shape
+        begin = first_block * unit
+        block = kbuf.narrow(2, begin, start + 1 - begin).view(b, h, 1, start + 1 - begin, d)
+        fresh = gate_keys(pool_blocks(block), self._weights(kv).wk)  # [B, Hkv, 1, Dg]
+        memory.set_gate_keys(first_block, fresh)
 
     def _one_row_fits(self, memory: AttentionMemory, q: torch.Tensor) -> bool:
         return isinstance(memory, SeerMemory)
