@@ -149,13 +149,14 @@ class SeerMemory(AttentionMemory):
         """Write the gate keys of blocks first_block.. (the ones an append touched)."""
         store = self._gate_keys
         end = first_block + fresh.shape[2]
-        store.reserve(end)
-        store.buffer.narrow(2, first_block, fresh.shape[2]).copy_(fresh)
+        if end > store._buffer.shape[2]:
+            store.reserve(end)
+        store._buffer.narrow(2, first_block, fresh.shape[2]).copy_(fresh)
         store.length = end
 
     @property
     def entries(self) -> int:
-        return self.gate_keys.shape[2]
+        return self._gate_keys.length
 
     @property
     def index_nbytes(self) -> int:
@@ -208,18 +209,18 @@ class SeerAttention(SparseAttentionMethod):
     def _weights(self, kv: KVCache, q_heads: int | None = None) -> GateWeights:
         """The given weights, or the untrained default, built for the query heads once seen
         (its key map depends only on the KV layout, so gate keys built before stay valid)."""
-        built = None if self.weights is None else self.weights.wq.shape[1] // kv.dim
-        if self.weights is None or (self._default and q_heads and built != q_heads // kv.kv_heads):
-            heads = q_heads or kv.kv_heads
-            self.weights = GateWeights.mean_pool(heads, kv.kv_heads, kv.dim)
-            self._default = True
-        if self.weights.wk.device != kv.device:
-            self.weights = self.weights.to(kv.device)
+        kbuf = kv._keys._buffer  # (its shape: a decode step reads these every layer)
+        kv_heads, dim = kbuf.shape[1], kbuf.shape[3]
         w = self.weights
-        if w.wk.shape[0] != kv.kv_heads or w.wk.shape[1] != 3 * kv.dim:
+        built = None if w is None else w.wq.shape[1] // dim
+        if w is None or (self._default and q_heads and built != q_heads // kv_heads):
+            w = self.weights = GateWeights.mean_pool(q_heads or kv_heads, kv_heads, dim)
+            self._default = True
+        if w.wk.device != kbuf.device:
+            w = self.weights = w.to(kbuf.device)
+        if w.wk.shape[0] != kv_heads or w.wk.shape[1] != 3 * dim:
             raise InputError(
-                "weights",
-                f"wk {tuple(w.wk.shape)} does not fit kv_heads={kv.kv_heads}, dim={kv.dim}",
+                "weights", f"wk {tuple(w.wk.shape)} does not fit kv_heads={kv_heads}, dim={dim}"
             )
         return w
 
@@ -265,7 +266,7 @@ class SeerAttention(SparseAttentionMethod):
     def gate_query(self, memory: SeerMemory, q: torch.Tensor) -> torch.Tensor:
         """Gate queries [B, Hkv, T, Dg] from q [B, Hq, T, D]."""
         w = self._weights(memory.kv, q.shape[1])
-        hkv = memory.kv.kv_heads
+        hkv = w.wk.shape[0]  # (the cache's KV heads: `_weights` checked)
         width = q.shape[1] // hkv * q.shape[-1]  # R*D
         if q.shape[1] % hkv or width != w.wq.shape[1]:
             raise InputError("query", f"group width {width} does not fit wq {tuple(w.wq.shape)}")
