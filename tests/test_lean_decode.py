@@ -275,3 +275,42 @@ def test_the_one_row_step_equals_the_general_step(method, growth, length, dtype)
         assert torch.equal(getattr(lean.memory, index), getattr(general.memory, index))
     else:
         assert torch.equal(lean.memory.keys.data, general.memory.keys.data)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_full_plan_equals_the_decode_plan(batch):
+    """`StepPlan.full` (rows of one length, made from the numbers, tensors on first read)
+    says what `StepPlan.decode` over the same lengths says."""
+    full = StepPlan.full(batch, 37, 16)
+    decoded = StepPlan.decode(torch.full((batch,), 37), 16)
+    assert full.batch == decoded.batch == batch and full.queries == decoded.queries == 1
+    assert full.at_end and decoded.at_end and full.budget == decoded.budget == 16
+    assert full.lengths_list == decoded.lengths_list == [37] * batch
+    for unit, candidates in ((1, 37), (1, 38), (8, 5), (8, 6)):
+        assert full.all_visible(unit, candidates) == decoded.all_visible(unit, candidates)
+    assert torch.equal(full.positions, decoded.positions)
+    assert torch.equal(full.lengths, decoded.lengths) and full.lengths.dtype == torch.long
+    assert torch.equal(full.seen(8), decoded.seen(8))
+    assert torch.equal(full.rows(slice(0, 1)).positions, decoded.rows(slice(0, 1)).positions)
+    assert full.full_length == 37 and decoded.full_length is None
+
+
+def test_a_measured_profile_equals_the_profile_of_its_records():
+    """`MeasuredProfile` (records made on first read) reads as the `Profile` of the same
+    records: records, totals, table, dict, equality both ways, counters."""
+    from hetmem.profile import MeasuredProfile, Profile, StepRecord
+
+    lazy = MeasuredProfile("gpu (cpu)", ("append", 2e-5, 96, 41), ("apply", 3e-5, 10, None))
+    eager = Profile(
+        [
+            StepRecord("append", "gpu (cpu)", 2e-5, "measured", 96, "41 entries"),
+            StepRecord("apply", "gpu (cpu)", 3e-5, "measured", 10, ""),
+        ]
+    )
+    assert lazy == eager and eager == lazy
+    assert lazy.totals() == eager.totals() and lazy.to_dict() == eager.to_dict()
+    assert str(lazy) == str(eager)
+    lazy.counters["x"] += 1
+    assert lazy != eager and lazy.counters == {"x": 1}
+    lazy.records.append(StepRecord("more", "gpu (cpu)", 1.0, "modeled"))
+    assert lazy.totals()["modeled"] == 1.0
