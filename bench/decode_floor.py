@@ -4,14 +4,14 @@ over the same Llama-3-8B-shaped layer, 1k context, budget 128 (decode_e2e.py's o
 - dense: transformers' `StaticLayer.update` and sdpa over the whole static cache;
 - hetmem: `HetmemLayer.update` and the registered `hetmem` attention function (the wrapped
   model's path);
-- by hand: the operators hetmem's lean decode step runs (the finiteness screen, the KV and
-  index writes, the plan's lengths, the indexer's projection and matmul, the partial top-k
-  with its tie check, the gather and sdpa) written out over a second hetmem layer's own
-  memory, with no other Python around them.
+- by hand: the operators hetmem's lean decode step at one batch row runs (`lean_one`: the
+  finiteness screen, the KV and index writes, the indexer's projection and matmul, the
+  partial top-k with its tie check, the gather and sdpa) written out over a second hetmem
+  layer's own memory, with no other Python around them.
 
 `by hand - dense` is what the method's work costs beside dense attention; `hetmem - by hand` is
 what hetmem's code around the same operators costs (the cache layer, the attention function,
-the plan, the pipeline's profile, the methods' checks). Both outputs are checked equal to the
+the pipeline's profile, the methods' checks and hooks). Both outputs are checked equal to the
 bit. Rounds interleaved, medians, wall time (measured):
 
     python bench/decode_floor.py                 # bf16, 2 threads, 9 rounds of 20 steps
@@ -144,8 +144,6 @@ def main(argv: list[str] | None = None) -> int:
             index.length = n + 1
             index.buffer.narrow(1, n, 1).copy_((feats @ weights.wk).to(index.buffer.dtype))
             n += 1
-            lengths = kv._lengths.to("cpu", torch.long)  # the plan's
-            plan = ((lengths - 1)[:, None], tuple(lengths.tolist()))  # noqa: F841
             qi = torch.bmm(q.reshape(hkv, hq // hkv, d).to(torch.float32), weights.blocks)
             padded = (
                 index.padded(SHAPE_QUANTUM) if index.buffer.dtype != torch.float32 else index.data
