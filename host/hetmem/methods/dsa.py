@@ -420,9 +420,8 @@ class DSA(SparseAttentionMethod):
 
     def _lean_index(self, memory: Any, keys: torch.Tensor, start: int) -> None:
         """The token's indexer key (none for an index folded into the keys)."""
-        if memory.keys is not None:
-            feats = keys.permute(0, 2, 1, 3).flatten(2)  # [B, 1, Hkv*D]
-            self._append_keys(memory, feats, None, True, start)
+        if memory.keys is not None:  # (one token: [B, Hkv, 1, D] is [B, 1, Hkv*D] as laid out)
+            self._append_keys(memory, keys.reshape(keys.shape[0], 1, -1), None, True, start)
 
     def _append_keys(
         self,
@@ -436,16 +435,16 @@ class DSA(SparseAttentionMethod):
         when every row was at the end: one slice)."""
         kv, keys = memory.kv, memory.keys
         wk = self._weights(kv).wk
-        new_keys = (feats.to(wk.dtype) @ wk).to(keys._buffer.dtype)
+        new_keys = feats.to(wk.dtype) @ wk
         length = kv._keys.length
         if length > keys._buffer.shape[1]:
             keys.reserve(length)
         keys.length = length
-        if full:  # every row at the end: one slice
+        if full:  # every row at the end: one slice (the copy casts, as `to` would)
             keys._buffer.narrow(1, start, new_keys.shape[1]).copy_(new_keys)
             return None
         rows = torch.arange(kv.batch, device=kv.device)[:, None].expand_as(positions)
-        keys.buffer[rows, positions] = new_keys
+        keys.buffer[rows, positions] = new_keys.to(keys.buffer.dtype)
         return rows
 
     def indexer_query(

@@ -309,6 +309,8 @@ class HetmemLayer(DynamicLayer):
         self.sparse_steps += 1
         if out.dtype != query.dtype or out.device != query.device:
             out = out.to(device=query.device, dtype=query.dtype)
+        if out.is_contiguous():  # (one query: [B, Hq, 1, D] is [B, 1, Hq, D] as laid out)
+            return out.view(out.shape[0], 1, out.shape[1], out.shape[3])
         return out.transpose(1, 2).contiguous()
 
     def _budget(self, length: int) -> int:
