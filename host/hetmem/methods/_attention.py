@@ -200,13 +200,14 @@ class SparseAttentionMethod(Method):
         return True
 
     def _lean_append_fits(self, memory: Any) -> bool:
-        """Whether `lean_append` takes a token into this memory (a method that has one)."""
+        """Whether `lean_append` takes a token into this memory: a method says so for the
+        memories whose index its `_lean_index` keeps current (none by default)."""
         return False
 
     def _lean_index(self, memory: Any, keys: torch.Tensor, start: int) -> None:
         """The index's part of `lean_append`: the token at `start` (keys [B, Hkv, 1, D]) is in
-        the cache; bring the index up to date with it."""
-        raise NotImplementedError(f"{type(self).__name__} declares no lean append")
+        the cache; bring the index up to date with it (an index that is the cache itself has
+        nothing to do)."""
 
     def lean_one(
         self,
@@ -272,8 +273,8 @@ class SparseAttentionMethod(Method):
 
     def _one_row_scores(self, memory: AttentionMemory, q: torch.Tensor) -> torch.Tensor:
         """Relevancy's scores [1, G, 1, units] of one query [1, Hq, 1, D] at the end of a
-        single row (every unit visible), as `relevancy` gives them."""
-        raise NotImplementedError(f"{type(self).__name__} declares no one-row scores")
+        single row (every unit visible): `relevancy`'s, by default through it."""
+        return self.relevancy(memory, AttentionQuery(q)).values
 
     def _lean_scores(self, memory: AttentionMemory, query: AttentionQuery) -> torch.Tensor:
         """Relevancy's scores [B, G, T, units] of a step that masks nothing (`lean_step`)."""
