@@ -231,6 +231,7 @@ class SparseAttentionMethod(Method):
             or getattr(self, "mode", "topk") != "topk"
             or not self._lean_append_fits(memory)
             or not self._one_row_fits(memory, q)
+            or not self._lean_apply_fits(memory)
         ):
             return None
         kv = memory.kv
@@ -267,8 +268,9 @@ class SparseAttentionMethod(Method):
         return start - begin, LeanStep(out, selection, nbytes, seconds)
 
     def _one_row_fits(self, memory: AttentionMemory, q: torch.Tensor) -> bool:
-        """Whether `_one_row_scores` serves this memory and query [1, Hq, 1, D] once the
-        step's token is in, and Apply is the shared lean one (`lean_one`)."""
+        """Whether `lean_one` serves this memory and query [1, Hq, 1, D]: `_one_row_scores`
+        serves them once the step's token is in, with one score row per batch row or per KV
+        group (Apply's lean form; per query head takes the planned step). None by default."""
         return False
 
     def _one_row_scores(self, memory: AttentionMemory, q: torch.Tensor) -> torch.Tensor:

@@ -548,11 +548,7 @@ class DSA(SparseAttentionMethod):
     def _one_row_fits(self, memory: AttentionMemory, q: torch.Tensor) -> bool:
         """DSA's own index, block-diagonal query weights, and the scores' length in one
         chunk once the token is in (`_one_query_scores`' conditions)."""
-        if (
-            not isinstance(memory, DSAMemory)
-            or memory.keys is None
-            or not self._lean_apply_fits(memory)
-        ):
+        if not isinstance(memory, DSAMemory) or memory.keys is None:
             return False
         weights = self._weights(memory.kv, q.shape[1])
         return weights.blocks is not None and memory.keys.length < _chunk_tokens(1, weights.heads)
