@@ -3,6 +3,7 @@ of each layer's keys and values, every `Cache` operation acts on it, and the byt
 wrapped cache holds stay within 1.1x of a plain `DynamicCache`'s."""
 
 import dataclasses
+import threading
 import types
 from collections import deque
 
@@ -438,3 +439,30 @@ def test_a_cache_refuses_a_bad_max_length(tiny_lm):
         assert isinstance(new_cache(tiny_lm, 512), HetmemCache)
     finally:
         unwrap(tiny_lm)
+
+
+@pytest.mark.parametrize("method", ["quest", "seer"])
+def test_a_lean_step_that_raises_after_its_append_keeps_the_layer_consistent(method, monkeypatch):
+    """A one-row lean step (`lean_one`) that raises once its token is appended: the layer
+    counts the token the memory holds and keeps nothing pending, as `take_in` does for a
+    step that raises, and the cache's guard stays with this thread (the last layer's call
+    releases it)."""
+    model = wrap(tiny("llama"), method, budget=8, method_options=METHODS[method])
+    cache = new_cache(model)
+    name = cache_kwarg(model)
+    ids = torch.arange(3, 43)[None]
+    with torch.no_grad():
+        model(ids, use_cache=True, **{name: cache})
+        method_cls = type(model._hetmem_wrap.settings.methods[0])
+
+        def fail(self, memory, q):
+            raise RuntimeError("scores failed")
+
+        monkeypatch.setattr(method_cls, "_one_row_scores", fail)
+        with pytest.raises(RuntimeError, match="scores failed"):
+            model(torch.tensor([[7]]), position_ids=torch.tensor([[40]]), use_cache=True,
+                  **{name: cache})  # fmt: skip
+    layer = cache.layers[0]
+    assert layer._pending is None and layer._length == 41 == layer.memory.kv.capacity
+    assert layer._guard.thread == threading.get_ident()
+    assert cache.layers[1]._length == 40  # never reached
