@@ -167,10 +167,8 @@ class SparseAttentionMethod(Method):
         if sync:
             synchronize(q.device)
         scored = time.perf_counter()
-        k = budget_units(plan.budget, self.unit, scores.shape[-1])
-        indices = _selection._top_indices(scores, k)
-        valid = _selection._true(indices.device).expand(indices.shape)
-        selection = TopK(indices, valid, self.unit, all_valid=True)
+        selection = self._lean_selection(scores, plan.budget)
+        indices = selection.indices
         if sync:
             synchronize(q.device)
         selected = time.perf_counter()
@@ -250,10 +248,7 @@ class SparseAttentionMethod(Method):
         if sync:
             synchronize(q.device)
         scored = time.perf_counter()
-        k = budget_units(budget_for(length + 1), self.unit, scores.shape[-1])
-        indices = _selection._top_indices(scores, k)
-        valid = _selection._true(indices.device).expand(indices.shape)
-        selection = TopK(indices, valid, self.unit, all_valid=True)
+        selection = self._lean_selection(scores, budget_for(length + 1))
         if sync:
             synchronize(q.device)
         selected = time.perf_counter()
@@ -266,6 +261,14 @@ class SparseAttentionMethod(Method):
         nbytes = scores.numel() * scores.element_size()
         seconds = (scored - start, selected - scored, end - selected)
         return start - begin, LeanStep(out, selection, nbytes, seconds)
+
+    def _lean_selection(self, scores: torch.Tensor, budget: int) -> TopK:
+        """`retrieve` of scores that mask nothing: the top k = budget // unit units (the one
+        rule), every pick valid."""
+        k = budget_units(budget, self.unit, scores.shape[-1])
+        indices = _selection._top_indices(scores, k)
+        valid = _selection._true(indices.device).expand(indices.shape)
+        return TopK(indices, valid, self.unit, all_valid=True)
 
     def _one_row_fits(self, memory: AttentionMemory, q: torch.Tensor) -> bool:
         """Whether `lean_one` serves this memory and query [1, Hq, 1, D]: `_one_row_scores`
