@@ -134,19 +134,11 @@ class _FullPlan(StepPlan):
             self._lengths = torch.full((self._batch,), self.full_length, dtype=torch.long)
         return self._lengths
 
-    @lengths.setter
-    def lengths(self, value: torch.Tensor) -> None:
-        self._lengths = value
-
     @property  # type: ignore[override]
     def positions(self) -> torch.Tensor:
         if self._positions is None:
             self._positions = self.lengths.view(self._batch, 1) - 1
         return self._positions
-
-    @positions.setter
-    def positions(self, value: torch.Tensor) -> None:
-        self._positions = value
 
     @property
     def batch(self) -> int:

@@ -135,19 +135,11 @@ class MeasuredProfile(Profile):
             ]
         return self._records
 
-    @records.setter
-    def records(self, value: list[StepRecord]) -> None:
-        self._records = value
-
     @property  # type: ignore[override]
     def counters(self) -> dict[str, int]:
         if self._counters is None:
             self._counters = defaultdict(int)
         return self._counters
-
-    @counters.setter
-    def counters(self, value: dict[str, int]) -> None:
-        self._counters = value
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Profile):

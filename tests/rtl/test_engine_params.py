@@ -25,7 +25,9 @@ SETS = {
 }
 
 
-def _run(simulator: str, params: dict[str, int], suite: str, kernels: str, seed: int) -> None:
+def _run(simulator: str, params: dict[str, int], suite: str, kernels: str, seed: int) -> list:
+    """The cocotb tests that passed: `engine_matches_golden` compares every kernel's output
+    with the golden model, bit for bit, and fails on the first difference."""
     env = {
         "HM_PARAMS": json.dumps(params),
         "HM_SUITE": suite,
@@ -35,10 +37,9 @@ def _run(simulator: str, params: dict[str, int], suite: str, kernels: str, seed:
         "HM_RANDOM_N": "400",
         "HM_RANDOM_DIMS": f"1,7,33,64,100,{params['DMAX']}",
     }
-    ran = sim.run(
+    return sim.run(
         simulator, "hm_engine", "tb_engine", "engine_matches_golden", parameters=params, env=env
     )
-    assert ran == ["engine_matches_golden"], (params, suite)
 
 
 def _verilator() -> None:
@@ -51,7 +52,9 @@ def _verilator() -> None:
 @pytest.mark.parametrize("suite", ["edges", "random"])
 def test_parameter_set_on_verilator(name: str, suite: str) -> None:
     _verilator()
-    _run("verilator", SETS[name], suite, ",".join(KERNEL_IDS), 50 + len(name) + len(suite))
+    seed = 50 + len(name) + len(suite)
+    ran = _run("verilator", SETS[name], suite, ",".join(KERNEL_IDS), seed)
+    assert ran == ["engine_matches_golden"], (name, suite)
 
 
 def test_parameter_set_on_icarus() -> None:
@@ -60,4 +63,5 @@ def test_parameter_set_on_icarus() -> None:
     reason = sim.missing("icarus")
     if reason:
         pytest.skip(f"icarus: {reason}")
-    _run("icarus", SETS["L4S2"], "edges", "vector_search", 61)
+    ran = _run("icarus", SETS["L4S2"], "edges", "vector_search", 61)
+    assert ran == ["engine_matches_golden"]

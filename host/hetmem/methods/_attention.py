@@ -227,7 +227,6 @@ class SparseAttentionMethod(Method):
             q.shape[0] != 1
             or q.shape[2] != 1
             or getattr(self, "mode", "topk") != "topk"
-            or not self._lean_append_fits(memory)
             or not self._one_row_fits(memory, q)
             or not self._lean_apply_fits(memory)
         ):
@@ -238,9 +237,8 @@ class SparseAttentionMethod(Method):
             synchronize(q.device)
         begin = time.perf_counter()
         length = kv._keys.length
-        if not kv.append_token(keys, values):
+        if not self.lean_append(memory, keys, values):  # (declined: nothing done)
             return None
-        self._lean_index(memory, keys, length)
         if sync:
             synchronize(q.device)
         start = time.perf_counter()

@@ -302,7 +302,7 @@ class HetmemLayer(DynamicLayer):
         if out is None:
             return None
         self._pending = None
-        self._validity.length += 1  # (`Validity.extend` of one real token, no mask)
+        self._validity.extend(None, 1)
         self._length += 1
         if self._last:
             self._guard.leave()

@@ -90,19 +90,18 @@ class SparseDecode:
     def plan(self, lengths: torch.Tensor, budget: int) -> StepPlan:
         """The plan of the decode step over rows of these lengths: made by the first layer
         that asks, reused by every other layer of the step (same lengths, same budget)."""
-        key = (tuple(lengths.tolist()), budget)
-        memo = self._plan  # one read: another thread's cache may replace it meanwhile
-        if memo is None or memo[0] != key:
-            memo = self._plan = (key, StepPlan.decode(lengths, budget))
-        return memo[1]
+        return self._memo((tuple(lengths.tolist()), budget), StepPlan.decode, lengths, budget)
 
     def full_plan(self, batch: int, length: int, budget: int) -> StepPlan:
         """`plan` over `batch` rows of `length` tokens each (a full cache), from the numbers
         (`StepPlan.full`): the same memo, so layers that ask either way share one plan."""
-        key = ((length,) * batch, budget)
-        memo = self._plan
+        return self._memo(((length,) * batch, budget), StepPlan.full, batch, length, budget)
+
+    def _memo(self, key: tuple, make: Any, *args: Any) -> StepPlan:
+        """The step's plan for `key` (row lengths, budget): the last one made, or `make(*args)`."""
+        memo = self._plan  # one read: another thread's cache may replace it meanwhile
         if memo is None or memo[0] != key:
-            memo = self._plan = (key, StepPlan.full(batch, length, budget))
+            memo = self._plan = (key, make(*args))
         return memo[1]
 
     def close(self) -> None:
