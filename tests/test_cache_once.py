@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from conftest import native_library
 from hetmem.attention import Growth, KVCache
 from hetmem.errors import InputError
 from hetmem.methods.base import Method
@@ -441,12 +442,40 @@ def test_a_cache_refuses_a_bad_max_length(tiny_lm):
         unwrap(tiny_lm)
 
 
-@pytest.mark.parametrize("method", ["quest", "seer"])
-def test_a_lean_step_that_raises_after_its_append_keeps_the_layer_consistent(method, monkeypatch):
-    """A one-row lean step (`lean_one`) that raises once its token is appended: the layer
-    counts the token the memory holds and keeps nothing pending, as `take_in` does for a
-    step that raises, and the cache's guard stays with this thread (the last layer's call
-    releases it)."""
+class _FailingAfterAppend:
+    """hetmem's native ops, the methods' (`*_one_row`: append, then score) raising once
+    they have appended."""
+
+    def __init__(self, library):
+        self.library = library
+
+    def __getattr__(self, name):
+        op = getattr(self.library, name)
+        if not name.endswith("_one_row"):
+            return op
+
+        def appended_then_failed(*args):
+            op(*args)
+            raise RuntimeError("scores failed")
+
+        return appended_then_failed
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("quest", "python"), ("seer", "python"), ("seer", "native")],
+)
+def test_a_lean_step_that_raises_after_its_append_keeps_the_layer_consistent(
+    method, path, monkeypatch
+):
+    """A one-row lean step (`lean_one`) that raises once its token is appended, on the
+    Python path and on the native ops' (Seer's; the tiny model's DSA index is folded into
+    its keys, which takes the planned step): the layer counts the
+    token the memory holds and keeps nothing pending, as `take_in` does for a step that
+    raises, and the cache's guard stays with this thread (the last layer's call releases
+    it)."""
+    from hetmem import native
+
     model = wrap(tiny("llama"), method, budget=8, method_options=METHODS[method])
     cache = new_cache(model)
     name = cache_kwarg(model)
@@ -454,11 +483,16 @@ def test_a_lean_step_that_raises_after_its_append_keeps_the_layer_consistent(met
     with torch.no_grad():
         model(ids, use_cache=True, **{name: cache})
         method_cls = type(model._hetmem_wrap.settings.methods[0])
+        if path == "python":
 
-        def fail(self, memory, q):
-            raise RuntimeError("scores failed")
+            def fail(self, memory, q):
+                raise RuntimeError("scores failed")
 
-        monkeypatch.setattr(method_cls, "_one_row_scores", fail)
+            monkeypatch.setattr(native, "library", lambda: None)
+            monkeypatch.setattr(method_cls, "_one_row_scores", fail)
+        else:
+            library = native_library()
+            monkeypatch.setattr(native, "library", lambda: _FailingAfterAppend(library))
         with pytest.raises(RuntimeError, match="scores failed"):
             model(torch.tensor([[7]]), position_ids=torch.tensor([[40]]), use_cache=True,
                   **{name: cache})  # fmt: skip

@@ -17,7 +17,8 @@ in `MAY_IMPORT`):
 - fpga/: the FPGA device and its targets (emu, cosim, hls, xrt, pynq, cards). Reads kernels/;
   imports no method, no torch ("Methods do not import FPGA targets; targets do not import
   methods; both meet in kernels/ and pipeline.py").
-- tensors: the float attention primitives (attention.py), the step plan, synthetic data.
+- tensors: the float attention primitives (attention.py), their native one-row decode step
+  (native/: C++ over ATen, built on first use), the step plan, synthetic data.
 - costs: the system model's vocabulary (system/shape.py, system/accounting.py) in which each
   method states its own bytes and FLOPs.
 - tasks: the retrieval tasks (text only).
@@ -67,7 +68,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "kernels": ("hetmem.kernels",),
     "fpga": ("hetmem.fpga",),
-    "tensors": ("hetmem.attention", "hetmem.plan", "hetmem.synthetic"),
+    "tensors": ("hetmem.attention", "hetmem.native", "hetmem.plan", "hetmem.synthetic"),
     "costs": ("hetmem.system.accounting", "hetmem.system.shape"),
     "tasks": ("hetmem.tasks",),
     "bundled": ("hetmem.bundled",),

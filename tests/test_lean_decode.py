@@ -11,10 +11,41 @@ import torch
 
 import hetmem.attention as hetmem_attention
 import hetmem.methods._attention as attention_methods
+from conftest import native_library
 from hetmem.attention import AttentionQuery, Growth, KVCache, KVChunk, dense_attention
 from hetmem.methods import get
 from hetmem.pipeline import Pipeline
 from hetmem.plan import StepPlan
+
+
+class _Counted:
+    """hetmem's native ops, each call counted by name."""
+
+    def __init__(self, library):
+        self.library, self.calls = library, []
+
+    def __getattr__(self, name):
+        op = getattr(self.library, name)
+
+        def counted(*args):
+            self.calls.append(name)
+            return op(*args)
+
+        return counted
+
+
+def one_row_path(path: str, monkeypatch) -> _Counted | None:
+    """The one-row step's way for a test: "python" (the native ops off) or "native" (built
+    here, each call counted)."""
+    from hetmem import native
+
+    if path == "python":
+        monkeypatch.setattr(native, "library", lambda: None)
+        return None
+    counted = _Counted(native_library())
+    monkeypatch.setattr(native, "library", lambda: counted)
+    return counted
+
 
 METHODS = {
     "quest": lambda: get("quest", page_size=8),
@@ -161,12 +192,16 @@ def test_full_follows_the_lengths():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("index_dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("ties", [False, True])
-def test_dsa_lean_steps_equal_the_general_step(dtype, index_dtype, ties, monkeypatch):
+@pytest.mark.parametrize("path", ["python", "native"])
+def test_dsa_lean_steps_equal_the_general_step(dtype, index_dtype, ties, path, monkeypatch):
     """DSA's lean decode at B=1 over its own index, both ways `Pipeline.lean_decode` takes
-    it (the one-row step, `lean_one`, and the planned one, `lean_step`, each over DSA's
-    one-row scores), gives the general step's output, selection, index and profile steps,
-    to the bit; scores that tie at the k-th take `_top_indices`' slow path in all."""
+    it (the one-row step, `lean_one`, on the Python path or hetmem's native ops, and the
+    planned one, `lean_step`, each over DSA's one-row scores), gives the general step's
+    output, selection, index and profile steps, to the bit; scores that tie at the k-th
+    take `_top_indices`' slow path in all (the native step settles the tie in Python)."""
     from hetmem.methods.dsa import DSA
+
+    native = one_row_path(path, monkeypatch)
 
     ones, steps, rows = [], [], []  # each lean_one's, lean_step's, one-row scoring's result
     one, step = attention_methods.SparseAttentionMethod.lean_one, DSA.lean_step
@@ -215,7 +250,11 @@ def test_dsa_lean_steps_equal_the_general_step(dtype, index_dtype, ties, monkeyp
     # (the planned step's and the general Relevancy's through `_one_query_scores`)
     assert len(ones) == 4 and all(r is not None for r in ones)
     assert len(steps) == 4 and all(r is not None for r in steps)
-    assert len(rows) == 12
+    if native is None:
+        assert len(rows) == 12
+    else:  # the one-row steps scored and selected by the ops (a tie: settled in Python)
+        assert len(rows) == 8
+        assert native.calls == ["dsa_one_row", "one_row_attend"] * 4
     if ties:  # the lowest indices fill the budget
         assert lean.last_selection.indices.flatten().tolist() == list(range(64))
 
@@ -224,11 +263,14 @@ def test_dsa_lean_steps_equal_the_general_step(dtype, index_dtype, ties, monkeyp
 @pytest.mark.parametrize("growth", [None, "unit"])
 @pytest.mark.parametrize("length", [27, 32, 61])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_one_row_step_equals_the_general_step(method, growth, length, dtype):
+@pytest.mark.parametrize("path", ["python", "native"])
+def test_the_one_row_step_equals_the_general_step(method, growth, length, dtype, path, monkeypatch):
     """At one batch row, `Pipeline.lean_decode` runs the method's `lean_one` (append and
-    step in one call, no plan): output, selection, memory and profile as the general
-    path's (`append`, then `decode` with the lean calls off), to the bit, for every
-    attention method over buffers in whole units and not."""
+    step in one call, no plan), on the Python path or hetmem's native ops: output,
+    selection, memory and profile as the general path's (`append`, then `decode` with the
+    lean calls off), to the bit, for every attention method over buffers in whole units
+    and not."""
+    native = one_row_path(path, monkeypatch)
     unit = METHODS[method]().unit
     grow = Growth(align=unit) if growth == "unit" else None
     gen = torch.Generator().manual_seed(length)
@@ -270,6 +312,9 @@ def test_the_one_row_step_equals_the_general_step(method, growth, length, dtype)
         assert [r.nbytes for r in records] == [r.nbytes for r in general.profile.records]
         assert lean.history[-2].records[0].note == general.history[-2].records[0].note
     assert len(calls) == 5 and all(c is not None for c in calls)
+    if native is not None:  # the methods with an op: it appended and scored every step
+        op = {"quest": None, "seer": "seer_one_row", "dsa": "dsa_one_row"}[method]
+        assert native.calls.count(op) == (5 if op else 0)
     index = {"quest": "summaries", "seer": "gate_keys", "dsa": None}[method]
     if index is not None:
         assert torch.equal(getattr(lean.memory, index), getattr(general.memory, index))

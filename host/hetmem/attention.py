@@ -375,23 +375,41 @@ class KVCache:
 
     def append_token(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
         """`append` of a decode step's token when every row is at the cache's end (`full`):
-        keys/values [B, Hkv, 1, D] of the buffers' dtype, screened for NaN and Inf, written
-        with one slice per buffer, without `append`'s general checks; False (nothing done)
-        for anything else."""
-        kbuf, vbuf = self._keys._buffer, self._values._buffer
-        if not (
-            type(keys) is torch.Tensor
-            and type(values) is torch.Tensor
-            and keys.dtype == kbuf.dtype
-            and values.dtype == vbuf.dtype
-            and keys.shape == (*kbuf.shape[:2], 1, kbuf.shape[3])
-            and values.shape == (*kbuf.shape[:2], 1, vbuf.shape[3])
-            and self.full
-        ):
+        keys/values [B, Hkv, 1, D] of the buffers' dtype (`token_fits`), screened for NaN
+        and Inf, written with one slice per buffer, without `append`'s general checks; False
+        (nothing done) for anything else."""
+        if not self.token_fits(keys, values):
             return False
         _check_finite(keys, values)
         self._write_at_end(keys, values, 1)
         return True
+
+    def token_fits(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """Whether `append_token` takes these: plain tensors [B, Hkv, 1, D] of the buffers'
+        dtype and shape, and a `full` cache."""
+        kbuf, vbuf = self._keys._buffer, self._values._buffer
+        if type(keys) is not torch.Tensor or type(values) is not torch.Tensor:
+            return False
+        shape, vshape, buffer = keys.shape, values.shape, kbuf.shape
+        return (
+            keys.dtype == kbuf.dtype
+            and values.dtype == vbuf.dtype
+            and len(shape) == 4
+            and shape[0] == buffer[0]
+            and shape[1] == buffer[1]
+            and shape[2] == 1
+            and shape[3] == buffer[3]
+            and vshape[:3] == shape[:3]
+            and len(vshape) == 4
+            and vshape[3] == vbuf.shape[3]
+            and self.full
+        )
+
+    def reserve_end(self, end: int) -> None:
+        """Room in both buffers for `end` tokens a row."""
+        if end > self._keys._buffer.shape[2] or end > self._values._buffer.shape[2]:
+            self._keys.reserve(end)
+            self._values.reserve(end)
 
     def _write_at_end(self, keys: torch.Tensor, values: torch.Tensor, new: int) -> int:
         """Write `new` tokens at the end of every row of a full cache (one slice per
@@ -399,9 +417,7 @@ class KVCache:
         kstore, vstore = self._keys, self._values
         start = kstore.length
         end = start + new
-        if end > kstore._buffer.shape[2] or end > vstore._buffer.shape[2]:
-            kstore.reserve(end)
-            vstore.reserve(end)
+        self.reserve_end(end)
         kstore._buffer.narrow(2, start, new).copy_(keys)
         vstore._buffer.narrow(2, start, new).copy_(values)
         kstore.length = vstore.length = end
@@ -779,12 +795,17 @@ def _lean_attention(
 ) -> torch.Tensor:
     """`sparse_attention` of a selection shared by each KV group when nothing is masked
     (`unmasked`): the rows gathered and attended with no mask."""
-    kbuf = kv._keys._buffer
-    hq, hkv, cap = q.shape[1], kbuf.shape[1], kbuf.shape[2]
-    b, t, r = q.shape[0], q.shape[2], hq // hkv
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    unit = selection.unit
-    rows, mask, tail = selection.indices, None, None
+    kbuf, rows, unit = kv._keys._buffer, selection.indices, selection.unit
+    shape = q.shape
+    if shape[0] == 1 and shape[2] == 1 and rows.shape[-1] * unit <= SMALL_APPLY:
+        used = kv._keys.length  # one row in whole units (a partial last one's tail hidden)
+        if unit == 1 or not kbuf.shape[2] % unit:
+            scale = 1.0 / math.sqrt(shape[3]) if scale is None else scale
+            return _one_row_attention(q, kv, rows, unit, scale, used if used % unit else None)
+    hq, hkv, cap = shape[1], kbuf.shape[1], kbuf.shape[2]
+    b, t, r = shape[0], shape[2], hq // hkv
+    scale = 1.0 / math.sqrt(shape[3]) if scale is None else scale
+    mask, tail = None, None
     used = kv._keys.length
     if unit > 1 and cap % unit:  # the buffer is not laid out in whole units: token rows,
         rows = _unit_tokens(selection.indices, unit)  # and those of a partial last unit

@@ -125,15 +125,10 @@ def _top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     slow path, which looks) or a NaN first sorted score."""
     n = scores.shape[-1]
     floating = scores.is_floating_point()
-    if k > 0 and 4 * k <= n and (scores.numel() > SMALL_SORT or scores.dtype == torch.float32):
-        values = torch.topk(scores, k, dim=-1, sorted=False).values
-        kth = values.amin(-1, keepdim=True)
-        # Every row has at least k scores >= its k-th; exactly k in every row (k per row in
-        # all) when no tie straddles the k-th: then those are the picks, and `nonzero` lists
-        # them ascending (no sort).
-        picked = (scores >= kth).nonzero()
-        if picked.shape[0] == values.numel():
-            return picked[:, -1].view(values.shape)
+    if partial_fits(scores, k):
+        indices, kth = _partial_top(scores, k)
+        if kth is None:
+            return indices
         if floating:
             _check_nan(scores)
         need = k - (scores > kth).sum(-1, keepdim=True)
@@ -146,6 +141,30 @@ def _top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order[..., :k].sort(dim=-1).values
 
 
+def partial_fits(scores: torch.Tensor, k: int) -> bool:
+    """Whether `_top_indices` takes the partial top-k for k of these scores."""
+    return (
+        k > 0
+        and 4 * k <= scores.shape[-1]
+        and (scores.dtype == torch.float32 or scores.numel() > SMALL_SORT)
+    )
+
+
+def _partial_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_top_indices`' partial top-k: (the picks, None) when exactly k scores of each row are
+    at least its k-th (no tie straddles it: the set is the same whatever the tie order, and
+    `nonzero` lists it ascending, no sort); else (the k-th scores [..., 1], for the slower
+    path that settles the tie)."""
+    values = torch.topk(scores, k, dim=-1, sorted=False).values
+    kth = values.amin(-1, keepdim=True)
+    # Every row has at least k scores >= its k-th; exactly k in every row (k per row in
+    # all) when no tie straddles the k-th: then those are the picks.
+    picked = (scores >= kth).nonzero()
+    if picked.shape[0] == values.numel():
+        return picked[:, -1].view(values.shape), None
+    return values, kth
+
+
 def _check_nan(scores: torch.Tensor) -> None:
     if bool(torch.isnan(scores).any()):
         raise InputError("scores", "contain NaN (a method's weights or inputs are not finite)")
@@ -155,6 +174,13 @@ def _check_nan(scores: torch.Tensor) -> None:
 def _true(device: torch.device) -> torch.Tensor:
     """A bool scalar True (read-only: expanded into an unmasked top-k's `valid`)."""
     return torch.ones((), dtype=torch.bool, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def all_true(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """`_true` expanded to `shape` (read-only: an unmasked top-k's `valid`), kept per shape:
+    a decode step's selections have one shape for many steps."""
+    return _true(device).expand(shape)
 
 
 def topk_select(

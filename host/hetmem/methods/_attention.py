@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import attention as _attention
+from .. import native as _native
 from .. import selection as _selection
 from ..attention import (
     AttentionQuery,
@@ -223,16 +224,23 @@ class SparseAttentionMethod(Method):
         bench/decode_e2e.py's B=1 overhead). Returns the append's seconds and the step;
         None, nothing done, where the method's one-row hooks do not serve (`_one_row_fits`)
         or `lean_append` declines."""
+        shape = q.shape
         if (
-            q.shape[0] != 1
-            or q.shape[2] != 1
+            shape[0] != 1
+            or shape[2] != 1
             or getattr(self, "mode", "topk") != "topk"
             or not self._one_row_fits(memory, q)
             or not self._lean_apply_fits(memory)
         ):
             return None
         kv = memory.kv
-        sync = q.device.type != "cpu"  # each step's time its own: the device drained first
+        sync = not q.is_cpu  # each step's time its own: the device drained first
+        if not (sync or q.requires_grad or keys.requires_grad or values.requires_grad):
+            library = _native.library()
+            if library is not None:
+                done = self._native_one(library, memory, keys, values, q, budget_for)
+                if done is not None:
+                    return done
         if sync:
             synchronize(q.device)
         begin = time.perf_counter()
@@ -260,13 +268,96 @@ class SparseAttentionMethod(Method):
         seconds = (scored - start, selected - scored, end - selected)
         return start - begin, LeanStep(out, selection, nbytes, seconds)
 
+    def _native_one(
+        self,
+        library: Any,
+        memory: AttentionMemory,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        q: torch.Tensor,
+        budget_for: Callable[[int], int],
+    ) -> tuple[float, LeanStep] | None:
+        """`lean_one` on the CPU through hetmem's native ops (`hetmem.native`): the method's
+        op appends the token and scores (`_native_scores`), `one_row_attend` selects and
+        attends; the same operators as the Python path, so the same memory, output and
+        selection to the bit (tests/test_native.py), without the Python between them. A tie
+        at the k-th score, or a selection the op does not take, goes on in Python from the
+        scores. None, nothing done, where the method has no op or its op declines."""
+        kv = memory.kv
+        begin = time.perf_counter()
+        length = kv._keys.length
+        scored = self._native_scores(library, memory, keys, values, q)
+        if scored is None:
+            return None
+        scores, appended = scored
+        start = time.perf_counter()
+        budget, unit = budget_for(length + 1), self.unit
+        k = budget // unit if type(budget) is int and budget >= unit else 0
+        kbuf = kv._keys._buffer
+        scale = self.__dict__.get("_scale")
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        if (
+            _selection.partial_fits(scores, k)
+            and k * unit <= _attention.SMALL_APPLY
+            and (unit == 1 or not kbuf.shape[2] % unit)
+        ):
+            used = length + 1  # (a partial last unit's tokens past it hidden)
+            hide = used if used % unit else -1
+            vbuf = kv._values._buffer
+            out, rows, picking = library.one_row_attend(scores, k, q, kbuf, vbuf, unit, hide, scale)
+            if out is not None:
+                end = time.perf_counter()
+                selection = TopK(rows, _selection.all_true(rows.shape, rows.device), unit, True)
+                nbytes = scores.numel() * scores.element_size()
+                seconds = (start - begin - appended, picking, end - start - picking)
+                return appended, LeanStep(out, selection, nbytes, seconds)
+        selection = self._lean_selection(scores, budget)  # (the tie: the Python path's way)
+        selected = time.perf_counter()
+        out = _attention._lean_attention(q, kv, selection, scale, memory.workspace)
+        end = time.perf_counter()
+        nbytes = scores.numel() * scores.element_size()
+        seconds = (start - begin - appended, selected - start, end - selected)
+        return appended, LeanStep(out, selection, nbytes, seconds)
+
+    def _native_scores(
+        self,
+        library: Any,
+        memory: AttentionMemory,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        q: torch.Tensor,
+    ) -> tuple[torch.Tensor, float] | None:
+        """The method's native op: the token appended (`lean_append`'s memory) and the one
+        query's scores (`_one_row_scores`'), with the append's seconds; None, nothing done,
+        where it has none or declines (then the Python path runs). None by default."""
+        return None
+
+    @staticmethod
+    def _native_settled(kv: KVCache, n: int) -> bool:
+        """After a method's native op raised: whether it had written the token (its row
+        lengths moved past `n`, the write's last operator), the cache's lengths then set to
+        hold it (as the Python path's `append_token` leaves them)."""
+        written = bool((kv._lengths > n).any())
+        if written:
+            kv._keys.length = kv._values.length = n + 1
+        return written
+
     def _lean_selection(self, scores: torch.Tensor, budget: int) -> TopK:
         """`retrieve` of scores that mask nothing: the top k = budget // unit units (the one
-        rule), every pick valid."""
-        k = budget_units(budget, self.unit, scores.shape[-1])
-        indices = _selection._top_indices(scores, k)
-        valid = _selection._true(indices.device).expand(indices.shape)
-        return TopK(indices, valid, self.unit, all_valid=True)
+        rule), every pick valid. A few of many without a tie at the k-th takes the partial
+        top-k's picks straight (`_top_indices`' first way, without its dispatch)."""
+        unit = self.unit
+        k = budget // unit if type(budget) is int and budget >= unit else 0
+        indices = None
+        if _selection.partial_fits(scores, k):  # (then k < the candidates: the rule's k)
+            indices, tie = _selection._partial_top(scores, k)
+            if tie is not None:
+                indices = None
+        if indices is None:
+            k = budget_units(budget, unit, scores.shape[-1])
+            indices = _selection._top_indices(scores, k)
+        valid = _selection.all_true(indices.shape, indices.device)
+        return TopK(indices, valid, unit, all_valid=True)
 
     def _one_row_fits(self, memory: AttentionMemory, q: torch.Tensor) -> bool:
         """Whether `lean_one` serves this memory and query [1, Hq, 1, D]: `_one_row_scores`

@@ -62,6 +62,7 @@ from ..attention import (
     AttentionQuery,
     Growable,
     KVCache,
+    _check_finite,
     bag_values,
     sparse_attention,
     workspace_buffer,
@@ -574,6 +575,49 @@ class DSA(SparseAttentionMethod):
             logits = torch.bmm(data, cast.view(1, heads, di).transpose(1, 2))
         scores = logits.relu_().sum(-1)  # [1, S]
         return scores.mul_(1.0 / (heads * math.sqrt(di))).view(1, 1, 1, n)
+
+    def _native_scores(
+        self,
+        library: Any,
+        memory: AttentionMemory,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        q: torch.Tensor,
+    ) -> tuple[torch.Tensor, float] | None:
+        """`dsa_one_row`: the token into the cache and its indexer key into the index, then
+        `_one_row_scores`, for float32 query weights (the op's cast of the queries)."""
+        kv, index = memory.kv, memory.keys  # type: ignore[attr-defined]
+        weights = self.weights  # (made current by `_one_row_fits`)
+        blocks = weights.blocks
+        if (
+            blocks.dtype != torch.float32
+            or memory.token_keys is not None  # type: ignore[attr-defined]
+            or not kv.token_fits(keys, values)
+        ):
+            return None
+        n = kv._keys.length
+        kv.reserve_end(n + 1)
+        if n + 1 > index._buffer.shape[1]:
+            index.reserve(n + 1)
+        index.length = n + 1
+        half = index._buffer.dtype in HALF_DTYPES
+        span = index.padded(SHAPE_QUANTUM).shape[1] if half else n + 1
+        kstore, vstore = kv._keys, kv._values
+        try:
+            scores, appended = library.dsa_one_row(
+                keys, values, q, kstore._buffer, vstore._buffer, kv._lengths, index._buffer,
+                weights.wk, blocks, n, span, 1.0 / (weights.heads * math.sqrt(blocks.shape[2])),
+            )  # fmt: skip
+        except BaseException:
+            if not self._native_settled(kv, n):
+                index.length = n
+            raise
+        if scores is None:  # not screened clean: nothing written (the exact check settles it)
+            index.length = n
+            _check_finite(keys, values)
+            return None
+        kstore.length = vstore.length = n + 1
+        return scores, appended
 
     def _lean_scores(self, memory: AttentionMemory, query: AttentionQuery) -> torch.Tensor:
         """`lean_step`'s scores: at B=1 over its own index, `_one_query_scores` (no call of

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..attention import HALF_DTYPES, AttentionQuery, Growable, KVCache
+from ..attention import HALF_DTYPES, AttentionQuery, Growable, KVCache, _check_finite
 from ..checks import check_positive_int, check_tensor
 from ..errors import InputError
 from ..selection import Bitmap, Scores, Selection
@@ -262,6 +262,47 @@ class SeerAttention(SparseAttentionMethod):
     def _one_row_scores(self, memory: AttentionMemory, q: torch.Tensor) -> torch.Tensor:
         """The gate logits [1, Hkv, 1, Nb] (`relevancy`'s)."""
         return gate_scores(self.gate_query(memory, q), memory.gate_keys)  # type: ignore[arg-type]
+
+    def _native_scores(
+        self,
+        library: Any,
+        memory: AttentionMemory,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        q: torch.Tensor,
+    ) -> tuple[torch.Tensor, float] | None:
+        """`seer_one_row`: the token into the cache and the gate key of its block, then
+        the gate logits (`_one_row_scores`); a query the gate does not fit is left to the
+        Python path (which says why)."""
+        assert isinstance(memory, SeerMemory)
+        kv = memory.kv
+        w = self._weights(kv, q.shape[1])
+        hkv = w.wk.shape[0]
+        if q.shape[1] % hkv or q.shape[1] // hkv * q.shape[-1] != w.wq.shape[1]:
+            return None
+        if not kv.token_fits(keys, values):
+            return None
+        n, unit, store = kv._keys.length, self.unit, memory._gate_keys
+        kv.reserve_end(n + 1)
+        blocks = n // unit + 1
+        if blocks > store._buffer.shape[2]:
+            store.reserve(blocks)
+        kstore, vstore = kv._keys, kv._values
+        try:
+            scores, appended = library.seer_one_row(
+                keys, values, q, kstore._buffer, vstore._buffer, kv._lengths, store._buffer,
+                w.wq, w.wk, n, unit, blocks,
+            )  # fmt: skip
+        except BaseException:
+            if self._native_settled(kv, n):
+                store.length = blocks
+            raise
+        if scores is None:  # not screened clean: nothing written (the exact check settles it)
+            _check_finite(keys, values)
+            return None
+        kstore.length = vstore.length = n + 1
+        store.length = blocks
+        return scores, appended
 
     def gate_query(self, memory: SeerMemory, q: torch.Tensor) -> torch.Tensor:
         """Gate queries [B, Hkv, T, Dg] from q [B, Hq, T, D]."""

@@ -1,0 +1,144 @@
+"""hetmem's native one-row decode step (`hetmem.native`): built here, equal to the Python
+path to the bit (tests/test_lean_decode.py holds each step against the general path both
+ways; here a wrapped model's whole generate()), nothing written for a token that is not
+finite, the Python path where the ops are switched off or cannot be built."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from conftest import native_library
+from hetmem import native
+from hetmem.attention import KVCache
+from hetmem.errors import InputError
+from hetmem.methods import get
+from hetmem.models import unwrap, wrap
+from hetmem.pipeline import Pipeline
+from test_lean_decode import _Counted
+from test_wrap import generate, tiny
+
+OPS = {"dsa": "dsa_one_row", "seer": "seer_one_row"}
+OPTIONS = {"dsa": {}, "seer": {"block_size": 8}}
+
+
+@pytest.fixture
+def fresh_state():
+    """The library's settled state forgotten before and after the test."""
+    native.reset()
+    yield
+    native.reset()
+
+
+def test_python_m_hetmem_native_builds_and_loads():
+    native_library()  # (built in this process, or a skip where there is no compiler)
+    done = subprocess.run(
+        [sys.executable, "-m", "hetmem.native"], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    assert "built and loaded" in done.stdout
+
+
+@pytest.mark.parametrize("method", ["dsa", "seer"])
+def test_generate_with_the_native_ops_equals_the_python_path(method, monkeypatch):
+    """A wrapped model (KV rows wider than DSA's 128-dim index) generates the same tokens
+    and logits with the native one-row step as on the Python path, and the method's op ran
+    in every layer's every decode step."""
+    counted = _Counted(native_library())
+    model = tiny("llama", heads=4, kv_heads=4, head_dim=64)
+    wrap(model, method, budget=16, method_options=OPTIONS[method])
+    ids = torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(2))
+    try:
+        with torch.no_grad():
+            monkeypatch.setattr(native, "library", lambda: None)
+            python = generate(model, ids, new=6)
+            monkeypatch.setattr(native, "library", lambda: counted)
+            fast = generate(model, ids, new=6)
+    finally:
+        unwrap(model)
+    assert torch.equal(python.sequences, fast.sequences)
+    for a, b in zip(python.scores, fast.scores, strict=True):
+        assert torch.equal(a, b)
+    assert counted.calls.count(OPS[method]) == 5 * 2  # 5 decode steps, 2 layers
+
+
+def _pipeline(method: str, dtype=torch.float32) -> Pipeline:
+    gen = torch.Generator().manual_seed(5)
+    keys, values = (torch.randn(1, 2, 70, 128, generator=gen).to(dtype) for _ in range(2))
+    pipe = Pipeline(get(method, **OPTIONS[method]), "cpu/cpu/cpu/cpu")
+    pipe.prepare(KVCache(keys, values))
+    return pipe
+
+
+def _step(pipe: Pipeline, k: torch.Tensor, v: torch.Tensor):
+    q = torch.randn(1, 4, 1, 128, generator=torch.Generator().manual_seed(6)).to(k.dtype)
+    return pipe.lean_decode(k, v, q, None, None, lambda n: 16)
+
+
+@pytest.mark.parametrize("method", ["dsa", "seer"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_token_that_is_not_finite_is_refused_with_nothing_written(method, bad, monkeypatch):
+    counted = _Counted(native_library())
+    monkeypatch.setattr(native, "library", lambda: counted)
+    pipe = _pipeline(method)
+    kv = pipe.memory.kv
+    before = (kv.keys.clone(), kv.values.clone(), kv.lengths.clone(), kv._keys.length)
+    k, v = torch.randn(1, 2, 1, 128), torch.randn(1, 2, 1, 128)
+    v[0, 1, 0, 5] = bad
+    with pytest.raises(InputError, match="values"):
+        _step(pipe, k, v)
+    assert counted.calls == [OPS[method]]  # the op screened it and wrote nothing
+    assert torch.equal(kv.keys, before[0]) and torch.equal(kv.values, before[1])
+    assert torch.equal(kv.lengths, before[2]) and kv._keys.length == before[3]
+    index = pipe.memory.keys.length if method == "dsa" else pipe.memory._gate_keys.length
+    assert index == (70 if method == "dsa" else 9)
+
+
+@pytest.mark.parametrize("method", ["dsa", "seer"])
+def test_finite_values_whose_screen_overflows_are_appended_as_on_the_python_path(
+    method, monkeypatch
+):
+    """Keys and values finite but their dot product beyond float32: the op's screen says
+    "not clean", the exact check finds them finite, and the step runs (on the Python path)
+    to the same output and memory as with the ops off."""
+    k = torch.full((1, 2, 1, 128), 1e30)
+    v = torch.full((1, 2, 1, 128), 1e10)  # (each product 1e40: past float32's 3.4e38)
+    outs, memories, counted = [], [], _Counted(native_library())
+    for library in (counted, None):
+        monkeypatch.setattr(native, "library", lambda library=library: library)
+        pipe = _pipeline(method)
+        outs.append(_step(pipe, k, v))
+        memories.append(pipe.memory.kv)
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+    assert torch.equal(memories[0].keys, memories[1].keys)
+    assert memories[0].capacity == 71
+    assert counted.calls == [OPS[method]]  # declined by the op's screen, then Python's step
+
+
+def test_switched_off_the_python_path_runs(fresh_state, monkeypatch):
+    monkeypatch.setenv("HETMEM_NATIVE", "0")
+    assert native.library() is None
+    assert "HETMEM_NATIVE=0" in native.reason()
+    pipe = _pipeline("seer")
+    out = _step(pipe, torch.randn(1, 2, 1, 128), torch.randn(1, 2, 1, 128))
+    assert out.shape == (1, 4, 1, 128) and pipe.memory.kv.capacity == 71
+
+
+def test_a_build_that_fails_warns_once_and_the_python_path_runs(fresh_state, monkeypatch):
+    def no_compiler(torch):
+        raise RuntimeError("Error building extension 'hetmem_native'\nc++: not found")
+
+    monkeypatch.setattr(native, "_registered", lambda torch: False)
+    monkeypatch.setattr(native, "_build", no_compiler)
+    with pytest.warns(RuntimeWarning, match="could not be built .*c\\+\\+: not found"):
+        assert native.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.library() is None  # settled: no second build, no second warning
+    pipe = _pipeline("dsa", torch.bfloat16)
+    k, v = (torch.randn(1, 2, 1, 128).to(torch.bfloat16) for _ in range(2))
+    assert _step(pipe, k, v).shape == (1, 4, 1, 128)
