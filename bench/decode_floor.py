@@ -1,18 +1,20 @@
-"""The floor under hetmem's B=1 dispatch overhead, measured: DSA's decode layer-step three ways
+"""The floor under hetmem's B=1 dispatch overhead, measured: DSA's decode layer-step four ways
 over the same Llama-3-8B-shaped layer, 1k context, budget 128 (decode_e2e.py's overhead case):
 
 - dense: transformers' `StaticLayer.update` and sdpa over the whole static cache;
 - hetmem: `HetmemLayer.update` and the registered `hetmem` attention function (the wrapped
-  model's path);
-- by hand: the operators hetmem's lean decode step at one batch row runs (`lean_one`: the
-  finiteness screen, the KV and index writes, the indexer's projection and matmul, the
-  partial top-k with its tie check, the gather and sdpa) written out over a second hetmem
+  model's path), its one-row step on hetmem's native ops (`hetmem.native`) where they built;
+- hetmem, Python path: the same with the native ops off (the Python lean step, `lean_one`);
+- by hand: the operators hetmem's lean decode step at one batch row runs (the finiteness
+  screen, the KV and index writes, the indexer's projection and matmul, the partial top-k
+  with its tie check, the gather and sdpa) written out in Python over a second hetmem
   layer's own memory, with no other Python around them.
 
 `by hand - dense` is what the method's work costs beside dense attention; `hetmem - by hand` is
 what hetmem's code around the same operators costs (the cache layer, the attention function,
-the pipeline's profile, the methods' checks and hooks). Both outputs are checked equal to the
-bit. Rounds interleaved, medians, wall time (measured):
+the pipeline's profile, the methods' checks and hooks; negative where the native step saves
+more Python than hetmem adds). The three outputs are checked equal to the bit. Rounds
+interleaved, medians, wall time (measured):
 
     python bench/decode_floor.py                 # bf16, 2 threads, 9 rounds of 20 steps
 """
@@ -34,11 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import decode_e2e as e2e
 import hetmem
+from hetmem import native
 from hetmem.methods.dsa import SHAPE_QUANTUM
 from hetmem.models import attention_fn
 from hetmem.models.wrap import new_cache
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _none() -> None:
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,14 +116,21 @@ def main(argv: list[str] | None = None) -> int:
         cache.update(keys, values, 0)
         return cache.layers[0]
 
-    def through_hetmem():
+    def through_hetmem(python_path: bool = False):
         layer, i = wrapped_layer(), [0]
+        native_library = native.library
 
         def step():
             k, v = layer.update(*new[i[0]])
             i[0] += 1
             fn = attention_fn.hetmem_attention_forward
-            return fn(module, q, k, v, None, scaling=module.scaling)[0]
+            if not python_path:
+                return fn(module, q, k, v, None, scaling=module.scaling)[0]
+            native.library = _none  # this layer's step on the Python path
+            try:
+                return fn(module, q, k, v, None, scaling=module.scaling)[0]
+            finally:
+                native.library = native_library
 
         return step
 
@@ -163,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return step
 
-    runners = {"dense": dense(), "hetmem": through_hetmem(), "by hand": by_hand()}
+    runners = {
+        "dense": dense(),
+        "hetmem": through_hetmem(),
+        "hetmem, Python path": through_hetmem(python_path=True),
+        "by hand": by_hand(),
+    }
     times: dict[str, list[float]] = {name: [] for name in runners}
     outs: dict[str, list[torch.Tensor]] = {name: [] for name in runners}
     with torch.no_grad():
@@ -177,7 +196,12 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.steps):
                     outs[name].append(step())
                 times[name].append((time.perf_counter() - start) / args.steps * 1e6)
-    equal = all(torch.equal(a, b) for a, b in zip(outs["hetmem"], outs["by hand"], strict=True))
+    equal = all(
+        torch.equal(a, b) and torch.equal(a, c)
+        for a, b, c in zip(
+            outs["hetmem"], outs["hetmem, Python path"], outs["by hand"], strict=True
+        )
+    )
     med = {name: statistics.median(v) for name, v in times.items()}
     result = {
         "command": "python bench/decode_floor.py "
@@ -188,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         "budget": budget,
         "us_per_layer_step": med,
         "rounds_us": times,
+        "native_ops": native.library() is not None,
         "method_work_us": med["by hand"] - med["dense"],
         "code_around_us": med["hetmem"] - med["by hand"],
+        "python_path_code_around_us": med["hetmem, Python path"] - med["by hand"],
         "outputs_equal": equal,
         "source": "measured",
     }
@@ -197,10 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(
         f"DSA, B=1, 1k, budget {budget}, {args.dtype}, {args.threads} threads (measured, medians "
-        f"of {args.rounds} rounds): dense {med['dense']:.0f} us, hetmem {med['hetmem']:.0f} us, "
-        f"by hand {med['by hand']:.0f} us -> the method's work beside dense "
-        f"{result['method_work_us']:+.0f} us, hetmem's code around it "
-        f"{result['code_around_us']:+.0f} us; hetmem and by hand equal: {equal}"
+        f"of {args.rounds} rounds): dense {med['dense']:.0f} us, hetmem {med['hetmem']:.0f} us "
+        f"(native ops: {result['native_ops']}), hetmem's Python path "
+        f"{med['hetmem, Python path']:.0f} us, by hand {med['by hand']:.0f} us -> the method's "
+        f"work beside dense {result['method_work_us']:+.0f} us, hetmem's code around it "
+        f"{result['code_around_us']:+.0f} us ({result['python_path_code_around_us']:+.0f} us "
+        f"on the Python path); the three equal: {equal}"
     )
     print(f"wrote {args.out}")
     return 0 if equal else 1
