@@ -463,14 +463,14 @@ class _FailingAfterAppend:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("quest", "python"), ("seer", "python"), ("seer", "native")],
+    [("quest", "python"), ("seer", "python"), ("quest", "native"), ("seer", "native")],
 )
 def test_a_lean_step_that_raises_after_its_append_keeps_the_layer_consistent(
     method, path, monkeypatch
 ):
     """A one-row lean step (`lean_one`) that raises once its token is appended, on the
-    Python path and on the native ops' (Seer's; the tiny model's DSA index is folded into
-    its keys, which takes the planned step): the layer counts the
+    Python path and on the native ops' (the tiny model's DSA index is folded into its keys,
+    which takes the planned step): the layer counts the
     token the memory holds and keeps nothing pending, as `take_in` does for a step that
     raises, and the cache's guard stays with this thread (the last layer's call releases
     it)."""

@@ -22,8 +22,8 @@ from hetmem.pipeline import Pipeline
 from test_lean_decode import _Counted
 from test_wrap import generate, tiny
 
-OPS = {"dsa": "dsa_one_row", "seer": "seer_one_row"}
-OPTIONS = {"dsa": {}, "seer": {"block_size": 8}}
+OPS = {"dsa": "dsa_one_row", "quest": "quest_one_row", "seer": "seer_one_row"}
+OPTIONS = {"dsa": {}, "quest": {"page_size": 8}, "seer": {"block_size": 8}}
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_python_m_hetmem_native_builds_and_loads():
     assert "built and loaded" in done.stdout
 
 
-@pytest.mark.parametrize("method", ["dsa", "seer"])
+@pytest.mark.parametrize("method", ["dsa", "quest", "seer"])
 def test_generate_with_the_native_ops_equals_the_python_path(method, monkeypatch):
     """A wrapped model (KV rows wider than DSA's 128-dim index) generates the same tokens
     and logits with the native one-row step as on the Python path, and the method's op ran
@@ -79,7 +79,7 @@ def _step(pipe: Pipeline, k: torch.Tensor, v: torch.Tensor):
     return pipe.lean_decode(k, v, q, None, None, lambda n: 16)
 
 
-@pytest.mark.parametrize("method", ["dsa", "seer"])
+@pytest.mark.parametrize("method", ["dsa", "quest", "seer"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_token_that_is_not_finite_is_refused_with_nothing_written(method, bad, monkeypatch):
     counted = _Counted(native_library())
@@ -94,11 +94,12 @@ def test_a_token_that_is_not_finite_is_refused_with_nothing_written(method, bad,
     assert counted.calls == [OPS[method]]  # the op screened it and wrote nothing
     assert torch.equal(kv.keys, before[0]) and torch.equal(kv.values, before[1])
     assert torch.equal(kv.lengths, before[2]) and kv._keys.length == before[3]
-    index = pipe.memory.keys.length if method == "dsa" else pipe.memory._gate_keys.length
-    assert index == (70 if method == "dsa" else 9)
+    index = {"dsa": lambda m: m.keys.length, "quest": lambda m: m.pages.blocks}
+    index["seer"] = lambda m: m._gate_keys.length
+    assert index[method](pipe.memory) == (70 if method == "dsa" else 9)
 
 
-@pytest.mark.parametrize("method", ["dsa", "seer"])
+@pytest.mark.parametrize("method", ["dsa", "quest", "seer"])
 def test_finite_values_whose_screen_overflows_are_appended_as_on_the_python_path(
     method, monkeypatch
 ):

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..attention import HALF_DTYPES, AttentionQuery, KVCache
+from ..attention import HALF_DTYPES, AttentionQuery, KVCache, _check_finite
 from ..checks import check_positive_int
 from ..errors import InputError
 from ..selection import Scores
@@ -148,6 +148,46 @@ class Quest(SparseAttentionMethod):
     def _one_row_scores(self, memory: AttentionMemory, q: torch.Tensor) -> torch.Tensor:
         """The pages' bounds [1, Hkv, 1, P], their max over each group (`relevancy`'s)."""
         return self.bounds(memory, q, group_max=True)  # type: ignore[arg-type]
+
+    def _native_scores(
+        self,
+        library: Any,
+        memory: AttentionMemory,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        q: torch.Tensor,
+    ) -> tuple[torch.Tensor, float] | None:
+        """`quest_one_row`: the token into the cache and its page's bounds, then the pages'
+        upper bounds for the query, their max over each group (`_one_row_scores`)."""
+        assert isinstance(memory, QuestMemory)
+        kv, pages = memory.kv, memory.pages
+        if pages.steps is None or not kv.token_fits(keys, values):
+            return None
+        store, n, unit = pages.stores["bounds"], kv._keys.length, self.unit
+        kv.reserve_end(n + 1)
+        before = store.length
+        if before <= n // unit:
+            store.reserve(n // unit + 1)
+            store.length = n // unit + 1
+        half = q.dtype in HALF_DTYPES and store._buffer.dtype == q.dtype
+        span = store.padded(SHAPE_QUANTUM).shape[2] if half else -1
+        low, high = _sides(kv._keys._buffer.shape[3], q.dtype, q.device)
+        kstore, vstore = kv._keys, kv._values
+        try:
+            scores, appended = library.quest_one_row(
+                keys, values, q, kstore._buffer, vstore._buffer, kv._lengths, store._buffer,
+                low, high, n, unit, store.length, span,
+            )  # fmt: skip
+        except BaseException:
+            if not self._native_settled(kv, n):
+                store.length = before
+            raise
+        if scores is None:  # not screened clean: nothing written (the exact check settles it)
+            store.length = before
+            _check_finite(keys, values)
+            return None
+        kstore.length = vstore.length = n + 1
+        return scores, appended
 
     def bounds(self, memory: QuestMemory, q: torch.Tensor, group_max: bool = False) -> torch.Tensor:
         """Upper bounds [B, Hkv, R, T, P] for queries q [B, Hq, T, D]; `group_max`: their

@@ -21,6 +21,7 @@ from typing import Any
 
 SOURCE = Path(__file__).with_name("one_row.cpp")
 NAME = "hetmem_native"
+OPS = ("dsa_one_row", "quest_one_row", "seer_one_row", "one_row_attend")
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "ops": the op namespace or None once settled; "why": the reason
@@ -82,7 +83,8 @@ def _load() -> Any:
 
 
 def _registered(torch: Any) -> bool:
-    return hasattr(torch.ops, NAME) and hasattr(getattr(torch.ops, NAME), "one_row_attend")
+    ops = getattr(torch.ops, NAME, None)
+    return ops is not None and all(hasattr(ops, op) for op in OPS)
 
 
 def _build(torch: Any) -> Any:

@@ -1,4 +1,4 @@
-// hetmem's native one-row decode step: a wrapped model's decode step at batch 1 (a decode
+// hetmem's native one-row decode step (DSA, Quest, SeerAttention-R): a wrapped model's decode step at batch 1 (a decode
 // token appended, the method's index brought up to date, Relevancy's scores, the top-k and
 // the attention over the selected rows), as the Python lean path (`lean_one`) runs it: the
 // same ATen operators, in the same order, on the same tensors, so every result equals the
@@ -103,6 +103,49 @@ std::tuple<at::Tensor, double> seer_one_row(
   return {logits / std::sqrt(static_cast<double>(qg.size(-1))), appended};
 }
 
+// Quest: the token into the cache, the bounds of the page it lands in (`page_bounds_step`:
+// a new page's max and min are the token, else the running max and min take it), then the
+// pages' upper bounds for the query, their max over each KV group (`_one_row_scores`), over
+// the first `span` pages of the store (its padded shape, `span` >= 0: a half-precision query
+// and store) or the first `pages` (span < 0: the store cast to the query's dtype). `low` and
+// `high` [2, D] clamp the query seen twice into [relu(q) | min(q, 0)] (`_sides`). Returns
+// (bounds [1, Hkv, 1, pages] or an empty tensor when the token was not screened clean;
+// the append's seconds).
+std::tuple<at::Tensor, double> quest_one_row(
+    const at::Tensor& keys, const at::Tensor& values, const at::Tensor& q,
+    const at::Tensor& kbuf, const at::Tensor& vbuf, const at::Tensor& lengths,
+    const at::Tensor& bounds, const at::Tensor& low, const at::Tensor& high, int64_t n,
+    int64_t unit, int64_t pages, int64_t span) {
+  double begin = now();
+  if (!screened(keys, values)) return {at::Tensor(), 0.0};
+  write_token(keys, values, kbuf, vbuf, lengths, n);
+  int64_t d = kbuf.size(3);
+  auto slot = bounds.narrow(2, n / unit, 1);
+  auto key = kbuf.narrow(2, n, 1);
+  if (n % unit == 0) {
+    slot.unflatten(-1, {2, d}).copy_(
+        key.unsqueeze(-2).expand({key.size(0), key.size(1), key.size(2), 2, d}));
+  } else {
+    auto top = slot.narrow(-1, 0, d), bottom = slot.narrow(-1, d, d);
+    at::maximum_out(top, top, key);
+    at::minimum_out(bottom, bottom, key);
+  }
+  double appended = now() - begin;
+  int64_t b = q.size(0), heads = q.size(1), t = q.size(2), hkv = kbuf.size(1), r = heads / hkv;
+  auto qg = q.reshape({b * hkv, r * t, d});
+  auto sides = at::clamp(qg.unsqueeze(2).expand({b * hkv, r * t, 2, d}), low, high)
+                   .view({b * hkv, r * t, 2 * d});
+  if (span >= 0) {
+    auto padded = bounds.narrow(2, 0, span).reshape({b * hkv, span, 2 * d});
+    auto bound = at::bmm(padded, sides.transpose(1, 2));
+    bound = bound.view({b * hkv, span, r, t}).amax(2).narrow(1, 0, pages);
+    return {bound.transpose(1, 2).reshape({b, hkv, t, pages}), appended};
+  }
+  auto stored = bounds.narrow(2, 0, pages).reshape({b * hkv, pages, 2 * d}).to(q.scalar_type());
+  auto bound = at::bmm(sides, stored.transpose(1, 2)).view({b, hkv, r, t, pages});
+  return {bound.amax(2), appended};
+}
+
 // `_lean_selection` then `_one_row_attention`: the partial top-k of scores [1, G, 1, n]
 // (G = 1: a selection shared by the KV heads; G = Hkv: one per KV head), kept when exactly
 // k scores of each row are at least its k-th (else an empty output: the caller settles the
@@ -158,6 +201,10 @@ TORCH_LIBRARY(hetmem_native, m) {
       "Tensor(c!) lengths, Tensor(d!) gate_keys, Tensor wq, Tensor wk, int n, int unit, "
       "int blocks) -> (Tensor, float)");
   m.def(
+      "quest_one_row(Tensor keys, Tensor values, Tensor q, Tensor(a!) kbuf, Tensor(b!) vbuf, "
+      "Tensor(c!) lengths, Tensor(d!) bounds, Tensor low, Tensor high, int n, int unit, "
+      "int pages, int span) -> (Tensor, float)");
+  m.def(
       "one_row_attend(Tensor scores, int k, Tensor q, Tensor kbuf, Tensor vbuf, int unit, "
       "int hide_from, float scale) -> (Tensor, Tensor, float)");
 }
@@ -165,5 +212,6 @@ TORCH_LIBRARY(hetmem_native, m) {
 TORCH_LIBRARY_IMPL(hetmem_native, CPU, m) {
   m.impl("dsa_one_row", TORCH_FN(dsa_one_row));
   m.impl("seer_one_row", TORCH_FN(seer_one_row));
+  m.impl("quest_one_row", TORCH_FN(quest_one_row));
   m.impl("one_row_attend", TORCH_FN(one_row_attend));
 }
