@@ -1,5 +1,6 @@
-"""bench/decode_floor.py: DSA's B=1 layer-step dense, through hetmem, and by hand over a hetmem
-layer's memory; the hand-written operators give hetmem's output to the bit."""
+"""bench/decode_floor.py: DSA's B=1 layer-step dense, through hetmem (its native ops and its
+Python path), and by hand over a hetmem layer's memory; the three give one output to the
+bit."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+
+from hetmem import native
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -26,8 +29,12 @@ def test_the_floor_bench_splits_the_overhead_and_checks_the_outputs(tmp_path, ca
     result = json.loads(out.read_text())
     assert result["outputs_equal"] is True and result["source"] == "measured"
     med = result["us_per_layer_step"]
-    assert set(med) == {"dense", "hetmem", "by hand"} and all(v > 0 for v in med.values())
+    ways = {"dense", "hetmem", "hetmem, Python path", "by hand"}
+    assert set(med) == ways and all(v > 0 for v in med.values())
     assert result["method_work_us"] == med["by hand"] - med["dense"]
     assert result["code_around_us"] == med["hetmem"] - med["by hand"]
+    python_path = med["hetmem, Python path"] - med["by hand"]
+    assert result["python_path_code_around_us"] == python_path
+    assert result["native_ops"] is (native.library() is not None)
     assert all(len(v) == 2 for v in result["rounds_us"].values())
-    assert "hetmem and by hand equal: True" in capsys.readouterr().out
+    assert "the three equal: True" in capsys.readouterr().out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -139,6 +140,12 @@ def _top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     if floating and n:
         _check_nan(values[..., :1])
     return order[..., :k].sort(dim=-1).values
+
+
+def quick_k(budget: Any, unit: int) -> int:
+    """`budget_units`' k for a plain int budget of at least one unit, without its checks; 0
+    for anything else (then `budget_units` decides, or says what is wrong)."""
+    return budget // unit if type(budget) is int and budget >= unit else 0
 
 
 def partial_fits(scores: torch.Tensor, k: int) -> bool:

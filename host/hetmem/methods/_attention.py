@@ -292,7 +292,7 @@ class SparseAttentionMethod(Method):
         scores, appended = scored
         start = time.perf_counter()
         budget, unit = budget_for(length + 1), self.unit
-        k = budget // unit if type(budget) is int and budget >= unit else 0
+        k = _selection.quick_k(budget, unit)
         kbuf = kv._keys._buffer
         scale = self.__dict__.get("_scale")
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -347,7 +347,7 @@ class SparseAttentionMethod(Method):
         rule), every pick valid. A few of many without a tie at the k-th takes the partial
         top-k's picks straight (`_top_indices`' first way, without its dispatch)."""
         unit = self.unit
-        k = budget // unit if type(budget) is int and budget >= unit else 0
+        k = _selection.quick_k(budget, unit)
         indices = None
         if _selection.partial_fits(scores, k):  # (then k < the candidates: the rule's k)
             indices, tie = _selection._partial_top(scores, k)
