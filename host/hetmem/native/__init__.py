@@ -92,6 +92,11 @@ def _build(torch: Any) -> Any:
 
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / f"{NAME}.so").exists():  # (a first build: say why this call waits)
+        print(
+            f"hetmem: building the native one-row decode step into {directory} (once, ~10 s)",
+            file=sys.stderr,
+        )
     if shutil.which("ninja") is None:  # the ninja wheel's, where its scripts are not on PATH
         import ninja
 
