@@ -1,4 +1,3 @@
-import shutil
 import warnings
 
 import pytest
@@ -29,21 +28,6 @@ def no_xrt_faults():
     xrt_emu.clear()
     yield
     xrt_emu.clear()
-
-
-def native_library():
-    """hetmem's native ops (`hetmem.native`), built here: a test that needs them fails where
-    a C++ compiler is on PATH and the build failed, and skips only where there is none."""
-    from hetmem import native
-
-    library = native.library()
-    if library is None:
-        if not native.enabled():
-            pytest.fail("HETMEM_NATIVE=0 is set: the native-path tests need the native ops")
-        if shutil.which("c++") is None and shutil.which("g++") is None:
-            pytest.skip("no C++ compiler: hetmem's native ops cannot be built here")
-        pytest.fail(f"hetmem's native ops did not build: {native.reason()}")
-    return library
 
 
 # -- Tests never write into the repository tree (tests/tree_guard.py) ----------------------------

@@ -14,7 +14,6 @@ pytest.importorskip("transformers")
 
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from conftest import native_library
 from hetmem.attention import Growth, KVCache
 from hetmem.errors import InputError
 from hetmem.methods.base import Method
@@ -22,6 +21,7 @@ from hetmem.models import HetmemCache, new_cache, unwrap, wrap
 from hetmem.models.cache import HetmemLayer
 from hetmem.models.settings import SparseDecode
 from hetmem.models.wrap import cache_kwarg
+from native_ops import native_library
 from test_wrap import cache_of, generate, left_pad, prompts, tiny
 from tiny_lm import make_tiny_lm
 

@@ -11,41 +11,11 @@ import torch
 
 import hetmem.attention as hetmem_attention
 import hetmem.methods._attention as attention_methods
-from conftest import native_library
 from hetmem.attention import AttentionQuery, Growth, KVCache, KVChunk, dense_attention
 from hetmem.methods import get
 from hetmem.pipeline import Pipeline
 from hetmem.plan import StepPlan
-
-
-class _Counted:
-    """hetmem's native ops, each call counted by name."""
-
-    def __init__(self, library):
-        self.library, self.calls = library, []
-
-    def __getattr__(self, name):
-        op = getattr(self.library, name)
-
-        def counted(*args):
-            self.calls.append(name)
-            return op(*args)
-
-        return counted
-
-
-def one_row_path(path: str, monkeypatch) -> _Counted | None:
-    """The one-row step's way for a test: "python" (the native ops off) or "native" (built
-    here, each call counted)."""
-    from hetmem import native
-
-    if path == "python":
-        monkeypatch.setattr(native, "library", lambda: None)
-        return None
-    counted = _Counted(native_library())
-    monkeypatch.setattr(native, "library", lambda: counted)
-    return counted
-
+from native_ops import one_row_path
 
 METHODS = {
     "quest": lambda: get("quest", page_size=8),

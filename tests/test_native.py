@@ -12,14 +12,13 @@ import warnings
 import pytest
 import torch
 
-from conftest import native_library
 from hetmem import native
 from hetmem.attention import KVCache
 from hetmem.errors import InputError
 from hetmem.methods import get
 from hetmem.models import unwrap, wrap
 from hetmem.pipeline import Pipeline
-from test_lean_decode import _Counted
+from native_ops import Counted, native_library
 from test_wrap import generate, tiny
 
 OPS = {"dsa": "dsa_one_row", "quest": "quest_one_row", "seer": "seer_one_row"}
@@ -48,7 +47,7 @@ def test_generate_with_the_native_ops_equals_the_python_path(method, monkeypatch
     """A wrapped model (KV rows wider than DSA's 128-dim index) generates the same tokens
     and logits with the native one-row step as on the Python path, and the method's op ran
     in every layer's every decode step."""
-    counted = _Counted(native_library())
+    counted = Counted(native_library())
     model = tiny("llama", heads=4, kv_heads=4, head_dim=64)
     wrap(model, method, budget=16, method_options=OPTIONS[method])
     ids = torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(2))
@@ -82,7 +81,7 @@ def _step(pipe: Pipeline, k: torch.Tensor, v: torch.Tensor):
 @pytest.mark.parametrize("method", ["dsa", "quest", "seer"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_token_that_is_not_finite_is_refused_with_nothing_written(method, bad, monkeypatch):
-    counted = _Counted(native_library())
+    counted = Counted(native_library())
     monkeypatch.setattr(native, "library", lambda: counted)
     pipe = _pipeline(method)
     kv = pipe.memory.kv
@@ -108,7 +107,7 @@ def test_finite_values_whose_screen_overflows_are_appended_as_on_the_python_path
     to the same output and memory as with the ops off."""
     k = torch.full((1, 2, 1, 128), 1e30)
     v = torch.full((1, 2, 1, 128), 1e10)  # (each product 1e40: past float32's 3.4e38)
-    outs, memories, counted = [], [], _Counted(native_library())
+    outs, memories, counted = [], [], Counted(native_library())
     for library in (counted, None):
         monkeypatch.setattr(native, "library", lambda library=library: library)
         pipe = _pipeline(method)
