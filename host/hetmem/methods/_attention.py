@@ -20,6 +20,7 @@ from ..attention import (
     Growth,
     KVCache,
     KVChunk,
+    _check_finite,
     check_query,
     dense_attention,
     sparse_attention,
@@ -333,14 +334,41 @@ class SparseAttentionMethod(Method):
         return None
 
     @staticmethod
-    def _native_settled(kv: KVCache, n: int) -> bool:
-        """After a method's native op raised: whether it had written the token (its row
-        lengths moved past `n`, the write's last operator), the cache's lengths then set to
-        hold it (as the Python path's `append_token` leaves them)."""
-        written = bool((kv._lengths > n).any())
-        if written:
-            kv._keys.length = kv._values.length = n + 1
-        return written
+    def _native_run(
+        op: Callable[..., tuple[torch.Tensor | None, float]],
+        args: tuple,
+        kv: KVCache,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        undo: Callable[[], None] | None = None,
+        done: Callable[[], None] | None = None,
+    ) -> tuple[torch.Tensor, float] | None:
+        """A method's native op (append + scores) over the token at the cache's end, the
+        cache's lengths kept as the Python path's `append_token` keeps them: the token in
+        (and `done()`, the index's bookkeeping) once the op wrote it, even when the op then
+        raised (its row lengths moved: the write's last operator); `undo()` where it wrote
+        nothing. A token the op's screen did not pass is settled by the exact check (an
+        `InputError`, or None: the Python path takes it)."""
+        n = kv._keys.length
+        try:
+            scores, appended = op(*args)
+        except BaseException:
+            if bool((kv._lengths > n).any()):
+                kv._keys.length = kv._values.length = n + 1
+                if done is not None:
+                    done()
+            elif undo is not None:
+                undo()
+            raise
+        if scores is None:
+            if undo is not None:
+                undo()
+            _check_finite(keys, values)
+            return None
+        kv._keys.length = kv._values.length = n + 1
+        if done is not None:
+            done()
+        return scores, appended
 
     def _lean_selection(self, scores: torch.Tensor, budget: int) -> TopK:
         """`retrieve` of scores that mask nothing: the top k = budget // unit units (the one

@@ -62,7 +62,6 @@ from ..attention import (
     AttentionQuery,
     Growable,
     KVCache,
-    _check_finite,
     bag_values,
     sparse_attention,
     workspace_buffer,
@@ -602,22 +601,15 @@ class DSA(SparseAttentionMethod):
         index.length = n + 1
         half = index._buffer.dtype in HALF_DTYPES
         span = index.padded(SHAPE_QUANTUM).shape[1] if half else n + 1
-        kstore, vstore = kv._keys, kv._values
-        try:
-            scores, appended = library.dsa_one_row(
-                keys, values, q, kstore._buffer, vstore._buffer, kv._lengths, index._buffer,
-                weights.wk, blocks, n, span, 1.0 / (weights.heads * math.sqrt(blocks.shape[2])),
-            )  # fmt: skip
-        except BaseException:
-            if not self._native_settled(kv, n):
-                index.length = n
-            raise
-        if scores is None:  # not screened clean: nothing written (the exact check settles it)
+        args = (
+            keys, values, q, kv._keys._buffer, kv._values._buffer, kv._lengths, index._buffer,
+            weights.wk, blocks, n, span, 1.0 / (weights.heads * math.sqrt(blocks.shape[2])),
+        )  # fmt: skip
+
+        def undo() -> None:
             index.length = n
-            _check_finite(keys, values)
-            return None
-        kstore.length = vstore.length = n + 1
-        return scores, appended
+
+        return self._native_run(library.dsa_one_row, args, kv, keys, values, undo)
 
     def _lean_scores(self, memory: AttentionMemory, query: AttentionQuery) -> torch.Tensor:
         """`lean_step`'s scores: at B=1 over its own index, `_one_query_scores` (no call of

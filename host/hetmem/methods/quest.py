@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..attention import HALF_DTYPES, AttentionQuery, KVCache, _check_finite
+from ..attention import HALF_DTYPES, AttentionQuery, KVCache
 from ..checks import check_positive_int
 from ..errors import InputError
 from ..selection import Scores
@@ -172,22 +172,15 @@ class Quest(SparseAttentionMethod):
         half = q.dtype in HALF_DTYPES and store._buffer.dtype == q.dtype
         span = store.padded(SHAPE_QUANTUM).shape[2] if half else -1
         low, high = _sides(kv._keys._buffer.shape[3], q.dtype, q.device)
-        kstore, vstore = kv._keys, kv._values
-        try:
-            scores, appended = library.quest_one_row(
-                keys, values, q, kstore._buffer, vstore._buffer, kv._lengths, store._buffer,
-                low, high, n, unit, store.length, span,
-            )  # fmt: skip
-        except BaseException:
-            if not self._native_settled(kv, n):
-                store.length = before
-            raise
-        if scores is None:  # not screened clean: nothing written (the exact check settles it)
+        args = (
+            keys, values, q, kv._keys._buffer, kv._values._buffer, kv._lengths, store._buffer,
+            low, high, n, unit, store.length, span,
+        )  # fmt: skip
+
+        def undo() -> None:
             store.length = before
-            _check_finite(keys, values)
-            return None
-        kstore.length = vstore.length = n + 1
-        return scores, appended
+
+        return self._native_run(library.quest_one_row, args, kv, keys, values, undo)
 
     def bounds(self, memory: QuestMemory, q: torch.Tensor, group_max: bool = False) -> torch.Tensor:
         """Upper bounds [B, Hkv, R, T, P] for queries q [B, Hq, T, D]; `group_max`: their

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..attention import HALF_DTYPES, AttentionQuery, Growable, KVCache, _check_finite
+from ..attention import HALF_DTYPES, AttentionQuery, Growable, KVCache
 from ..checks import check_positive_int, check_tensor
 from ..errors import InputError
 from ..selection import Bitmap, Scores, Selection
@@ -287,22 +287,15 @@ class SeerAttention(SparseAttentionMethod):
         blocks = n // unit + 1
         if blocks > store._buffer.shape[2]:
             store.reserve(blocks)
-        kstore, vstore = kv._keys, kv._values
-        try:
-            scores, appended = library.seer_one_row(
-                keys, values, q, kstore._buffer, vstore._buffer, kv._lengths, store._buffer,
-                w.wq, w.wk, n, unit, blocks,
-            )  # fmt: skip
-        except BaseException:
-            if self._native_settled(kv, n):
-                store.length = blocks
-            raise
-        if scores is None:  # not screened clean: nothing written (the exact check settles it)
-            _check_finite(keys, values)
-            return None
-        kstore.length = vstore.length = n + 1
-        store.length = blocks
-        return scores, appended
+        args = (
+            keys, values, q, kv._keys._buffer, kv._values._buffer, kv._lengths, store._buffer,
+            w.wq, w.wk, n, unit, blocks,
+        )  # fmt: skip
+
+        def done() -> None:
+            store.length = blocks
+
+        return self._native_run(library.seer_one_row, args, kv, keys, values, done=done)
 
     def gate_query(self, memory: SeerMemory, q: torch.Tensor) -> torch.Tensor:
         """Gate queries [B, Hkv, T, Dg] from q [B, Hq, T, D]."""
