@@ -103,8 +103,9 @@ def test_finite_values_whose_screen_overflows_are_appended_as_on_the_python_path
     method, monkeypatch
 ):
     """Keys and values finite but their dot product beyond float32: the op's screen says
-    "not clean", the exact check finds them finite, and the step runs (on the Python path)
-    to the same output and memory as with the ops off."""
+    "not clean", the exact check finds them finite, and the step appends and scores on the
+    Python path (the shared op then attends) to the same output and memory as with the ops
+    off."""
     k = torch.full((1, 2, 1, 128), 1e30)
     v = torch.full((1, 2, 1, 128), 1e10)  # (each product 1e40: past float32's 3.4e38)
     outs, memories, counted = [], [], Counted(native_library())
@@ -116,7 +117,8 @@ def test_finite_values_whose_screen_overflows_are_appended_as_on_the_python_path
     assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
     assert torch.equal(memories[0].keys, memories[1].keys)
     assert memories[0].capacity == 71
-    assert counted.calls == [OPS[method]]  # declined by the op's screen, then Python's step
+    # the op declined at its screen; Python appended and scored, the shared op attended
+    assert counted.calls == [OPS[method], "one_row_attend"]
 
 
 def test_switched_off_the_python_path_runs(fresh_state, monkeypatch):

@@ -795,17 +795,12 @@ def _lean_attention(
 ) -> torch.Tensor:
     """`sparse_attention` of a selection shared by each KV group when nothing is masked
     (`unmasked`): the rows gathered and attended with no mask."""
-    kbuf, rows, unit = kv._keys._buffer, selection.indices, selection.unit
-    shape = q.shape
-    if shape[0] == 1 and shape[2] == 1 and rows.shape[-1] * unit <= SMALL_APPLY:
-        used = kv._keys.length  # one row in whole units (a partial last one's tail hidden)
-        if unit == 1 or not kbuf.shape[2] % unit:
-            scale = 1.0 / math.sqrt(shape[3]) if scale is None else scale
-            return _one_row_attention(q, kv, rows, unit, scale, used if used % unit else None)
-    hq, hkv, cap = shape[1], kbuf.shape[1], kbuf.shape[2]
-    b, t, r = shape[0], shape[2], hq // hkv
-    scale = 1.0 / math.sqrt(shape[3]) if scale is None else scale
-    mask, tail = None, None
+    kbuf = kv._keys._buffer
+    hq, hkv, cap = q.shape[1], kbuf.shape[1], kbuf.shape[2]
+    b, t, r = q.shape[0], q.shape[2], hq // hkv
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    unit = selection.unit
+    rows, mask, tail = selection.indices, None, None
     used = kv._keys.length
     if unit > 1 and cap % unit:  # the buffer is not laid out in whole units: token rows,
         rows = _unit_tokens(selection.indices, unit)  # and those of a partial last unit

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -94,11 +93,12 @@ def budget_units(budget: int, unit: int = 1, candidates: int | None = None) -> i
 
     Every path reads it: the float Retrieval, the FPGA stage and a wrapped model's decode.
     """
-    budget = check_positive_int("budget", budget)
-    if budget < unit:
-        raise InputError(
-            "budget", f"{budget} tokens is less than one unit ({unit} tokens) of this method"
-        )
+    if type(budget) is not int or budget < unit:  # (a plain int of a unit or more passes)
+        budget = check_positive_int("budget", budget)
+        if budget < unit:
+            raise InputError(
+                "budget", f"{budget} tokens is less than one unit ({unit} tokens) of this method"
+            )
     k = budget // unit
     return k if candidates is None else min(k, max(int(candidates), 1))
 
@@ -127,9 +127,14 @@ def _top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     n = scores.shape[-1]
     floating = scores.is_floating_point()
     if partial_fits(scores, k):
-        indices, kth = _partial_top(scores, k)
-        if kth is None:
-            return indices
+        values = torch.topk(scores, k, dim=-1, sorted=False).values
+        kth = values.amin(-1, keepdim=True)
+        # Every row has at least k scores >= its k-th; exactly k in every row (k per row in
+        # all) when no tie straddles the k-th: then those are the picks, and `nonzero` lists
+        # them ascending (no sort).
+        picked = (scores >= kth).nonzero()
+        if picked.shape[0] == values.numel():
+            return picked[:, -1].view(values.shape)
         if floating:
             _check_nan(scores)
         need = k - (scores > kth).sum(-1, keepdim=True)
@@ -142,34 +147,14 @@ def _top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order[..., :k].sort(dim=-1).values
 
 
-def quick_k(budget: Any, unit: int) -> int:
-    """`budget_units`' k for a plain int budget of at least one unit, without its checks; 0
-    for anything else (then `budget_units` decides, or says what is wrong)."""
-    return budget // unit if type(budget) is int and budget >= unit else 0
-
-
 def partial_fits(scores: torch.Tensor, k: int) -> bool:
-    """Whether `_top_indices` takes the partial top-k for k of these scores."""
+    """Whether `_top_indices` takes the partial top-k for k of these scores (the native
+    one-row step's `one_row_attend` runs that way only)."""
     return (
         k > 0
         and 4 * k <= scores.shape[-1]
         and (scores.dtype == torch.float32 or scores.numel() > SMALL_SORT)
     )
-
-
-def _partial_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`_top_indices`' partial top-k: (the picks, None) when exactly k scores of each row are
-    at least its k-th (no tie straddles it: the set is the same whatever the tie order, and
-    `nonzero` lists it ascending, no sort); else (the k-th scores [..., 1], for the slower
-    path that settles the tie)."""
-    values = torch.topk(scores, k, dim=-1, sorted=False).values
-    kth = values.amin(-1, keepdim=True)
-    # Every row has at least k scores >= its k-th; exactly k in every row (k per row in
-    # all) when no tie straddles the k-th: then those are the picks.
-    picked = (scores >= kth).nonzero()
-    if picked.shape[0] == values.numel():
-        return picked[:, -1].view(values.shape), None
-    return values, kth
 
 
 def _check_nan(scores: torch.Tensor) -> None:
@@ -202,7 +187,7 @@ def topk_select(
     k = check_k(name, k, scores.shape[-1])
     indices = _top_indices(scores, k)  # raises for NaN
     if not masked:
-        return indices, _true(indices.device).expand(indices.shape)
+        return indices, all_true(indices.shape, indices.device)
     picked = torch.gather(scores, -1, indices)
     valid = (
         picked > float("-inf")

@@ -88,6 +88,17 @@ class LeanStep(NamedTuple):
     seconds: tuple[float, float, float]
 
 
+class NativeOp(NamedTuple):
+    """A method's native one-row op (`SparseAttentionMethod._native_op`): the op, its own
+    arguments, and the index whose length was advanced for the token (with the length
+    before: set back where the op writes nothing)."""
+
+    op: Callable[..., tuple[torch.Tensor | None, float]]
+    args: tuple
+    index: Growable
+    before: int
+
+
 class SparseAttentionMethod(Method):
     """Shared steps of the sparse-attention methods; subclasses supply the index."""
 
@@ -236,69 +247,36 @@ class SparseAttentionMethod(Method):
             return None
         kv = memory.kv
         sync = not q.is_cpu  # each step's time its own: the device drained first
+        library = None
         if not (sync or q.requires_grad or keys.requires_grad or values.requires_grad):
-            library = _native.library()
-            if library is not None:
-                done = self._native_one(library, memory, keys, values, q, budget_for)
-                if done is not None:
-                    return done
+            library = _native.library()  # (hetmem's native ops: CPU only)
         if sync:
             synchronize(q.device)
         begin = time.perf_counter()
         length = kv._keys.length
-        if not self.lean_append(memory, keys, values):  # (declined: nothing done)
-            return None
+        scored = None if library is None else self._native_scores(library, memory, keys, values, q)
+        if scored is not None:  # appended and scored by the method's op
+            scores, appended = scored
+            start = begin + appended
+        else:
+            if not self.lean_append(memory, keys, values):  # (declined: nothing done)
+                return None
+            if sync:
+                synchronize(q.device)
+            start = time.perf_counter()
+            scores = self._one_row_scores(memory, q)  # [1, G, 1, units], nothing masked
         if sync:
             synchronize(q.device)
-        start = time.perf_counter()
-        scores = self._one_row_scores(memory, q)  # [1, G, 1, units], nothing masked
-        if sync:
-            synchronize(q.device)
-        scored = time.perf_counter()
-        selection = self._lean_selection(scores, budget_for(length + 1))
-        if sync:
-            synchronize(q.device)
-        selected = time.perf_counter()
-        scale = self.__dict__.get("_scale")
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        out = _attention._lean_attention(q, kv, selection, scale, memory.workspace)
-        if sync:
-            synchronize(q.device)
-        end = time.perf_counter()
-        nbytes = scores.numel() * scores.element_size()
-        seconds = (scored - start, selected - scored, end - selected)
-        return start - begin, LeanStep(out, selection, nbytes, seconds)
-
-    def _native_one(
-        self,
-        library: Any,
-        memory: AttentionMemory,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        q: torch.Tensor,
-        budget_for: Callable[[int], int],
-    ) -> tuple[float, LeanStep] | None:
-        """`lean_one` on the CPU through hetmem's native ops (`hetmem.native`): the method's
-        op appends the token and scores (`_native_scores`), `one_row_attend` selects and
-        attends; the same operators as the Python path, so the same memory, output and
-        selection to the bit (tests/test_native.py), without the Python between them. A tie
-        at the k-th score, or a selection the op does not take, goes on in Python from the
-        scores. None, nothing done, where the method has no op or its op declines."""
-        kv = memory.kv
-        begin = time.perf_counter()
-        length = kv._keys.length
-        scored = self._native_scores(library, memory, keys, values, q)
-        if scored is None:
-            return None
-        scores, appended = scored
-        start = time.perf_counter()
+        scored_at = time.perf_counter()
         budget, unit = budget_for(length + 1), self.unit
-        k = _selection.quick_k(budget, unit)
-        kbuf = kv._keys._buffer
         scale = self.__dict__.get("_scale")
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        scale = 1.0 / math.sqrt(shape[3]) if scale is None else scale
+        nbytes = scores.numel() * scores.element_size()
+        k = budget_units(budget, unit, scores.shape[-1])
+        kbuf = kv._keys._buffer
         if (
-            _selection.partial_fits(scores, k)
+            library is not None
+            and _selection.partial_fits(scores, k)
             and k * unit <= _attention.SMALL_APPLY
             and (unit == 1 or not kbuf.shape[2] % unit)
         ):
@@ -306,86 +284,75 @@ class SparseAttentionMethod(Method):
             hide = used if used % unit else -1
             vbuf = kv._values._buffer
             out, rows, picking = library.one_row_attend(scores, k, q, kbuf, vbuf, unit, hide, scale)
-            if out is not None:
+            if out is not None:  # (a tie at the k-th score: settled below, as in Python)
                 end = time.perf_counter()
                 selection = TopK(rows, _selection.all_true(rows.shape, rows.device), unit, True)
-                nbytes = scores.numel() * scores.element_size()
-                seconds = (start - begin - appended, picking, end - start - picking)
-                return appended, LeanStep(out, selection, nbytes, seconds)
-        selection = self._lean_selection(scores, budget)  # (the tie: the Python path's way)
+                seconds = (scored_at - start, picking, end - scored_at - picking)
+                return start - begin, LeanStep(out, selection, nbytes, seconds)
+        selection = self._lean_selection(scores, budget)
+        if sync:
+            synchronize(q.device)
         selected = time.perf_counter()
         out = _attention._lean_attention(q, kv, selection, scale, memory.workspace)
+        if sync:
+            synchronize(q.device)
         end = time.perf_counter()
-        nbytes = scores.numel() * scores.element_size()
-        seconds = (start - begin - appended, selected - start, end - selected)
-        return appended, LeanStep(out, selection, nbytes, seconds)
+        seconds = (scored_at - start, selected - scored_at, end - selected)
+        return start - begin, LeanStep(out, selection, nbytes, seconds)
 
     def _native_scores(
-        self,
-        library: Any,
-        memory: AttentionMemory,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        q: torch.Tensor,
+        self, library: Any, memory: Any, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor
     ) -> tuple[torch.Tensor, float] | None:
-        """The method's native op: the token appended (`lean_append`'s memory) and the one
-        query's scores (`_one_row_scores`'), with the append's seconds; None, nothing done,
-        where it has none or declines (then the Python path runs). None by default."""
-        return None
-
-    @staticmethod
-    def _native_run(
-        op: Callable[..., tuple[torch.Tensor | None, float]],
-        args: tuple,
-        kv: KVCache,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        undo: Callable[[], None] | None = None,
-        done: Callable[[], None] | None = None,
-    ) -> tuple[torch.Tensor, float] | None:
-        """A method's native op (append + scores) over the token at the cache's end, the
-        cache's lengths kept as the Python path's `append_token` keeps them: the token in
-        (and `done()`, the index's bookkeeping) once the op wrote it, even when the op then
-        raised (its row lengths moved: the write's last operator); `undo()` where it wrote
-        nothing. A token the op's screen did not pass is settled by the exact check (an
-        `InputError`, or None: the Python path takes it)."""
+        """`lean_one`'s append and scores through hetmem's native ops (`hetmem.native`): the
+        method's op (`_native_op`) writes the token, brings the index up to date and scores,
+        with the same operators as `lean_append` and `_one_row_scores`, so the same memory
+        and scores to the bit (tests); one call instead of the Python between them. Returns
+        the scores and the append's seconds (timed in the op), the cache's lengths kept as
+        `append_token` keeps them: the token in once the op wrote it, even when the op then
+        raised (its row lengths moved, the write's last operator), the index's length back
+        where it wrote nothing. None, nothing done, where the method has no op or declines,
+        or where the op's screen did not pass the token and the exact check finds it finite
+        (an overflowing screen: the Python path takes it); else its `InputError`."""
+        kv = memory.kv
+        if not (self._lean_append_fits(memory) and kv.token_fits(keys, values)):
+            return None
         n = kv._keys.length
+        kv.reserve_end(n + 1)
+        planned = self._native_op(library, memory, q, n)
+        if planned is None:
+            return None
+        op, args, index, before = planned
         try:
-            scores, appended = op(*args)
+            scores, appended = op(
+                keys, values, q, kv._keys._buffer, kv._values._buffer, kv._lengths, *args
+            )
         except BaseException:
             if bool((kv._lengths > n).any()):
                 kv._keys.length = kv._values.length = n + 1
-                if done is not None:
-                    done()
-            elif undo is not None:
-                undo()
+            else:
+                index.length = before
             raise
         if scores is None:
-            if undo is not None:
-                undo()
+            index.length = before
             _check_finite(keys, values)
             return None
         kv._keys.length = kv._values.length = n + 1
-        if done is not None:
-            done()
         return scores, appended
+
+    def _native_op(self, library: Any, memory: Any, q: torch.Tensor, n: int) -> NativeOp | None:
+        """The method's native op for the token at `n` (the cache reserved for it): the op,
+        its arguments after (keys, values, q, the key and value buffers, the row lengths),
+        and the index whose length it advanced (with the length before). None where the
+        method has none (the default) or declines."""
+        return None
 
     def _lean_selection(self, scores: torch.Tensor, budget: int) -> TopK:
         """`retrieve` of scores that mask nothing: the top k = budget // unit units (the one
-        rule), every pick valid. A few of many without a tie at the k-th takes the partial
-        top-k's picks straight (`_top_indices`' first way, without its dispatch)."""
-        unit = self.unit
-        k = _selection.quick_k(budget, unit)
-        indices = None
-        if _selection.partial_fits(scores, k):  # (then k < the candidates: the rule's k)
-            indices, tie = _selection._partial_top(scores, k)
-            if tie is not None:
-                indices = None
-        if indices is None:
-            k = budget_units(budget, unit, scores.shape[-1])
-            indices = _selection._top_indices(scores, k)
+        rule), every pick valid."""
+        k = budget_units(budget, self.unit, scores.shape[-1])
+        indices = _selection._top_indices(scores, k)
         valid = _selection.all_true(indices.shape, indices.device)
-        return TopK(indices, valid, unit, all_valid=True)
+        return TopK(indices, valid, self.unit, all_valid=True)
 
     def _one_row_fits(self, memory: AttentionMemory, q: torch.Tensor) -> bool:
         """Whether `lean_one` serves this memory and query [1, Hq, 1, D]: `_one_row_scores`

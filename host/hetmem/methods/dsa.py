@@ -71,6 +71,7 @@ from ..errors import InputError
 from ..selection import Bitmap, Scores, Selection, TopK, budget_units
 from ._attention import (
     AttentionMemory,
+    NativeOp,
     SparseAttentionMethod,
     as_chunk,
     as_kv,
@@ -575,41 +576,20 @@ class DSA(SparseAttentionMethod):
         scores = logits.relu_().sum(-1)  # [1, S]
         return scores.mul_(1.0 / (heads * math.sqrt(di))).view(1, 1, 1, n)
 
-    def _native_scores(
-        self,
-        library: Any,
-        memory: AttentionMemory,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        q: torch.Tensor,
-    ) -> tuple[torch.Tensor, float] | None:
-        """`dsa_one_row`: the token into the cache and its indexer key into the index, then
-        `_one_row_scores`, for float32 query weights (the op's cast of the queries)."""
-        kv, index = memory.kv, memory.keys  # type: ignore[attr-defined]
-        weights = self.weights  # (made current by `_one_row_fits`)
+    def _native_op(self, library: Any, memory: Any, q: torch.Tensor, n: int) -> NativeOp | None:
+        """`dsa_one_row`: the token's indexer key into the index, then `_one_row_scores`,
+        for float32 query weights (the op's cast of the queries)."""
+        index, weights = memory.keys, self.weights  # (made current by `_one_row_fits`)
         blocks = weights.blocks
-        if (
-            blocks.dtype != torch.float32
-            or memory.token_keys is not None  # type: ignore[attr-defined]
-            or not kv.token_fits(keys, values)
-        ):
+        if blocks.dtype != torch.float32:
             return None
-        n = kv._keys.length
-        kv.reserve_end(n + 1)
         if n + 1 > index._buffer.shape[1]:
             index.reserve(n + 1)
         index.length = n + 1
-        half = index._buffer.dtype in HALF_DTYPES
-        span = index.padded(SHAPE_QUANTUM).shape[1] if half else n + 1
-        args = (
-            keys, values, q, kv._keys._buffer, kv._values._buffer, kv._lengths, index._buffer,
-            weights.wk, blocks, n, span, 1.0 / (weights.heads * math.sqrt(blocks.shape[2])),
-        )  # fmt: skip
-
-        def undo() -> None:
-            index.length = n
-
-        return self._native_run(library.dsa_one_row, args, kv, keys, values, undo)
+        span = index.padded(SHAPE_QUANTUM).shape[1] if index._buffer.dtype in HALF_DTYPES else n + 1
+        scale = 1.0 / (weights.heads * math.sqrt(blocks.shape[2]))
+        args = (index._buffer, weights.wk, blocks, n, span, scale)
+        return NativeOp(library.dsa_one_row, args, index, n)
 
     def _lean_scores(self, memory: AttentionMemory, query: AttentionQuery) -> torch.Tensor:
         """`lean_step`'s scores: at B=1 over its own index, `_one_query_scores` (no call of

@@ -25,6 +25,7 @@ from ..selection import Scores
 from ._attention import (
     AttentionMemory,
     BlockSummary,
+    NativeOp,
     SparseAttentionMethod,
     as_chunk,
     as_kv,
@@ -149,38 +150,19 @@ class Quest(SparseAttentionMethod):
         """The pages' bounds [1, Hkv, 1, P], their max over each group (`relevancy`'s)."""
         return self.bounds(memory, q, group_max=True)  # type: ignore[arg-type]
 
-    def _native_scores(
-        self,
-        library: Any,
-        memory: AttentionMemory,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        q: torch.Tensor,
-    ) -> tuple[torch.Tensor, float] | None:
-        """`quest_one_row`: the token into the cache and its page's bounds, then the pages'
-        upper bounds for the query, their max over each group (`_one_row_scores`)."""
-        assert isinstance(memory, QuestMemory)
-        kv, pages = memory.kv, memory.pages
-        if pages.steps is None or not kv.token_fits(keys, values):
-            return None
-        store, n, unit = pages.stores["bounds"], kv._keys.length, self.unit
-        kv.reserve_end(n + 1)
+    def _native_op(self, library: Any, memory: Any, q: torch.Tensor, n: int) -> NativeOp | None:
+        """`quest_one_row`: the bounds of the token's page, then the pages' upper bounds
+        for the query, their max over each group (`_one_row_scores`)."""
+        store, unit = memory.pages.stores["bounds"], self.unit
         before = store.length
         if before <= n // unit:
             store.reserve(n // unit + 1)
             store.length = n // unit + 1
         half = q.dtype in HALF_DTYPES and store._buffer.dtype == q.dtype
         span = store.padded(SHAPE_QUANTUM).shape[2] if half else -1
-        low, high = _sides(kv._keys._buffer.shape[3], q.dtype, q.device)
-        args = (
-            keys, values, q, kv._keys._buffer, kv._values._buffer, kv._lengths, store._buffer,
-            low, high, n, unit, store.length, span,
-        )  # fmt: skip
-
-        def undo() -> None:
-            store.length = before
-
-        return self._native_run(library.quest_one_row, args, kv, keys, values, undo)
+        low, high = _sides(memory.kv._keys._buffer.shape[3], q.dtype, q.device)
+        args = (store._buffer, low, high, n, unit, store.length, span)
+        return NativeOp(library.quest_one_row, args, store, before)
 
     def bounds(self, memory: QuestMemory, q: torch.Tensor, group_max: bool = False) -> torch.Tensor:
         """Upper bounds [B, Hkv, R, T, P] for queries q [B, Hq, T, D]; `group_max`: their

@@ -28,6 +28,7 @@ from ..errors import InputError
 from ..selection import Bitmap, Scores, Selection
 from ._attention import (
     AttentionMemory,
+    NativeOp,
     SparseAttentionMethod,
     as_chunk,
     as_kv,
@@ -263,46 +264,26 @@ class SeerAttention(SparseAttentionMethod):
         """The gate logits [1, Hkv, 1, Nb] (`relevancy`'s)."""
         return gate_scores(self.gate_query(memory, q), memory.gate_keys)  # type: ignore[arg-type]
 
-    def _native_scores(
-        self,
-        library: Any,
-        memory: AttentionMemory,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        q: torch.Tensor,
-    ) -> tuple[torch.Tensor, float] | None:
-        """`seer_one_row`: the token into the cache and the gate key of its block, then
-        the gate logits (`_one_row_scores`); a query the gate does not fit is left to the
-        Python path (which says why)."""
-        assert isinstance(memory, SeerMemory)
-        kv = memory.kv
-        w = self._weights(kv, q.shape[1])
-        hkv = w.wk.shape[0]
-        if q.shape[1] % hkv or q.shape[1] // hkv * q.shape[-1] != w.wq.shape[1]:
+    def _native_op(self, library: Any, memory: Any, q: torch.Tensor, n: int) -> NativeOp | None:
+        """`seer_one_row`: the gate key of the token's block, then the gate logits
+        (`_one_row_scores`); a query the gate does not fit is left to the Python path
+        (which says why)."""
+        w = self._weights(memory.kv, q.shape[1])
+        if _group_width(w, q) != w.wq.shape[1]:
             return None
-        if not kv.token_fits(keys, values):
-            return None
-        n, unit, store = kv._keys.length, self.unit, memory._gate_keys
-        kv.reserve_end(n + 1)
-        blocks = n // unit + 1
+        store, unit = memory._gate_keys, self.unit
+        before, blocks = store.length, n // unit + 1
         if blocks > store._buffer.shape[2]:
             store.reserve(blocks)
-        args = (
-            keys, values, q, kv._keys._buffer, kv._values._buffer, kv._lengths, store._buffer,
-            w.wq, w.wk, n, unit, blocks,
-        )  # fmt: skip
-
-        def done() -> None:
-            store.length = blocks
-
-        return self._native_run(library.seer_one_row, args, kv, keys, values, done=done)
+        store.length = blocks
+        args = (store._buffer, w.wq, w.wk, n, unit, blocks)
+        return NativeOp(library.seer_one_row, args, store, before)
 
     def gate_query(self, memory: SeerMemory, q: torch.Tensor) -> torch.Tensor:
         """Gate queries [B, Hkv, T, Dg] from q [B, Hq, T, D]."""
         w = self._weights(memory.kv, q.shape[1])
-        hkv = w.wk.shape[0]  # (the cache's KV heads: `_weights` checked)
-        width = q.shape[1] // hkv * q.shape[-1]  # R*D
-        if q.shape[1] % hkv or width != w.wq.shape[1]:
+        width = _group_width(w, q)
+        if width != w.wq.shape[1]:
             raise InputError("query", f"group width {width} does not fit wq {tuple(w.wq.shape)}")
         return gate_queries(q, w.wq)
 
@@ -333,6 +314,13 @@ class SeerAttention(SparseAttentionMethod):
     def kernel_query(self, memory: SeerMemory, query: AttentionQuery) -> dict[str, torch.Tensor]:
         """Gate query per slot: q [B, Hkv, T, Dg] (unscaled; the kernel applies 1/sqrt(Dg))."""
         return {"q": self.gate_query(memory, query.q)}
+
+
+def _group_width(w: GateWeights, q: torch.Tensor) -> int | None:
+    """The gate query's input width R*D of queries q [B, Hq, T, D] over the weights' KV
+    heads (the cache's: `_weights` checked); None where Hq is not a multiple of them."""
+    hkv = w.wk.shape[0]
+    return None if q.shape[1] % hkv else q.shape[1] // hkv * q.shape[-1]
 
 
 def _seer_costs(self: SeerAttention, shape: Any) -> dict:

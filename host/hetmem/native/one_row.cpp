@@ -20,18 +20,19 @@ double now() {
   return std::chrono::duration<double>(clock::now().time_since_epoch()).count();
 }
 
-// `_check_finite`'s screen of a decode token: the dot product of keys and values is finite
-// only if both are. False: not screened clean (the caller settles it and writes nothing).
-bool screened(const at::Tensor& keys, const at::Tensor& values) {
-  return std::isfinite(at::dot(keys.reshape(-1), values.reshape(-1)).item<double>());
-}
-
-// `KVCache._write_at_end` of one token at `n` (the buffers reserved by the caller).
-void write_token(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& kbuf,
-                 const at::Tensor& vbuf, const at::Tensor& lengths, int64_t n) {
+// `KVCache.append_token` of one token at `n` (the buffers reserved by the caller): screened
+// as `_check_finite` screens it (the dot product of keys and values is finite only if both
+// are), then written. False, nothing written, when the screen does not pass it (the caller
+// settles it with the exact check).
+bool append_token(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& kbuf,
+                  const at::Tensor& vbuf, const at::Tensor& lengths, int64_t n) {
+  if (!std::isfinite(at::dot(keys.reshape(-1), values.reshape(-1)).item<double>())) {
+    return false;
+  }
   kbuf.narrow(2, n, 1).copy_(keys);
   vbuf.narrow(2, n, 1).copy_(values);
   lengths.add_(1);
+  return true;
 }
 
 }  // namespace
@@ -46,8 +47,7 @@ std::tuple<at::Tensor, double> dsa_one_row(
     const at::Tensor& index, const at::Tensor& wk, const at::Tensor& blocks, int64_t n,
     int64_t span, double score_scale) {
   double begin = now();
-  if (!screened(keys, values)) return {at::Tensor(), 0.0};
-  write_token(keys, values, kbuf, vbuf, lengths, n);
+  if (!append_token(keys, values, kbuf, vbuf, lengths, n)) return {at::Tensor(), 0.0};
   auto feats = keys.reshape({keys.size(0), 1, -1}).to(wk.scalar_type());
   index.narrow(1, n, 1).copy_(at::matmul(feats, wk));
   double appended = now() - begin;
@@ -80,8 +80,7 @@ std::tuple<at::Tensor, double> seer_one_row(
     const at::Tensor& gate_keys, const at::Tensor& wq, const at::Tensor& wk, int64_t n,
     int64_t unit, int64_t blocks) {
   double begin = now();
-  if (!screened(keys, values)) return {at::Tensor(), 0.0};
-  write_token(keys, values, kbuf, vbuf, lengths, n);
+  if (!append_token(keys, values, kbuf, vbuf, lengths, n)) return {at::Tensor(), 0.0};
   int64_t b = kbuf.size(0), h = kbuf.size(1), d = kbuf.size(3);
   int64_t first = n / unit, start = first * unit, count = n + 1 - start;
   auto block = kbuf.narrow(2, start, count).view({b, h, 1, count, d});
@@ -117,8 +116,7 @@ std::tuple<at::Tensor, double> quest_one_row(
     const at::Tensor& bounds, const at::Tensor& low, const at::Tensor& high, int64_t n,
     int64_t unit, int64_t pages, int64_t span) {
   double begin = now();
-  if (!screened(keys, values)) return {at::Tensor(), 0.0};
-  write_token(keys, values, kbuf, vbuf, lengths, n);
+  if (!append_token(keys, values, kbuf, vbuf, lengths, n)) return {at::Tensor(), 0.0};
   int64_t d = kbuf.size(3);
   auto slot = bounds.narrow(2, n / unit, 1);
   auto key = kbuf.narrow(2, n, 1);
