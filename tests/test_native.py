@@ -144,3 +144,93 @@ def test_a_build_that_fails_warns_once_and_the_python_path_runs(fresh_state, mon
     pipe = _pipeline("dsa", torch.bfloat16)
     k, v = (torch.randn(1, 2, 1, 128).to(torch.bfloat16) for _ in range(2))
     assert _step(pipe, k, v).shape == (1, 4, 1, 128)
+
+
+# The ops' hand-written loops (the block's max and min, the k-th score and the scan, the
+# gather, the additive mask) against the ATen operators the Python path runs for them.
+
+
+def _aten_attend(scores, k, q, kbuf, vbuf, unit, hide_from, scale):
+    """`one_row_attend` as the Python path's operators: `_top_indices` (a NaN: None), the
+    selected units' token rows gathered (clamped into the buffer, as `_row_index` clamps a
+    unit that runs past it), sdpa with a boolean mask hiding the tokens past the end."""
+    from hetmem.errors import InputError
+    from hetmem.selection import _top_indices
+
+    try:
+        rows = _top_indices(scores, k)
+    except InputError:
+        return None
+    hkv, groups, length = kbuf.shape[1], rows.shape[1], kbuf.shape[2]
+    tokens = (rows.view(groups, k, 1) * unit + torch.arange(unit)).view(groups, k * unit)
+    tokens = tokens.expand(hkv, -1)
+    index = (torch.arange(hkv)[:, None] * length + tokens.clamp(max=length - 1)).view(-1)
+    ks, vs = (
+        buf.reshape(-1, buf.shape[3]).index_select(0, index).view(1, hkv, k * unit, -1)
+        for buf in (kbuf, vbuf)
+    )
+    mask = None if hide_from < 0 else (tokens < hide_from).view(1, hkv, 1, k * unit)
+    grouped = q.view(1, hkv, q.shape[1] // hkv, q.shape[3])
+    out = torch.nn.functional.scaled_dot_product_attention(
+        grouped, ks, vs, attn_mask=mask, scale=scale
+    )
+    return out.reshape(1, q.shape[1], 1, -1), rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_one_row_attend_equals_its_aten_operators(dtype):
+    """Per-row and shared selections, units of 1, 8 and 16 tokens, buffers in whole units
+    or not, a partial last unit hidden or not, ties at the k-th score (rounded scores: the
+    lower indices fill k), -inf among the scores: the same rows and output bits as the
+    Python path's operators; a NaN score: no output (the Python path says so)."""
+    lib, gen = native_library(), torch.Generator().manual_seed(11)
+    tied = 0
+    for trial in range(96):
+        unit, groups, k = (1, 8, 16)[trial % 3], (1, 4)[trial % 2], (1, 2, 3, 5)[trial % 4]
+        n = 100 + trial  # tokens in use
+        units = -(-n // unit)
+        length = n + (0, 1, 5)[trial % 3 == 1 and trial % 9 // 3]  # (not always whole units)
+        kbuf, vbuf = (torch.randn(1, 4, length, 32, generator=gen).to(dtype) for _ in "kv")
+        q = torch.randn(1, 8, 1, 32, generator=gen).to(dtype)
+        scores = torch.randn(1, groups, 1, units, generator=gen).to(dtype)
+        if trial % 5 == 0:
+            scores = scores.round()  # ties
+            tied += 1
+        if trial % 7 == 0:
+            scores[..., :3] = float("-inf")
+        if trial % 17 == 0:
+            scores[..., -1] = float("nan")
+        hide = n if n % unit else -1
+        expected = _aten_attend(scores, k, q, kbuf, vbuf, unit, hide, 0.2)
+        out, rows, _ = lib.one_row_attend(scores, k, q, kbuf, vbuf, unit, hide, 0.2)
+        if expected is None:
+            assert out is None and rows is None and bool(scores.isnan().any())
+            continue
+        assert torch.equal(rows, expected[1]) and torch.equal(out, expected[0])
+    assert tied > 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_seer_one_row_equals_its_aten_operators(dtype):
+    """The gate key of the token's block, its keys pooled by `pool_blocks` (the op's max and
+    min loop, the mean's operator), for every fill of a block, and the gate logits."""
+    from hetmem.methods.seer import gate_keys, gate_queries, gate_scores, pool_blocks
+
+    lib, gen = native_library(), torch.Generator().manual_seed(12)
+    unit, hkv, d, dg = 8, 2, 16, 8
+    wq, wk = torch.randn(hkv, 2 * d, dg, generator=gen), torch.randn(hkv, 3 * d, dg, generator=gen)
+    kbuf, vbuf = (torch.zeros(1, hkv, 4 * unit, d, dtype=dtype) for _ in "kv")
+    store, lengths = torch.zeros(1, hkv, 4, dg), torch.tensor([0])
+    q = torch.randn(1, 2 * hkv, 1, d, generator=gen).to(dtype)
+    for n in range(3 * unit + 3):
+        keys, values = (torch.randn(1, hkv, 1, d, generator=gen).to(dtype) for _ in "kv")
+        blocks = n // unit + 1
+        logits, _ = lib.seer_one_row(
+            keys, values, q, kbuf, vbuf, lengths, store, wq, wk, n, unit, blocks
+        )
+        first = (n // unit) * unit
+        block = kbuf[:, :, first : n + 1].unsqueeze(2)  # [1, Hkv, 1, count, D]
+        assert torch.equal(kbuf[:, :, n : n + 1], keys) and int(lengths) == n + 1
+        assert torch.equal(store[:, :, blocks - 1 : blocks], gate_keys(pool_blocks(block), wk))
+        expected = gate_scores(gate_queries(q, wq), store[:, :, :blocks])
+        assert torch.equal(logits, expected)

@@ -148,8 +148,8 @@ def _top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def partial_fits(scores: torch.Tensor, k: int) -> bool:
-    """Whether `_top_indices` takes the partial top-k for k of these scores (the native
-    one-row step's `one_row_attend` runs that way only)."""
+    """Whether `_top_indices` takes the partial top-k for k of these scores (else one
+    stable sort: the same picks)."""
     return (
         k > 0
         and 4 * k <= scores.shape[-1]

@@ -274,17 +274,12 @@ class SparseAttentionMethod(Method):
         nbytes = scores.numel() * scores.element_size()
         k = budget_units(budget, unit, scores.shape[-1])
         kbuf = kv._keys._buffer
-        if (
-            library is not None
-            and _selection.partial_fits(scores, k)
-            and k * unit <= _attention.SMALL_APPLY
-            and (unit == 1 or not kbuf.shape[2] % unit)
-        ):
+        if library is not None and 0 < k <= scores.shape[-1] and k * unit <= _attention.SMALL_APPLY:
             used = length + 1  # (a partial last unit's tokens past it hidden)
             hide = used if used % unit else -1
             vbuf = kv._values._buffer
             out, rows, picking = library.one_row_attend(scores, k, q, kbuf, vbuf, unit, hide, scale)
-            if out is not None:  # (a tie at the k-th score: settled below, as in Python)
+            if out is not None:  # (a NaN score: the Python path below says so)
                 end = time.perf_counter()
                 selection = TopK(rows, _selection.all_true(rows.shape, rows.device), unit, True)
                 seconds = (scored_at - start, picking, end - scored_at - picking)

@@ -104,7 +104,7 @@ def _build(torch: Any) -> Any:
     cpp_extension.load(
         name=NAME,
         sources=[str(SOURCE)],
-        extra_cflags=["-O2"],
+        extra_cflags=["-O3"],
         build_directory=str(directory),
         is_python_module=False,
         verbose=False,
