@@ -168,7 +168,8 @@ def test_dsa_lean_steps_equal_the_general_step(dtype, index_dtype, ties, path, m
     it (the one-row step, `lean_one`, on the Python path or hetmem's native ops, and the
     planned one, `lean_step`, each over DSA's one-row scores), gives the general step's
     output, selection, index and profile steps, to the bit; scores that tie at the k-th
-    take `_top_indices`' slow path in all (the native step settles the tie in Python)."""
+    take `_top_indices`' slow path on the Python path, and the native op's scan fills k
+    from the ties the same way."""
     from hetmem.methods.dsa import DSA
 
     native = one_row_path(path, monkeypatch)
@@ -222,7 +223,7 @@ def test_dsa_lean_steps_equal_the_general_step(dtype, index_dtype, ties, path, m
     assert len(steps) == 4 and all(r is not None for r in steps)
     if native is None:
         assert len(rows) == 12
-    else:  # the one-row steps scored and selected by the ops (a tie: settled in Python)
+    else:  # the one-row steps scored and selected by the ops (ties too)
         assert len(rows) == 8
         assert native.calls == ["dsa_one_row", "one_row_attend"] * 4
     if ties:  # the lowest indices fill the budget
