@@ -45,8 +45,9 @@ def test_python_m_hetmem_native_builds_and_loads():
 @pytest.mark.parametrize("method", ["dsa", "quest", "seer"])
 def test_generate_with_the_native_ops_equals_the_python_path(method, monkeypatch):
     """A wrapped model (KV rows wider than DSA's 128-dim index) generates the same tokens
-    and logits with the native one-row step as on the Python path, and the method's op ran
-    in every layer's every decode step."""
+    and logits with the native one-row step as on the Python path, and the method's op and
+    the shared attend ran in every layer's every decode step (the cache's buffers sized to
+    the tokens generate() will hold, not always whole units)."""
     counted = Counted(native_library())
     model = tiny("llama", heads=4, kv_heads=4, head_dim=64)
     wrap(model, method, budget=16, method_options=OPTIONS[method])
@@ -63,6 +64,7 @@ def test_generate_with_the_native_ops_equals_the_python_path(method, monkeypatch
     for a, b in zip(python.scores, fast.scores, strict=True):
         assert torch.equal(a, b)
     assert counted.calls.count(OPS[method]) == 5 * 2  # 5 decode steps, 2 layers
+    assert counted.calls.count("one_row_attend") == 5 * 2
 
 
 def _pipeline(method: str, dtype=torch.float32) -> Pipeline:
