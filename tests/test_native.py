@@ -212,6 +212,17 @@ def test_one_row_attend_equals_its_aten_operators(dtype):
     assert tied > 10
 
 
+def test_one_row_attend_refuses_a_selection_per_query_head():
+    """One selection, or one per KV head: a selection per query head (Quest's
+    `per_query_head`, which the one-row step leaves to the general path) is an error, not a
+    gather of the wrong rows."""
+    lib = native_library()
+    kbuf = vbuf = torch.randn(1, 2, 64, 16)
+    scores, q = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 1, 16)
+    with pytest.raises(RuntimeError, match="4 selections for 2 KV heads"):
+        lib.one_row_attend(scores, 2, q, kbuf, vbuf, 8, -1, 0.25)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_seer_one_row_equals_its_aten_operators(dtype):
     """The gate key of the token's block, its keys pooled by `pool_blocks` (the op's max and

@@ -128,6 +128,8 @@ at::Tensor gather_units(const at::Tensor& buffer, const at::Tensor& rows, int64_
   TORCH_CHECK(buffer.is_contiguous(), "one_row_attend: the KV buffers must be contiguous");
   int64_t hkv = buffer.size(1), length = buffer.size(2), width = buffer.size(3);
   int64_t groups = rows.size(1), k = rows.size(3);
+  TORCH_CHECK(groups == 1 || groups == hkv, "one_row_attend: ", groups,
+              " selections for ", hkv, " KV heads (one, or one per KV head)");
   auto out = at::empty({1, hkv, k * unit, width}, buffer.options());
   const char* src = static_cast<const char*>(buffer.const_data_ptr());
   char* dst = static_cast<char*>(out.mutable_data_ptr());
