@@ -108,8 +108,11 @@ def test_cards_check_fit_names_every_bank_that_overflows():
 
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("batch", [1, 4])
-def test_at_most_three_transactions_per_layer_and_step_whatever_the_batch(method, batch):
-    _, _, cache = wrapped_run(method, prompts(*[40 + 3 * i for i in range(batch)]))
+@pytest.mark.parametrize("fpga", ["emu", "xrt_emu"])
+def test_at_most_three_transactions_per_layer_and_step_whatever_the_batch(method, batch, fpga):
+    """On the emulated card and through the xrt driver (its query arguments packed into
+    sub-bos of one bo: one write)."""
+    _, _, cache = wrapped_run(method, prompts(*[40 + 3 * i for i in range(batch)]), fpga=fpga)
     for pipe in cache.pipelines:
         select = [
             r

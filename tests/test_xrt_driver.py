@@ -232,7 +232,7 @@ def test_a_bo_in_the_wrong_bank_is_an_axi_error(dev):
     spec, inputs, bufs = _vector_call(dev)
     wrong = xrt_emu.bo(dev._dev, bufs["q"].nbytes, xrt_emu.bo.flags.normal, 3)
     bufs["q"].handle = wrong  # a driver bug: the bo is not where the port reads
-    with pytest.raises(AxiError, match=r"HBM\[3\].*HBM\[16\].*DECERR"):
+    with pytest.raises(AxiError, match=r"HBM\[3\].*HBM\[16:17\].*DECERR"):
         dev.run("vector_search", bufs, inputs.scalars)
 
 
@@ -488,3 +488,38 @@ def test_segmented_call_through_the_driver_is_the_golden_model(dev):
         out, _ = dev.call(name, inputs)
         want = golden.indices if golden.indices is not None else golden.bitmap
         np.testing.assert_array_equal(out, want)
+
+
+def test_a_packed_query_is_sub_bos_of_one_bo_written_in_one_transaction(dev):
+    """The query side's arguments (q, segs, stage) ride on one AXI master connected to the
+    HBM range of their banks: the driver packs them as sub-bos of one bo (`pyxrt.bo(parent,
+    size, offset)`), writes them with one sync, and the card computes the golden result
+    from them. Memory arguments, each on its own master, are never packed together."""
+    spec = kernels.get("vector_search")
+    rng = np.random.default_rng(7)
+    memory = {"keys": rng.standard_normal((120, 16))}
+    state = spec.fit(memory)
+    inputs = spec.bind(
+        spec.quantize_memory(memory, state),
+        spec.quantize_query({"q": rng.standard_normal((3, 16))}, state, k=5),
+    )
+    bufs = {}
+    for arg in ("keys", "shifts"):
+        bufs[arg] = dev.alloc("vector_search", arg, inputs.arrays[arg].nbytes)
+        dev.write(bufs[arg], inputs.arrays[arg])
+    sizes = {a: inputs.arrays[a].nbytes for a in ("q", "segs")} | {"stage": 64}
+    packed = dev.alloc_packed("vector_search", sizes)
+    parent = packed["q"].parent
+    assert parent is not None and all(b.parent is parent for b in packed.values())
+    assert all(b.handle._parent is parent.handle for b in packed.values())
+    assert {b.handle._group for b in packed.values()} == {spec.arg("q").bank}
+    before, syncs = dev.transactions, len(dev._dev.sync_log)
+    dev.write_packed({a: inputs.arrays[a] for a in ("q", "segs")}, packed)
+    assert dev.transactions - before == 1 and len(dev._dev.sync_log) - syncs == 1
+    bufs.update(packed)
+    bufs["out"] = dev.alloc("vector_search", "out", 3 * 5 * 4)
+    dev.run("vector_search", bufs, inputs.scalars)
+    out, _ = dev.read(bufs["out"], np.uint32, 15)
+    np.testing.assert_array_equal(out.reshape(3, 5), spec.golden(inputs).indices)
+    memory_side = dev.alloc_packed("vector_search", {"keys": 64, "shifts": 64})
+    assert all(b.parent is None for b in memory_side.values())

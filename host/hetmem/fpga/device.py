@@ -416,7 +416,7 @@ class FpgaDevice(ABC):
         parent = self.alloc(spec.name, layout[0][0], total)
         subs = {}
         for arg, offset, nbytes in layout:
-            handle = self._sub_handle(parent, offset, nbytes)
+            handle = self._sub_handle(parent, arg, offset, nbytes)
             if handle is None:  # no sub-buffers on this target: one buffer per argument
                 self.free(parent)
                 return {arg: self.alloc(spec.name, arg, n) for arg, _, n in layout}
@@ -449,8 +449,9 @@ class FpgaDevice(ABC):
             span[buf.offset - start : buf.offset - start + raw.nbytes] = raw
         return self.write(parent, span, offset=start)
 
-    def _sub_handle(self, parent: Buffer, offset: int, nbytes: int) -> Any:
-        """The handle of a sub-buffer of `parent`, or None where the target has none. A
+    def _sub_handle(self, parent: Buffer, arg: str, offset: int, nbytes: int) -> Any:
+        """The handle of a sub-buffer of `parent` for argument `arg`, or None where the
+        target has none (or the argument's port cannot reach the parent's bank). A
         numpy-backed buffer (the emulated cards) takes a view of its bytes."""
         if isinstance(parent.handle, np.ndarray):
             return parent.handle[offset : offset + nbytes]

@@ -269,10 +269,10 @@ class PynqDevice(FpgaDevice):
             return Timing(cycles / self.clock_hz, "modeled", 0, cycles)
         return Timing(seconds, "measured", 0, round(seconds * self.clock_hz))
 
-    def _sub_handle(self, parent: Buffer, offset: int, nbytes: int) -> Any:
-        """No sub-buffers: a PYNQ buffer is a numpy array, but a slice of one argument's
-        allocation would hand another argument data in a bank the manifest does not map it
-        to, so a packed allocation is one buffer per argument, as on the xrt target."""
+    def _sub_handle(self, parent: Buffer, arg: str, offset: int, nbytes: int) -> Any:
+        """No sub-buffers: a packed allocation is one PYNQ buffer per argument, each in the
+        bank the manifest maps it to (a query write of several transfers; the xrt target
+        packs them into sub-bos)."""
         return None
 
     def _free(self, buf: Buffer) -> None:

@@ -44,6 +44,7 @@ from ..errors import (
     XclbinError,
 )
 from ..kernels import KernelSpec
+from ..kernels.engine import port_of
 from ..kernels.spec import Arg
 from .device import Buffer, FpgaDevice, Timing, as_count
 from .manifest import Manifest, XclbinEntry, hbm_bank, sha256_file
@@ -199,6 +200,25 @@ class XrtDevice(FpgaDevice):
                 f"(memory group {group}): {exc}"
             ) from None
         return Buffer(spec.name, arg.name, int(arg.bank), nbytes, handle)  # type: ignore[arg-type]
+
+    def _sub_handle(self, parent: Buffer, arg: str, offset: int, nbytes: int) -> Any:
+        """A sub-bo of `parent` (`pyxrt.bo(parent, size, offset)`) where `arg` rides on the
+        AXI master that carries the parent's argument: the query side's arguments share one,
+        connected to an HBM range that reaches each of their banks (fpga/gen.py's
+        connectivity), so a packed query goes as one write and one sync (one PCIe
+        transaction). Else None: each argument its own bo in its own bank."""
+        if port_of(parent.kernel, arg) != port_of(parent.kernel, parent.arg):
+            return None
+        self._check_alive()
+        try:
+            return self._xrt.bo(parent.handle, nbytes, offset)
+        except Exception as exc:
+            if not self._alive():
+                raise self._lose(f"a sub-buffer of {parent.kernel}.{parent.arg}", exc) from None
+            raise AllocationError(
+                f"{parent.kernel}.{arg}: cannot make a {nbytes}-byte sub-buffer at {offset} of "
+                f"{parent.arg}'s bo: {exc}"
+            ) from None
 
     def _sync(self, buf: Buffer, direction: str, nbytes: int, offset: int) -> float:
         flag = getattr(self._xrt.xclBOSyncDirection, direction)

@@ -15,7 +15,7 @@ The API, as in pyxrt (a module-level `import pyxrt` can be replaced by this one)
     uuid(str)                    .to_string()
     kernel(device, uuid, name[, kernel.cu_access_mode.shared])
                                  .group_id(arg_index), kernel(*args) -> run
-    bo(device, nbytes, bo.flags.normal, group_id)
+    bo(device, nbytes, bo.flags.normal, group_id), bo(parent_bo, nbytes, offset) (a sub-buffer)
                                  .write(data, seek), .read(size, skip) -> int8 array,
                                  .sync(xclBOSyncDirection.X[, size, offset]), .size(), .address()
     run                          .wait([timeout_ms]) -> ert_cmd_state, .state()
@@ -28,9 +28,12 @@ Behaviour the tests rely on:
   the device sees stale (zero) inputs.
 - kernel(*args) takes one argument per kernel argument, in the order the xclbin declares
   them (the spec's): a bo for a buffer, an int (uint32) for a scalar; anything else is a
-  TypeError, as in pybind. A bo in a memory group other than the one its argument is
-  connected to makes the run end in ERT_CMD_STATE_ERROR (the port's AXI access decodes to
-  no memory: DECERR), as do inputs the kernel cannot process; `run.message` says why.
+  TypeError, as in pybind. A bo in a bank its argument's AXI master does not reach makes
+  the run end in ERT_CMD_STATE_ERROR (the port's AXI access decodes to no memory:
+  DECERR), as do inputs the kernel cannot process; `run.message` says why. A master that
+  carries several arguments (the engine's query side) reaches the range of their banks,
+  as fpga/gen.py connects it; every other argument, its own bank.
+- A sub-buffer shares its parent's bank and bytes (host and card copies).
 - run.wait(timeout_ms) returns ERT_CMD_STATE_TIMEOUT when the modeled kernel time exceeds
   timeout_ms (0: no timeout).
 - Each HBM pseudo-channel holds 512 MiB; a bo that does not fit raises RuntimeError.
@@ -91,6 +94,7 @@ import numpy as np
 
 from .. import kernels as _kernels
 from ..errors import DeviceLost, FpgaTimeout, HetmemError, InputError
+from ..kernels.engine import port_of
 from . import emu as _emu
 
 EMULATED = True
@@ -456,7 +460,10 @@ class bo:
 
     normal = flags.normal
 
-    def __init__(self, dev: device, size: int, flags: Any, group: int) -> None:
+    def __init__(self, dev: device | bo, size: int, flags: Any, group: int | None = None) -> None:
+        if isinstance(dev, bo):  # bo(parent, size, offset): a sub-buffer, pyxrt's overload
+            self._sub(dev, int(size), int(flags))
+            return
         if not isinstance(dev, device):
             raise TypeError("bo(): expected a device")
         dev._check()
@@ -483,6 +490,20 @@ class bo:
         self._host = np.zeros(size, dtype=np.uint8)
         self._card = np.zeros(size, dtype=np.uint8)
         weakref.finalize(self, _release, dev, group, size)
+
+    def _sub(self, parent: bo, size: int, offset: int) -> None:
+        """`size` bytes of `parent` from `offset`: the same bank, the same host and card
+        bytes (views), no allocation of its own."""
+        parent._device._check()
+        if size <= 0 or offset < 0 or offset + size > parent._size:
+            raise RuntimeError(
+                f"bo: a sub-buffer of {size} bytes at {offset} exceeds the {parent._size}-byte bo"
+            )
+        self._device, self._group, self._size = parent._device, parent._group, size
+        self._address = parent._address + offset
+        self._host = parent._host[offset : offset + size]
+        self._card = parent._card[offset : offset + size]
+        self._parent = parent  # (its bytes stay allocated while a sub-buffer lives)
 
     def size(self) -> int:
         return self._size
@@ -577,6 +598,20 @@ class kernel:
         self._args = dev.xclbin._kernels[name]
         self._clock_hz = dev.xclbin._clock_hz
 
+    def _reach(self) -> dict[str, tuple[int, int]]:
+        """Buffer argument -> the HBM banks [lo, hi] its AXI master is connected to: an
+        argument sharing a master with others (the query side) reaches the range of their
+        banks through the HBM switch, as fpga/gen.py connects it."""
+        ports: dict[str, list[int]] = {}
+        for name, bank in self._args:
+            if bank is not None:
+                ports.setdefault(port_of(self._name, name), []).append(int(bank))
+        return {
+            name: (min(ports[port_of(self._name, name)]), max(ports[port_of(self._name, name)]))
+            for name, bank in self._args
+            if bank is not None
+        }
+
     def group_id(self, index: int) -> int:
         index = int(index)
         if not 0 <= index < len(self._args):
@@ -623,15 +658,16 @@ class kernel:
         if fired == "axi_error":
             return run(ert_cmd_state.ERT_CMD_STATE_ERROR, message="injected AXI SLVERR", dev=dev)
         error = ert_cmd_state.ERT_CMD_STATE_ERROR
-        connected = dict((a, b) for a, b in self._args)
+        reach = self._reach()
         for name, buf in buffers.items():
-            bank = connected[name]
+            lo, hi = reach[name]
             if buf._device is not dev:
                 return run(error, message=f"{name}: bo of another device (DECERR)", dev=dev)
-            if buf._group != bank:
+            if not lo <= buf._group <= hi:
+                where = f"HBM[{lo}]" if lo == hi else f"HBM[{lo}:{hi}]"
                 return run(
                     error,
-                    message=f"{name}: bo in HBM[{buf._group}], the port is connected to HBM[{bank}] (DECERR)",
+                    message=f"{name}: bo in HBM[{buf._group}], the port is connected to {where} (DECERR)",
                     dev=dev,
                 )
         spec = _kernels.get(self._name)

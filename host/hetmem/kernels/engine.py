@@ -133,3 +133,13 @@ FORMATS: MappingProxyType[str, tuple[tuple[str, str, str], ...]] = MappingProxyT
 def field_of(kernel: str) -> dict[str, str]:
     """Argument -> engine field of one kernel."""
     return {arg: field for arg, field, _ in FORMATS[kernel]}
+
+
+def port_of(kernel: str, arg: str) -> str:
+    """The AXI4 master that carries a buffer argument of a kernel: the engine's port for a
+    kernel it implements (the query side shares one), else the argument's own bundle (an
+    HLS kernel's `m_axi_<arg>`)."""
+    for name, field, _ in FORMATS.get(kernel, ()):
+        if name == arg and field in PORT_OF_FIELD:
+            return PORT_OF_FIELD[field]
+    return f"m_axi_{arg}"
