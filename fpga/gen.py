@@ -281,16 +281,9 @@ def hls_kernels() -> list[str]:
 
 
 def ports_of(name: str) -> dict[str, str]:
-    """Spec argument -> the AXI4 master that carries it: the RTL top's port, or for an HLS
-    kernel `m_axi_<arg>` (its bundle is named after the argument)."""
-    if name in hls_kernels():
-        spec = kernels.get(name)
-        return {a.name: f"m_axi_{a.name}" for a in spec.args if a.is_buffer}
-    return {
-        arg: engine.PORT_OF_FIELD[field]
-        for arg, field, _ in FORMATS[name]
-        if field in engine.PORT_OF_FIELD
-    }
+    """Spec argument -> the AXI4 master that carries it (`engine.port_of`): the RTL top's
+    port, or for an HLS kernel `m_axi_<arg>` (its bundle is named after the argument)."""
+    return {a.name: engine.port_of(name, a.name) for a in kernels.get(name).args if a.is_buffer}
 
 
 def kernel_xml(spec: KernelSpec) -> str:

@@ -190,16 +190,23 @@ class XrtDevice(FpgaDevice):
         if spec.name not in self._kernels:
             raise XclbinError(f"{self.xclbin_path.name} has no kernel {spec.name}")
         group = self._groups[(spec.name, arg.name)]
+        handle = self._bo(
+            f"allocating {spec.name}.{arg.name}",
+            f"{spec.name}.{arg.name}: cannot allocate {nbytes} bytes in HBM bank {arg.bank} "
+            f"(memory group {group})",
+            self._dev, nbytes, self._xrt.bo.flags.normal, group,
+        )  # fmt: skip
+        return Buffer(spec.name, arg.name, int(arg.bank), nbytes, handle)  # type: ignore[arg-type]
+
+    def _bo(self, doing: str, refused: str, *args: Any) -> Any:
+        """`pyxrt.bo(*args)`: a card that stopped answering is lost (`doing` says when);
+        any other failure an `AllocationError` (`refused`: what was asked)."""
         try:
-            handle = self._xrt.bo(self._dev, nbytes, self._xrt.bo.flags.normal, group)
+            return self._xrt.bo(*args)
         except Exception as exc:
             if not self._alive():
-                raise self._lose(f"allocating {spec.name}.{arg.name}", exc) from None
-            raise AllocationError(
-                f"{spec.name}.{arg.name}: cannot allocate {nbytes} bytes in HBM bank {arg.bank} "
-                f"(memory group {group}): {exc}"
-            ) from None
-        return Buffer(spec.name, arg.name, int(arg.bank), nbytes, handle)  # type: ignore[arg-type]
+                raise self._lose(doing, exc) from None
+            raise AllocationError(f"{refused}: {exc}") from None
 
     def _sub_handle(self, parent: Buffer, arg: str, offset: int, nbytes: int) -> Any:
         """A sub-bo of `parent` (`pyxrt.bo(parent, size, offset)`) where `arg` rides on the
@@ -210,15 +217,12 @@ class XrtDevice(FpgaDevice):
         if port_of(parent.kernel, arg) != port_of(parent.kernel, parent.arg):
             return None
         self._check_alive()
-        try:
-            return self._xrt.bo(parent.handle, nbytes, offset)
-        except Exception as exc:
-            if not self._alive():
-                raise self._lose(f"a sub-buffer of {parent.kernel}.{parent.arg}", exc) from None
-            raise AllocationError(
-                f"{parent.kernel}.{arg}: cannot make a {nbytes}-byte sub-buffer at {offset} of "
-                f"{parent.arg}'s bo: {exc}"
-            ) from None
+        return self._bo(
+            f"a sub-buffer of {parent.kernel}.{parent.arg}",
+            f"{parent.kernel}.{arg}: cannot make a {nbytes}-byte sub-buffer at {offset} of "
+            f"{parent.arg}'s bo",
+            parent.handle, nbytes, offset,
+        )  # fmt: skip
 
     def _sync(self, buf: Buffer, direction: str, nbytes: int, offset: int) -> float:
         flag = getattr(self._xrt.xclBOSyncDirection, direction)

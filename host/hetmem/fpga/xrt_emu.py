@@ -597,20 +597,15 @@ class kernel:
         self._device, self._name = dev, name
         self._args = dev.xclbin._kernels[name]
         self._clock_hz = dev.xclbin._clock_hz
-
-    def _reach(self) -> dict[str, tuple[int, int]]:
-        """Buffer argument -> the HBM banks [lo, hi] its AXI master is connected to: an
-        argument sharing a master with others (the query side) reaches the range of their
-        banks through the HBM switch, as fpga/gen.py connects it."""
-        ports: dict[str, list[int]] = {}
-        for name, bank in self._args:
+        # Buffer argument -> the HBM banks [lo, hi] its AXI master is connected to: one
+        # sharing a master with others (the query side) reaches the range of their banks
+        # through the HBM switch, as fpga/gen.py connects it.
+        port = {a: port_of(name, a) for a, bank in self._args if bank is not None}
+        banks: dict[str, list[int]] = {}
+        for a, bank in self._args:
             if bank is not None:
-                ports.setdefault(port_of(self._name, name), []).append(int(bank))
-        return {
-            name: (min(ports[port_of(self._name, name)]), max(ports[port_of(self._name, name)]))
-            for name, bank in self._args
-            if bank is not None
-        }
+                banks.setdefault(port[a], []).append(int(bank))
+        self._reach = {a: (min(banks[p]), max(banks[p])) for a, p in port.items()}
 
     def group_id(self, index: int) -> int:
         index = int(index)
@@ -658,9 +653,8 @@ class kernel:
         if fired == "axi_error":
             return run(ert_cmd_state.ERT_CMD_STATE_ERROR, message="injected AXI SLVERR", dev=dev)
         error = ert_cmd_state.ERT_CMD_STATE_ERROR
-        reach = self._reach()
         for name, buf in buffers.items():
-            lo, hi = reach[name]
+            lo, hi = self._reach[name]
             if buf._device is not dev:
                 return run(error, message=f"{name}: bo of another device (DECERR)", dev=dev)
             if not lo <= buf._group <= hi:
